@@ -1,0 +1,146 @@
+"""CLIP's dual encoders: a causal text transformer and a ViT, each with a projection.
+
+Reference: HF transformers ``models/clip/modeling_clip.py`` (CLIPModel). Module
+attribute names equal the checkpoint keys (``text_model.encoder.layers.0.self_attn.q_proj``
+...), so the state dict from the weight file assigns directly.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from engine.config import ClipConfig, ClipTextConfig, ClipVisionConfig, TowerConfig
+from engine.layers import Embedding, LayerNorm, Linear, activation, attention, meta_parameter
+
+
+class CLIPAttention(nn.Module):
+    def __init__(self, cfg: TowerConfig) -> None:
+        super().__init__()
+        self.heads = cfg.heads
+        self.q_proj = Linear(cfg.width, cfg.width)
+        self.k_proj = Linear(cfg.width, cfg.width)
+        self.v_proj = Linear(cfg.width, cfg.width)
+        self.out_proj = Linear(cfg.width, cfg.width)
+
+    def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
+        y = attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, causal=causal)  # (B, T, C)
+        return self.out_proj(y)
+
+
+class CLIPMLP(nn.Module):
+    def __init__(self, cfg: TowerConfig) -> None:
+        super().__init__()
+        self.act = activation(cfg.act)
+        self.fc1 = Linear(cfg.width, cfg.mlp_width)
+        self.fc2 = Linear(cfg.mlp_width, cfg.width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class CLIPEncoderLayer(nn.Module):
+    """Pre-LayerNorm block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+
+    def __init__(self, cfg: TowerConfig) -> None:
+        super().__init__()
+        self.layer_norm1 = LayerNorm(cfg.width, cfg.eps)
+        self.self_attn = CLIPAttention(cfg)
+        self.layer_norm2 = LayerNorm(cfg.width, cfg.eps)
+        self.mlp = CLIPMLP(cfg)
+
+    def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x), causal)  # (B, T, C)
+        return x + self.mlp(self.layer_norm2(x))  # (B, T, C)
+
+
+class CLIPEncoder(nn.Module):
+    def __init__(self, cfg: TowerConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(CLIPEncoderLayer(cfg) for _ in range(cfg.layers))
+
+    def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x, causal)
+        return x
+
+
+class _TextEmbeddings(nn.Module):
+    def __init__(self, cfg: ClipTextConfig) -> None:
+        super().__init__()
+        self.token_embedding = Embedding(cfg.vocab_size, cfg.tower.width)
+        self.position_embedding = Embedding(cfg.max_positions, cfg.tower.width)
+
+
+class CLIPTextTransformer(nn.Module):
+    """Causal text tower; pools the hidden state at the end-of-text token."""
+
+    def __init__(self, cfg: ClipTextConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embeddings = _TextEmbeddings(cfg)
+        self.encoder = CLIPEncoder(cfg.tower)
+        self.final_layer_norm = LayerNorm(cfg.tower.width, cfg.tower.eps)
+
+    def forward(self, ids: torch.Tensor, eos_pos: torch.Tensor) -> torch.Tensor:
+        """ids (B, T) int64 right-padded; eos_pos (B,) the position to pool. Returns (B, C)."""
+        T = ids.shape[1]
+        x = self.embeddings.token_embedding(ids) + self.embeddings.position_embedding.weight[:T]  # (B, T, C)
+        # Causal attention: padding after the end-of-text token cannot reach the pooled position.
+        x = self.encoder(x, causal=True)  # (B, T, C)
+        x = x[torch.arange(x.shape[0]), eos_pos]  # (B, C)
+        return self.final_layer_norm(x)
+
+
+class _VisionEmbeddings(nn.Module):
+    def __init__(self, cfg: ClipVisionConfig) -> None:
+        super().__init__()
+        self.patch = cfg.patch_size
+        self.class_embedding = meta_parameter(cfg.tower.width)
+        self.patch_embedding = nn.Module()
+        self.patch_embedding.weight = meta_parameter(cfg.tower.width, cfg.channels, cfg.patch_size, cfg.patch_size)
+        self.position_embedding = Embedding(cfg.grid * cfg.grid + 1, cfg.tower.width)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        B = pixels.shape[0]
+        w = self.patch_embedding.weight
+        x = torch.nn.functional.conv2d(pixels.to(w.dtype), w, stride=self.patch)  # (B, C, g, g)
+        x = x.flatten(2).transpose(1, 2)  # (B, g*g, C)
+        cls = self.class_embedding.to(x.dtype).expand(B, 1, -1)  # (B, 1, C)
+        return torch.cat([cls, x], dim=1) + self.position_embedding.weight  # (B, 1+g*g, C)
+
+
+class CLIPVisionTransformer(nn.Module):
+    """ViT: patches + class token -> pre-LN -> blocks -> post-LN on the class token."""
+
+    def __init__(self, cfg: ClipVisionConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embeddings = _VisionEmbeddings(cfg)
+        self.pre_layrnorm = LayerNorm(cfg.tower.width, cfg.tower.eps)  # (sic) the checkpoint's spelling
+        self.encoder = CLIPEncoder(cfg.tower)
+        self.post_layernorm = LayerNorm(cfg.tower.width, cfg.tower.eps)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels (B, 3, H, W) normalized. Returns (B, C) pooled class tokens."""
+        x = self.pre_layrnorm(self.embeddings(pixels))  # (B, 1+g*g, C)
+        x = self.encoder(x, causal=False)  # (B, 1+g*g, C)
+        return self.post_layernorm(x[:, 0])  # (B, C)
+
+
+class CLIP(nn.Module):
+    """CLIPModel without the training-only parts; ``logit_scale`` is kept for similarity."""
+
+    def __init__(self, cfg: ClipConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.text_model = CLIPTextTransformer(cfg.text)
+        self.vision_model = CLIPVisionTransformer(cfg.vision)
+        self.text_projection = Linear(cfg.text.tower.width, cfg.projection_dim, bias=False)
+        self.visual_projection = Linear(cfg.vision.tower.width, cfg.projection_dim, bias=False)
+        self.logit_scale = meta_parameter()
+
+    def encode_text(self, ids: torch.Tensor, eos_pos: torch.Tensor) -> torch.Tensor:
+        return self.text_projection(self.text_model(ids, eos_pos))  # (B, D)
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.visual_projection(self.vision_model(pixels))  # (B, D)

@@ -1,0 +1,268 @@
+"""A loaded model: the public ``encode_*`` / ``embed_*`` surface of the engine.
+
+Every encoder runs in three stages (infinity's habit): *pre* on CPU threads
+(tokenize / decode images), *core* on the device (the towers in ``engine.clip``
+and ``engine.bert``), *post* (project, L2-normalize, float32 (N, D) numpy).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from engine import precision as prec
+from engine.config import BertConfig, ClipConfig, bert_config, clip_config
+from engine.errors import InputError, ModalityError, ModelConfigError, NotRunnableError, RowErrors
+
+log = logging.getLogger(__name__)
+
+RUNNABLE_KINDS = ("clip", "sentence-transformer")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a loaded model is; the server publishes this as JSON metadata."""
+
+    name: str
+    architecture: str
+    kind: str  # "clip" | "sentence-transformer"
+    modalities: tuple[str, ...]  # ("text", "image") or ("text",)
+    dim: int
+    precision: str
+    device: str
+    max_tokens: int  # longest token row accepted (model positions)
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    """How the engine cuts work into device batches."""
+
+    image_batch: int = 32  # images per forward pass
+    text_rows: int = 256  # texts per forward pass
+    text_tokens: int = 8192  # padded tokens per forward pass (rows x longest row)
+
+
+@dataclass
+class EmbedResult:
+    """Embeddings for N rows. Failed rows hold zeros and have an error string."""
+
+    embeddings: np.ndarray  # (N, D) float32, C-contiguous
+    errors: list[str | None] = field(default_factory=list)
+
+    @property
+    def ok(self) -> np.ndarray:
+        return np.array([e is None for e in self.errors], dtype=bool)
+
+    def raise_for_errors(self) -> np.ndarray:
+        if any(e is not None for e in self.errors):
+            raise RowErrors(self.errors, self)
+        return self.embeddings
+
+
+class Model:
+    """A CLIP or sentence-transformer model with weights mapped from its Arrow file.
+
+    Use :func:`load_model`; the constructor is internal.
+    """
+
+    def __init__(self, info: ModelInfo, net: torch.nn.Module, config: ClipConfig | BertConfig,
+                 tokenizer, image_processor, limits: BatchLimits) -> None:
+        self.info = info
+        self.net = net
+        self.config = config
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.limits = limits
+        self._device = torch.device(info.device)
+        self._compute_dtype = prec.compute_dtype(info.precision)
+
+    def __repr__(self) -> str:
+        i = self.info
+        return f"Model({i.name!r}, {i.architecture}, dim={i.dim}, {i.precision} on {i.device})"
+
+    # ------------------------------------------------------------------ public surface
+    def encode_text(self, texts: Sequence[str], normalize: bool = True) -> np.ndarray:
+        """Embed texts -> (N, D) float32. Raises RowErrors if any row fails."""
+        return self.embed_texts(texts, normalize).raise_for_errors()
+
+    def encode_tokens(self, tokens, normalize: bool = True) -> np.ndarray:
+        """Embed token-id rows (list of int lists or an Arrow list array) -> (N, D) float32."""
+        return self.embed_tokens(tokens, normalize).raise_for_errors()
+
+    def encode_image(self, images, normalize: bool = True) -> np.ndarray:
+        """Embed encoded images (list of bytes or Arrow binary array) -> (N, D) float32."""
+        return self.embed_images(images, normalize).raise_for_errors()
+
+    def encode_pixels(self, pixels, normalize: bool = True) -> np.ndarray:
+        """Embed preprocessed pixels (N, 3, H, W) float32 (numpy or torch) -> (N, D) float32."""
+        self._need("image")
+        x = torch.as_tensor(np.ascontiguousarray(pixels) if isinstance(pixels, np.ndarray) else pixels)
+        v = self.config.vision
+        if x.ndim != 4 or tuple(x.shape[1:]) != (v.channels, v.image_size, v.image_size):
+            raise InputError(f"pixels: expected shape (N, {v.channels}, {v.image_size}, {v.image_size}), "
+                             f"got {tuple(x.shape)}")
+        out = np.zeros((x.shape[0], self.info.dim), dtype=np.float32)
+        for s in range(0, x.shape[0], self.limits.image_batch):
+            out[s:s + self.limits.image_batch] = self._image_core(x[s:s + self.limits.image_batch], normalize)
+        return out
+
+    def similarity(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Cosine similarity matrix (len(a), len(b)) of two embedding sets."""
+        a = np.asarray(a, dtype=np.float32)
+        b = np.asarray(b, dtype=np.float32)
+        a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+        b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+        return a @ b.T
+
+    def embed_texts(self, texts, normalize: bool = True) -> EmbedResult:
+        """Embed texts; a null or non-string row is an error for that row only."""
+        self._need("text")
+        rows, errors = self.tokenizer.encode(texts)
+        return self._embed_token_rows(rows, errors, normalize)
+
+    def embed_tokens(self, tokens, normalize: bool = True) -> EmbedResult:
+        """Embed token-id rows; ids outside the vocabulary or rows too long are row errors."""
+        from engine.tokenizer import token_rows
+
+        self._need("text")
+        rows, errors = token_rows(tokens, self._vocab_size(), self.info.max_tokens)
+        if self.info.kind == "clip" and self.config.text.eos_token_id != 2:
+            eos = self.config.text.eos_token_id
+            for i, r in enumerate(rows):
+                if r is not None and not (r == eos).any():
+                    rows[i], errors[i] = None, f"no end-of-text token (id {eos}): CLIP pools at that token"
+        return self._embed_token_rows(rows, errors, normalize)
+
+    def embed_images(self, images, normalize: bool = True) -> EmbedResult:
+        """Embed encoded images; an undecodable image is an error for that row only."""
+        self._need("image")
+        n = len(images)
+        out = np.zeros((n, self.info.dim), dtype=np.float32)
+        errors: list[str | None] = [None] * n
+        step = self.limits.image_batch
+        for s in range(0, n, step):
+            chunk = images[s:s + step]
+            batch = self.image_processor(chunk)
+            for j, e in enumerate(batch.errors):
+                errors[s + j] = e
+            if len(batch.index):
+                out[s + batch.index] = self._image_core(torch.from_numpy(batch.pixels), normalize)
+        return EmbedResult(out, errors)
+
+    # ------------------------------------------------------------------ stages
+    def _need(self, modality: str) -> None:
+        if modality not in self.info.modalities:
+            raise ModalityError(f"model {self.info.name!r} ({self.info.architecture}) has no {modality} encoder; "
+                                f"it accepts {', '.join(self.info.modalities)}")
+
+    def _vocab_size(self) -> int:
+        return self.config.text.vocab_size if self.info.kind == "clip" else self.config.vocab_size
+
+    @torch.inference_mode()
+    def _image_core(self, pixels: torch.Tensor, normalize: bool) -> np.ndarray:
+        x = pixels.to(self._device, self._compute_dtype)
+        y = self.net.encode_image(x)  # (B, D)
+        return self._post(y, normalize)
+
+    def _post(self, y: torch.Tensor, normalize: bool) -> np.ndarray:
+        y = y.float()
+        if normalize:
+            y = F.normalize(y, dim=-1)
+        return y.cpu().numpy()
+
+    @torch.inference_mode()
+    def _embed_token_rows(self, rows: list[np.ndarray | None], errors: list[str | None],
+                          normalize: bool) -> EmbedResult:
+        from engine.tokenizer import length_buckets
+
+        out = np.zeros((len(rows), self.info.dim), dtype=np.float32)
+        good = [i for i, r in enumerate(rows) if r is not None]
+        lengths = [len(rows[i]) for i in good]
+        for group in length_buckets(lengths, self.limits.text_rows, self.limits.text_tokens):
+            idx = [good[g] for g in group]
+            T = max(len(rows[i]) for i in idx)
+            ids = np.zeros((len(idx), T), dtype=np.int64)
+            for r, i in enumerate(idx):
+                ids[r, :len(rows[i])] = rows[i]
+            ids_t = torch.from_numpy(ids).to(self._device)
+            lens = torch.tensor([len(rows[i]) for i in idx], device=self._device)
+            out[idx] = self._post(self._text_core(ids_t, lens), normalize)
+        return EmbedResult(out, errors)
+
+    def _text_core(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        if self.info.kind == "clip":
+            eos = self.config.text.eos_token_id
+            if eos == 2:  # legacy configs: HF pools at the highest id, which is end-of-text
+                pos = ids.argmax(dim=-1)
+            else:
+                T = ids.shape[1]
+                real = torch.arange(T, device=ids.device)[None, :] < lengths[:, None]
+                pos = ((ids == eos) & real).int().argmax(dim=-1)  # first end-of-text token
+            return self.net.encode_text(ids, pos)
+        return self.net(ids, lengths)
+
+
+def load_model(path: str | Path, device: str = "cpu", precision: str = "fp32", name: str | None = None,
+               limits: BatchLimits | None = None, image_limits=None, threads: int | None = None) -> Model:
+    """Load a converted model directory (see ``arrowengine convert``).
+
+    Args:
+        path: the model directory (manifest.json + weights.arrow + HF config/tokenizer files).
+        device: "cpu" or "cuda[:n]".
+        precision: "fp32", "bf16", "fp16" (CUDA only) or "int8" (CPU only).
+        name: the model's name in ModelInfo (default: the directory name).
+    Returns:
+        a :class:`Model`.
+    Raises:
+        NotRunnableError for store-mode directories; WeightFormatError for a bad weight
+        file; ModelConfigError for missing/invalid config files; PrecisionError.
+    """
+    from engine.weights import load_weights, read_manifest
+
+    t0 = time.perf_counter()
+    path = Path(path)
+    manifest = read_manifest(path)
+    if manifest.kind not in RUNNABLE_KINDS:
+        raise NotRunnableError(
+            f"{path} holds a {manifest.architecture!r} checkpoint converted in store mode: stored, not runnable. "
+            "Runnable architectures: CLIPModel (any geometry) and BERT-family sentence-transformers "
+            "(Transformer -> Pooling -> Normalize)."
+        )
+    dev = prec.check_device(device)
+    prec.check_precision(precision, dev)
+    state = load_weights(path)
+    if manifest.kind == "clip":
+        from engine.clip import CLIP
+        from engine.image_processor import ArrowImageProcessor, ImageConfig
+        from engine.tokenizer import TextTokenizer
+
+        cfg = clip_config(path)
+        net = CLIP(cfg)
+        dim, modalities, max_tokens = cfg.projection_dim, ("text", "image"), cfg.text.max_positions
+        tokenizer = TextTokenizer.from_dir(path, cfg.text.max_positions)
+        img_kwargs = {} if image_limits is None else {"limits": image_limits}
+        image_processor = ArrowImageProcessor(ImageConfig.from_dir(path), threads=threads, **img_kwargs)
+        if ImageConfig.from_dir(path).crop_height != cfg.vision.image_size:
+            raise ModelConfigError(f"{path}: preprocessor crop size does not match the vision image_size "
+                                   f"{cfg.vision.image_size}")
+    else:
+        from engine.bert import SentenceBert
+        from engine.tokenizer import TextTokenizer
+
+        cfg = bert_config(path)
+        net = SentenceBert(cfg)
+        dim, modalities, max_tokens = cfg.tower.width, ("text",), cfg.max_positions
+        tokenizer = TextTokenizer.from_dir(path, cfg.max_seq_length)
+        image_processor = None
+    prec.assign_weights(net, state, path)
+    net = prec.apply(net, precision, dev)
+    info = ModelInfo(name=name or path.name, architecture=manifest.architecture, kind=manifest.kind,
+                     modalities=modalities, dim=dim, precision=precision, device=str(dev), max_tokens=max_tokens)
+    log.info("loaded %s in %.1f ms", info, (time.perf_counter() - t0) * 1e3)
+    return Model(info, net, cfg, tokenizer, image_processor, limits or BatchLimits())

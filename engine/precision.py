@@ -1,0 +1,98 @@
+"""Devices, precisions and putting weights into a model.
+
+Weights arrive as tensors that view the mapped weight file. In fp32 from an
+fp32 file (and bf16 from a bf16 file) they are used as they are: no copy.
+Other combinations cast once at load.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from engine.errors import ArrowEngineError, PrecisionError, WeightFormatError
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.float32}
+
+# Checkpoint tensors the engine does not use and may ignore.
+IGNORED_SUFFIXES = (".position_ids",)
+IGNORED_PREFIXES = ("pooler.",)
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    return _DTYPES[precision]
+
+
+def check_device(device: str) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ArrowEngineError(f"device {device!r} is not a torch device; expected 'cpu' or 'cuda[:n]'") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ArrowEngineError(f"device {device!r} requested but this torch build sees no CUDA GPU; use device='cpu'")
+    if dev.type not in ("cpu", "cuda"):
+        raise ArrowEngineError(f"device {device!r} is not supported; expected 'cpu' or 'cuda[:n]'")
+    return dev
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    if precision not in PRECISIONS:
+        raise PrecisionError(f"precision {precision!r} is unknown; expected one of {', '.join(PRECISIONS)}")
+    if precision == "fp16" and device.type == "cpu":
+        raise PrecisionError("precision 'fp16' needs a CUDA device; on CPU use 'bf16' (or 'fp32', 'int8')")
+    if precision == "int8" and device.type != "cpu":
+        raise PrecisionError("precision 'int8' (dynamic quantization) runs on CPU only; on CUDA use 'fp16' or 'bf16'")
+
+
+def assign_weights(net: nn.Module, state: dict[str, torch.Tensor], where: Path) -> None:
+    """Point every parameter of ``net`` at its tensor in ``state`` (no copy).
+
+    Collects every missing, unexpected and mis-shaped tensor and raises once.
+    """
+    params = dict(net.named_parameters())
+    missing = sorted(k for k in params if k not in state)
+    unexpected = sorted(k for k in state if k not in params and not k.endswith(IGNORED_SUFFIXES)
+                        and not k.startswith(IGNORED_PREFIXES))
+    shapes = sorted(f"{k}: expected {tuple(p.shape)}, file has {tuple(state[k].shape)}"
+                    for k, p in params.items() if k in state and tuple(state[k].shape) != tuple(p.shape))
+    if missing or unexpected or shapes:
+        parts = []
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
+            if items:
+                parts.append(f"{title} ({len(items)}): " + ", ".join(items[:10]) + (" ..." if len(items) > 10 else ""))
+        raise WeightFormatError(f"{where}: weights do not match the architecture. " + "; ".join(parts))
+    for name in params:
+        mod_name, _, attr = name.rpartition(".")
+        mod = net.get_submodule(mod_name) if mod_name else net
+        mod._parameters[attr] = nn.Parameter(state[name], requires_grad=False)
+
+
+def apply(net: nn.Module, precision: str, device: torch.device) -> nn.Module:
+    """Cast/quantize/move ``net`` for ``precision`` on ``device``; returns it in eval mode."""
+    dtype = _DTYPES[precision]
+    for mod in net.modules():
+        for attr, p in list(mod._parameters.items()):
+            if p is not None and p.is_floating_point() and (p.dtype != dtype or p.device != device):
+                mod._parameters[attr] = nn.Parameter(p.to(device=device, dtype=dtype), requires_grad=False)
+    net.eval()
+    if precision == "int8":
+        net = _quantize_int8(net)
+    return net
+
+
+def _quantize_int8(net: nn.Module) -> nn.Module:
+    """Dynamic int8 quantization of every Linear layer (weights int8, activations quantized per batch)."""
+    from engine.layers import Linear
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from torch.ao.nn.quantized.dynamic import Linear as DynLinear
+        from torch.ao.quantization import quantize_dynamic
+
+        return quantize_dynamic(net, {Linear}, dtype=torch.qint8, mapping={Linear: DynLinear}, inplace=True)

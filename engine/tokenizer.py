@@ -1,0 +1,153 @@
+"""Text front end: texts or token ids -> validated, ragged id rows -> length buckets.
+
+Texts are tokenized with HF ``tokenizers`` (Rust) from the model directory's
+``tokenizer.json``. Truncation keeps the special tokens the post-processor adds,
+so a CLIP text cut at 77 tokens still ends with its end-of-text token, as
+``CLIPTokenizer(truncation=True, max_length=77)`` does.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+from tokenizers import Tokenizer
+
+from engine.errors import InputError, ModelConfigError
+
+log = logging.getLogger(__name__)
+
+
+class TextTokenizer:
+    """Wraps a ``tokenizers.Tokenizer`` with the model's truncation length; never pads."""
+
+    def __init__(self, tokenizer: Tokenizer, max_length: int) -> None:
+        self.max_length = max_length
+        self._tok = tokenizer
+        self._tok.no_padding()
+        self._tok.enable_truncation(max_length)
+
+    @classmethod
+    def from_dir(cls, model_dir: Path, max_length: int) -> "TextTokenizer":
+        path = Path(model_dir) / "tokenizer.json"
+        if not path.exists():
+            raise ModelConfigError(f"{path} is missing: the model has no fast tokenizer; re-run `arrowengine convert` "
+                                   "with transformers installed so it can build one")
+        try:
+            tok = Tokenizer.from_file(str(path))
+        except Exception as exc:  # tokenizers raises plain Exception subclasses
+            raise ModelConfigError(f"{path} could not be read by the tokenizers library: {exc}") from exc
+        return cls(tok, max_length)
+
+    def encode(self, texts: Sequence[str | None] | pa.Array | pa.ChunkedArray) -> tuple[list[np.ndarray | None], list[str | None]]:
+        """Tokenize texts. Returns (ids per row or None, error per row or None)."""
+        values = _text_values(texts)
+        errors: list[str | None] = [None] * len(values)
+        good = [i for i, t in enumerate(values) if isinstance(t, str)]
+        for i, t in enumerate(values):
+            if t is None:
+                errors[i] = "null text: expected a string"
+            elif not isinstance(t, str):
+                errors[i] = f"expected a string, got {type(t).__name__}"
+        rows: list[np.ndarray | None] = [None] * len(values)
+        for i, enc in zip(good, self._tok.encode_batch([values[i] for i in good], add_special_tokens=True)):
+            rows[i] = np.asarray(enc.ids, dtype=np.int64)
+        return rows, errors
+
+
+def _text_values(texts) -> list:
+    if isinstance(texts, pa.ChunkedArray):
+        texts = pa.concat_arrays(texts.chunks) if texts.num_chunks != 1 else texts.chunk(0)
+    if isinstance(texts, pa.Array):
+        if not (pa.types.is_string(texts.type) or pa.types.is_large_string(texts.type)):
+            raise InputError(f"texts: expected an Arrow string or large_string array, got {texts.type}")
+        return texts.to_pylist()
+    if isinstance(texts, (str, bytes)):
+        raise InputError("texts: expected a sequence of strings, got a single string; wrap it in a list")
+    return list(texts)
+
+
+_NULL_INSIDE = object()
+
+
+def token_rows(tokens, vocab_size: int, max_length: int) -> tuple[list[np.ndarray | None], list[str | None]]:
+    """Validate token-id rows: ids in [0, vocab_size), 1..max_length ids, no nulls.
+
+    Accepts an Arrow list/large_list array of integers (read as zero-copy views)
+    or a sequence of integer sequences. A bad row is an error for that row only.
+    """
+    rows = _token_values(tokens)
+    out: list[np.ndarray | None] = [None] * len(rows)
+    errors: list[str | None] = [None] * len(rows)
+    for i, r in enumerate(rows):
+        if r is None:
+            errors[i] = "null row: expected a list of token ids"
+            continue
+        if r is _NULL_INSIDE:
+            errors[i] = "the row contains null token ids"
+            continue
+        if isinstance(r, str):
+            errors[i] = "expected a list of token ids, got a string"
+            continue
+        try:
+            a = np.asarray(r)
+        except (ValueError, TypeError) as exc:
+            errors[i] = f"token ids are not a flat list of integers: {exc}"
+            continue
+        if a.ndim != 1 or (a.size and not np.issubdtype(a.dtype, np.integer)):
+            errors[i] = f"expected a flat list of integer token ids, got array of {a.dtype} with shape {a.shape}"
+        elif a.size == 0:
+            errors[i] = "empty token list"
+        elif a.size > max_length:
+            errors[i] = f"{a.size} tokens, more than the model's {max_length} positions; truncate the row"
+        elif int(a.min()) < 0 or int(a.max()) >= vocab_size:
+            bad = int(a[(a < 0) | (a >= vocab_size)][0])
+            errors[i] = f"token id {bad} is outside the vocabulary [0, {vocab_size})"
+        else:
+            out[i] = a.astype(np.int64, copy=False)
+    return out, errors
+
+
+def _token_values(tokens) -> list:
+    if isinstance(tokens, pa.ChunkedArray):
+        tokens = pa.concat_arrays(tokens.chunks) if tokens.num_chunks != 1 else tokens.chunk(0)
+    if not isinstance(tokens, pa.Array):
+        return list(tokens)
+    t = tokens.type
+    if not (pa.types.is_list(t) or pa.types.is_large_list(t)) or not pa.types.is_integer(t.value_type):
+        raise InputError(f"tokens: expected an Arrow list or large_list of integers, got {t}")
+    n = len(tokens)
+    offsets = tokens.offsets.to_numpy(zero_copy_only=False)  # (n+1,) absolute into values
+    values = tokens.values
+    has_nulls = values.null_count > 0
+    flat = values.to_numpy(zero_copy_only=False) if has_nulls else values.to_numpy(zero_copy_only=True)
+    valid = tokens.is_valid().to_numpy(zero_copy_only=False) if tokens.null_count else None
+    rows: list = []
+    for i in range(n):
+        if valid is not None and not valid[i]:
+            rows.append(None)
+            continue
+        lo, hi = int(offsets[i]), int(offsets[i + 1])
+        if has_nulls and values.slice(lo, hi - lo).null_count:
+            rows.append(_NULL_INSIDE)
+            continue
+        rows.append(flat[lo:hi])
+    return rows
+
+
+def length_buckets(lengths: Sequence[int], max_rows: int, max_tokens: int) -> list[np.ndarray]:
+    """Group row indices by length so each group pads little: sort, then cut where
+    rows x longest would pass ``max_tokens`` or rows would pass ``max_rows``."""
+    order = np.argsort(np.asarray(lengths), kind="stable")
+    groups, start = [], 0
+    for j in range(1, len(order) + 1):
+        if j == len(order):
+            groups.append(order[start:j])
+            break
+        rows = j + 1 - start
+        if rows > max_rows or rows * lengths[order[j]] > max_tokens:
+            groups.append(order[start:j])
+            start = j
+    return groups
