@@ -246,11 +246,13 @@ def load_model(path: str | Path, device: str = "cpu", precision: str = "fp32", n
         net = CLIP(cfg)
         dim, modalities, max_tokens = cfg.projection_dim, ("text", "image"), cfg.text.max_positions
         tokenizer = TextTokenizer.from_dir(path, cfg.text.max_positions)
+        image_cfg = ImageConfig.from_dir(path)
+        side = cfg.vision.image_size
+        if image_cfg.output_hw != (side, side):
+            raise ModelConfigError(f"{path}/preprocessor_config.json makes {image_cfg.output_hw} images but the "
+                                   f"vision tower expects ({side}, {side}); fix crop_size/size in that file")
         img_kwargs = {} if image_limits is None else {"limits": image_limits}
-        image_processor = ArrowImageProcessor(ImageConfig.from_dir(path), threads=threads, **img_kwargs)
-        if ImageConfig.from_dir(path).crop_height != cfg.vision.image_size:
-            raise ModelConfigError(f"{path}: preprocessor crop size does not match the vision image_size "
-                                   f"{cfg.vision.image_size}")
+        image_processor = ArrowImageProcessor(image_cfg, threads=threads, **img_kwargs)
     else:
         from engine.bert import SentenceBert
         from engine.tokenizer import TextTokenizer

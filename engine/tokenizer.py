@@ -122,7 +122,7 @@ def _token_values(tokens) -> list:
     offsets = tokens.offsets.to_numpy(zero_copy_only=False)  # (n+1,) absolute into values
     values = tokens.values
     has_nulls = values.null_count > 0
-    flat = values.to_numpy(zero_copy_only=False) if has_nulls else values.to_numpy(zero_copy_only=True)
+    flat = values.fill_null(0).to_numpy() if has_nulls else values.to_numpy(zero_copy_only=True)
     valid = tokens.is_valid().to_numpy(zero_copy_only=False) if tokens.null_count else None
     rows: list = []
     for i in range(n):

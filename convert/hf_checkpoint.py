@@ -1,0 +1,344 @@
+"""Read a HuggingFace checkpoint lazily: config, small files and tensors one at a time.
+
+Safetensors shards are read by parsing their header ourselves (8-byte
+little-endian header length, then JSON: ``name -> {dtype, shape,
+data_offsets}``) and mapping the file, so any dtype in
+:data:`engine.format.SAFETENSORS_DTYPES` passes through byte-exact without
+torch or safetensors understanding it.  After each tensor is consumed its pages
+are dropped from the process (``madvise(MADV_DONTNEED)``), which keeps resident
+memory bounded by the largest tensor rather than the checkpoint.
+
+``pytorch_model*.bin`` files are the fallback, read with
+``torch.load(weights_only=True, mmap=True)`` (never a full unpickle).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import mmap
+import os
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.errors import ModelConfigError, WeightFormatError
+from engine.format import SAFETENSORS_DTYPES, tensor_nbytes
+
+log = logging.getLogger(__name__)
+
+_MAX_HEADER = 256 * 1024 * 1024  # a safetensors header larger than this is corrupt
+SMALL_FILE_SUFFIXES = (".json", ".txt", ".model")
+SMALL_FILE_MAX_BYTES = 64 * 1024 * 1024  # XLM-R's tokenizer.json is ~17 MB
+_NOT_COPIED = ("manifest.json",)
+_HUB_IGNORE = ["*.msgpack", "*.h5", "*.onnx", "*.ot", "*.tflite", "*.gguf", "onnx/*", "openvino/*",
+               "*.mlmodel", "*.mlpackage/*", "flax_model*", "tf_model*", "rust_model*"]
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """Where one tensor of the checkpoint lives."""
+
+    name: str  # name in the checkpoint
+    dtype: str  # engine.format dtype name
+    shape: tuple[int, ...]
+    nbytes: int
+    file: Path
+    begin: int = 0  # absolute byte offset in a safetensors file (unused for .bin)
+
+
+@dataclass
+class Checkpoint:
+    """A resolved checkpoint directory: its config and an index of its tensors."""
+
+    source: str  # what the user passed
+    root: Path
+    config: dict[str, Any]
+    tensors: list[TensorRef] = field(default_factory=list)
+    bin_files: list[Path] = field(default_factory=list)  # pytorch_model*.bin fallback
+
+    @classmethod
+    def open(cls, source: str | os.PathLike) -> "Checkpoint":
+        """Resolve ``source`` (local directory or hub id), read config.json and index the tensors.
+
+        Raises:
+            ModelConfigError: the source cannot be found/downloaded or config.json is invalid.
+            WeightFormatError: a safetensors header or the shard index is inconsistent.
+        """
+        root = resolve_source(source)
+        config_path = root / "config.json"
+        config: dict[str, Any] = {}
+        if config_path.exists():
+            try:
+                config = json.loads(config_path.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise ModelConfigError(f"{config_path}: not valid JSON ({exc})") from exc
+            if not isinstance(config, dict):
+                raise ModelConfigError(f"{config_path}: expected a JSON object")
+        else:
+            log.warning("%s has no config.json; it can only be converted in store mode", root)
+        ckpt = cls(str(source), root, config)
+        ckpt._index()
+        return ckpt
+
+    def _index(self) -> None:
+        shards = safetensors_files(self.root)
+        if shards:
+            seen: dict[str, Path] = {}
+            for shard in shards:
+                for ref in read_safetensors_header(shard):
+                    if ref.name in seen:
+                        raise WeightFormatError(
+                            f"tensor {ref.name!r} is in both {seen[ref.name].name} and {shard.name}; "
+                            "the checkpoint is inconsistent")
+                    seen[ref.name] = shard
+                    self.tensors.append(ref)
+            _check_index(self.root, seen)
+            return
+        self.bin_files = sorted(self.root.glob("pytorch_model*.bin"))
+        if not self.bin_files:
+            raise ModelConfigError(
+                f"{self.root}: no *.safetensors or pytorch_model*.bin weights found; expected a "
+                "HuggingFace checkpoint directory")
+        self.tensors = list(_bin_refs(self.bin_files))
+
+    def small_files(self) -> list[Path]:
+        """Relative paths of the non-weight files to copy (*.json, *.txt, *.model, size-capped)."""
+        out = []
+        for path in sorted(self.root.rglob("*")):
+            rel = path.relative_to(self.root)
+            if any(part.startswith(".") for part in rel.parts) or not path.is_file():
+                continue
+            if path.suffix not in SMALL_FILE_SUFFIXES or rel.name.endswith(".index.json"):
+                continue
+            if rel.name in _NOT_COPIED and len(rel.parts) == 1:
+                continue
+            if path.stat().st_size > SMALL_FILE_MAX_BYTES:
+                log.warning("not copying %s: larger than %d bytes", rel, SMALL_FILE_MAX_BYTES)
+                continue
+            out.append(rel)
+        return out
+
+    @contextmanager
+    def reader(self) -> Iterator["TensorReader"]:
+        """A reader that hands out tensor bytes one at a time (see :class:`TensorReader`)."""
+        r = TensorReader(self)
+        try:
+            yield r
+        finally:
+            r.close()
+
+
+class TensorReader:
+    """Yields each tensor's bytes as a memoryview; memory bounded by the largest tensor."""
+
+    def __init__(self, ckpt: Checkpoint) -> None:
+        self._ckpt = ckpt
+        self._maps: dict[Path, mmap.mmap] = {}
+        self._bin: dict[str, Any] | None = None
+        self._bin_file: Path | None = None
+
+    @contextmanager
+    def read(self, ref: TensorRef) -> Iterator[memoryview]:
+        """Bytes of ``ref`` (little-endian, C order), valid inside the ``with`` block."""
+        if ref.file.suffix == ".safetensors":
+            mm = self._maps.get(ref.file)
+            if mm is None:
+                with open(ref.file, "rb") as f:
+                    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                self._maps[ref.file] = mm
+            view = memoryview(mm)[ref.begin:ref.begin + ref.nbytes]
+            try:
+                yield view
+            finally:
+                view.release()
+                _drop_pages(mm, ref.begin, ref.nbytes)
+            return
+        yield from _bin_bytes(self, ref)
+
+    def close(self) -> None:
+        for mm in self._maps.values():
+            try:
+                mm.close()
+            except BufferError:  # a consumer still holds a view; let GC unmap it
+                log.debug("mmap still exported at close")
+        self._maps.clear()
+        self._bin = None
+
+
+def _drop_pages(mm: mmap.mmap, begin: int, nbytes: int) -> None:
+    """Drop a consumed range from our resident set (file-backed pages: re-read on demand)."""
+    if nbytes == 0 or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    page = mmap.PAGESIZE
+    start = begin - begin % page
+    end = min(len(mm), begin + nbytes)
+    try:
+        mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+    except (OSError, ValueError):  # advisory only
+        pass
+
+
+def _bin_bytes(reader: TensorReader, ref: TensorRef) -> Iterator[memoryview]:
+    import torch
+
+    if reader._bin_file != ref.file:
+        reader._bin = _torch_load(ref.file)
+        reader._bin_file = ref.file
+    assert reader._bin is not None
+    t = reader._bin[ref.name].contiguous()
+    view = memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+    yield view
+
+
+def _torch_load(path: Path) -> dict[str, Any]:
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as exc:  # legacy (non-zip) files cannot be mapped
+        if "mmap" not in str(exc):
+            raise WeightFormatError(f"{path}: cannot be read safely ({exc})") from exc
+        log.warning("%s: legacy format, loading without mmap", path.name)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 -- pickle errors have many types
+        raise WeightFormatError(f"{path}: cannot be read with weights_only=True ({exc})") from exc
+
+
+def _bin_refs(files: list[Path]) -> Iterator[TensorRef]:
+    """Index .bin files (each mapped and scanned once; tensors reread per file later)."""
+    from engine.format import DTYPES
+
+    seen: set[str] = set()
+    for path in files:
+        state = _torch_load(path)
+        for name, t in state.items():
+            dtype = str(t.dtype).removeprefix("torch.")
+            if dtype not in DTYPES:
+                raise WeightFormatError(f"{path.name}: tensor {name!r} has dtype {t.dtype}, "
+                                        f"which the format does not support ({sorted(DTYPES)})")
+            if name in seen:
+                raise WeightFormatError(f"tensor {name!r} appears in more than one .bin shard")
+            seen.add(name)
+            shape = tuple(t.shape)
+            yield TensorRef(name, dtype, shape, tensor_nbytes(shape, dtype), path)
+        del state
+
+
+def resolve_source(source: str | os.PathLike) -> Path:
+    """A local checkpoint directory for ``source``: itself if it is a directory, else a hub download.
+
+    Raises:
+        ModelConfigError: not a directory and not downloadable (hub package missing, offline, unknown id).
+    """
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    text = str(source)
+    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") > 1:
+        raise ModelConfigError(f"{source}: not a checkpoint directory (and not a hub id like 'org/name')")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as exc:
+        raise ModelConfigError(
+            f"{source!r} is not a local directory and huggingface_hub is not installed to download "
+            "it; `pip install huggingface_hub` or pass a local checkpoint directory") from exc
+    try:  # safetensors first; pytorch_model*.bin only when the repo has no safetensors
+        root = Path(snapshot_download(text, ignore_patterns=_HUB_IGNORE + ["*.bin", "*.pt", "*.pth"]))
+        if not any(root.glob("*.safetensors")):
+            root = Path(snapshot_download(text, allow_patterns=["pytorch_model*.bin", "*.bin.index.json"]))
+        return root
+    except Exception as exc:  # noqa: BLE001 -- the hub raises many types (offline, 404, auth)
+        raise ModelConfigError(
+            f"could not download {source!r} from the HuggingFace hub ({type(exc).__name__}: {exc}); "
+            "check the id and network, or pass a local checkpoint directory") from exc
+
+
+def safetensors_files(root: Path) -> list[Path]:
+    """The checkpoint's safetensors shards: from model.safetensors.index.json if present, else *.safetensors."""
+    indexes = sorted(root.glob("*.safetensors.index.json"))
+    if indexes:
+        weight_map = _read_index(indexes[0])
+        files = list(dict.fromkeys(weight_map.values()))
+        missing = [f for f in files if not (root / f).is_file()]
+        if missing:
+            raise WeightFormatError(f"{indexes[0].name} names shard(s) that are missing: {missing}; "
+                                    "download the complete checkpoint")
+        return [root / f for f in files]
+    return sorted(root.glob("*.safetensors"))
+
+
+def _read_index(path: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(path.read_text(encoding="utf-8"))["weight_map"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise WeightFormatError(f"{path}: expected JSON with a 'weight_map' object ({exc})") from exc
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise WeightFormatError(f"{path}: 'weight_map' must map tensor names to shard file names")
+    for shard in weight_map.values():
+        if Path(shard).name != shard:
+            raise WeightFormatError(f"{path}: shard name {shard!r} must be a plain file name")
+    return weight_map
+
+
+def _check_index(root: Path, found: dict[str, Path]) -> None:
+    indexes = sorted(root.glob("*.safetensors.index.json"))
+    if not indexes:
+        return
+    weight_map = _read_index(indexes[0])
+    problems = [f"{n!r} listed in {weight_map[n]} but not found there"
+                for n in weight_map if n not in found or found[n].name != weight_map[n]]
+    if problems:
+        raise WeightFormatError(f"{indexes[0].name} disagrees with the shards: " + "; ".join(problems[:20]))
+
+
+def read_safetensors_header(path: Path) -> list[TensorRef]:
+    """Parse a safetensors header; refs sorted by data offset (sequential reads).
+
+    Raises:
+        WeightFormatError: truncated file, bad JSON, unknown dtype, or offsets that
+            disagree with shapes or fall outside the file.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise WeightFormatError(f"{path}: too short to be a safetensors file ({size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(_MAX_HEADER, size - 8):
+            raise WeightFormatError(f"{path}: header length {n} exceeds the file ({size} bytes); truncated?")
+        try:
+            header = json.loads(f.read(n))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise WeightFormatError(f"{path}: safetensors header is not valid JSON ({exc})") from exc
+    if not isinstance(header, dict):
+        raise WeightFormatError(f"{path}: safetensors header must be a JSON object")
+    data_start, problems, refs = 8 + n, [], []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            code, shape, (b, e) = entry["dtype"], entry["shape"], entry["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            problems.append(f"{name!r}: malformed entry {entry!r}")
+            continue
+        dtype = SAFETENSORS_DTYPES.get(code)
+        if dtype is None:
+            problems.append(f"{name!r}: dtype {code!r} not supported (known: {sorted(SAFETENSORS_DTYPES)})")
+            continue
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            problems.append(f"{name!r}: bad shape {shape!r}")
+            continue
+        nbytes = tensor_nbytes(shape, dtype)
+        if not (isinstance(b, int) and isinstance(e, int) and 0 <= b <= e and e - b == nbytes
+                and data_start + e <= size):
+            problems.append(f"{name!r}: data_offsets {[b, e]} disagree with shape {shape} x {dtype} "
+                            f"({nbytes} bytes) or the file size")
+            continue
+        refs.append(TensorRef(name, dtype, tuple(shape), nbytes, path, data_start + b))
+    if problems:
+        raise WeightFormatError(f"{path}: {len(problems)} bad tensor entries: " + "; ".join(problems[:20]))
+    refs.sort(key=lambda r: r.begin)
+    return refs

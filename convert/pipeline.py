@@ -1,0 +1,244 @@
+"""HF checkpoint -> ArrowEngine model directory, and batches of such conversions.
+
+The output is written into a temporary sibling directory and renamed into
+place at the end, so a failed conversion leaves nothing half-written.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from convert import registry
+from convert.hf_checkpoint import Checkpoint, TensorReader, TensorRef
+from convert.writer import Tensor, cast_tensor, check_little_endian, write_tensors
+from engine.errors import ArrowEngineError, WeightFormatError
+from engine.format import DTYPE_CHOICES, MANIFEST_FILE, WEIGHT_FILES, Manifest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    """A finished conversion."""
+
+    out_dir: Path
+    manifest: Manifest
+    seconds: float
+
+
+def convert_checkpoint(source: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "keep",
+                       fmt: str = "arrow", force: bool = False,
+                       progress: bool | None = None) -> ConvertResult:
+    """Convert a HF checkpoint (local directory or hub id) into ``out_dir``.
+
+    Args:
+        source: checkpoint directory, or a hub id (downloaded with huggingface_hub).
+        out_dir: model directory to create; must not exist unless ``force``.
+        dtype: 'keep' (bytes exact) or float32|float16|bfloat16 (floating tensors only).
+        fmt: 'arrow' (mapped, zero-copy loads) or 'parquet' (zstd, smaller, copied on load).
+        force: replace an existing ``out_dir``.
+        progress: tqdm bar on stderr; None shows it only on a terminal.
+
+    Returns:
+        The output directory, its manifest and the seconds taken.
+
+    Raises:
+        ModelConfigError, WeightFormatError: bad source or checkpoint (nothing is written).
+        ArrowEngineError: ``out_dir`` exists (without ``force``) or bad arguments.
+    """
+    t0 = time.perf_counter()
+    if dtype not in DTYPE_CHOICES:
+        raise ArrowEngineError(f"--dtype {dtype!r}: expected one of {list(DTYPE_CHOICES)}")
+    if fmt not in WEIGHT_FILES:
+        raise ArrowEngineError(f"--format {fmt!r}: expected one of {list(WEIGHT_FILES)}")
+    check_little_endian()
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not force:
+        raise ArrowEngineError(f"{out_dir} already exists; choose a new directory or pass --force")
+    ckpt = Checkpoint.open(source)
+    arch = registry.detect(ckpt.config, ckpt.root)
+    refs = {r.name: r for r in ckpt.tensors}
+    plan = [(refs[src], out) for src, out in arch.plan(list(refs))]
+    log.info("%s: %s (%s), %d tensors", source, registry.architecture_name(ckpt.config), arch.kind, len(plan))
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        weights = tmp / WEIGHT_FILES[fmt]
+        with ckpt.reader() as reader:
+            stats = write_tensors(weights, fmt, _stream(reader, plan, dtype, progress))
+        files = _copy_small_files(ckpt, tmp)
+        if arch.kind == "clip" and "tokenizer.json" not in files and _build_clip_tokenizer(ckpt.root, tmp):
+            files.append("tokenizer.json")
+        manifest = Manifest(
+            kind=arch.kind, architecture=registry.architecture_name(ckpt.config),
+            weights=weights.name, weights_format=fmt, dtype=dtype, tensors=stats.tensors,
+            parameters=stats.parameters, bytes=stats.bytes, sha256=stats.sha256, source=str(source),
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"), files=tuple(sorted(files)))
+        (tmp / MANIFEST_FILE).write_text(manifest.to_json(), encoding="utf-8")
+        _self_check(tmp, weights, fmt, stats.tensors)
+        _move_into_place(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ConvertResult(out_dir, manifest, time.perf_counter() - t0)
+
+
+def _stream(reader: TensorReader, plan: list[tuple[TensorRef, str]], dtype: str,
+            progress: bool | None) -> Iterator[Tensor]:
+    from tqdm import tqdm
+
+    total = sum(ref.nbytes for ref, _ in plan)
+    disable = None if progress is None else not progress
+    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="tensors",
+              disable=disable, leave=False) as bar:
+        for ref, out in plan:
+            with reader.read(ref) as view:
+                yield cast_tensor(Tensor(out, ref.dtype, ref.shape, view), dtype)
+            bar.update(ref.nbytes)
+
+
+def _copy_small_files(ckpt: Checkpoint, dest: Path) -> list[str]:
+    copied = []
+    try:  # sentence-transformers module folders may hold no files (2_Normalize/): keep them
+        modules = json.loads((ckpt.root / "modules.json").read_text(encoding="utf-8"))
+        for m in modules if isinstance(modules, list) else []:
+            rel = m.get("path") if isinstance(m, dict) else None
+            if isinstance(rel, str) and rel and Path(rel).name == rel and (ckpt.root / rel).is_dir():
+                (dest / rel).mkdir(exist_ok=True)
+    except (OSError, ValueError):
+        pass
+    for rel in ckpt.small_files():
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(ckpt.root / rel, dest / rel)
+        copied.append(rel.as_posix())
+    return copied
+
+
+def _build_clip_tokenizer(root: Path, dest: Path) -> bool:
+    """Write tokenizer.json from vocab.json + merges.txt with transformers (if installed)."""
+    if not ((root / "vocab.json").exists() and (root / "merges.txt").exists()):
+        return False
+    try:
+        from transformers import CLIPTokenizerFast
+    except ImportError:
+        log.warning("%s has vocab.json/merges.txt but no tokenizer.json, and transformers is not "
+                    "installed to build it; `pip install transformers` and convert again", root)
+        return False
+    try:
+        tok = CLIPTokenizerFast.from_pretrained(str(root))
+        tok.backend_tokenizer.save(str(dest / "tokenizer.json"))
+    except Exception as exc:  # noqa: BLE001 -- optional extra; conversion still succeeds
+        log.warning("could not build tokenizer.json from vocab.json/merges.txt: %s", exc)
+        return False
+    return True
+
+
+def _self_check(tmp: Path, weights: Path, fmt: str, tensors: int) -> None:
+    """Re-open what was written: the loader's validation (cheap: no data is touched for Arrow)."""
+    if fmt == "arrow":
+        from engine.weights import WeightFile
+
+        count = len(WeightFile.open(weights))
+    else:
+        import pyarrow.parquet as pq
+
+        count = pq.read_metadata(weights).num_rows
+    if count != tensors:
+        raise WeightFormatError(f"internal: wrote {tensors} tensors but {weights.name} holds {count}")
+
+
+def _move_into_place(tmp: Path, out_dir: Path) -> None:
+    old = None
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        out_dir.rename(old)
+    tmp.rename(out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# -- --manifest: many conversions ------------------------------------------------------------
+@dataclass(frozen=True)
+class BatchEntry:
+    """One line of a conversion manifest file."""
+
+    name: str
+    source: str
+    dtype: str = "keep"
+    format: str = "arrow"
+
+
+def read_batch_file(path: str | os.PathLike) -> list[BatchEntry]:
+    """Parse a JSON list of {"name", "source", "dtype"?, "format"?}.
+
+    Raises:
+        ArrowEngineError: not JSON, not a list, or an entry lacks name/source or has unknown keys.
+    """
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ArrowEngineError(f"{path}: cannot read conversion list ({exc})") from exc
+    if not isinstance(data, list):
+        raise ArrowEngineError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")
+    entries, problems, names = [], [], set()
+    allowed = {"name", "source", "dtype", "format"}
+    for i, item in enumerate(data):
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str) \
+                or not isinstance(item.get("source"), str):
+            problems.append(f"entry {i}: needs string 'name' and 'source', got {item!r}")
+            continue
+        if set(item) - allowed:
+            problems.append(f"entry {i}: unknown keys {sorted(set(item) - allowed)} (allowed: {sorted(allowed)})")
+            continue
+        if Path(item["name"]).name != item["name"] or item["name"] in (".", ".."):
+            problems.append(f"entry {i}: name {item['name']!r} must be a plain directory name")
+            continue
+        if item["name"] in names:
+            problems.append(f"entry {i}: duplicate name {item['name']!r}")
+        names.add(item["name"])
+        entries.append(BatchEntry(**item))
+    if problems:
+        raise ArrowEngineError(f"{path}: " + "; ".join(problems))
+    return entries
+
+
+@dataclass(frozen=True)
+class BatchRow:
+    """Outcome of one entry of a batch conversion."""
+
+    name: str
+    architecture: str  # HF architectures[0], or "-" if the conversion failed early
+    kind: str
+    tensors: int
+    parameters: int
+    bytes: int
+    seconds: float
+    status: str  # "ok" or "FAILED: <reason>"
+
+
+def convert_batch(entries: list[BatchEntry], out_root: str | os.PathLike, force: bool = False,
+                  progress: bool | None = None) -> list[BatchRow]:
+    """Convert each entry into ``out_root/name``, carrying on past failures."""
+    rows = []
+    for e in entries:
+        t0 = time.perf_counter()
+        try:
+            res = convert_checkpoint(e.source, Path(out_root) / e.name, dtype=e.dtype, fmt=e.format,
+                                     force=force, progress=progress)
+        except (ArrowEngineError, OSError) as exc:
+            log.error("%s: conversion failed: %s", e.name, exc)
+            reason = str(exc).splitlines()[0]
+            rows.append(BatchRow(e.name, "-", "-", 0, 0, 0, time.perf_counter() - t0, f"FAILED: {reason}"))
+            continue
+        m = res.manifest
+        rows.append(BatchRow(e.name, m.architecture, m.kind, m.tensors, m.parameters, m.bytes, res.seconds, "ok"))
+    return rows

@@ -1,0 +1,164 @@
+"""Architectures the converter knows, registered by name.
+
+Each :class:`Architecture` says whether a checkpoint is of its kind (from
+config.json and the files present) and maps checkpoint tensor names to the
+names written into the weight file.  Runnable architectures are strict: a
+tensor name outside their known prefixes is an error, never silently dropped.
+Anything no architecture claims is converted in *store* mode (every tensor
+kept as-is, loadable but not runnable).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engine.errors import UnsupportedArchitectureError, WeightFormatError
+
+log = logging.getLogger(__name__)
+
+STORE = "store"
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """How to recognise one model family and name its tensors."""
+
+    kind: str  # manifest "kind"
+    detect: Callable[[dict[str, Any], Path], bool]  # (config, checkpoint dir) -> is it ours?
+    known_prefixes: tuple[str, ...]  # output names must start with one of these (empty: any)
+    strip_prefixes: tuple[str, ...] = ()  # leading checkpoint prefixes removed, first match wins
+    drop_suffixes: tuple[str, ...] = (".position_ids",)  # non-persistent buffers
+
+    def rename(self, name: str) -> str | None:
+        """Output name for checkpoint tensor ``name``; None to drop it."""
+        if name.endswith(self.drop_suffixes):
+            return None
+        for prefix in self.strip_prefixes:
+            if name.startswith(prefix):
+                return name[len(prefix):]
+        return name
+
+    def plan(self, names: list[str]) -> list[tuple[str, str]]:
+        """(checkpoint name, output name) for every kept tensor.
+
+        Raises:
+            WeightFormatError: unknown tensor names (all listed) or two names that collide after renaming.
+        """
+        plan, unknown, seen = [], [], {}
+        for name in names:
+            out = self.rename(name)
+            if out is None:
+                log.debug("dropping non-persistent buffer %s", name)
+                continue
+            if self.known_prefixes and not out.startswith(self.known_prefixes):
+                unknown.append(name)
+                continue
+            if out in seen:
+                raise WeightFormatError(f"tensors {seen[out]!r} and {name!r} both become {out!r}")
+            seen[out] = name
+            plan.append((name, out))
+        if unknown:
+            shown = ", ".join(repr(n) for n in unknown[:20])
+            more = f" (and {len(unknown) - 20} more)" if len(unknown) > 20 else ""
+            raise WeightFormatError(
+                f"{len(unknown)} tensor name(s) unknown for a {self.kind!r} model: {shown}{more}; "
+                f"known prefixes: {list(self.known_prefixes)}. Use a checkpoint of the base model, "
+                "or convert in store mode")
+        return plan
+
+
+_REGISTRY: dict[str, Architecture] = {}
+
+
+def register(arch: Architecture) -> Architecture:
+    """Add an architecture; detection tries them in registration order."""
+    if arch.kind in _REGISTRY or arch.kind == STORE:
+        raise ValueError(f"architecture {arch.kind!r} is already registered")
+    _REGISTRY[arch.kind] = arch
+    return arch
+
+
+def known_kinds() -> list[str]:
+    """Registered kinds plus 'store'."""
+    return [*_REGISTRY, STORE]
+
+
+def get(kind: str) -> Architecture:
+    """The architecture registered as ``kind`` ('store' gives the pass-through one).
+
+    Raises:
+        UnsupportedArchitectureError: unknown kind (the message lists the known ones).
+    """
+    if kind == STORE:
+        return _STORE_ARCH
+    try:
+        return _REGISTRY[kind]
+    except KeyError:
+        raise UnsupportedArchitectureError(
+            f"unknown architecture {kind!r}; known: {known_kinds()}") from None
+
+
+def detect(config: dict[str, Any], root: Path) -> Architecture:
+    """The first registered architecture that claims the checkpoint, else store mode."""
+    for arch in _REGISTRY.values():
+        if arch.detect(config, root):
+            return arch
+    return _STORE_ARCH
+
+
+def architecture_name(config: dict[str, Any]) -> str:
+    """HF ``architectures[0]``, else ``model_type``, else 'unknown'."""
+    archs = config.get("architectures")
+    if isinstance(archs, list) and archs and isinstance(archs[0], str):
+        return archs[0]
+    return str(config.get("model_type") or "unknown")
+
+
+# -- CLIP --------------------------------------------------------------------------------------
+def _is_clip(config: dict[str, Any], root: Path) -> bool:
+    archs = config.get("architectures") or []
+    return "CLIPModel" in archs or config.get("model_type") == "clip"
+
+
+# -- sentence-transformers over a BERT-family encoder -------------------------------------------
+BERT_FAMILY = ("bert", "roberta", "xlm-roberta")  # same embeddings/encoder/pooler layout
+ST_MODULES = tuple(f"sentence_transformers.models.{m}" for m in ("Transformer", "Pooling", "Normalize"))
+
+
+def _is_sentence_transformer(config: dict[str, Any], root: Path) -> bool:
+    if config.get("model_type") not in BERT_FAMILY:
+        return False
+    try:
+        modules = json.loads((root / "modules.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(modules, list):
+        return False
+    types = [m.get("type") if isinstance(m, dict) else None for m in modules]
+    if "sentence_transformers.models.Transformer" not in types:
+        return False
+    extra = [t for t in types if t not in ST_MODULES]
+    if extra:  # e.g. a Dense head whose weights live elsewhere: converting would lose them
+        log.warning("%s: sentence-transformers modules %s are not supported; converting in store mode",
+                    root, extra)
+        return False
+    return True
+
+
+register(Architecture(
+    kind="clip",
+    detect=_is_clip,
+    known_prefixes=("text_model.", "vision_model.", "text_projection.", "visual_projection.",
+                    "logit_scale"),
+))
+register(Architecture(
+    kind="sentence-transformer",
+    detect=_is_sentence_transformer,
+    known_prefixes=("embeddings.", "encoder.", "pooler."),
+    strip_prefixes=("bert.", "roberta.", "model."),
+))
+_STORE_ARCH = Architecture(kind=STORE, detect=lambda c, r: True, known_prefixes=(), drop_suffixes=())

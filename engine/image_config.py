@@ -1,0 +1,159 @@
+"""Image preprocessing settings: what a HF ``preprocessor_config.json`` says, and input limits.
+
+Built once at the edge (model directory, server options) and passed to
+:class:`engine.image_processor.ArrowImageProcessor`. Field meanings follow
+transformers' ``CLIPImageProcessor``; missing keys take CLIP's defaults.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.errors import ModelConfigError
+from engine.image_header import PARSED_FORMATS
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    """Preprocessing settings, as in a HF ``preprocessor_config.json`` (defaults: CLIP's)."""
+
+    shortest_edge: int | None = 224  # resize the short side to this (HF size={"shortest_edge": n} or int)
+    resize_hw: tuple[int, int] | None = None  # or resize to exactly (height, width) (HF size={"height", "width"})
+    crop_hw: tuple[int, int] = (224, 224)  # centre-crop (height, width) (HF crop_size)
+    do_resize: bool = True
+    do_center_crop: bool = True
+    do_rescale: bool = True
+    rescale_factor: float = 1 / 255
+    do_normalize: bool = True
+    image_mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
+    image_std: tuple[float, float, float] = OPENAI_CLIP_STD
+    do_convert_rgb: bool = True  # read for completeness; output is always RGB
+
+    def __post_init__(self) -> None:
+        if self.do_resize and (self.shortest_edge is None) == (self.resize_hw is None):
+            raise ModelConfigError(
+                f"image config: expected exactly one of shortest_edge / resize_hw when do_resize is set, "
+                f"got shortest_edge={self.shortest_edge}, resize_hw={self.resize_hw}"
+            )
+        sizes = [self.crop_hw, self.resize_hw or (1, 1), (self.shortest_edge or 1,) * 2]
+        if any(int(v) != v or v < 1 for hw in sizes for v in hw):
+            raise ModelConfigError(
+                f"image config: expected positive integer sizes, got shortest_edge={self.shortest_edge}, "
+                f"resize_hw={self.resize_hw}, crop_hw={self.crop_hw}"
+            )
+        if len(self.image_mean) != 3 or len(self.image_std) != 3 or 0 in self.image_std:
+            raise ModelConfigError(
+                f"image config: expected 3 means and 3 non-zero stds, got mean={self.image_mean}, std={self.image_std}"
+            )
+        if not self.do_center_crop and not (self.do_resize and self.resize_hw is not None):
+            raise ModelConfigError(
+                "image config: a batch needs one output size, so expected do_center_crop=true or a fixed "
+                '{"height", "width"} resize; got do_center_crop=false with a shortest-edge or no resize'
+            )
+
+    @property
+    def output_hw(self) -> tuple[int, int]:
+        """(height, width) of every output image."""
+        if self.do_center_crop:
+            return self.crop_hw
+        assert self.resize_hw is not None
+        return self.resize_hw
+
+    @classmethod
+    def from_hf(cls, cfg: dict) -> "ImageConfig":
+        """Build from the dict of a HF ``preprocessor_config.json``; missing keys take CLIP's defaults.
+
+        Raises:
+            ModelConfigError: a size, mean or std has a shape this processor does not support.
+        """
+        if not isinstance(cfg, dict):
+            raise ModelConfigError(
+                f"image config: expected a dict from preprocessor_config.json, got {type(cfg).__name__}"
+            )
+        try:
+            shortest_edge, resize_hw = _parse_size(cfg.get("size", {"shortest_edge": 224}))
+            crop_hw = _parse_hw(cfg.get("crop_size", 224), "crop_size")
+            return cls(
+                shortest_edge=shortest_edge,
+                resize_hw=resize_hw,
+                crop_hw=crop_hw,
+                do_resize=bool(cfg.get("do_resize", True)),
+                do_center_crop=bool(cfg.get("do_center_crop", True)),
+                do_rescale=bool(cfg.get("do_rescale", True)),
+                rescale_factor=float(cfg.get("rescale_factor", 1 / 255)),
+                do_normalize=bool(cfg.get("do_normalize", True)),
+                image_mean=_triple(cfg.get("image_mean", OPENAI_CLIP_MEAN), "image_mean"),
+                image_std=_triple(cfg.get("image_std", OPENAI_CLIP_STD), "image_std"),
+                do_convert_rgb=bool(cfg.get("do_convert_rgb", True)),
+            )
+        except (TypeError, ValueError) as exc:
+            raise ModelConfigError(f"image config: invalid value in preprocessor_config.json: {exc}") from exc
+
+    @classmethod
+    def from_dir(cls, path: str | os.PathLike) -> "ImageConfig":
+        """Read ``preprocessor_config.json`` from a model directory.
+
+        Raises:
+            ModelConfigError: the file is missing, not JSON, or has unsupported values.
+        """
+        file = Path(path) / "preprocessor_config.json"
+        try:
+            cfg = json.loads(file.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise ModelConfigError(
+                f"{file} not found: an image model directory needs its preprocessor_config.json"
+            ) from exc
+        except (OSError, ValueError) as exc:
+            raise ModelConfigError(f"{file} could not be read as JSON: {exc}") from exc
+        return cls.from_hf(cfg)
+
+
+def _parse_size(size: object) -> tuple[int | None, tuple[int, int] | None]:
+    if isinstance(size, int):
+        return size, None
+    if isinstance(size, dict) and set(size) == {"shortest_edge"}:
+        return int(size["shortest_edge"]), None
+    if isinstance(size, dict) and set(size) == {"height", "width"}:
+        return None, (int(size["height"]), int(size["width"]))
+    raise ModelConfigError(
+        f'image config: expected size as an int, {{"shortest_edge": n}} or {{"height": h, "width": w}}, got {size!r}'
+    )
+
+
+def _parse_hw(size: object, name: str) -> tuple[int, int]:
+    if isinstance(size, int):
+        return size, size
+    if isinstance(size, dict) and {"height", "width"} <= set(size):
+        return int(size["height"]), int(size["width"])
+    raise ModelConfigError(f'image config: expected {name} as an int or {{"height": h, "width": w}}, got {size!r}')
+
+
+def _triple(value: object, name: str) -> tuple[float, float, float]:
+    if isinstance(value, (int, float)):
+        return (float(value),) * 3
+    if isinstance(value, (list, tuple)) and len(value) == 3:
+        return tuple(float(v) for v in value)  # type: ignore[return-value]
+    raise ModelConfigError(f"image config: expected {name} as a number or a list of 3, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """What the processor accepts before decoding anything."""
+
+    max_bytes: int = 32 * 1024 * 1024  # encoded size of one image
+    max_pixels: int = 50_000_000  # width x height from the header
+    formats: frozenset[str] = frozenset({"jpeg", "png", "webp"})  # allow-list
+
+    def __post_init__(self) -> None:
+        unknown = set(self.formats) - PARSED_FORMATS
+        if unknown:
+            raise ModelConfigError(
+                f"image limits: formats must be among {sorted(PARSED_FORMATS)}, got {sorted(unknown)}"
+            )
+        if self.max_bytes < 1 or self.max_pixels < 1:
+            raise ModelConfigError(f"image limits: expected positive max_bytes and max_pixels, got {self}")

@@ -1,0 +1,180 @@
+"""Image format sniffing and header size parsing, before any pixel is decoded.
+
+The image processor must refuse an oversized image (a "decompression bomb"
+declares 50,000 x 50,000 pixels in a few hundred bytes) before it hands the
+bytes to a decoder, and it wants the size of a JPEG up front to choose a
+reduced-scale decode. Both only need the first few hundred bytes, which this
+module reads straight from a numpy view of the encoded image (no copy).
+
+Header layouts (from the format specifications):
+
+* JPEG (ITU T.81, annex B): markers ``FF xx``; the frame header ``SOFn``
+  holds precision (1 byte), height (2), width (2) and component count (1).
+  Application segments (EXIF, ICC profiles) come before it and are skipped by
+  their length field.
+* PNG (RFC 2083): an 8-byte signature, then the ``IHDR`` chunk whose data
+  starts with width and height as big-endian uint32.
+* WebP (RIFF container): ``VP8 `` (lossy; 14-bit sizes after the start code
+  ``9D 01 2A``), ``VP8L`` (lossless; signature ``2F`` then two 14-bit
+  sizes minus one) or ``VP8X`` (extended; 24-bit canvas sizes minus one).
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+# Formats whose headers this module parses; the processor can only allow these.
+PARSED_FORMATS = frozenset({"jpeg", "png", "webp"})
+
+# JPEG start-of-frame markers (SOF0-3, 5-7, 9-11, 13-15); C4, C8 and CC are not frames.
+_JPEG_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+_ISO_BMFF_BRANDS = {
+    b"avif": "AVIF", b"avis": "AVIF", b"heic": "HEIC", b"heix": "HEIC", b"mif1": "HEIF", b"msf1": "HEIF",
+}
+
+
+class HeaderError(ValueError):
+    """The bytes are not a well-formed image header; the message is the row's error reason."""
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What the header says about an encoded image."""
+
+    format: str  # "jpeg" | "png" | "webp"
+    width: int  # stored width, before any EXIF orientation
+    height: int  # stored height, before any EXIF orientation
+    components: int  # JPEG colour components (1 grey, 3 YCbCr/RGB, 4 CMYK); 0 when not known
+
+
+def sniff_format(data: np.ndarray) -> str | None:
+    """Name the image format from its magic bytes.
+
+    Args:
+        data: the encoded image as a 1-D uint8 array (a view is fine).
+
+    Returns:
+        "jpeg", "png" or "webp" for the formats this module parses; an upper-case
+        name ("GIF", "BMP", "TIFF", ...) for other recognised formats; None when the
+        bytes match no known signature.
+    """
+    head = bytes(data[:16])
+    if head[:3] == b"\xff\xd8\xff":
+        return "jpeg"
+    if head[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return "GIF"
+    if head[:2] == b"BM":
+        return "BMP"
+    if head[:4] in (b"II*\x00", b"MM\x00*"):
+        return "TIFF"
+    if head[4:8] == b"ftyp" and head[8:12] in _ISO_BMFF_BRANDS:
+        return _ISO_BMFF_BRANDS[head[8:12]]
+    if head[:12] == b"\x00\x00\x00\x0cjP  \r\n\x87\n" or head[:4] == b"\xff\x4f\xff\x51":
+        return "JPEG 2000"
+    if head[:2] == b"\xff\x0a" or head[:12] == b"\x00\x00\x00\x0cJXL \r\n\x87\n":
+        return "JPEG XL"
+    if head[:4] == b"8BPS":
+        return "PSD"
+    if head[:4] == b"qoif":
+        return "QOI"
+    if head[:4] == b"\x00\x00\x01\x00":
+        return "ICO"
+    return None
+
+
+def read_header(data: np.ndarray, fmt: str) -> ImageHeader:
+    """Parse width and height from the header of a JPEG, PNG or WebP image.
+
+    Args:
+        data: the encoded image as a 1-D uint8 array (a view is fine; nothing is copied).
+        fmt: the format from :func:`sniff_format`; one of :data:`PARSED_FORMATS`.
+
+    Returns:
+        The :class:`ImageHeader`.
+
+    Raises:
+        HeaderError: the header is truncated, corrupt, or declares a zero size.
+    """
+    parsers = {"jpeg": _jpeg_header, "png": _png_header, "webp": _webp_header}
+    if fmt not in parsers:
+        raise HeaderError(f"no header parser for format {fmt!r}; expected one of {sorted(PARSED_FORMATS)}")
+    try:
+        return parsers[fmt](memoryview(data))
+    except struct.error as exc:
+        raise HeaderError(f"truncated {fmt.upper()} header: {exc}") from exc
+
+
+def _jpeg_header(mv: memoryview) -> ImageHeader:
+    n = len(mv)
+    i = 2  # after SOI
+    while True:
+        if i >= n:
+            raise HeaderError("truncated JPEG: the data ends before the frame header (SOF)")
+        if mv[i] != 0xFF:
+            raise HeaderError(f"corrupt JPEG: expected a marker at byte {i}, found 0x{mv[i]:02x}")
+        while i < n and mv[i] == 0xFF:  # markers may be padded with fill bytes
+            i += 1
+        if i >= n:
+            raise HeaderError("truncated JPEG: the data ends inside a marker")
+        marker = mv[i]
+        i += 1
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # TEM, RSTn: no length field
+            continue
+        if marker in (0xD8, 0xD9, 0xDA):
+            raise HeaderError(f"corrupt JPEG: marker 0x{marker:02x} before the frame header (SOF)")
+        if i + 2 > n:
+            raise HeaderError("truncated JPEG: the data ends inside a segment length")
+        (length,) = struct.unpack_from(">H", mv, i)
+        if length < 2:
+            raise HeaderError(f"corrupt JPEG: segment 0x{marker:02x} has length {length}")
+        if marker in _JPEG_SOF:
+            if i + 8 > n:
+                raise HeaderError("truncated JPEG: the data ends inside the frame header")
+            _, height, width, components = struct.unpack_from(">BHHB", mv, i + 2)
+            if width == 0 or height == 0:
+                raise HeaderError(
+                    f"JPEG declares size {width}x{height}; a zero size (height given by a DNL marker) is not supported"
+                )
+            return ImageHeader("jpeg", width, height, components)
+        i += length
+
+
+def _png_header(mv: memoryview) -> ImageHeader:
+    if len(mv) < 24:
+        raise HeaderError(f"truncated PNG: {len(mv)} bytes, the IHDR chunk needs at least 24")
+    if bytes(mv[12:16]) != b"IHDR":
+        raise HeaderError(f"corrupt PNG: the first chunk is {bytes(mv[12:16])!r}, expected b'IHDR'")
+    width, height = struct.unpack_from(">II", mv, 16)
+    if width == 0 or height == 0:
+        raise HeaderError(f"corrupt PNG: IHDR declares size {width}x{height}")
+    return ImageHeader("png", width, height, 0)
+
+
+def _webp_header(mv: memoryview) -> ImageHeader:
+    if len(mv) < 30:
+        raise HeaderError(f"truncated WebP: {len(mv)} bytes, the first chunk header needs at least 30")
+    chunk = bytes(mv[12:16])
+    if chunk == b"VP8 ":
+        if bytes(mv[23:26]) != b"\x9d\x01\x2a":
+            raise HeaderError("corrupt WebP: VP8 chunk without the key-frame start code 9d 01 2a")
+        width, height = struct.unpack_from("<HH", mv, 26)
+        width, height = width & 0x3FFF, height & 0x3FFF
+    elif chunk == b"VP8L":
+        if mv[20] != 0x2F:
+            raise HeaderError(f"corrupt WebP: VP8L signature is 0x{mv[20]:02x}, expected 0x2f")
+        (bits,) = struct.unpack_from("<I", mv, 21)
+        width, height = (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    elif chunk == b"VP8X":
+        width = 1 + (mv[24] | mv[25] << 8 | mv[26] << 16)
+        height = 1 + (mv[27] | mv[28] << 8 | mv[29] << 16)
+    else:
+        raise HeaderError(f"corrupt WebP: first chunk is {chunk!r}, expected b'VP8 ', b'VP8L' or b'VP8X'")
+    if width == 0 or height == 0:
+        raise HeaderError(f"corrupt WebP: declares size {width}x{height}")
+    return ImageHeader("webp", width, height, 0)

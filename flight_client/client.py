@@ -1,0 +1,321 @@
+"""EmbeddingClient: embed images, texts or token ids on an ArrowEngine Flight server.
+
+Imports only pyarrow and numpy (never torch or the engine). Protocol:
+:mod:`flight_server.protocol`. Example::
+
+    from flight_client import EmbeddingClient
+    with EmbeddingClient("grpc://127.0.0.1:8815") as client:
+        vecs = client.embed_texts(["a photo of a cat", "a dog"])   # (2, D) float32
+
+Embeddings come back as numpy views of the received Arrow buffers (read-only, no copy)
+when the result is one batch; several result batches are concatenated (one copy).
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.flight as flight
+
+from flight_server import protocol
+
+log = logging.getLogger(__name__)
+
+
+class EmbeddingRowErrors(Exception):
+    """Some rows failed on the server; ``errors[i]`` is row i's reason or None.
+
+    ``embeddings`` holds the full (N, D) result (failed rows are zeros).
+    """
+
+    def __init__(self, errors: list[str | None], embeddings: np.ndarray) -> None:
+        self.errors = errors
+        self.embeddings = embeddings
+        failed = [(i, e) for i, e in enumerate(errors) if e is not None]
+        head = "; ".join(f"row {i}: {e}" for i, e in failed[:5])
+        more = f" (and {len(failed) - 5} more)" if len(failed) > 5 else ""
+        super().__init__(f"{len(failed)} of {len(errors)} rows failed: {head}{more}; "
+                         "pass errors='return' to get the other rows and the reasons")
+
+
+def embeddings_to_numpy(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """(N, D) float32 numpy view of an ``embedding`` column, without a copy when possible.
+
+    Copies only when the column has several chunks or its buffer is not 4-byte aligned.
+    Null (failed) rows read as whatever the server sent (zeros from the engine).
+    """
+    if isinstance(column, pa.ChunkedArray):
+        if column.num_chunks == 1:
+            column = column.chunk(0)
+        else:
+            dim = column.type.list_size
+            parts = [embeddings_to_numpy(c) for c in column.chunks]
+            return np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
+    dim = column.type.list_size
+    values = column.values.slice(column.offset * dim, len(column) * dim)  # (N * D,)
+    if values.null_count:
+        flat = values.fill_null(0.0).to_numpy(zero_copy_only=False)
+    else:
+        flat = values.to_numpy(zero_copy_only=True)
+    if flat.ctypes.data % flat.dtype.alignment:
+        flat = flat.copy()  # misaligned IPC body: copy once rather than hand out a slow view
+    return flat.reshape(len(column), dim)  # (N, D)
+
+
+def _read_options() -> Any:
+    alignment = getattr(pa.ipc, "Alignment", None)
+    if alignment is None:
+        return None
+    return pa.ipc.IpcReadOptions(ensure_alignment=alignment.DataTypeSpecific)
+
+
+class EmbeddingClient:
+    """A client of the ArrowEngine Flight server.
+
+    Args:
+        location: ``grpc://host:port``, ``grpc+tls://host:port`` or ``(host, port)``.
+        token: bearer token, sent as ``authorization: Bearer <token>``.
+        tls_root_certs: PEM bytes, or a path to a PEM file, of the CA that signed the server.
+        retries: how many times to retry a call that failed with FlightUnavailableError
+            (server down or busy), with exponential backoff from ``backoff_s``.
+        batch_rows / batch_bytes: how the embed_* helpers split their input into batches.
+        timeout_s: per-call timeout (None: no timeout).
+    """
+
+    def __init__(self, location: str | tuple[str, int], token: str | None = None,
+                 tls_root_certs: bytes | str | Path | None = None, *, retries: int = 3,
+                 backoff_s: float = 0.1, batch_rows: int = 1024, batch_bytes: int = 64 * 1024 ** 2,
+                 timeout_s: float | None = None, override_hostname: str | None = None) -> None:
+        if isinstance(tls_root_certs, (str, Path)):
+            text = str(tls_root_certs)
+            tls_root_certs = text.encode() if text.lstrip().startswith("-----BEGIN") else Path(text).read_bytes()
+        kwargs: dict[str, Any] = {}
+        if override_hostname:
+            kwargs["override_hostname"] = override_hostname
+        self._client = flight.FlightClient(location, tls_root_certs=tls_root_certs, **kwargs)
+        headers = [(b"authorization", f"Bearer {token}".encode())] if token else None
+        self._options = flight.FlightCallOptions(timeout=timeout_s, headers=headers,
+                                                 read_options=_read_options())
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.batch_rows = batch_rows
+        self.batch_bytes = batch_bytes
+
+    def close(self) -> None:
+        """Close the connection."""
+        self._client.close()
+
+    def __enter__(self) -> "EmbeddingClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- actions ----------------------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        """Liveness: ``{"status": "ok", "uptime_s": ...}``."""
+        return self._action(protocol.ACTION_HEALTH)
+
+    def ready(self) -> dict[str, Any]:
+        """Readiness: ``{"ready": bool, "models": [...]}``."""
+        return self._action(protocol.ACTION_READY)
+
+    def models(self) -> list[dict[str, Any]]:
+        """The served models' metadata (keys: ``protocol.METADATA_KEYS``), default first."""
+        return self._action(protocol.ACTION_MODELS)
+
+    def stats(self) -> dict[str, Any]:
+        """The server's counters."""
+        return self._action(protocol.ACTION_STATS)
+
+    def _action(self, name: str) -> Any:
+        def call() -> Any:
+            results = list(self._client.do_action(flight.Action(name, b""), self._options))
+            return json.loads(results[0].body.to_pybytes())
+        return self._with_retries(call)
+
+    def _with_retries(self, call: Any) -> Any:
+        for attempt in itertools.count():
+            try:
+                return call()
+            except flight.FlightUnavailableError as exc:
+                if attempt >= self.retries:
+                    raise
+                delay = self.backoff_s * 2 ** attempt
+                log.warning("server unavailable (%s); retry %d of %d in %.2fs", exc, attempt + 1,
+                            self.retries, delay)
+                time.sleep(delay)
+
+    # ---- embedding --------------------------------------------------------------------
+
+    def embed_texts(self, texts: Sequence[str | None] | pa.Array, model: str | None = None,
+                    normalize: bool = True, errors: str = "raise") -> Any:
+        """Embed texts -> (N, D) float32; with ``errors="return"``, ``(array, errors)``."""
+        return self._embed_array(_as_array(texts, pa.string()), "text", model, normalize, errors)
+
+    def embed_images(self, images: Iterable[bytes | None] | pa.Array, model: str | None = None,
+                     normalize: bool = True, errors: str = "raise") -> Any:
+        """Embed encoded image files (PNG, JPEG, ...) -> (N, D) float32 (see embed_texts)."""
+        return self._embed_array(_as_array(images, pa.binary()), "image", model, normalize, errors)
+
+    def embed_tokens(self, tokens: Sequence[Sequence[int]] | pa.Array, model: str | None = None,
+                     normalize: bool = True, errors: str = "raise") -> Any:
+        """Embed token-id sequences (special tokens included) -> (N, D) float32."""
+        return self._embed_array(_as_array(tokens, pa.list_(pa.int32())), "tokens", model, normalize, errors)
+
+    def embed_table(self, table: pa.Table, column: str | None = None, kind: str = "text",
+                    passthrough: Sequence[str] = (), model: str | None = None,
+                    normalize: bool = True) -> pa.Table:
+        """Embed one column of a table -> table of passthrough columns, ``embedding``, ``error``.
+
+        Row errors do not raise: they are in the ``error`` column.
+        """
+        command = protocol.EmbedCommand.create(kind, model=model, column=column,
+                                               normalize=normalize, passthrough=passthrough)
+        names = list(dict.fromkeys([command.column, *command.passthrough]))
+        missing = [n for n in names if n not in table.column_names]
+        if missing:
+            raise KeyError(f"column(s) {missing} not in the table; it has {table.column_names}")
+        batches = list(self._split(table.select(names)))
+        results = self._with_retries(lambda: list(self._exchange(command, batches[0], iter(batches[1:]))))
+        return pa.Table.from_batches(results, schema=results[0].schema)
+
+    def embed_stream(self, batches: Iterable[pa.RecordBatch], kind: str, column: str | None = None,
+                     passthrough: Sequence[str] = (), model: str | None = None,
+                     normalize: bool = True) -> Iterator[pa.RecordBatch]:
+        """Stream record batches through the server; yields one result batch per input batch.
+
+        For inputs larger than memory: a writer thread sends batches ahead while results
+        are read. Batches must share one schema. A connection failure is retried only
+        before any result came back and while the input can still be replayed.
+        """
+        command = protocol.EmbedCommand.create(kind, model=model, column=column,
+                                               normalize=normalize, passthrough=passthrough)
+        source = iter(batches)
+        first = next(source, None)
+        if first is None:
+            return
+        for attempt in itertools.count():
+            state = _StreamState()
+            try:
+                yield from self._exchange(command, first, source, state)
+                return
+            except flight.FlightUnavailableError as exc:
+                if state.results or state.pulled or attempt >= self.retries:
+                    raise
+                delay = self.backoff_s * 2 ** attempt
+                log.warning("server unavailable (%s); retry %d of %d in %.2fs", exc, attempt + 1,
+                            self.retries, delay)
+                time.sleep(delay)
+
+    def _embed_array(self, array: pa.Array, kind: str, model: str | None, normalize: bool,
+                     errors: str) -> Any:
+        if errors not in ("raise", "return"):
+            raise ValueError(f"errors must be 'raise' or 'return'; got {errors!r}")
+        column = protocol.DEFAULT_COLUMNS[kind]
+        table = pa.table({column: array})
+        result = self.embed_table(table, column=column, kind=kind, model=model, normalize=normalize)
+        embeddings = embeddings_to_numpy(result.column(protocol.EMBEDDING_FIELD))
+        row_errors = result.column(protocol.ERROR_FIELD).to_pylist()
+        if errors == "return":
+            return embeddings, row_errors
+        if any(e is not None for e in row_errors):
+            raise EmbeddingRowErrors(row_errors, embeddings)
+        return embeddings
+
+    def _split(self, table: pa.Table) -> Iterator[pa.RecordBatch]:
+        """Split a table into batches of at most batch_rows rows and ~batch_bytes bytes."""
+        if table.num_rows == 0:
+            yield pa.RecordBatch.from_pylist([], schema=table.schema)
+            return
+        for batch in table.to_batches(max_chunksize=self.batch_rows):
+            if batch.nbytes <= self.batch_bytes or batch.num_rows == 1:
+                yield batch
+                continue
+            rows = max(1, batch.num_rows * self.batch_bytes // batch.nbytes)
+            for start in range(0, batch.num_rows, rows):
+                yield batch.slice(start, rows)
+
+    def _exchange(self, command: protocol.EmbedCommand, first: pa.RecordBatch,
+                  rest: Iterator[pa.RecordBatch], state: "_StreamState | None" = None
+                  ) -> Iterator[pa.RecordBatch]:
+        """One do_exchange: a thread writes ``first`` then ``rest``; this generator reads."""
+        state = state or _StreamState()
+        writer, reader = self._client.do_exchange(command.descriptor(), self._options)
+        own_errors: list[BaseException] = []        # input faults: we cancel the call
+        transport_errors: list[BaseException] = []  # the read side reports the server's reason
+
+        def fail(exc: BaseException) -> None:
+            own_errors.append(exc)
+            reader.cancel()
+
+        def write_all() -> None:
+            try:
+                writer.begin(first.schema)
+                writer.write_batch(first)
+                while True:
+                    try:
+                        batch = next(rest, None)
+                    except BaseException as exc:
+                        return fail(exc)
+                    if batch is None:
+                        break
+                    state.pulled = True
+                    if not batch.schema.equals(first.schema):
+                        return fail(ValueError(f"every batch must have the first batch's schema "
+                                               f"{first.schema}; got {batch.schema}"))
+                    writer.write_batch(batch)
+                writer.done_writing()
+            except BaseException as exc:
+                transport_errors.append(exc)
+
+        thread = threading.Thread(target=write_all, name="flight-client-writer", daemon=True)
+        thread.start()
+        finished = False
+        try:
+            while True:
+                try:
+                    chunk = reader.read_chunk()
+                except StopIteration:
+                    finished = True
+                    break
+                except flight.FlightCancelledError as exc:
+                    if own_errors:
+                        raise own_errors[0] from exc
+                    raise
+                state.results += 1
+                yield chunk.data
+        finally:
+            if not finished:  # an error, or the consumer stopped early: stop the server's work
+                reader.cancel()
+            thread.join()
+            try:
+                writer.close()
+            except pa.ArrowException:
+                pass  # the read side already reported the failure, or the cancellation was ours
+        if own_errors or transport_errors:
+            raise (own_errors or transport_errors)[0]
+
+
+class _StreamState:
+    """What a streaming exchange has done so far (decides whether a retry is safe)."""
+
+    def __init__(self) -> None:
+        self.pulled = False  # a batch beyond the first was taken from the input iterator
+        self.results = 0     # result batches yielded
+
+
+def _as_array(values: Any, type_: pa.DataType) -> pa.Array:
+    if isinstance(values, pa.ChunkedArray):
+        return values.combine_chunks()
+    if isinstance(values, pa.Array):
+        return values
+    return pa.array(list(values), type=type_)

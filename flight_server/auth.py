@@ -1,0 +1,45 @@
+"""Bearer-token authentication for every Flight call, as server middleware.
+
+Clients send the header ``authorization: Bearer <token>``. Tokens are compared in
+constant time and never logged.
+"""
+from __future__ import annotations
+
+import hmac
+import logging
+from typing import Any
+
+import pyarrow.flight as flight
+
+log = logging.getLogger(__name__)
+
+AUTH_HEADER = "authorization"
+
+
+def bearer_header(token: str) -> tuple[bytes, bytes]:
+    """The (name, value) header a client sends for ``token``."""
+    return AUTH_HEADER.encode(), f"Bearer {token}".encode()
+
+
+class BearerTokenMiddlewareFactory(flight.ServerMiddlewareFactory):
+    """Rejects every call whose ``authorization`` header is not ``Bearer <token>``."""
+
+    def __init__(self, token: str) -> None:
+        super().__init__()
+        if not token:
+            raise ValueError("the bearer token must be a non-empty string")
+        self._expected = f"Bearer {token}".encode("utf-8")
+
+    def start_call(self, info: Any, headers: dict) -> None:
+        """Accept the call (return None) or raise FlightUnauthenticatedError."""
+        values = headers.get(AUTH_HEADER) or headers.get(AUTH_HEADER.title()) or []
+        for value in values:
+            raw = value if isinstance(value, bytes) else str(value).encode("utf-8")
+            if hmac.compare_digest(raw, self._expected):
+                return None
+        log.warning("rejected a %s call: %s bearer token", info.method,
+                    "wrong" if values else "missing")
+        raise flight.FlightUnauthenticatedError(
+            "this server needs a token: send the header 'authorization: Bearer <token>' "
+            "(EmbeddingClient(..., token=...))" if not values else
+            "the bearer token in the 'authorization' header is not valid")

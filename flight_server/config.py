@@ -1,0 +1,71 @@
+"""Server configuration: frozen dataclasses built once at the edge (CLI) and passed down."""
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+LOOPBACK_NAMES = ("localhost", "ip6-localhost")
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """Request limits. Defaults protect a 24 GiB machine; every one is configurable."""
+
+    max_concurrent_exchanges: int = 8       # excess exchanges get a fast FlightUnavailableError
+    max_batch_rows: int = 8192              # rows per input batch
+    max_batch_bytes: int = 256 * 1024 ** 2  # Arrow bytes per input batch (all columns)
+
+    def __post_init__(self) -> None:
+        for name in ("max_concurrent_exchanges", "max_batch_rows", "max_batch_bytes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer; got {value!r}")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Where and how the Flight server listens."""
+
+    host: str = "127.0.0.1"
+    port: int = 8815                       # 0: the OS picks a free port (see server.port)
+    limits: ServerLimits = field(default_factory=ServerLimits)
+    auth_token: str | None = field(default=None, repr=False)  # never printed or logged
+    tls_cert: Path | None = None           # PEM certificate chain
+    tls_key: Path | None = None            # PEM private key
+    insecure: bool = False                 # allow a non-loopback host without TLS
+    shutdown_grace_s: float = 10.0         # in-flight exchanges get this long on shutdown
+
+    def __post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both a certificate and a key (--tls-cert and --tls-key); "
+                             f"got cert={self.tls_cert} key={self.tls_key}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in 0..65535; got {self.port}")
+        if self.auth_token is not None and not self.auth_token.strip():
+            raise ValueError("the auth token is empty; put a non-empty token in the token file")
+        if not self.tls and not self.insecure and not is_loopback(self.host):
+            raise ValueError(f"refusing to listen on non-loopback host {self.host!r} without TLS: "
+                             "pass --tls-cert and --tls-key, or --insecure to accept plaintext")
+
+    @property
+    def tls(self) -> bool:
+        """Whether the server speaks TLS."""
+        return self.tls_cert is not None
+
+    @property
+    def location(self) -> str:
+        """The gRPC URI to bind, e.g. ``grpc+tls://0.0.0.0:8815``."""
+        scheme = "grpc+tls" if self.tls else "grpc+tcp"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{scheme}://{host}:{self.port}"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names only this machine (127.0.0.0/8, ::1, localhost)."""
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

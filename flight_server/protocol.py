@@ -1,0 +1,274 @@
+"""The ArrowEngine wire protocol, in one place: server and client both import it.
+
+Only ``pyarrow`` (no torch, no engine) so that :mod:`flight_client` stays light.
+
+Embedding call: ``do_exchange`` with ``FlightDescriptor.for_command(<UTF-8 JSON>)``::
+
+    {"model": "all-MiniLM-L6-v2",   # optional: omitted or null = the server's default model
+     "input": "text",               # "image" | "text" | "tokens"
+     "column": "text",              # optional: default "image" / "text" / "input_ids"
+     "normalize": true,             # optional: L2-normalize the embeddings (default true)
+     "passthrough": ["id"]}         # optional: input columns copied to the output (default [])
+
+Input batches (any number, any size) carry ``column`` with one of the accepted types:
+
+    image  -> binary | large_binary            (encoded image file bytes)
+    text   -> string | large_string
+    tokens -> list | large_list of int32 | int64 (token ids, special tokens included)
+
+For every input batch the server sends one output batch with the same rows in the same
+order (:func:`output_schema`): the passthrough columns, ``embedding:
+fixed_size_list<float32>[D]`` (null where the row failed) and ``error: string`` (null
+where the row succeeded). A request-level fault fails the whole call with a Flight error;
+a row-level fault only fills that row's ``error``.
+
+Discovery: ``list_flights`` gives one FlightInfo per model (descriptor
+``for_path(<model name>)``, schema = ``output_schema(D)``, ``app_metadata`` = JSON with
+:data:`METADATA_KEYS`). ``do_action`` answers the :data:`ACTIONS` with one JSON result.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import pyarrow as pa
+
+# ---- command -------------------------------------------------------------------------
+
+INPUT_KINDS: tuple[str, ...] = ("image", "text", "tokens")
+DEFAULT_COLUMNS: Mapping[str, str] = {"image": "image", "text": "text", "tokens": "input_ids"}
+# Which model modality (``ModelInfo.modalities``) serves each input kind.
+KIND_MODALITY: Mapping[str, str] = {"image": "image", "text": "text", "tokens": "text"}
+COMMAND_KEYS: tuple[str, ...] = ("model", "input", "column", "normalize", "passthrough")
+
+# ---- output --------------------------------------------------------------------------
+
+EMBEDDING_FIELD = "embedding"
+ERROR_FIELD = "error"
+RESERVED_FIELDS: tuple[str, ...] = (EMBEDDING_FIELD, ERROR_FIELD)
+
+# ---- discovery and actions -----------------------------------------------------------
+
+# Keys of the JSON metadata of each model (FlightInfo.app_metadata and the `models` action).
+METADATA_KEYS: tuple[str, ...] = (
+    "name", "architecture", "kind", "modalities", "dimension", "precision", "device",
+    "max_tokens", "default",
+)
+ACTION_HEALTH = "health"  # {"status": "ok", "uptime_s": float}
+ACTION_READY = "ready"    # {"ready": bool, "models": [name, ...]}
+ACTION_MODELS = "models"  # [metadata, ...]  (see METADATA_KEYS)
+ACTION_STATS = "stats"    # {"requests": int, "rows": int, "row_errors": int, ...}
+ACTIONS: Mapping[str, str] = {
+    ACTION_HEALTH: "Liveness: the server answers.",
+    ACTION_READY: "Readiness: every model is loaded and warmed up by a real inference.",
+    ACTION_MODELS: "JSON list of the served models and their metadata.",
+    ACTION_STATS: "JSON counters: requests, rows, row errors, rejections, active exchanges.",
+}
+
+# Machine-readable reason carried in FlightError.extra_info as JSON {"code": ...}.
+CODE_INVALID = "invalid_argument"
+CODE_NOT_FOUND = "not_found"
+CODE_LIMIT = "limit_exceeded"
+CODE_BUSY = "busy"
+CODE_INTERNAL = "internal"
+
+
+class ProtocolError(ValueError):
+    """A request does not follow the protocol; the message says what was expected and what came."""
+
+    code = CODE_INVALID
+
+
+class UnknownModelError(ProtocolError):
+    """The command names a model the server does not serve."""
+
+    code = CODE_NOT_FOUND
+
+
+class LimitExceededError(ProtocolError):
+    """A batch is over a server limit; the message says the limit and how to split."""
+
+    code = CODE_LIMIT
+
+
+@dataclass(frozen=True)
+class EmbedCommand:
+    """The parsed ``do_exchange`` command. Build with :meth:`create` or :func:`parse_command`."""
+
+    input: str                       # "image" | "text" | "tokens"
+    column: str                      # input column holding the rows to embed
+    model: str | None = None         # None: the server's default model
+    normalize: bool = True           # L2-normalize each embedding
+    passthrough: tuple[str, ...] = field(default=())  # input columns echoed to the output
+
+    @classmethod
+    def create(cls, input: str, *, model: str | None = None, column: str | None = None,
+               normalize: bool = True, passthrough: Sequence[str] = ()) -> "EmbedCommand":
+        """Build a validated command, filling the default column for ``input``."""
+        return _from_mapping({"model": model, "input": input, "column": column,
+                              "normalize": normalize, "passthrough": list(passthrough)})
+
+    def to_json(self) -> bytes:
+        """The UTF-8 JSON to put in ``FlightDescriptor.for_command``."""
+        doc: dict[str, Any] = {"input": self.input, "column": self.column,
+                               "normalize": self.normalize, "passthrough": list(self.passthrough)}
+        if self.model is not None:
+            doc["model"] = self.model
+        return json.dumps(doc).encode("utf-8")
+
+    def descriptor(self) -> "Any":
+        """The ``pyarrow.flight.FlightDescriptor`` carrying this command."""
+        import pyarrow.flight as flight
+
+        return flight.FlightDescriptor.for_command(self.to_json())
+
+
+def parse_command(raw: bytes | str) -> EmbedCommand:
+    """Parse and validate the command JSON of a ``do_exchange`` call.
+
+    Raises:
+        ProtocolError: not UTF-8 JSON, not an object, unknown keys, wrong types or values.
+    """
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ProtocolError(f"the command must be UTF-8 JSON; got undecodable bytes ({exc})") from exc
+    if not raw.strip():
+        raise ProtocolError('the command is empty; expected JSON like {"input": "text", "model": "NAME"}')
+    try:
+        doc = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ProtocolError(f"the command is not valid JSON ({exc}); got {raw[:200]!r}") from exc
+    if not isinstance(doc, dict):
+        raise ProtocolError(f"the command must be a JSON object; got {type(doc).__name__}")
+    return _from_mapping(doc)
+
+
+def _from_mapping(doc: Mapping[str, Any]) -> EmbedCommand:
+    unknown = sorted(set(doc) - set(COMMAND_KEYS))
+    if unknown:
+        raise ProtocolError(f"unknown command key(s) {unknown}; expected only {list(COMMAND_KEYS)}")
+    kind = doc.get("input")
+    if kind not in INPUT_KINDS:
+        raise ProtocolError(f'"input" must be one of {list(INPUT_KINDS)}; got {kind!r}')
+    model = doc.get("model")
+    if model is not None and (not isinstance(model, str) or not model):
+        raise ProtocolError(f'"model" must be a non-empty string or null; got {model!r}')
+    column = doc.get("column")
+    if column is None:
+        column = DEFAULT_COLUMNS[kind]
+    elif not isinstance(column, str) or not column:
+        raise ProtocolError(f'"column" must be a non-empty string; got {column!r}')
+    normalize = doc.get("normalize", True)
+    if not isinstance(normalize, bool):
+        raise ProtocolError(f'"normalize" must be true or false; got {normalize!r}')
+    passthrough = doc.get("passthrough")
+    if passthrough is None:
+        passthrough = []
+    if not isinstance(passthrough, (list, tuple)) or not all(isinstance(p, str) for p in passthrough):
+        raise ProtocolError(f'"passthrough" must be a list of column names; got {passthrough!r}')
+    duplicates = sorted({p for p in passthrough if list(passthrough).count(p) > 1})
+    if duplicates:
+        raise ProtocolError(f'"passthrough" names each column once; got duplicates {duplicates}')
+    reserved = sorted(set(passthrough) & set(RESERVED_FIELDS))
+    if reserved:
+        raise ProtocolError(f'"passthrough" cannot contain {reserved}: the output adds those columns; '
+                            "rename them in the input")
+    return EmbedCommand(input=kind, column=column, model=model, normalize=normalize,
+                        passthrough=tuple(passthrough))
+
+
+# ---- input types ---------------------------------------------------------------------
+
+ACCEPTED_TYPES: Mapping[str, str] = {
+    "image": "binary or large_binary",
+    "text": "string or large_string",
+    "tokens": "list<int32|int64> or large_list<int32|int64>",
+}
+
+
+def is_accepted_type(kind: str, type_: pa.DataType) -> bool:
+    """Whether an input column of Arrow type ``type_`` can carry rows of ``kind``."""
+    if kind == "image":
+        return pa.types.is_binary(type_) or pa.types.is_large_binary(type_)
+    if kind == "text":
+        return pa.types.is_string(type_) or pa.types.is_large_string(type_)
+    if kind == "tokens":
+        return ((pa.types.is_list(type_) or pa.types.is_large_list(type_))
+                and type_.value_type in (pa.int32(), pa.int64()))
+    raise ProtocolError(f"unknown input kind {kind!r}; expected one of {list(INPUT_KINDS)}")
+
+
+def check_input_schema(command: EmbedCommand, schema: pa.Schema) -> list[pa.Field]:
+    """Check an input schema against a command; return the passthrough fields in order.
+
+    Raises:
+        ProtocolError: the input column or a passthrough column is missing, or the input
+            column has a type that cannot carry ``command.input`` rows.
+    """
+    names = schema.names
+    if command.column not in names:
+        raise ProtocolError(f"input column {command.column!r} (for {command.input!r} input) is not in "
+                            f"the batches; the columns that came are {names}; set \"column\" in the command")
+    type_ = schema.field(command.column).type
+    if not is_accepted_type(command.input, type_):
+        raise ProtocolError(f"column {command.column!r} has type {type_}; {command.input!r} input needs "
+                            f"{ACCEPTED_TYPES[command.input]}")
+    missing = [p for p in command.passthrough if p not in names]
+    if missing:
+        raise ProtocolError(f"passthrough column(s) {missing} are not in the batches; the columns "
+                            f"that came are {names}")
+    if len(set(names)) != len(names):
+        duplicated = sorted({n for n in names if names.count(n) > 1})
+        raise ProtocolError(f"the input schema has duplicate column names {duplicated}; rename them")
+    return [schema.field(p) for p in command.passthrough]
+
+
+# ---- output schema and metadata ------------------------------------------------------
+
+def embedding_type(dim: int) -> pa.DataType:
+    """``fixed_size_list<float32>[dim]``, the type of the ``embedding`` column."""
+    return pa.list_(pa.field("item", pa.float32()), dim)
+
+
+def output_schema(dim: int, passthrough_fields: Sequence[pa.Field] = ()) -> pa.Schema:
+    """The schema of the output batches: passthrough columns, ``embedding``, ``error``."""
+    return pa.schema([*passthrough_fields,
+                      pa.field(EMBEDDING_FIELD, embedding_type(dim), nullable=True),
+                      pa.field(ERROR_FIELD, pa.string(), nullable=True)])
+
+
+def model_metadata(name: str, info: Any, default: bool = False) -> dict[str, Any]:
+    """JSON-ready metadata of one served model (keys: :data:`METADATA_KEYS`).
+
+    ``info`` is the engine's ``ModelInfo`` (duck-typed: architecture, kind, modalities,
+    dim, precision, device, max_tokens).
+    """
+    return {
+        "name": name,
+        "architecture": getattr(info, "architecture", None),
+        "kind": getattr(info, "kind", None),
+        "modalities": list(getattr(info, "modalities", ())),
+        "dimension": int(info.dim),
+        "precision": getattr(info, "precision", None),
+        "device": str(getattr(info, "device", "")),
+        "max_tokens": getattr(info, "max_tokens", None),
+        "default": default,
+    }
+
+
+def error_info(code: str) -> bytes:
+    """The ``extra_info`` bytes attached to a Flight error with a machine-readable code."""
+    return json.dumps({"code": code}).encode("utf-8")
+
+
+def error_code(exc: BaseException) -> str | None:
+    """The protocol code of a Flight error received by a client, or None."""
+    raw = getattr(exc, "extra_info", b"") or b""
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return doc.get("code") if isinstance(doc, dict) else None

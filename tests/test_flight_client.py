@@ -1,0 +1,202 @@
+"""EmbeddingClient against a real in-process server (FakeModel) on port 0."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.flight as flight
+import pytest
+
+from flight_client import EmbeddingClient, EmbeddingRowErrors, embeddings_to_numpy
+from flight_fakes import FakeModel, expected_embedding, make_self_signed_cert
+from flight_server.config import ServerConfig, ServerLimits
+from flight_server.servicer import EmbeddingServer
+
+
+@pytest.fixture
+def fake():
+    return FakeModel("fake", dim=8)
+
+
+@pytest.fixture
+def server(fake):
+    with EmbeddingServer({"fake": fake, "other": FakeModel("other", dim=4)}, ServerConfig(port=0)) as srv:
+        yield srv
+
+
+@pytest.fixture
+def client(server):
+    with EmbeddingClient(f"grpc://127.0.0.1:{server.port}", retries=0) as cli:
+        yield cli
+
+
+def expected(values, dim=8):
+    return np.stack([expected_embedding(v, dim) for v in values])
+
+
+def test_import_does_not_pull_torch_or_engine():
+    code = ("import sys, flight_client; from flight_client import EmbeddingClient; "
+            "bad = [m for m in ('torch', 'engine') if m in sys.modules]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_embed_texts_images_tokens(client):
+    texts = ["a", "b", "c"]
+    np.testing.assert_array_equal(client.embed_texts(texts), expected(texts))
+    images = [b"\x89PNG one", b"\xff\xd8 jpeg"]
+    np.testing.assert_array_equal(client.embed_images(iter(images)), expected(images))
+    np.testing.assert_array_equal(client.embed_images(pa.array(images, pa.large_binary())), expected(images))
+    tokens = [[101, 5, 102], [101, 102]]
+    np.testing.assert_array_equal(client.embed_tokens(tokens), expected(tokens))
+    assert client.embed_texts(["x"], model="other").shape == (1, 4)  # named model
+    assert client.embed_texts([]).shape == (0, 8)
+
+
+def test_embeddings_are_a_view_of_the_received_arrow_buffer(client):
+    (batch,) = client.embed_stream([pa.record_batch({"text": ["a", "bad", "c"]})], "text")
+    column = batch.column("embedding")
+    array = embeddings_to_numpy(column)
+    assert array.shape == (3, 8) and array.dtype == np.float32
+    assert array.ctypes.data == column.values.buffers()[1].address + 4 * column.values.offset
+    assert array.ctypes.data % 4 == 0
+    sliced = embeddings_to_numpy(column.slice(1, 2))
+    assert sliced.ctypes.data == array.ctypes.data + 8 * 4 and np.shares_memory(sliced, array)
+    vecs = client.embed_texts(["x", "y"])
+    assert not vecs.flags.owndata and not vecs.flags.writeable  # a read-only view, no copy
+
+
+def test_row_errors_raise_or_return(client):
+    with pytest.raises(EmbeddingRowErrors, match=r"1 of 3 rows failed: row 1: cannot embed row") as err:
+        client.embed_texts(["a", "bad text", "c"])
+    assert err.value.errors[1] and err.value.embeddings.shape == (3, 8)
+    vecs, errors = client.embed_texts(["a", "bad text", None], errors="return")
+    assert errors == [None, "cannot embed row starting with b'bad text'", "null row"]
+    np.testing.assert_array_equal(vecs[0], expected_embedding("a"))
+    assert not vecs[1:].any()
+    with pytest.raises(ValueError, match="errors must be 'raise' or 'return'"):
+        client.embed_texts(["a"], errors="ignore")
+
+
+def test_embed_table_with_passthrough_and_several_batches(server):
+    with EmbeddingClient(f"grpc://127.0.0.1:{server.port}", batch_rows=3) as client:
+        table = pa.table({"id": list(range(10)), "text": [f"t{i}" for i in range(10)], "extra": [0.5] * 10})
+        out = client.embed_table(table, kind="text", passthrough=["id"])
+        assert out.column_names == ["id", "embedding", "error"]
+        assert out.column("id").to_pylist() == list(range(10))
+        assert out.column("embedding").num_chunks == 4  # 3 + 3 + 3 + 1 rows
+        np.testing.assert_array_equal(embeddings_to_numpy(out.column("embedding")), expected(table["text"].to_pylist()))
+        vecs = client.embed_texts([f"t{i}" for i in range(10)])  # several batches: concatenated
+        np.testing.assert_array_equal(vecs, expected([f"t{i}" for i in range(10)]))
+        with pytest.raises(KeyError, match=r"column\(s\) \['caption'\] not in the table"):
+            client.embed_table(table, column="caption")
+
+
+def test_embed_table_splits_by_bytes(server, fake):
+    with EmbeddingClient(f"grpc://127.0.0.1:{server.port}", batch_bytes=3000) as client:
+        images = [bytes([i]) * 1000 for i in range(10)]
+        np.testing.assert_array_equal(client.embed_images(images), expected(images))
+    assert len(fake.inputs) >= 4 and all(a.nbytes <= 3100 for a in fake.inputs)
+
+
+def test_embed_stream_pipelines_many_batches_in_order(client, fake):
+    def batches():
+        for i in range(300):
+            yield pa.record_batch({"text": [f"{i}-{j}" for j in range(20)], "n": [i] * 20})
+
+    seen = 0
+    for i, out in enumerate(client.embed_stream(batches(), "text", passthrough=["n"])):
+        assert out.column("n").to_pylist() == [i] * 20
+        np.testing.assert_array_equal(embeddings_to_numpy(out.column("embedding"))[3], expected_embedding(f"{i}-3"))
+        seen += 1
+    assert seen == 300 and fake.calls == 300
+
+
+def test_embed_stream_stops_server_work_when_the_consumer_stops():
+    slow = FakeModel("slow", delay_s=0.05)
+    with EmbeddingServer({"slow": slow}, ServerConfig(port=0)) as srv, \
+            EmbeddingClient(f"grpc://127.0.0.1:{srv.port}") as client:
+        stream = client.embed_stream((pa.record_batch({"text": ["a"]}) for _ in range(50)), "text")
+        next(stream)
+        stream.close()  # cancels the exchange
+        deadline = time.monotonic() + 5
+        while srv.stats.snapshot()["active_exchanges"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.2)
+        assert srv.stats.snapshot()["active_exchanges"] == 0 and slow.calls <= 4
+
+
+def test_embed_stream_input_faults(client):
+    def broken():
+        yield pa.record_batch({"text": ["a"]})
+        raise RuntimeError("the input file is truncated")
+
+    with pytest.raises(RuntimeError, match="the input file is truncated"):
+        list(client.embed_stream(broken(), "text"))
+    mixed = [pa.record_batch({"text": ["a"]}), pa.record_batch({"x": [1]})]
+    with pytest.raises(ValueError, match="every batch must have the first batch's schema"):
+        list(client.embed_stream(mixed, "text"))
+    assert list(client.embed_stream([], "text")) == []
+
+
+def test_server_errors_reach_the_client(client):
+    with pytest.raises(flight.FlightServerError, match=r"unknown model 'nope'; this server serves \['fake', 'other'\]"):
+        client.embed_texts(["a"], model="nope")
+    with pytest.raises(flight.FlightServerError, match="column 'text' has type int64"):
+        client.embed_table(pa.table({"text": [1, 2]}), kind="text")
+
+
+def test_actions(client):
+    assert client.health()["status"] == "ok"
+    assert client.ready() == {"ready": False, "models": ["fake", "other"]}
+    models = client.models()
+    assert [m["name"] for m in models] == ["fake", "other"] and models[0]["dimension"] == 8
+    client.embed_texts(["a", "b"])
+    stats = client.stats()
+    assert stats["rows"] == 2 and stats["requests"] == 1
+
+
+def test_retries_with_backoff_then_gives_up():
+    with EmbeddingClient("grpc://127.0.0.1:1", retries=2, backoff_s=0.05) as client:
+        t0 = time.perf_counter()
+        with pytest.raises(flight.FlightUnavailableError):
+            client.health()
+        assert time.perf_counter() - t0 >= 0.15  # 0.05 + 0.1 of backoff
+        with pytest.raises(flight.FlightUnavailableError):
+            client.embed_texts(["a"])
+
+
+def test_retry_succeeds_when_a_busy_server_frees_up():
+    slow = FakeModel("slow", delay_s=0.2)
+    limits = ServerLimits(max_concurrent_exchanges=1)
+    with EmbeddingServer({"slow": slow}, ServerConfig(port=0, limits=limits)) as srv:
+        location = f"grpc://127.0.0.1:{srv.port}"
+        with EmbeddingClient(location) as first, EmbeddingClient(location, retries=5, backoff_s=0.1) as second:
+            hold = threading.Thread(target=lambda: first.embed_table(
+                pa.table({"text": ["a"] * 3}), kind="text"), daemon=True)
+            first.batch_rows = 1
+            hold.start()
+            while slow.calls == 0:
+                time.sleep(0.01)
+            vecs = second.embed_texts(["b"])  # busy at first, then retried
+            hold.join()
+        assert vecs.shape == (1, 8)
+        assert srv.stats.snapshot()["rejected_busy"] >= 1
+
+
+def test_token_and_tls(fake, tmp_path):
+    cert, key = make_self_signed_cert(tmp_path)
+    config = ServerConfig(port=0, auth_token="tok-123", tls_cert=cert, tls_key=key)
+    with EmbeddingServer({"fake": fake}, config) as srv:
+        location = f"grpc+tls://localhost:{srv.port}"
+        with EmbeddingClient(location, token="tok-123", tls_root_certs=cert) as client:
+            np.testing.assert_array_equal(client.embed_texts(["a"]), expected(["a"]))
+        with EmbeddingClient(location, token="nope", tls_root_certs=cert.read_bytes(), retries=0) as client:
+            with pytest.raises(flight.FlightUnauthenticatedError):
+                client.embed_texts(["a"])
+        with EmbeddingClient(location, tls_root_certs=str(cert), retries=0) as client:
+            with pytest.raises(flight.FlightUnauthenticatedError):
+                client.health()

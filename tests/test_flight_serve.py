@@ -1,0 +1,144 @@
+"""``arrowengine serve``: arguments, default models, and a real server started as a subprocess."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flight_client import EmbeddingClient
+from flight_server import serve
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser()
+    serve.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_add_parsers_registers_serve_with_func():
+    parser = argparse.ArgumentParser(prog="arrowengine")
+    serve.add_parsers(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["serve", "--model", "m=/x", "--port", "0", "--max-concurrent", "2"])
+    assert args.func is serve.run and args.model == ["m=/x"] and args.port == 0
+    config = serve.config_from_args(args)
+    assert config.limits.max_concurrent_exchanges == 2 and config.host == "127.0.0.1"
+
+
+def test_parse_model_specs():
+    assert serve.parse_model_specs(["a=/m/one", "/m/two"]) == {"a": Path("/m/one"), "two": Path("/m/two")}
+    with pytest.raises(ValueError, match="the name 'a' is given twice"):
+        serve.parse_model_specs(["a=/x", "a=/y"])
+    with pytest.raises(ValueError, match="expected NAME=DIR or DIR"):
+        serve.parse_model_specs(["=/x"])
+
+
+def test_config_from_args_reads_token_file_and_checks_files(tmp_path):
+    token = tmp_path / "token"
+    token.write_text("  abc123\n")
+    assert serve.config_from_args(parse(["--auth-token-file", str(token)])).auth_token == "abc123"
+    token.write_text("\n")
+    with pytest.raises(ValueError, match="is empty"):
+        serve.config_from_args(parse(["--auth-token-file", str(token)]))
+    with pytest.raises(ValueError, match="--tls-cert .*: no such file"):
+        serve.config_from_args(parse(["--tls-cert", str(tmp_path / "c"), "--tls-key", str(token)]))
+
+
+def test_non_loopback_without_tls_needs_insecure(caplog):
+    caplog.set_level(logging.ERROR)
+    assert serve.main(["--host", "0.0.0.0", "--model", "m=/nowhere"]) == 2
+    assert "without TLS: pass --tls-cert and --tls-key, or --insecure" in caplog.text
+
+
+def test_no_loadable_model_is_a_log_line_and_exit_1(caplog, tmp_path):
+    caplog.set_level(logging.ERROR)
+    assert serve.main(["--model", f"gone={tmp_path / 'missing'}", "--port", "0"]) == 1
+    assert "cannot load model gone from" in caplog.text and "nothing to serve" in caplog.text
+
+
+def test_default_models_convert_minilm_into_the_cache_then_scan_it(tmp_path):
+    cache = tmp_path / "cache"
+    found = serve.default_model_dirs(cache)
+    assert found == {"all-MiniLM-L6-v2": cache / "all-MiniLM-L6-v2"}
+    assert (cache / "all-MiniLM-L6-v2" / "manifest.json").is_file()
+    (cache / "clip-b32").mkdir()
+    (cache / "clip-b32" / "manifest.json").write_text("{}")
+    (cache / "not-a-model").mkdir()
+    assert list(serve.default_model_dirs(cache)) == ["all-MiniLM-L6-v2", "clip-b32"]
+
+
+def test_default_model_that_cannot_be_had_is_logged_not_raised(tmp_path, monkeypatch, caplog):
+    def offline(target):
+        raise OSError("hub unreachable")
+
+    monkeypatch.setattr(serve, "_convert_default", offline)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "manifest.json").write_text("{}")
+    caplog.set_level(logging.ERROR)
+    assert serve.default_model_dirs(tmp_path) == {"other": tmp_path / "other"}
+    assert "cannot prepare the default model all-MiniLM-L6-v2" in caplog.text and "hub unreachable" in caplog.text
+
+
+def _lines(stream, out: queue.Queue) -> None:
+    for line in stream:
+        out.put(line)
+
+
+def _wait_for(lines: queue.Queue, pattern: str, log: list[str], timeout: float = 60) -> re.Match:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=0.5)
+        except queue.Empty:
+            continue
+        log.append(line)
+        match = re.search(pattern, line)
+        if match:
+            return match
+    raise AssertionError(f"no line matching {pattern!r} within {timeout}s; log:\n{''.join(log)}")
+
+
+def test_serve_subprocess_end_to_end(tmp_path, minilm_model_dir):
+    import engine
+
+    model_dir = minilm_model_dir
+    token_file = tmp_path / "token"
+    token_file.write_text("let-me-in")
+    cmd = [sys.executable, "-m", "flight_server.serve", "--port", "0", "--model", f"minilm={model_dir}",
+           "--model", f"broken={tmp_path / 'nope'}", "--auth-token-file", str(token_file)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=_lines, args=(proc.stderr, lines), daemon=True).start()
+    log: list[str] = []
+    try:
+        port = int(_wait_for(lines, r"listening on grpc\+tcp://127\.0\.0\.1:(\d+) ", log).group(1))
+        _wait_for(lines, r"\bready$", log)
+        texts = ["serve me", "a second sentence"]
+        with EmbeddingClient(f"grpc://127.0.0.1:{port}", token="let-me-in") as client:
+            assert client.ready() == {"ready": True, "models": ["minilm"]}
+            vecs = client.embed_texts(texts)
+        local = engine.load_model(model_dir).embed_texts(texts).embeddings
+        assert np.array_equal(vecs, local)  # bit for bit through a separate server process
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+        _wait_for(lines, r"stopped", log, timeout=5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = "".join(log)
+    assert "cannot load model broken from" in text
+    assert "let-me-in" not in text

@@ -1,0 +1,474 @@
+"""The Flight servicer, driven with raw pyarrow.flight calls against a real server on port 0.
+
+Most tests use ``FakeModel`` (tests/flight_fakes.py); the last ones use the real engine
+with all-MiniLM-L6-v2 converted by the project's converter.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.flight as flight
+import pytest
+
+from flight_fakes import FakeModel, expected_embedding, make_self_signed_cert
+from flight_server import protocol, servicer
+from flight_server.config import ServerConfig, ServerLimits
+from flight_server.servicer import EmbeddingServer, embedding_batch
+
+
+def cmd(**doc) -> flight.FlightDescriptor:
+    return flight.FlightDescriptor.for_command(json.dumps(doc).encode())
+
+
+def exchange(client, descriptor, batches, schema=None, options=None) -> list[pa.RecordBatch]:
+    """Raw do_exchange: write every batch, then read every result batch."""
+    writer, reader = client.do_exchange(descriptor, options) if options else client.do_exchange(descriptor)
+    try:
+        writer.begin(schema or batches[0].schema)
+        for batch in batches:
+            writer.write_batch(batch)
+        writer.done_writing()
+        return [chunk.data for chunk in reader]
+    finally:
+        try:
+            writer.close()
+        except pa.ArrowException:
+            pass
+
+
+def action(client, name, options=None):
+    results = list(client.do_action(flight.Action(name, b""), options) if options else client.do_action(name))
+    return json.loads(results[0].body.to_pybytes())
+
+
+@pytest.fixture
+def fake():
+    return FakeModel("fake", dim=8, modalities=("text", "image"))
+
+
+@pytest.fixture
+def served(fake):
+    text_only = FakeModel("minilm-fake", dim=4, modalities=("text",))
+    with EmbeddingServer({"fake": fake, "text-only": text_only}, ServerConfig(port=0)) as server:
+        with flight.connect(f"grpc://127.0.0.1:{server.port}") as client:
+            yield server, client
+
+
+def check_rows(batch, values, dim=8, normalize=True):
+    embeddings = batch.column("embedding")
+    errors = batch.column("error").to_pylist()
+    for i, value in enumerate(values):
+        if value is None or (value.encode() if isinstance(value, str) else bytes(value)).startswith(b"bad"):
+            assert embeddings[i].is_valid is False and errors[i], (i, value)
+        else:
+            assert errors[i] is None
+            np.testing.assert_array_equal(np.asarray(embeddings[i].as_py(), np.float32),
+                                          expected_embedding(value, dim, normalize))
+
+
+# ---- the happy path ----------------------------------------------------------------------
+
+def test_text_batches_one_output_per_input_same_rows_and_passthrough(served, fake):
+    server, client = served
+    texts = [["a", "b", "c"], [], ["d", "bad row", None, "e"], ["f"]]
+    batches = [pa.record_batch({"id": pa.array(range(len(t)), pa.int64()), "text": pa.array(t, pa.string()),
+                                "skip": pa.array([1.0] * len(t), pa.float64())}) for t in texts]
+    out = exchange(client, cmd(model="fake", input="text", passthrough=["id"]), batches)
+    assert [b.num_rows for b in out] == [len(t) for t in texts]
+    for batch, values, src in zip(out, texts, batches):
+        assert batch.schema == protocol.output_schema(8, [pa.field("id", pa.int64())])
+        assert batch.column("id").equals(src.column("id"))
+        check_rows(batch, values)
+    assert out[2].column("error").to_pylist()[1:3] == ["cannot embed row starting with b'bad row'", "null row"]
+    assert fake.calls == 3  # the empty batch needs no engine call
+    assert all(isinstance(a, pa.Array) for a in fake.inputs)  # the Arrow column itself, not a list
+
+
+@pytest.mark.parametrize("kind,column,array", [
+    ("image", "image", pa.array([b"\x89PNG-1", b"bad image", b"jpeg"], pa.binary())),
+    ("image", "image", pa.array([b"\x89PNG-1", None, b"jpeg"], pa.large_binary())),
+    ("text", "caption", pa.array(["x", "y", None], pa.large_string())),
+    ("tokens", "input_ids", pa.array([[101, 7, 102], [101, 102], None], pa.list_(pa.int32()))),
+    ("tokens", "input_ids", pa.array([[101, 7, 102], [1], [5, 5]], pa.large_list(pa.int64()))),
+])
+def test_every_accepted_input_type(served, fake, kind, column, array):
+    server, client = served
+    batch = pa.record_batch({column: array})
+    doc = {"input": kind} if column == protocol.DEFAULT_COLUMNS[kind] else {"input": kind, "column": column}
+    (out,) = exchange(client, cmd(**doc), [batch])  # no "model": the default (first) model
+    check_rows(out, array.to_pylist())
+    assert fake.inputs[0].type == array.type
+
+
+def test_normalize_false_is_passed_to_the_model(served):
+    server, client = served
+    (out,) = exchange(client, cmd(input="text", normalize=False), [pa.record_batch({"text": ["abc"]})])
+    check_rows(out, ["abc"], normalize=False)
+    assert abs(np.linalg.norm(out.column("embedding")[0].as_py()) - 1) > 1e-3
+
+
+def test_input_column_is_a_view_of_the_received_batch(served, fake, monkeypatch):
+    seen = []
+    original = servicer.EmbeddingServer._embed_batch
+
+    def spy(self, embed, command, batch, out_schema, dim):
+        seen.append(batch)
+        return original(self, embed, command, batch, out_schema, dim)
+
+    monkeypatch.setattr(servicer.EmbeddingServer, "_embed_batch", spy)
+    server, client = served
+    exchange(client, cmd(input="image"), [pa.record_batch({"image": pa.array([b"abc", b"defg"], pa.binary())})])
+    received = seen[0].column("image")
+    handed = fake.inputs[0]
+    assert handed.buffers()[2].address == received.buffers()[2].address  # same bytes, not a copy
+
+
+def test_embedding_column_wraps_the_engine_output_without_copy(served, fake, monkeypatch):
+    built = []
+
+    def spy(*args, **kwargs):
+        out = embedding_batch(*args, **kwargs)
+        built.append(out)
+        return out
+
+    monkeypatch.setattr(servicer, "embedding_batch", spy)
+    server, client = served
+    exchange(client, cmd(input="text"), [pa.record_batch({"text": ["a", "bad", "c"]}),
+                                         pa.record_batch({"text": ["d"]})])
+    assert len(built) == 2
+    for out, address in zip(built, fake.result_addresses):
+        values = out.column("embedding").values
+        assert values.buffers()[1].address == address
+    assert built[0].column("embedding").null_count == 1
+
+
+def test_embedding_batch_unit():
+    emb = np.arange(12, dtype=np.float32).reshape(3, 4)
+    schema = protocol.output_schema(4, [pa.field("k", pa.string())])
+    out = embedding_batch([pa.array(["x", "y", "z"])], schema, emb, [None, "broken", None])
+    col = out.column("embedding")
+    assert col.values.buffers()[1].address == emb.ctypes.data
+    assert col.to_pylist() == [[0, 1, 2, 3], None, [8, 9, 10, 11]]
+    assert out.column("error").to_pylist() == [None, "broken", None]
+
+
+# ---- request-level faults -----------------------------------------------------------------
+
+TEXT = pa.record_batch({"text": ["a"], "id": [1]})
+
+
+@pytest.mark.parametrize("descriptor,batch,code,expected", [
+    (flight.FlightDescriptor.for_command(b"{oops"), TEXT, "invalid_argument", "not valid JSON"),
+    (cmd(input="text", colour="red"), TEXT, "invalid_argument", "unknown command key(s) ['colour']"),
+    (cmd(input="video"), TEXT, "invalid_argument", "\"input\" must be one of ['image', 'text', 'tokens']; got 'video'"),
+    (cmd(input="text", model="nope"), TEXT, "not_found", "unknown model 'nope'; this server serves ['fake', 'text-only']"),
+    (cmd(input="text", column="caption"), TEXT, "invalid_argument",
+     "input column 'caption' (for 'text' input) is not in the batches; the columns that came are ['text', 'id']"),
+    (cmd(input="image", column="text"), TEXT, "invalid_argument",
+     "column 'text' has type string; 'image' input needs binary or large_binary"),
+    (cmd(input="tokens", column="id"), TEXT, "invalid_argument", "'tokens' input needs list<int32|int64>"),
+    (cmd(input="text", passthrough=["missing"]), TEXT, "invalid_argument", "passthrough column(s) ['missing']"),
+    (cmd(input="image", model="text-only"), pa.record_batch({"image": pa.array([b"x"])}), "invalid_argument",
+     "model 'text-only' embeds ['text'], not 'image' input (image); models here that take image: ['fake']"),
+    (flight.FlightDescriptor.for_path("fake"), TEXT, "invalid_argument", "needs FlightDescriptor.for_command"),
+])
+def test_request_faults_fail_the_call_with_a_clear_flight_error(served, fake, descriptor, batch, code, expected):
+    server, client = served
+    with pytest.raises(flight.FlightServerError) as err:
+        exchange(client, descriptor, [batch])
+    assert expected in str(err.value)
+    assert "Traceback" not in str(err.value)
+    assert protocol.error_code(err.value) == code
+    assert fake.calls == 0  # validated before any work
+    assert action(client, "stats")["requests_failed"] == 1
+
+
+def test_batch_limits_say_the_limit_and_how_to_split(fake):
+    limits = ServerLimits(max_batch_rows=4, max_batch_bytes=1000)
+    with EmbeddingServer({"fake": fake}, ServerConfig(port=0, limits=limits)) as server, \
+            flight.connect(f"grpc://127.0.0.1:{server.port}") as client:
+        with pytest.raises(flight.FlightServerError) as err:
+            exchange(client, cmd(input="text"), [pa.record_batch({"text": list("abcde")})])
+        assert "input batch 0 has 5 rows; the limit is 4 rows per batch" in str(err.value)
+        assert "max_chunksize=4" in str(err.value) and protocol.error_code(err.value) == "limit_exceeded"
+        with pytest.raises(flight.FlightServerError, match="holds .* bytes; the limit is 1000 bytes per batch"):
+            exchange(client, cmd(input="image"), [pa.record_batch({"image": [b"x" * 2000]})])
+        assert fake.calls == 0
+        (out,) = exchange(client, cmd(input="text"), [pa.record_batch({"text": list("abcd")})])
+        assert out.num_rows == 4
+
+
+def test_internal_errors_do_not_leak_details(served, fake, monkeypatch):
+    server, client = served
+    monkeypatch.setattr(fake, "embed_texts", lambda rows, normalize: (_ for _ in ()).throw(RuntimeError("secret")))
+    with pytest.raises(flight.FlightInternalError) as err:
+        exchange(client, cmd(input="text"), [TEXT])
+    assert "internal server error (RuntimeError); see the server log" in str(err.value)
+    assert "secret" not in str(err.value)
+
+
+def test_engine_input_error_maps_to_invalid_argument(served, fake, monkeypatch):
+    from engine.errors import ModalityError
+
+    def raise_modality(rows, normalize):
+        raise ModalityError("this model has no image tower")
+
+    monkeypatch.setattr(fake, "embed_images", raise_modality)
+    server, client = served
+    with pytest.raises(flight.FlightServerError, match="this model has no image tower") as err:
+        exchange(client, cmd(input="image"), [pa.record_batch({"image": [b"x"]})])
+    assert protocol.error_code(err.value) == "invalid_argument"
+
+
+# ---- concurrency, cancellation, shutdown ---------------------------------------------------
+
+def test_concurrency_limit_rejects_fast_with_unavailable():
+    slow = FakeModel("slow", delay_s=0.5)
+    limits = ServerLimits(max_concurrent_exchanges=1)
+    with EmbeddingServer({"slow": slow}, ServerConfig(port=0, limits=limits)) as server, \
+            flight.connect(f"grpc://127.0.0.1:{server.port}") as client:
+        result = {}
+        first = threading.Thread(target=lambda: result.setdefault(
+            "out", exchange(client, cmd(input="text"), [pa.record_batch({"text": ["a"]})] * 3)))
+        first.start()
+        while slow.calls == 0:
+            time.sleep(0.01)
+        t0 = time.perf_counter()
+        with pytest.raises(flight.FlightUnavailableError, match="server busy: 1 exchanges already running"):
+            exchange(client, cmd(input="text"), [pa.record_batch({"text": ["b"]})])
+        assert time.perf_counter() - t0 < 0.4  # rejected at once, not queued behind the 1.5 s exchange
+        first.join()
+        assert len(result["out"]) == 3
+        stats = action(client, "stats")
+        assert stats["rejected_busy"] == 1 and stats["active_exchanges"] == 0
+
+
+def test_client_cancel_stops_server_work_within_one_batch():
+    slow = FakeModel("slow", delay_s=0.1)
+    with EmbeddingServer({"slow": slow}, ServerConfig(port=0)) as server, \
+            flight.connect(f"grpc://127.0.0.1:{server.port}") as client:
+        writer, reader = client.do_exchange(cmd(input="text"))
+        batch = pa.record_batch({"text": ["a", "b"]})
+        writer.begin(batch.schema)
+        for _ in range(30):
+            writer.write_batch(batch)
+        first = reader.read_chunk().data
+        assert first.num_rows == 2
+        reader.cancel()
+        try:
+            writer.close()
+        except pa.ArrowException:
+            pass
+        deadline = time.monotonic() + 5
+        while server.stats.snapshot()["active_exchanges"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.3)  # would be enough for 3 more batches if the server kept going
+        assert server.stats.snapshot()["active_exchanges"] == 0
+        assert slow.calls <= 3  # the batch in progress when the cancel came, at most one more
+        assert server.stats.snapshot()["requests_failed"] == 0  # a cancel is not a server failure
+
+
+def test_drain_refuses_new_exchanges(fake):
+    with EmbeddingServer({"fake": fake}, ServerConfig(port=0)) as server, \
+            flight.connect(f"grpc://127.0.0.1:{server.port}") as client:
+        assert server.drain(grace_s=1.0) is True
+        with pytest.raises(flight.FlightUnavailableError, match="shutting down"):
+            exchange(client, cmd(input="text"), [TEXT])
+        assert action(client, "ready")["ready"] is False
+
+
+def test_no_schema_is_a_request_fault(served):
+    server, client = served
+    writer, reader = client.do_exchange(cmd(input="text"))
+    writer.done_writing()
+    with pytest.raises(flight.FlightServerError, match=r"no input schema came: .*writer.begin\(schema\)"):
+        reader.read_all()
+    with pytest.raises(pa.ArrowException):
+        writer.close()
+
+
+def test_drain_lets_exchanges_finish_within_grace_then_stops_them():
+    slow = FakeModel("slow", delay_s=0.05)
+    with EmbeddingServer({"slow": slow}, ServerConfig(port=0)) as server, \
+            flight.connect(f"grpc://127.0.0.1:{server.port}") as client:
+        batches = [pa.record_batch({"text": ["a"]})] * 4
+        results = {}
+
+        def run(key, count):
+            try:
+                results[key] = exchange(client, cmd(input="text"), batches[:1] * count)
+            except flight.FlightError as exc:
+                results[key] = exc
+
+        short = threading.Thread(target=run, args=("short", 4))
+        short.start()
+        while slow.calls == 0:
+            time.sleep(0.01)
+        assert server.drain(grace_s=5.0) is True  # waited for the 4 batches
+        short.join()
+        assert len(results["short"]) == 4
+    slow = FakeModel("slow", delay_s=0.05)
+    with EmbeddingServer({"slow": slow}, ServerConfig(port=0)) as server, \
+            flight.connect(f"grpc://127.0.0.1:{server.port}") as client:
+        long = threading.Thread(target=run, args=("long", 200))
+        long.start()
+        while slow.calls == 0:
+            time.sleep(0.01)
+        assert server.drain(grace_s=0.2) is False
+        long.join(timeout=10)
+        assert isinstance(results["long"], flight.FlightUnavailableError)
+        assert "shutting down" in str(results["long"]) and slow.calls < 50
+
+
+# ---- discovery and actions ----------------------------------------------------------------
+
+def test_list_flights_and_get_flight_info(served):
+    server, client = served
+    infos = list(client.list_flights())
+    assert [i.descriptor.path for i in infos] == [[b"fake"], [b"text-only"]]
+    assert infos[0].schema == protocol.output_schema(8) and infos[1].schema == protocol.output_schema(4)
+    meta = json.loads(infos[1].app_metadata)
+    assert meta == {"name": "text-only", "architecture": "FakeModel", "kind": "clip", "modalities": ["text"],
+                    "dimension": 4, "precision": "fp32", "device": "cpu", "max_tokens": 16, "default": False}
+    by_path = client.get_flight_info(flight.FlightDescriptor.for_path("text-only"))
+    assert json.loads(by_path.app_metadata)["name"] == "text-only"
+    by_cmd = client.get_flight_info(cmd(input="text"))
+    assert json.loads(by_cmd.app_metadata)["default"] is True
+    with pytest.raises(flight.FlightServerError, match="unknown model 'zzz'"):
+        client.get_flight_info(flight.FlightDescriptor.for_path("zzz"))
+
+
+def test_actions(served, fake):
+    server, client = served
+    assert action(client, "health")["status"] == "ok"
+    assert action(client, "ready") == {"ready": False, "models": ["fake", "text-only"]}
+    server.warm_up()
+    assert fake.calls == 1  # a real inference per model
+    assert action(client, "ready")["ready"] is True
+    models = action(client, "models")
+    assert [m["name"] for m in models] == ["fake", "text-only"] and models[0]["default"] is True
+    exchange(client, cmd(input="text"), [pa.record_batch({"text": ["a", "bad", "c"]})] * 2)
+    stats = action(client, "stats")
+    assert (stats["requests"], stats["rows"], stats["row_errors"], stats["batches"]) == (1, 6, 2, 2)
+    assert {a.type for a in client.list_actions()} == set(protocol.ACTIONS)
+    with pytest.raises(flight.FlightServerError, match="unknown action 'reboot'"):
+        action(client, "reboot")
+
+
+def test_warm_up_image_only_model_uses_a_real_png():
+    image_only = FakeModel("vision", modalities=("image",))
+    with EmbeddingServer({"vision": image_only}, ServerConfig(port=0)) as server:
+        server.warm_up()
+    assert image_only.calls == 1 and bytes(image_only.inputs[0][0].as_py()).startswith(b"\x89PNG")
+
+
+# ---- config, auth, TLS ------------------------------------------------------------------------
+
+def test_server_config_rules():
+    with pytest.raises(ValueError, match="non-loopback host '0.0.0.0' without TLS"):
+        ServerConfig(host="0.0.0.0")
+    assert ServerConfig(host="0.0.0.0", insecure=True).location == "grpc+tcp://0.0.0.0:8815"
+    assert ServerConfig(host="::1", port=1).location == "grpc+tcp://[::1]:1"
+    with pytest.raises(ValueError, match="needs both a certificate and a key"):
+        ServerConfig(tls_cert="c.pem")
+    with pytest.raises(ValueError, match="max_batch_rows must be a positive integer"):
+        ServerLimits(max_batch_rows=0)
+    assert "secret" not in repr(ServerConfig(auth_token="secret"))
+
+
+def test_bearer_token_auth(fake, caplog):
+    caplog.set_level(logging.DEBUG)
+    token = "s3cret-t0ken"
+    with EmbeddingServer({"fake": fake}, ServerConfig(port=0, auth_token=token)) as server, \
+            flight.connect(f"grpc://127.0.0.1:{server.port}") as client:
+        with pytest.raises(flight.FlightUnauthenticatedError, match="send the header 'authorization: Bearer <token>'"):
+            action(client, "health")
+        with pytest.raises(flight.FlightUnauthenticatedError, match="not valid"):
+            exchange(client, cmd(input="text"), [TEXT],
+                     options=flight.FlightCallOptions(headers=[(b"authorization", b"Bearer wrong")]))
+        with pytest.raises(flight.FlightUnauthenticatedError):
+            action(client, "health", flight.FlightCallOptions(headers=[(b"authorization", token.encode())]))
+        good = flight.FlightCallOptions(headers=[(b"authorization", f"Bearer {token}".encode())])
+        assert action(client, "health", good)["status"] == "ok"
+        (out,) = exchange(client, cmd(input="text"), [TEXT], options=good)
+        assert out.num_rows == 1
+        assert fake.calls == 1
+    assert caplog.records and all(token not in r.getMessage() for r in caplog.records)
+
+
+def test_tls_right_ca_works_wrong_ca_and_plaintext_fail(fake, tmp_path):
+    cert, key = make_self_signed_cert(tmp_path, "server")
+    other_ca, _ = make_self_signed_cert(tmp_path, "other")
+    config = ServerConfig(port=0, tls_cert=cert, tls_key=key)
+    with EmbeddingServer({"fake": fake}, config) as server:
+        with flight.FlightClient(f"grpc+tls://localhost:{server.port}", tls_root_certs=cert.read_bytes()) as client:
+            assert action(client, "health")["status"] == "ok"
+            (out,) = exchange(client, cmd(input="text"), [TEXT])
+            check_rows(out, ["a"])
+        with flight.FlightClient(f"grpc+tls://localhost:{server.port}", tls_root_certs=other_ca.read_bytes()) as bad:
+            with pytest.raises(flight.FlightUnavailableError):
+                action(bad, "health", flight.FlightCallOptions(timeout=5))
+        with flight.FlightClient(f"grpc://localhost:{server.port}") as plain:
+            with pytest.raises(flight.FlightUnavailableError):
+                action(plain, "health", flight.FlightCallOptions(timeout=5))
+
+
+# ---- the real engine ----------------------------------------------------------------------------
+
+PHOTOS = Path(__file__).parent / "data" / "photos"
+
+
+@pytest.fixture(scope="module")
+def minilm(minilm_model_dir):
+    import engine
+
+    return engine.load_model(minilm_model_dir, device="cpu", precision="fp32")
+
+
+def test_real_clip_images_through_the_server_equal_in_process(tiny_clip_dir):
+    import engine
+
+    clip = engine.load_model(tiny_clip_dir, device="cpu", precision="fp32")
+    photos = [p.read_bytes() for p in sorted(PHOTOS.glob("*.png"))[:2]] + [b"not an image", None]
+    images = pa.array(photos, pa.binary())
+    with EmbeddingServer({"clip": clip}, ServerConfig(port=0)) as server, \
+            flight.connect(f"grpc://127.0.0.1:{server.port}") as client:
+        out = exchange(client, cmd(input="image"), [pa.record_batch({"image": images})] * 2)
+        (txt,) = exchange(client, cmd(input="text"), [pa.record_batch({"text": ["a cat", "a rocket"]})])
+    local = clip.embed_images(images)
+    for batch in out:
+        got = batch.column("embedding").values.to_numpy().reshape(len(photos), -1)
+        assert np.array_equal(got, local.embeddings)
+        assert batch.column("error").to_pylist() == local.errors
+        assert batch.column("embedding").null_count == 2 and local.errors[2] and local.errors[3]
+    dim = clip.info.dim
+    assert np.array_equal(txt.column("embedding").values.to_numpy().reshape(2, dim),
+                          clip.embed_texts(["a cat", "a rocket"]).embeddings)
+
+
+def test_real_engine_through_the_server_equals_in_process_bit_for_bit(minilm):
+    texts = ["a photo of a cat", "", "Arrow Flight streams record batches", None, "ünïcödé ✓"]
+    tokens = [[101, 7592, 2088, 102], [101, 10_000_000, 102], [101, 102]]
+    with EmbeddingServer({"minilm": minilm}, ServerConfig(port=0)) as server, \
+            flight.connect(f"grpc://127.0.0.1:{server.port}") as client:
+        (out,) = exchange(client, cmd(input="text", passthrough=["i"]),
+                          [pa.record_batch({"i": range(len(texts)), "text": pa.array(texts, pa.string())})])
+        (tok,) = exchange(client, cmd(input="tokens"),
+                          [pa.record_batch({"input_ids": pa.array(tokens, pa.list_(pa.int64()))})])
+        with pytest.raises(flight.FlightServerError, match="embeds \\['text'\\], not 'image' input"):
+            exchange(client, cmd(input="image"), [pa.record_batch({"image": [b"x"]})])
+    local = minilm.embed_texts(texts)
+    got = out.column("embedding").values.to_numpy().reshape(len(texts), -1)
+    assert got.shape == (5, 384)
+    assert np.array_equal(got, local.embeddings)  # bit for bit
+    assert out.column("error").to_pylist() == local.errors and local.errors[3] is not None
+    assert out.column("embedding").null_count == 1
+    local_tok = minilm.embed_tokens(pa.array(tokens, pa.list_(pa.int64())))
+    assert np.array_equal(tok.column("embedding").values.to_numpy().reshape(3, -1), local_tok.embeddings)
+    assert tok.column("error").to_pylist() == local_tok.errors and local_tok.errors[1] is not None

@@ -1,0 +1,79 @@
+"""all-MiniLM-L6-v2 (real weights) against transformers + mean pooling and sentence-transformers."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import engine
+from engine.errors import ModalityError
+
+TEXTS = [
+    "A man is eating food.",
+    "",
+    "The quick brown fox jumps over the lazy dog " * 40,  # past max_seq_length (256): truncated
+    "Ünïcode, café, naïve — 日本語のテキスト",
+    "short",
+]
+
+
+@pytest.fixture(scope="module")
+def minilm(minilm_model_dir):
+    return engine.load_model(minilm_model_dir)
+
+
+def _cos(a, b):
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def test_info(minilm):
+    assert minilm.info.kind == "sentence-transformer"
+    assert minilm.info.modalities == ("text",) and minilm.info.dim == 384
+
+
+def test_parity_with_transformers_mean_pooling(minilm, minilm_source):
+    from transformers import AutoModel, AutoTokenizer
+
+    hf = AutoModel.from_pretrained(str(minilm_source)).eval()
+    tok = AutoTokenizer.from_pretrained(str(minilm_source))
+    enc = tok(TEXTS, padding=True, truncation=True, max_length=256, return_tensors="pt")
+    with torch.no_grad():
+        h = hf(**enc).last_hidden_state
+    m = enc["attention_mask"][..., None].float()
+    ref = ((h * m).sum(1) / m.sum(1)).numpy()
+    ours = minilm.encode_text(TEXTS, normalize=False)
+    assert _cos(ours, ref).min() >= 0.99999
+    assert np.abs(ours - ref).max() <= 1e-4
+
+
+def test_parity_with_sentence_transformers(minilm, minilm_source):
+    from sentence_transformers import SentenceTransformer
+
+    ref = SentenceTransformer(str(minilm_source), device="cpu").encode(TEXTS, normalize_embeddings=True)
+    ours = minilm.encode_text(TEXTS)
+    assert _cos(ours, ref).min() >= 0.99999
+
+
+def test_batch_invariance(minilm):
+    alone = np.concatenate([minilm.encode_text([t]) for t in TEXTS])
+    assert np.abs(alone - minilm.encode_text(TEXTS)).max() <= 1e-5
+    assert np.abs(minilm.encode_text(TEXTS[::-1])[::-1] - alone).max() <= 1e-5
+
+
+def test_tokens_and_row_errors(minilm, minilm_source):
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(str(minilm_source))(TEXTS[:2])["input_ids"]
+    assert np.abs(minilm.encode_tokens(ids) - minilm.encode_text(TEXTS[:2])).max() <= 1e-5
+    res = minilm.embed_tokens([ids[0], [101, 40000, 102], list(range(600))])
+    assert res.errors[0] is None and "40000" in res.errors[1] and "512" in res.errors[2]
+
+
+def test_no_image_encoder(minilm):
+    with pytest.raises(ModalityError, match="no image encoder"):
+        minilm.encode_image([b"x"])
+
+
+def test_bf16_cosine_to_fp32(minilm_model_dir, minilm):
+    got = engine.load_model(minilm_model_dir, precision="bf16").encode_text(TEXTS)
+    assert _cos(got, minilm.encode_text(TEXTS)).min() >= 0.999

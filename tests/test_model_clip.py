@@ -1,0 +1,158 @@
+"""CLIP parity against HuggingFace's own CLIPModel on the same weights, and the model API."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+import engine
+from engine.errors import InputError, NotRunnableError, PrecisionError, RowErrors
+
+TEXTS = [
+    "a photo of a cat",
+    "",
+    "A diagram of the Falcon 9 rocket on its launch pad at dawn, with steam rising",
+    "word " * 120,  # truncated at the model's positions, end-of-text kept
+    "Ünïcode: café, naïve, 日本語",
+]
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def _hf(source):
+    from transformers import AutoTokenizer, CLIPModel
+
+    return CLIPModel.from_pretrained(str(source)).eval(), AutoTokenizer.from_pretrained(str(source))
+
+
+def _check_parity(source, model_dir, seed=0):
+    hf, tok = _hf(source)
+    model = engine.load_model(model_dir)
+    cfg = model.config
+    ours = model.encode_text(TEXTS, normalize=False)
+    enc = tok(TEXTS, padding=True, truncation=True, max_length=cfg.text.max_positions, return_tensors="pt")
+    with torch.no_grad():
+        ref = hf.get_text_features(**enc).pooler_output.numpy()
+    assert ours.dtype == np.float32 and ours.flags.c_contiguous and ours.shape == (len(TEXTS), cfg.projection_dim)
+    assert _cos(ours, ref).min() >= 0.99999
+    assert np.abs(ours - ref).max() <= 1e-4
+
+    g = torch.Generator().manual_seed(seed)
+    px = torch.randn(4, 3, cfg.vision.image_size, cfg.vision.image_size, generator=g)
+    ours = model.encode_pixels(px.numpy(), normalize=False)
+    with torch.no_grad():
+        ref = hf.get_image_features(pixel_values=px).pooler_output.numpy()
+    assert _cos(ours, ref).min() >= 0.99999
+    assert np.abs(ours - ref).max() <= 1e-4
+    return model
+
+
+def test_tiny_clip_parity(checkpoints, tiny_clip_source, tiny_clip_dir):
+    _check_parity(tiny_clip_source, tiny_clip_dir)
+
+
+def test_unusual_clip_parity(checkpoints):
+    """gelu, image 160, patch 20, projection 72, 64 positions, eps 1e-6."""
+    src = checkpoints.clip_source("odd")
+    model = _check_parity(src, checkpoints.converted(src, "odd"))
+    assert model.info.dim == 72 and model.config.vision.patch_size == 20
+
+
+@pytest.mark.slow
+def test_b32_clip_parity(checkpoints):
+    src = checkpoints.clip_source("b32")
+    model = _check_parity(src, checkpoints.converted(src, "b32"))
+    assert model.info.dim == 512
+
+
+def test_normalized_by_default_and_similarity(tiny_clip_dir):
+    model = engine.load_model(tiny_clip_dir)
+    t = model.encode_text(["a cat", "a dog"])
+    assert np.allclose(np.linalg.norm(t, axis=1), 1, atol=1e-5)
+    s = model.similarity(t, t)
+    assert s.shape == (2, 2) and np.allclose(np.diag(s), 1, atol=1e-5)
+
+
+def test_embedding_does_not_depend_on_batch(tiny_clip_dir):
+    model = engine.load_model(tiny_clip_dir)
+    alone = np.concatenate([model.encode_text([t]) for t in TEXTS])
+    together = model.encode_text(TEXTS)
+    reordered = model.encode_text(TEXTS[::-1])[::-1]
+    assert np.abs(alone - together).max() <= 1e-5
+    assert np.abs(together - reordered).max() <= 1e-5
+
+
+def test_tokens_equal_texts_and_bad_rows_are_row_errors(tiny_clip_dir, tiny_clip_source):
+    from transformers import AutoTokenizer
+
+    model = engine.load_model(tiny_clip_dir)
+    ids = AutoTokenizer.from_pretrained(str(tiny_clip_source))(TEXTS[:3], truncation=True, max_length=77)["input_ids"]
+    from_tokens = model.encode_tokens(pa.array(ids, type=pa.list_(pa.int32())))
+    assert np.abs(from_tokens - model.encode_text(TEXTS[:3])).max() <= 1e-5
+
+    bad = ids[:1] + [[49406, 60000, 49407], [49406] + [320] * 100 + [49407], [49406, 320], []] + ids[1:2]
+    res = model.embed_tokens(bad)
+    assert res.errors[0] is None and res.errors[-1] is None
+    assert "60000" in res.errors[1] and "77" in res.errors[2] and "end-of-text" in res.errors[3]
+    assert "empty" in res.errors[4]
+    assert np.abs(res.embeddings[0] - from_tokens[0]).max() <= 1e-5
+    assert not res.embeddings[1:5].any()
+    with pytest.raises(RowErrors) as info:
+        model.encode_tokens(bad)
+    assert len([e for e in info.value.errors if e]) == 4
+
+
+def test_images_with_bad_rows(tiny_clip_dir):
+    import cv2
+
+    model = engine.load_model(tiny_clip_dir)
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 255, size=(300, 400, 3), dtype=np.uint8)
+    jpeg = cv2.imencode(".jpg", img)[1].tobytes()
+    png = cv2.imencode(".png", img[:, :, 0])[1].tobytes()
+    arr = pa.array([jpeg, b"not an image", png, None, jpeg[: len(jpeg) // 3]], type=pa.binary())
+    res = model.embed_images(arr)
+    assert res.errors[0] is None and res.errors[2] is None
+    assert all(res.errors[i] for i in (1, 3, 4))
+    good = model.encode_image([jpeg, png])
+    assert np.abs(res.embeddings[[0, 2]] - good).max() <= 1e-5
+    assert not res.embeddings[[1, 3, 4]].any()
+
+
+def test_bf16_and_int8_modes_run_and_stay_close(tiny_clip_dir):
+    ref = engine.load_model(tiny_clip_dir).encode_text(TEXTS)
+    for precision, floor in (("bf16", 0.99), ("int8", 0.95)):
+        got = engine.load_model(tiny_clip_dir, precision=precision).encode_text(TEXTS)
+        assert got.dtype == np.float32
+        assert _cos(got, ref).min() >= floor, precision
+
+
+def test_bad_precision_and_device_are_clear_errors(tiny_clip_dir):
+    with pytest.raises(PrecisionError, match="expected one of"):
+        engine.load_model(tiny_clip_dir, precision="fp8")
+    with pytest.raises(PrecisionError, match="CUDA"):
+        engine.load_model(tiny_clip_dir, precision="fp16")
+    with pytest.raises(engine.ArrowEngineError, match="device"):
+        engine.load_model(tiny_clip_dir, device="tpu")
+
+
+def test_pixels_of_wrong_shape_rejected(tiny_clip_dir):
+    model = engine.load_model(tiny_clip_dir)
+    with pytest.raises(InputError, match="expected shape"):
+        model.encode_pixels(np.zeros((1, 3, 100, 100), np.float32))
+
+
+def test_weights_are_views_of_the_mapped_file(tiny_clip_dir):
+    """fp32 from an fp32 file: every parameter points into the mapped weights file."""
+    model = engine.load_model(tiny_clip_dir)
+    maps = [line.split() for line in open("/proc/self/maps") if "weights.arrow" in line and str(tiny_clip_dir) in line]
+    spans = [tuple(int(x, 16) for x in m[0].split("-")) for m in maps]
+    assert spans, "weights.arrow is not mapped"
+    for name, p in model.net.named_parameters():
+        ptr = p.data_ptr()
+        assert any(lo <= ptr < hi for lo, hi in spans), name

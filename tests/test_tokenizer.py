@@ -1,0 +1,85 @@
+"""Text front end: the exact CLIP tokenizer, truncation, token-id validation, buckets."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from engine.errors import InputError
+from engine.tokenizer import TextTokenizer, length_buckets, token_rows
+
+
+@pytest.fixture(scope="module")
+def clip_tok(tiny_clip_source):
+    return TextTokenizer.from_dir(tiny_clip_source, 77)
+
+
+def test_known_clip_ids(clip_tok):
+    rows, errors = clip_tok.encode(["a photo of a cat", ""])
+    assert errors == [None, None]
+    assert rows[0].tolist() == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert rows[1].tolist() == [49406, 49407]
+
+
+def test_truncation_keeps_end_of_text_and_matches_hf(clip_tok, tiny_clip_source):
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(tiny_clip_source))
+    texts = ["word " * 200, "Ünïcode, punctuation!!  and   spaces\tand\nnewlines", "短い日本語のテキスト"]
+    rows, _ = clip_tok.encode(texts)
+    ref = hf(texts, truncation=True, max_length=77)["input_ids"]
+    for r, e in zip(rows, ref):
+        assert r.tolist() == e
+    assert len(rows[0]) == 77 and rows[0][-1] == 49407
+
+
+def test_null_and_non_string_rows_are_row_errors(clip_tok):
+    rows, errors = clip_tok.encode(pa.array(["ok", None, "fine"]))
+    assert rows[1] is None and "null" in errors[1]
+    assert errors[0] is None and errors[2] is None
+    rows, errors = clip_tok.encode(["ok", 5])
+    assert rows[1] is None and "string" in errors[1]
+
+
+def test_wrong_arrow_type_is_request_error(clip_tok):
+    with pytest.raises(InputError, match="string"):
+        clip_tok.encode(pa.array([1, 2]))
+    with pytest.raises(InputError, match="single string"):
+        clip_tok.encode("just one")
+
+
+def test_token_rows_validation_from_arrow():
+    arr = pa.array([[1, 2, 3], [], None, [0, 99], [5] * 10, [1, None]], type=pa.list_(pa.int32()))
+    rows, errors = token_rows(arr, vocab_size=50, max_length=8)
+    assert rows[0].tolist() == [1, 2, 3] and errors[0] is None
+    assert "empty" in errors[1]
+    assert "null" in errors[2]
+    assert "99" in errors[3] and "[0, 50)" in errors[3]
+    assert "8 positions" in errors[4]
+    assert "null" in errors[5]
+
+
+def test_token_rows_are_views_of_arrow_values():
+    arr = pa.array([[1, 2, 3], [4, 5]], type=pa.large_list(pa.int64()))
+    rows, _ = token_rows(arr, vocab_size=10, max_length=8)
+    base = arr.values.buffers()[1].address
+    assert rows[1].ctypes.data == base + 3 * 8
+
+
+def test_token_rows_from_python_lists():
+    rows, errors = token_rows([[1, 2], ["a"], [[1, 2]], [-1]], vocab_size=10, max_length=4)
+    assert rows[0].tolist() == [1, 2]
+    assert all(e is not None for e in errors[1:])
+    with pytest.raises(InputError):
+        token_rows(pa.array(["x"]), 10, 4)
+
+
+def test_length_buckets_cover_every_row_once_and_respect_budgets():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 78, size=500).tolist()
+    groups = length_buckets(lengths, max_rows=64, max_tokens=2048)
+    seen = np.concatenate(groups)
+    assert sorted(seen.tolist()) == list(range(500))
+    for g in groups:
+        assert len(g) <= 64
+        assert len(g) * max(lengths[i] for i in g) <= 2048 or len(g) == 1
