@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +82,7 @@ class Model:
         self.limits = limits
         self._device = torch.device(info.device)
         self._compute_dtype = prec.compute_dtype(info.precision)
+        self._prefetch = ThreadPoolExecutor(1, thread_name_prefix="arrowengine-prefetch")
 
     def __repr__(self) -> str:
         i = self.info
@@ -122,12 +124,30 @@ class Model:
 
     def embed_texts(self, texts, normalize: bool = True) -> EmbedResult:
         """Embed texts; a null or non-string row is an error for that row only."""
-        self._need("text")
-        rows, errors = self.tokenizer.encode(texts)
+        rows, errors = self.prepare_texts(texts)
         return self._embed_token_rows(rows, errors, normalize)
 
     def embed_tokens(self, tokens, normalize: bool = True) -> EmbedResult:
         """Embed token-id rows; ids outside the vocabulary or rows too long are row errors."""
+        rows, errors = self.prepare_tokens(tokens)
+        return self._embed_token_rows(rows, errors, normalize)
+
+    # The pre / core split, public so that a scheduler (engine.scheduler) can run the
+    # CPU stage in its callers' threads and batch the device stage across callers.
+    # embed_texts(t) == embed_token_rows on the good rows of prepare_texts(t).
+    def prepare_texts(self, texts) -> tuple[list[np.ndarray | None], list[str | None]]:
+        """Pre stage of :meth:`embed_texts`: tokenize (truncating to the model's length).
+
+        Returns (int64 id row or None, error or None) per row. Raises ModalityError.
+        """
+        self._need("text")
+        return self.tokenizer.encode(texts)
+
+    def prepare_tokens(self, tokens) -> tuple[list[np.ndarray | None], list[str | None]]:
+        """Pre stage of :meth:`embed_tokens`: validate id rows (vocabulary, length, CLIP's end-of-text).
+
+        Returns (int64 id row or None, error or None) per row. Raises ModalityError, InputError.
+        """
         from engine.tokenizer import token_rows
 
         self._need("text")
@@ -137,7 +157,25 @@ class Model:
             for i, r in enumerate(rows):
                 if r is not None and not (r == eos).any():
                     rows[i], errors[i] = None, f"no end-of-text token (id {eos}): CLIP pools at that token"
-        return self._embed_token_rows(rows, errors, normalize)
+        return rows, errors
+
+    def prepare_images(self, images):
+        """Pre stage of :meth:`embed_images`: decode one device batch with ``image_processor``.
+
+        Returns an ImageBatch (pixels of the rows that decoded, their index, an error per row).
+        Raises ModalityError, InputError. Core stage: :meth:`encode_pixels`.
+        """
+        self._need("image")
+        return self.image_processor(images)
+
+    def embed_token_rows(self, rows: Sequence[np.ndarray], normalize: bool = True) -> np.ndarray:
+        """Core + post stage for rows from :meth:`prepare_texts` / :meth:`prepare_tokens` (no None).
+
+        Rows are grouped by length (``limits.text_rows`` / ``limits.text_tokens``), never padded
+        to the model's maximum. Returns (N, D) float32.
+        """
+        self._need("text")
+        return self._embed_token_rows(list(rows), [None] * len(rows), normalize).embeddings
 
     def embed_images(self, images, normalize: bool = True) -> EmbedResult:
         """Embed encoded images; an undecodable image is an error for that row only."""
@@ -146,9 +184,14 @@ class Model:
         out = np.zeros((n, self.info.dim), dtype=np.float32)
         errors: list[str | None] = [None] * n
         step = self.limits.image_batch
-        for s in range(0, n, step):
-            chunk = images[s:s + step]
-            batch = self.image_processor(chunk)
+        starts = list(range(0, n, step))
+        # Decode chunk k+1 on a helper thread while the device computes chunk k.
+        pending = self._prefetch.submit(self.prepare_images, images[0:step]) if starts else None
+        for k, s in enumerate(starts):
+            batch = pending.result()
+            if k + 1 < len(starts):
+                nxt = starts[k + 1]
+                pending = self._prefetch.submit(self.prepare_images, images[nxt:nxt + step])
             for j, e in enumerate(batch.errors):
                 errors[s + j] = e
             if len(batch.index):

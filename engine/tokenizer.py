@@ -49,6 +49,8 @@ class TextTokenizer:
         for i, t in enumerate(values):
             if t is None:
                 errors[i] = "null text: expected a string"
+            elif isinstance(t, _BadUtf8):
+                errors[i] = "text is not valid UTF-8; send UTF-8 encoded strings"
             elif not isinstance(t, str):
                 errors[i] = f"expected a string, got {type(t).__name__}"
         rows: list[np.ndarray | None] = [None] * len(values)
@@ -63,10 +65,27 @@ def _text_values(texts) -> list:
     if isinstance(texts, pa.Array):
         if not (pa.types.is_string(texts.type) or pa.types.is_large_string(texts.type)):
             raise InputError(f"texts: expected an Arrow string or large_string array, got {texts.type}")
-        return texts.to_pylist()
+        try:
+            return texts.to_pylist()
+        except UnicodeDecodeError:  # a client sent bytes that are not UTF-8 in a string column
+            raw = texts.view(pa.large_binary() if pa.types.is_large_string(texts.type) else pa.binary())
+            return [_decode_or_marker(b) for b in raw.to_pylist()]
     if isinstance(texts, (str, bytes)):
         raise InputError("texts: expected a sequence of strings, got a single string; wrap it in a list")
     return list(texts)
+
+
+class _BadUtf8:
+    """Marks a row whose bytes are not valid UTF-8."""
+
+
+def _decode_or_marker(b: bytes | None):
+    if b is None:
+        return None
+    try:
+        return b.decode("utf-8")
+    except UnicodeDecodeError:
+        return _BadUtf8()
 
 
 _NULL_INSIDE = object()

@@ -12,13 +12,22 @@ LOOPBACK_NAMES = ("localhost", "ip6-localhost")
 class ServerLimits:
     """Request limits. Defaults protect a 24 GiB machine; every one is configurable."""
 
+    # Worst case with the defaults: 8 exchanges x 2 batches read ahead x 256 MiB = 4 GiB of
+    # input, plus decoding (one 50 MP image is 150 MB of BGR pixels per decode thread) and
+    # the scheduler's bounded queue (128 decoded images, ~77 MB): well inside 24 GiB.
     max_concurrent_exchanges: int = 8       # excess exchanges get a fast FlightUnavailableError
     max_batch_rows: int = 8192              # rows per input batch
     max_batch_bytes: int = 256 * 1024 ** 2  # Arrow bytes per input batch (all columns)
+    max_image_bytes: int = 32 * 1024 ** 2   # encoded bytes per image; larger rows are row errors
+    max_image_pixels: int = 50_000_000      # width x height per image (from the header, before decoding)
+    max_row_tokens: int | None = None       # token ids per token-id row; None: the model's positions
 
     def __post_init__(self) -> None:
-        for name in ("max_concurrent_exchanges", "max_batch_rows", "max_batch_bytes"):
+        for name in ("max_concurrent_exchanges", "max_batch_rows", "max_batch_bytes", "max_image_bytes",
+                     "max_image_pixels", "max_row_tokens"):
             value = getattr(self, name)
+            if value is None and name == "max_row_tokens":
+                continue
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer; got {value!r}")
 
@@ -35,8 +44,14 @@ class ServerConfig:
     tls_key: Path | None = None            # PEM private key
     insecure: bool = False                 # allow a non-loopback host without TLS
     shutdown_grace_s: float = 10.0         # in-flight exchanges get this long on shutdown
+    batch_wait_ms: float = 5.0             # a partial device batch waits this long for other clients' rows
+    metrics_port: int | None = None        # serve Prometheus /metrics on host:port (0: any free port)
 
     def __post_init__(self) -> None:
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics port must be in 0..65535; got {self.metrics_port}")
+        if not 0 <= self.batch_wait_ms <= 1000:
+            raise ValueError(f"batch wait must be 0..1000 ms; got {self.batch_wait_ms}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both a certificate and a key (--tls-cert and --tls-key); "
                              f"got cert={self.tls_cert} key={self.tls_key}")

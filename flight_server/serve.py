@@ -63,6 +63,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="rows per input batch (default %(default)s)")
     parser.add_argument("--max-batch-bytes", type=int, default=defaults.max_batch_bytes,
                         help="bytes per input batch (default %(default)s)")
+    parser.add_argument("--max-image-bytes", type=int, default=defaults.max_image_bytes,
+                        help="encoded bytes per image; a larger image is a row error, the call goes on "
+                             "(default %(default)s = 32 MiB)")
+    parser.add_argument("--max-image-pixels", type=int, default=defaults.max_image_pixels,
+                        help="width x height per image, read from the header before decoding; a larger "
+                             "image is a row error (default %(default)s; one decode takes 3 bytes/pixel)")
+    parser.add_argument("--max-tokens-per-row", type=int, default=defaults.max_row_tokens,
+                        help="token ids per row of token-id input; a longer row is a row error (default: "
+                             "the model's positions, e.g. 77 for CLIP). Texts are truncated by the model's "
+                             "tokenizer as usual")
+    parser.add_argument("--batch-wait-ms", type=float, default=5.0,
+                        help="how long a partial device batch waits for rows of other clients before it "
+                             "runs; more: fuller batches, less: lower latency (default %(default)s)")
+    parser.add_argument("--metrics-port", type=int, default=None,
+                        help="serve Prometheus metrics at http://HOST:PORT/metrics (https with --tls-*); "
+                             "off by default; 0 picks a free port")
     parser.add_argument("--shutdown-grace", type=float, default=10.0,
                         help="seconds in-flight exchanges get on SIGINT/SIGTERM (default %(default)s)")
 
@@ -81,10 +97,13 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         if path is not None and not path.is_file():
             raise ValueError(f"{flag} {path}: no such file")
     limits = ServerLimits(max_concurrent_exchanges=args.max_concurrent,
-                          max_batch_rows=args.max_batch_rows, max_batch_bytes=args.max_batch_bytes)
+                          max_batch_rows=args.max_batch_rows, max_batch_bytes=args.max_batch_bytes,
+                          max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
+                          max_row_tokens=args.max_tokens_per_row)
     return ServerConfig(host=args.host, port=args.port, limits=limits, auth_token=token,
                         tls_cert=args.tls_cert, tls_key=args.tls_key, insecure=args.insecure,
-                        shutdown_grace_s=args.shutdown_grace)
+                        shutdown_grace_s=args.shutdown_grace, batch_wait_ms=args.batch_wait_ms,
+                        metrics_port=args.metrics_port)
 
 
 def parse_model_specs(specs: Sequence[str]) -> dict[str, Path]:
@@ -133,14 +152,22 @@ def _convert_default(target: Path) -> None:
     log.info("converted %s in %.1fs", DEFAULT_MODEL_NAME, result.seconds)
 
 
-def load_models(dirs: dict[str, Path], device: str, precision: str) -> dict[str, Any]:
-    """Load each model directory; a model that fails to load is logged and skipped."""
-    import engine  # torch is imported here, not when the CLI starts
+def load_models(dirs: dict[str, Path], device: str, precision: str,
+                limits: ServerLimits | None = None) -> dict[str, Any]:
+    """Load each model directory; a model that fails to load is logged and skipped.
 
+    ``limits`` gives the per-image byte and pixel limits of the image processor.
+    """
+    import engine  # torch is imported here, not when the CLI starts
+    from engine.image_config import ImageLimits
+
+    limits = limits or ServerLimits()
+    image_limits = ImageLimits(max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels)
     models: dict[str, Any] = {}
     for name, path in dirs.items():
         try:
-            models[name] = engine.load_model(path, device=device, precision=precision)
+            models[name] = engine.load_model(path, device=device, precision=precision,
+                                             image_limits=image_limits)
         except Exception as exc:
             log.error("cannot load model %s from %s: %s: %s", name, path, type(exc).__name__, exc)
             continue
@@ -149,6 +176,14 @@ def load_models(dirs: dict[str, Path], device: str, precision: str) -> dict[str,
                  name, path, info.architecture, ",".join(info.modalities), info.dim, info.precision,
                  info.device)
     return models
+
+
+def make_schedulers(models: dict[str, Any], config: ServerConfig) -> dict[str, Any]:
+    """One engine Scheduler per model: rows of concurrent exchanges share device batches."""
+    from engine.scheduler import Scheduler, SchedulerConfig
+
+    sched_config = SchedulerConfig(max_wait_ms=config.batch_wait_ms, max_row_tokens=config.limits.max_row_tokens)
+    return {name: Scheduler(model, sched_config) for name, model in models.items()}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -165,11 +200,20 @@ def run(args: argparse.Namespace) -> int:
     if not dirs:
         cache = args.cache_dir or Path(os.environ.get(CACHE_ENV) or default_cache_dir())
         dirs = default_model_dirs(Path(cache).expanduser())
-    models = load_models(dirs, args.device, args.precision)
+    # Before torch loads OpenMP: idle OpenMP threads sleep instead of spinning, so they do not
+    # starve the image decode threads that run beside the device worker (bench/serving.py:
+    # 1-client streaming went from ~30 to ~260 img/s on 2 cores). An explicit setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    models = load_models(dirs, args.device, args.precision, config.limits)
     if not models:
         log.error("no model could be loaded (tried %s); nothing to serve", list(dirs) or "none")
         return 1
-    server = EmbeddingServer(models, config)
+    schedulers = make_schedulers(models, config)
+    try:
+        server = EmbeddingServer(schedulers, config)
+    except OSError as exc:
+        log.error("cannot listen: %s", exc)
+        return 1
     location = config.location.rsplit(":", 1)[0] + f":{server.port}"
     log.info("listening on %s tls=%s auth=%s models=%s", location, config.tls,
              config.auth_token is not None, ",".join(server.model_names))
@@ -185,6 +229,8 @@ def run(args: argparse.Namespace) -> int:
         pass
     log.info("stopping: in-flight exchanges get %.1fs", config.shutdown_grace_s)
     _stop(server, config.shutdown_grace_s)
+    for scheduler in schedulers.values():
+        scheduler.close()
     return 0
 
 

@@ -7,17 +7,25 @@ views of the received buffer), and wraps the engine's (N, D) float32 output as t
 
 Models are duck-typed (``engine.model`` API): ``.info`` (``dim``, ``modalities``, ...) and
 ``embed_images / embed_texts / embed_tokens(array, normalize=) -> EmbedResult`` with
-``embeddings`` (N, D) float32 C-contiguous and ``errors`` (list of str | None).
+``embeddings`` (N, D) float32 C-contiguous and ``errors`` (list of str | None). A model
+that also has ``submit(kind, array, normalize, cancelled) -> Future[EmbedResult]`` (an
+``engine.scheduler.Scheduler``, which ``arrowengine serve`` puts in front of every model)
+is pipelined: while the rows of input batch k are on the device, the exchange already
+reads and decodes batch k+1, and a writer thread sends each result as soon as it is ready
+(in input order), so a client that waits for a result before writing more never stalls.
+The scheduler coalesces rows of concurrent exchanges into device batches.
 """
 from __future__ import annotations
 
 import json
 import logging
+import queue
 import struct
 import threading
 import time
 import zlib
-from typing import Any, Iterator, Mapping
+from concurrent.futures import CancelledError, Future
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -32,6 +40,7 @@ log = logging.getLogger(__name__)
 
 EMBED_METHODS: Mapping[str, str] = {"image": "embed_images", "text": "embed_texts",
                                     "tokens": "embed_tokens"}
+PIPELINE_DEPTH = 2  # input batches submitted ahead of the one being written
 
 
 def embedding_batch(passthrough: list[pa.Array], schema: pa.Schema, embeddings: np.ndarray,
@@ -107,6 +116,38 @@ class EmbeddingServer(flight.FlightServerBase):
         if config.auth_token is not None:
             middleware["auth"] = BearerTokenMiddlewareFactory(config.auth_token)
         super().__init__(config.location, tls_certificates=tls, middleware=middleware)
+        self.metrics = None
+        self.metrics_port: int | None = None
+        if config.metrics_port is not None:
+            self._start_metrics()
+
+    def _start_metrics(self) -> None:
+        from flight_server.metrics import ServerMetrics  # prometheus_client only when asked for
+
+        self.metrics = ServerMetrics()
+        for name, model in self._models.items():
+            self.metrics.watch_model(name, model)
+        tls_files = None
+        if self.config.tls:
+            tls_files = {"certfile": str(self.config.tls_cert), "keyfile": str(self.config.tls_key)}
+        try:
+            self.metrics_port = self.metrics.serve(self.config.host, self.config.metrics_port, tls_files)
+        except OSError:
+            super().shutdown()
+            raise
+
+    def shutdown(self) -> None:
+        """Stop serving (blocks until running calls end) and stop the metrics endpoint."""
+        try:
+            super().shutdown()
+        finally:
+            if self.metrics is not None:
+                self.metrics.close()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        super().__exit__(*exc_info)
+        if self.metrics is not None:
+            self.metrics.close()
 
     # ---- lifecycle --------------------------------------------------------------------
 
@@ -149,33 +190,56 @@ class EmbeddingServer(flight.FlightServerBase):
     def do_exchange(self, context, descriptor, reader, writer) -> None:
         """Embed every input batch and write one output batch per input batch."""
         if self._draining.is_set():
+            self._count_rejected("draining")
             raise flight.FlightUnavailableError("server is shutting down; retry on another server",
                                                 extra_info=protocol.error_info(protocol.CODE_BUSY))
         if not self._slots.acquire(blocking=False):
             self.stats.add(rejected_busy=1)
+            self._count_rejected("busy")
             raise busy_error(self.config.limits.max_concurrent_exchanges)
         self.stats.add(requests=1, active_exchanges=1)
+        if self.metrics is not None:
+            self.metrics.active.inc()
+        call = _Call(peer=context.peer())
+        outcome = "failed"
         try:
-            self._exchange(context, descriptor, reader, writer)
+            self._exchange(context, descriptor, reader, writer, call)
+            outcome = "ok"
         except Exception as exc:
-            if isinstance(exc, _Cancelled) or context.is_cancelled():
+            if isinstance(exc, (_Cancelled, CancelledError)) or context.is_cancelled():
+                outcome = "cancelled"
                 self.stats.add(requests_cancelled=1)
-                log.info("exchange cancelled by the client peer=%s", context.peer())
                 return
             self.stats.add(requests_failed=1)
-            log.info("exchange failed peer=%s: %s", context.peer(), exc)
+            call.error = str(exc)
             raise to_flight_error(exc) from exc
         finally:
             self.stats.add(active_exchanges=-1)
             self._slots.release()
+            self._call_done(call, outcome)
 
-    def _exchange(self, context, descriptor, reader, writer) -> None:
+    def _count_rejected(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.rejected.labels(reason).inc()
+
+    def _call_done(self, call: "_Call", outcome: str) -> None:
+        seconds = time.perf_counter() - call.t0
+        if self.metrics is not None:
+            self.metrics.active.dec()
+            self.metrics.request_done(call.model, call.input, outcome, seconds)
+        log.info("exchange end peer=%s model=%s input=%s outcome=%s batches=%d rows=%d row_errors=%d "
+                 "seconds=%.3f%s", call.peer, call.model, call.input, outcome, call.batches, call.rows,
+                 call.row_errors, seconds, f" error={json.dumps(call.error)}" if call.error else "")
+
+    def _exchange(self, context, descriptor, reader, writer, call: "_Call") -> None:
         """Validate the whole request before any work, then stream."""
         if descriptor.descriptor_type != flight.DescriptorType.CMD:
             raise protocol.ProtocolError("do_exchange needs FlightDescriptor.for_command(<JSON command>); "
                                          f"got a {descriptor.descriptor_type} descriptor")
         command = protocol.parse_command(descriptor.command)
         name, model = self._resolve(command.model)
+        call.input = command.input
+        call.model = name
         self._check_modality(name, model, command.input)
         try:
             schema = reader.schema  # waits for the client's first message
@@ -185,55 +249,79 @@ class EmbeddingServer(flight.FlightServerBase):
         passthrough_fields = protocol.check_input_schema(command, schema)
         out_schema = protocol.output_schema(int(model.info.dim), passthrough_fields)
         writer.begin(out_schema)
-        t0 = time.perf_counter()
-        batches, rows, row_errors = self._stream(context, reader, writer, model, command, out_schema)
-        log.info("exchange done model=%s input=%s batches=%d rows=%d row_errors=%d seconds=%.3f",
-                 name, command.input, batches, rows, row_errors, time.perf_counter() - t0)
+        log.info("exchange start peer=%s model=%s input=%s column=%s normalize=%s", call.peer, name,
+                 command.input, command.column, command.normalize)
+        self._stream(context, reader, writer, model, command, out_schema, call)
 
     def _stream(self, context, reader, writer, model, command: protocol.EmbedCommand,
-                out_schema: pa.Schema) -> tuple[int, int, int]:
-        """One engine call and one output batch per input batch; returns (batches, rows, row errors)."""
-        embed = getattr(model, EMBED_METHODS[command.input])
+                out_schema: pa.Schema, call: "_Call") -> None:
+        """Submit each input batch (at most PIPELINE_DEPTH ahead); a writer thread sends the results."""
+        stop = threading.Event()
+
+        def cancelled() -> bool:
+            return stop.is_set() or self._abort.is_set() or context.is_cancelled()
+
+        embed = _submitter(model, command.input, cancelled)
         dim = int(model.info.dim)
-        batches = rows = row_errors = 0
-        for chunk in reader:
-            if context.is_cancelled():
+        results = _ResultWriter(writer, stop, lambda rows, failed: self._batch_written(call, rows, failed))
+        try:
+            for chunk in reader:
+                if context.is_cancelled():
+                    raise _Cancelled()
+                if self._abort.is_set():
+                    raise flight.FlightUnavailableError(
+                        "server is shutting down; resend the remaining batches to another server",
+                        extra_info=protocol.error_info(protocol.CODE_BUSY))
+                results.check()
+                batch = chunk.data
+                if batch is None:  # a metadata-only message
+                    continue
+                self._check_limits(batch, call.submitted)
+                self.stats.add(input_bytes=batch.nbytes)
+                results.put(self._embed_batch(embed, command, batch, out_schema, dim))
+                call.submitted += 1
+            if context.is_cancelled():  # a cancel can also end the input stream early
                 raise _Cancelled()
+            results.finish()
+        except CancelledError as exc:  # the scheduler dropped our rows: say why
             if self._abort.is_set():
                 raise flight.FlightUnavailableError(
                     "server is shutting down; resend the remaining batches to another server",
-                    extra_info=protocol.error_info(protocol.CODE_BUSY))
-            batch = chunk.data
-            if batch is None:  # a metadata-only message
-                continue
-            self._check_limits(batch, batches)
-            out, failed = self._embed_batch(embed, command, batch, out_schema, dim)
-            writer.write_batch(out)
-            batches += 1
-            rows += batch.num_rows
-            row_errors += failed
-            self.stats.add(batches=1, rows=batch.num_rows, row_errors=failed, input_bytes=batch.nbytes)
-        if context.is_cancelled():  # a cancel can also end the input stream early
-            raise _Cancelled()
-        return batches, rows, row_errors
+                    extra_info=protocol.error_info(protocol.CODE_BUSY)) from exc
+            raise _Cancelled() from exc
+        finally:
+            results.stop()
+
+    def _batch_written(self, call: "_Call", rows: int, failed: int) -> None:
+        call.batches += 1
+        call.rows += rows
+        call.row_errors += failed
+        self.stats.add(batches=1, rows=rows, row_errors=failed)
+        if self.metrics is not None:
+            self.metrics.batch_done(call.model, call.input, rows, failed)
 
     def _embed_batch(self, embed, command: protocol.EmbedCommand, batch: pa.RecordBatch,
-                     out_schema: pa.Schema, dim: int) -> tuple[pa.RecordBatch, int]:
+                     out_schema: pa.Schema, dim: int) -> Callable[[], tuple[pa.RecordBatch, int]]:
+        """Submit one input batch; returns ``collect()`` -> (output batch, row errors), which waits."""
         passthrough = [batch.column(p) for p in command.passthrough]
         n = batch.num_rows
         if n == 0:
-            return embedding_batch(passthrough, out_schema, np.zeros((0, dim), np.float32), []), 0
-        result = embed(batch.column(command.column), normalize=command.normalize)
-        embeddings, errors = result.embeddings, list(result.errors)
-        if (not isinstance(embeddings, np.ndarray) or embeddings.shape != (n, dim)
-                or embeddings.dtype != np.float32 or len(errors) != n):
-            raise RuntimeError(f"the model returned embeddings {getattr(embeddings, 'shape', None)} "
-                               f"{getattr(embeddings, 'dtype', None)} and {len(errors)} errors; "
-                               f"expected ({n}, {dim}) float32 and {n} errors")
-        if not embeddings.flags.c_contiguous:
-            embeddings = np.ascontiguousarray(embeddings)  # the engine promises C order; be safe
-        out = embedding_batch(passthrough, out_schema, embeddings, errors)
-        return out, sum(e is not None for e in errors)
+            return lambda: (embedding_batch(passthrough, out_schema, np.zeros((0, dim), np.float32), []), 0)
+        future = embed(batch.column(command.column), command.normalize)
+
+        def collect() -> tuple[pa.RecordBatch, int]:
+            result = future.result()
+            embeddings, errors = result.embeddings, list(result.errors)
+            if (not isinstance(embeddings, np.ndarray) or embeddings.shape != (n, dim)
+                    or embeddings.dtype != np.float32 or len(errors) != n):
+                raise RuntimeError(f"the model returned embeddings {getattr(embeddings, 'shape', None)} "
+                                   f"{getattr(embeddings, 'dtype', None)} and {len(errors)} errors; "
+                                   f"expected ({n}, {dim}) float32 and {n} errors")
+            if not embeddings.flags.c_contiguous:
+                embeddings = np.ascontiguousarray(embeddings)  # the engine promises C order; be safe
+            out = embedding_batch(passthrough, out_schema, embeddings, errors)
+            return out, sum(e is not None for e in errors)
+        return collect
 
     def _resolve(self, name: str | None) -> tuple[str, Any]:
         name = name or self._default
@@ -321,3 +409,87 @@ def _tiny_png(size: int = 8) -> bytes:
     raw = b"".join(b"\x00" + b"\x80" * (3 * size) for _ in range(size))
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
             + chunk(b"IEND", b""))
+
+
+class _Call:
+    """What one exchange did, for its log lines and metrics."""
+
+    def __init__(self, peer: str) -> None:
+        self.peer = peer
+        self.model = "-"          # a served name once the command resolved (bounded label values)
+        self.input = "-"
+        self.t0 = time.perf_counter()
+        self.submitted = self.batches = self.rows = self.row_errors = 0
+        self.error: str | None = None
+
+
+def _submitter(model: Any, kind: str, cancelled: Callable[[], bool]) -> Callable[[Any, bool], Future]:
+    """``submit(values, normalize) -> Future[EmbedResult]`` for a scheduler or a plain model.
+
+    Request-level faults raise from ``submit`` itself; a plain model runs synchronously.
+    """
+    if callable(getattr(model, "submit", None)):
+        return lambda values, normalize: model.submit(kind, values, normalize, cancelled)
+    embed = getattr(model, EMBED_METHODS[kind])
+
+    def run(values, normalize: bool) -> Future:
+        future: Future = Future()
+        future.set_result(embed(values, normalize=normalize))
+        return future
+    return run
+
+
+class _ResultWriter:
+    """A thread that writes the results of submitted batches in order, as each is ready."""
+
+    def __init__(self, writer, stop: threading.Event, on_written: Callable[[int, int], None]) -> None:
+        self._writer = writer
+        self._stop = stop
+        self._on_written = on_written
+        self._queue: queue.Queue = queue.Queue(maxsize=PIPELINE_DEPTH)
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="flight-result-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, collect: Callable[[], tuple[pa.RecordBatch, int]]) -> None:
+        """Queue a batch's ``collect``; waits while PIPELINE_DEPTH batches are pending."""
+        while True:
+            self.check()
+            try:
+                self._queue.put(collect, timeout=0.05)
+                return
+            except queue.Full:
+                continue
+
+    def check(self) -> None:
+        """Re-raise a failure of the writer thread in the calling thread."""
+        if self.error is not None:
+            raise self.error
+
+    def finish(self) -> None:
+        """Wait until every queued result is written; re-raise a failure."""
+        self._queue.put(None)
+        self._thread.join()
+        self.check()
+
+    def stop(self) -> None:
+        """Drop what is not written yet (the scheduler drops those rows) and end the thread."""
+        if self._thread.is_alive():
+            self._stop.set()
+            self._queue.put(None)
+            self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            collect = self._queue.get()
+            if collect is None:
+                return
+            if self.error is not None or self._stop.is_set():
+                continue  # drain without writing
+            try:
+                out, failed = collect()
+                self._writer.write_batch(out)
+                self._on_written(out.num_rows, failed)
+            except BaseException as exc:  # handed to the exchange thread by check()
+                self.error = exc
+                self._stop.set()

@@ -142,3 +142,34 @@ def test_serve_subprocess_end_to_end(tmp_path, minilm_model_dir):
     text = "".join(log)
     assert "cannot load model broken from" in text
     assert "let-me-in" not in text
+
+
+def test_limit_and_scheduler_flags_reach_the_config():
+    config = serve.config_from_args(parse([
+        "--max-image-bytes", "1000", "--max-image-pixels", "5000", "--max-tokens-per-row", "16",
+        "--batch-wait-ms", "2.5", "--metrics-port", "0", "--max-batch-rows", "64"]))
+    limits = config.limits
+    assert (limits.max_image_bytes, limits.max_image_pixels, limits.max_row_tokens) == (1000, 5000, 16)
+    assert limits.max_batch_rows == 64 and config.batch_wait_ms == 2.5 and config.metrics_port == 0
+    defaults = serve.config_from_args(parse([]))
+    assert defaults.metrics_port is None and defaults.limits.max_row_tokens is None
+    assert defaults.limits.max_image_pixels == 50_000_000 and defaults.limits.max_image_bytes == 32 * 1024 ** 2
+    with pytest.raises(ValueError, match="max_image_pixels must be a positive integer"):
+        serve.config_from_args(parse(["--max-image-pixels", "0"]))
+
+
+def test_load_models_applies_image_limits_and_make_schedulers_wraps_each(tiny_clip_dir):
+    from engine.scheduler import Scheduler
+    from flight_server.config import ServerConfig, ServerLimits
+
+    limits = ServerLimits(max_image_bytes=1234, max_image_pixels=5678)
+    models = serve.load_models({"clip": tiny_clip_dir}, "cpu", "fp32", limits)
+    assert models["clip"].image_processor.limits.max_bytes == 1234
+    assert models["clip"].image_processor.limits.max_pixels == 5678
+    scheds = serve.make_schedulers(models, ServerConfig(batch_wait_ms=1.0, limits=ServerLimits(max_row_tokens=9)))
+    try:
+        assert isinstance(scheds["clip"], Scheduler) and scheds["clip"].model is models["clip"]
+        assert scheds["clip"].config.max_wait_ms == 1.0 and scheds["clip"].config.max_row_tokens == 9
+    finally:
+        for s in scheds.values():
+            s.close()

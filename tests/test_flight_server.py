@@ -472,3 +472,84 @@ def test_real_engine_through_the_server_equals_in_process_bit_for_bit(minilm):
     local_tok = minilm.embed_tokens(pa.array(tokens, pa.list_(pa.int64())))
     assert np.array_equal(tok.column("embedding").values.to_numpy().reshape(3, -1), local_tok.embeddings)
     assert tok.column("error").to_pylist() == local_tok.errors and local_tok.errors[1] is not None
+
+
+# ---- behind the engine scheduler (as `arrowengine serve` runs it) ---------------------------
+
+def _jpeg(side: int, seed: int = 0) -> bytes:
+    import cv2
+
+    pixels = np.random.default_rng(seed).integers(0, 255, (side, side, 3), dtype=np.uint8)
+    return cv2.imencode(".jpg", pixels)[1].tobytes()
+
+
+def test_image_limits_are_row_errors_that_name_the_limit(tiny_clip_dir):
+    from engine.scheduler import Scheduler
+    from flight_server.serve import load_models
+
+    small, big = _jpeg(64), _jpeg(400, 1)
+    limits = ServerLimits(max_image_pixels=100 * 100, max_image_bytes=len(big) + 10)
+    clip = load_models({"clip": tiny_clip_dir}, "cpu", "fp32", limits)["clip"]
+    tiny_bytes = load_models({"clip": tiny_clip_dir}, "cpu", "fp32",
+                             ServerLimits(max_image_bytes=len(small) - 1))["clip"]
+    with Scheduler(clip) as s1, Scheduler(tiny_bytes) as s2, \
+            EmbeddingServer({"pixels": s1, "bytes": s2}, ServerConfig(port=0, limits=limits)) as server, \
+            flight.connect(f"grpc://127.0.0.1:{server.port}") as client:
+        images = pa.array([small, big], pa.binary())
+        (out,) = exchange(client, cmd(input="image", model="pixels"), [pa.record_batch({"image": images})])
+        (out2,) = exchange(client, cmd(input="image", model="bytes"), [pa.record_batch({"image": images})])
+    errors = out.column("error").to_pylist()
+    assert errors[0] is None and out.column("embedding")[0].is_valid
+    assert "too many pixels: 400x400 = 160000, over the limit of 10000" in errors[1]
+    assert out.column("embedding").null_count == 1
+    assert all(f"over the limit of {len(small) - 1}" in e for e in out2.column("error").to_pylist())
+
+
+def test_token_limit_is_a_row_error_and_texts_still_truncate(minilm):
+    from engine.scheduler import Scheduler, SchedulerConfig
+
+    long_text = " ".join(["word"] * 1000)
+    with Scheduler(minilm, SchedulerConfig(max_row_tokens=4)) as sched, \
+            EmbeddingServer({"minilm": sched}, ServerConfig(port=0)) as server, \
+            flight.connect(f"grpc://127.0.0.1:{server.port}") as client:
+        tokens = pa.array([[101, 7592, 102], [101, 7592, 2088, 2088, 102]], pa.list_(pa.int64()))
+        (tok,) = exchange(client, cmd(input="tokens"), [pa.record_batch({"input_ids": tokens})])
+        (txt,) = exchange(client, cmd(input="text"), [pa.record_batch({"text": [long_text]})])
+    errors = tok.column("error").to_pylist()
+    assert errors[0] is None and "5 tokens, over the limit of 4 tokens per row" in errors[1]
+    assert txt.column("error").to_pylist() == [None]  # texts are truncated by the tokenizer, not refused
+    np.testing.assert_array_equal(txt.column("embedding").values.to_numpy(),
+                                  minilm.embed_texts([long_text]).embeddings[0])
+
+
+def test_concurrent_exchanges_share_device_batches_and_get_their_own_rows(tiny_clip_dir):
+    import engine
+    from engine.scheduler import Scheduler, SchedulerConfig
+
+    clip = engine.load_model(tiny_clip_dir)
+    images = [_jpeg(96 + 8 * i, i) for i in range(24)]
+    sizes = []
+    with Scheduler(clip, SchedulerConfig(max_wait_ms=30),
+                   on_batch=lambda queue, rows, s: sizes.append(rows)) as sched, \
+            EmbeddingServer({"clip": sched}, ServerConfig(port=0)) as server:
+        results = [None] * 6
+        barrier = threading.Barrier(6)
+
+        def run(i):
+            with flight.connect(f"grpc://127.0.0.1:{server.port}") as client:
+                batches = [pa.record_batch({"image": pa.array(images[4 * i + 2 * k:4 * i + 2 * k + 2], pa.binary()),
+                                            "i": [10 * i + 2 * k, 10 * i + 2 * k + 1]}) for k in range(2)]
+                barrier.wait()
+                results[i] = exchange(client, cmd(input="image", passthrough=["i"]), batches)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    want = clip.embed_images(images).embeddings
+    for i, out in enumerate(results):
+        assert [b.column("i").to_pylist() for b in out] == [[10 * i, 10 * i + 1], [10 * i + 2, 10 * i + 3]]
+        got = np.concatenate([b.column("embedding").values.to_numpy().reshape(2, -1) for b in out])
+        np.testing.assert_allclose(got, want[4 * i:4 * i + 4], atol=1e-5, rtol=0)
+    assert sum(sizes) == 24 and max(sizes) > 2  # rows of several exchanges in one device batch

@@ -83,3 +83,12 @@ def test_length_buckets_cover_every_row_once_and_respect_budgets():
     for g in groups:
         assert len(g) <= 64
         assert len(g) * max(lengths[i] for i in g) <= 2048 or len(g) == 1
+
+
+def test_invalid_utf8_in_a_string_column_is_a_row_error(clip_tok):
+    values = pa.py_buffer(b"okbad\xff\xfe")
+    offsets = pa.py_buffer(np.array([0, 2, 7], dtype=np.int32).tobytes())
+    arr = pa.Array.from_buffers(pa.string(), 2, [None, offsets, values])
+    rows, errors = clip_tok.encode(arr)
+    assert errors[0] is None and rows[0] is not None
+    assert rows[1] is None and "UTF-8" in errors[1]

@@ -1,0 +1,1 @@
+"""ArrowEngine benchmarks: ``python -m bench`` compares ArrowEngine with HuggingFace (see bench/compare.py)."""

@@ -1,0 +1,242 @@
+"""Serving throughput: Arrow Flight end to end vs the in-process engine, and many small
+clients vs one big one, on the same JPEGs in one run.
+
+Makes a random-weight CLIP (``--geometry tiny`` for a quick run, ``b32`` for ViT-B/32),
+converts it, re-encodes ``--images`` JPEGs of 256-1024 px from tests/data/photos, starts
+``arrowengine serve`` (``python -m flight_server.serve``) as a subprocess, and measures
+(images/s, best of ``--repeat``):
+
+(a) in-process ``model.embed_images(all)`` vs one Flight client streaming batches of 32
+    (writer thread ahead of the reader), goal >= 90 %;
+(b) 8 concurrent clients each sending 4 images and waiting for their embeddings before
+    the next 4, vs 1 client doing the same with 32 at a time, goal >= 80 %.
+
+Prints one table and writes ``bench/results/serving-<hostname>.json``.
+
+    python bench/serving.py [--geometry tiny|b32] [--images 96] [--repeat 3]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import queue
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+# As `arrowengine serve` does, so the in-process baseline runs under the same OpenMP policy.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.flight as flight  # noqa: E402
+
+PHOTOS = ROOT / "tests" / "data" / "photos"
+GEOMETRIES = {  # CLIPConfig kwargs (text, vision, top)
+    "tiny": (dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
+             dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
+             dict(projection_dim=48)),
+    "b32": ({}, {}, {}),  # openai/clip-vit-base-patch32 geometry: CLIPConfig defaults
+}
+PREPROCESSOR = {"do_resize": True, "size": {"shortest_edge": 224}, "do_center_crop": True,
+                "crop_size": {"height": 224, "width": 224}, "do_rescale": True, "rescale_factor": 1 / 255,
+                "do_normalize": True, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                "image_std": [0.26862954, 0.26130258, 0.27577711], "do_convert_rgb": True}
+
+
+def make_model(out: Path, geometry: str) -> Path:
+    """A random-weight HF CLIPModel (seed 0) converted to an ArrowEngine model directory."""
+    import torch
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import CLIPConfig, CLIPModel
+
+    from convert.pipeline import convert_checkpoint
+
+    text, vision, top = GEOMETRIES[geometry]
+    hf = out / "hf"
+    torch.manual_seed(0)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, **top)).eval().save_pretrained(str(hf))
+    (hf / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR))
+    # The bench embeds images only; the engine still wants a tokenizer file to load.
+    Tokenizer(WordLevel({"<|endoftext|>": 0}, unk_token="<|endoftext|>")).save(str(hf / "tokenizer.json"))
+    convert_checkpoint(hf, out / "model", progress=False)
+    return out / "model"
+
+
+def make_images(count: int) -> list[bytes]:
+    """``count`` JPEGs (quality 90) cut from the test photos, long side 256..1024 px."""
+    photos = [cv2.imread(str(p), cv2.IMREAD_COLOR) for p in sorted(PHOTOS.iterdir())
+              if p.suffix in (".png", ".jpg")]
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(count):
+        pic = photos[i % len(photos)]
+        h, w = pic.shape[:2]
+        y, x = rng.integers(0, h // 4), rng.integers(0, w // 4)
+        crop = pic[y:, x:]
+        side = int(rng.integers(256, 1025))
+        scale = side / max(crop.shape[:2])
+        size = (max(1, round(crop.shape[1] * scale)), max(1, round(crop.shape[0] * scale)))
+        crop = cv2.resize(crop, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC)
+        out.append(cv2.imencode(".jpg", crop, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes())
+    return out
+
+
+def start_server(model_dir: Path, wait_ms: float) -> tuple[subprocess.Popen, int]:
+    cmd = [sys.executable, "-m", "flight_server.serve", "--port", "0", "--model", f"clip={model_dir}",
+           "--batch-wait-ms", str(wait_ms), "--max-concurrent", "16"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True).start()
+    port, deadline = None, time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=0.5)
+        except queue.Empty:
+            if proc.poll() is not None:
+                break
+            continue
+        match = re.search(r"listening on grpc\+tcp://[^:]+:(\d+) ", line)
+        port = int(match.group(1)) if match else port
+        if port and re.search(r"\bready$", line.strip()):
+            threading.Thread(target=lambda: [None for _ in iter(lines.get, None)], daemon=True).start()
+            return proc, port
+    proc.kill()
+    raise RuntimeError("the server did not get ready within 120 s")
+
+
+def command() -> flight.FlightDescriptor:
+    return flight.FlightDescriptor.for_command(json.dumps({"model": "clip", "input": "image"}).encode())
+
+
+def stream(port: int, images: pa.Array, rows: int) -> np.ndarray:
+    """One client, one exchange: a writer thread streams ``rows``-image batches; we read results."""
+    with flight.connect(f"grpc://127.0.0.1:{port}") as client:
+        writer, reader = client.do_exchange(command())
+        batches = [pa.record_batch({"image": images.slice(s, rows)}) for s in range(0, len(images), rows)]
+
+        def write() -> None:
+            writer.begin(batches[0].schema)
+            for batch in batches:
+                writer.write_batch(batch)
+            writer.done_writing()
+
+        t = threading.Thread(target=write)
+        t.start()
+        out = [chunk.data.column("embedding").values.to_numpy() for chunk in reader]
+        t.join()
+        writer.close()
+    return np.concatenate(out).reshape(len(images), -1)
+
+
+def lockstep(port: int, images: pa.Array, rows: int) -> np.ndarray:
+    """One client: send ``rows`` images, wait for their embeddings, send the next ``rows``."""
+    out = []
+    with flight.connect(f"grpc://127.0.0.1:{port}") as client:
+        writer, reader = client.do_exchange(command())
+        writer.begin(pa.schema([("image", pa.binary())]))
+        for s in range(0, len(images), rows):
+            writer.write_batch(pa.record_batch({"image": images.slice(s, rows)}))
+            out.append(reader.read_chunk().data.column("embedding").values.to_numpy())
+        writer.done_writing()
+        writer.close()
+    return np.concatenate(out).reshape(len(images), -1)
+
+
+def clients(port: int, images: pa.Array, n: int, rows: int) -> np.ndarray:
+    """``n`` concurrent lockstep clients, each with an equal share of the images."""
+    share = len(images) // n
+    results: list = [None] * n
+    barrier = threading.Barrier(n)
+
+    def run(i: int) -> None:
+        barrier.wait()
+        results[i] = lockstep(port, images.slice(i * share, share), rows)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return np.concatenate(results)
+
+
+def best_rate(fn, count: int, repeat: int) -> tuple[float, np.ndarray]:
+    """Best images/s over ``repeat`` timed runs (after one warm-up run), and the last output."""
+    out = fn()
+    rates = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = fn()
+        rates.append(count / (time.perf_counter() - t0))
+    return max(rates), out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--geometry", choices=sorted(GEOMETRIES), default="tiny")
+    ap.add_argument("--images", type=int, default=None, help="default: 128 (tiny) or 64 (b32)")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--batch-wait-ms", type=float, default=5.0)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    count = args.images or (128 if args.geometry == "tiny" else 64)
+    count -= count % 32
+    import engine
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = make_model(Path(tmp), args.geometry)
+        images = pa.array(make_images(count), pa.binary())
+        model = engine.load_model(model_dir)
+        local_rate, local = best_rate(lambda: model.embed_images(images).embeddings, count, args.repeat)
+        model.image_processor.close()
+        del model
+        proc, port = start_server(model_dir, args.batch_wait_ms)
+        try:
+            flight_rate, via_flight = best_rate(lambda: stream(port, images, 32), count, args.repeat)
+            one_rate, one = best_rate(lambda: lockstep(port, images, 32), count, args.repeat)
+            many_rate, many = best_rate(lambda: clients(port, images, 8, 4), count, args.repeat)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    diff = max(float(np.abs(x - local).max()) for x in (via_flight, one, many))
+    rows = [("in-process engine, embed_images(all)", local_rate, None),
+            ("Flight, 1 client streaming 32/batch", flight_rate, flight_rate / local_rate),
+            ("Flight, 1 client 32 at a time (lockstep)", one_rate, None),
+            ("Flight, 8 clients 4 at a time (lockstep)", many_rate, many_rate / one_rate)]
+    print(f"\nCLIP {args.geometry}, {count} JPEGs 256-1024 px, {os.cpu_count()} CPUs, best of {args.repeat}")
+    print(f"{'case':44s} {'img/s':>8s} {'ratio':>7s}")
+    for name, rate, ratio in rows:
+        print(f"{name:44s} {rate:8.1f} {'' if ratio is None else f'{ratio:6.1%}':>7s}")
+    print(f"(a) Flight / in-process = {flight_rate / local_rate:.1%} (goal >= 90%)")
+    print(f"(b) 8x4 / 1x32          = {many_rate / one_rate:.1%} (goal >= 80%)")
+    print(f"max |embedding - in-process| over all Flight runs: {diff:.2e}")
+    result = {
+        "host": socket.gethostname(), "python": platform.python_version(), "cpus": os.cpu_count(),
+        "geometry": args.geometry, "images": count, "repeat": args.repeat, "batch_wait_ms": args.batch_wait_ms,
+        "images_per_s": {"in_process": local_rate, "flight_stream_32": flight_rate,
+                         "flight_1_client_32": one_rate, "flight_8_clients_4": many_rate},
+        "flight_vs_in_process": flight_rate / local_rate, "8x4_vs_1x32": many_rate / one_rate,
+        "max_abs_diff_vs_in_process": diff,
+    }
+    out = Path(__file__).parent / "results" / f"serving-{socket.gethostname()}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""``arrowengine embed INPUT OUTPUT --kind image|text|tokens ...``: a resumable bulk embedding job.
+
+INPUT is a Parquet file, a folder of Parquet files, or (--kind image) a folder of image
+files. OUTPUT is a folder of Parquet shards (part-00000.parquet, ...) plus _job.json:
+passthrough columns (image folders: path), embedding, error. Without --server the engine
+runs in this process; with one or more --server the servers share the batches, and a
+server that dies hands its batches to the others. After a crash or kill, run the same
+command with --resume.
+
+Examples:
+  arrowengine embed texts.parquet out/ --kind text --passthrough id
+  arrowengine embed photos/ out/ --kind image --model ~/models/clip-b32
+  arrowengine embed photos/ out/ --kind image --model clip --server grpc://h1:8815 --server grpc://h2:8815
+  arrowengine embed photos/ out/ --kind image --model clip --server grpc://h1:8815 --resume
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+from flight_server import protocol
+
+log = logging.getLogger("arrowengine.embed")
+
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")
+
+
+def add_parsers(subparsers: Any) -> None:
+    """Register the ``embed`` subcommand (``func=run``) on an argparse subparsers object."""
+    parser = subparsers.add_parser("embed", help="embed a Parquet dataset or a folder of images (resumable)",
+                                   description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``embed``."""
+    parser.add_argument("input", type=Path, metavar="INPUT", help="Parquet file or folder, or folder of images")
+    parser.add_argument("output", type=Path, metavar="OUTPUT", help="output folder of Parquet shards")
+    parser.add_argument("--kind", required=True, choices=protocol.INPUT_KINDS, help="what the input column holds")
+    parser.add_argument("--column", default=None,
+                        help="input column (default: image / text / input_ids by --kind)")
+    parser.add_argument("--model", default=None,
+                        help="with --server: the served model name (default: the server's default); "
+                             "in-process: a model directory or a name in the model cache")
+    parser.add_argument("--server", action="append", default=[], metavar="URI",
+                        help="Flight server, e.g. grpc://127.0.0.1:8815 (repeatable: they share the work)")
+    parser.add_argument("--batch-rows", type=int, default=64, help="rows per batch (default %(default)s)")
+    parser.add_argument("--shard-rows", type=int, default=8192,
+                        help="rows per output shard, rounded up to whole batches (default %(default)s)")
+    parser.add_argument("--resume", action="store_true", help="continue the job already in OUTPUT")
+    parser.add_argument("--passthrough", nargs="+", action="extend", default=[], metavar="COL",
+                        help="input columns to copy into the output")
+    parser.add_argument("--no-normalize", action="store_true", help="do not L2-normalize the embeddings")
+    parser.add_argument("--token-file", type=Path, default=None, help="file holding the servers' bearer token")
+    parser.add_argument("--tls-root-certs", type=Path, default=None,
+                        help="PEM file of the CA that signed the servers' certificates")
+    parser.add_argument("--device", default="cpu", help="in-process only: cpu or cuda[:n] (default cpu)")
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS, help="in-process only (default fp32)")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="in-process model cache (default $ARROWENGINE_CACHE or ~/.cache/arrowengine/models)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def config_from_args(args: argparse.Namespace) -> Any:
+    """Build the JobConfig (reads the token file); raises ValueError with what to fix."""
+    from flight_client.jobs import JobConfig
+
+    token = None
+    if args.token_file is not None:
+        try:
+            token = args.token_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ValueError(f"cannot read --token-file {args.token_file}: {exc}") from exc
+        if not token:
+            raise ValueError(f"--token-file {args.token_file} is empty; put the token in it")
+    if args.tls_root_certs is not None and not args.tls_root_certs.is_file():
+        raise ValueError(f"--tls-root-certs {args.tls_root_certs}: no such file")
+    if args.server and (args.device != "cpu" or args.precision != "fp32"):
+        log.warning("--device and --precision apply in-process only; the servers use their own")
+    return JobConfig(input=args.input, output=args.output, kind=args.kind, column=args.column,
+                     model=args.model, servers=tuple(args.server), batch_rows=args.batch_rows,
+                     shard_rows=args.shard_rows, resume=args.resume, passthrough=tuple(args.passthrough),
+                     normalize=not args.no_normalize, token=token, tls_root_certs=args.tls_root_certs,
+                     device=args.device, precision=args.precision, cache_dir=args.cache_dir,
+                     progress=not args.no_progress)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the job; 0 when complete, 1 when it stopped (resumable), 2 on bad arguments, 130 on Ctrl-C."""
+    from flight_client.jobs import JobError, run_job
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
+    try:
+        run_job(config)
+    except JobError as exc:
+        log.error("%s", exc)
+        return 1
+    except KeyboardInterrupt:
+        log.error("interrupted; the finished shards are kept: rerun the same command with --resume")
+        return 130
+    return 0

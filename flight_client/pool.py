@@ -1,0 +1,236 @@
+"""Embedders (in-process engine or a Flight server) and the pool that shares batches among them.
+
+:class:`EndpointPool` runs one worker thread per embedder, each with one batch in flight,
+takes batches from a shared queue (so faster endpoints take more) and hands results back
+in input order. When an endpoint fails (connection refused, server gone, internal error)
+its batch goes back to the front of the queue for the others; after ``max_failures``
+failures in a row the endpoint is retired. When every endpoint is retired the pool raises
+:class:`AllEndpointsFailed`. A request-level fault (bad column, unknown model) would fail
+on every server alike, so it stops the job at once.
+
+Imports only pyarrow and numpy; the engine is handed in already loaded.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Protocol, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.flight as flight
+
+from flight_client.client import EmbeddingClient
+from flight_server import protocol
+
+log = logging.getLogger(__name__)
+
+EMBED_METHODS = {"image": "embed_images", "text": "embed_texts", "tokens": "embed_tokens"}
+FATAL_CODES = (protocol.CODE_INVALID, protocol.CODE_NOT_FOUND, protocol.CODE_LIMIT)
+
+
+class AllEndpointsFailed(RuntimeError):
+    """Every endpoint of the pool failed; the message lists each one's last error."""
+
+
+class Embedder(Protocol):
+    """Something that embeds one column: ``embed(array) -> (embedding array, errors)``."""
+
+    name: str
+
+    def describe(self) -> dict[str, Any]:
+        """Model metadata (keys of ``protocol.METADATA_KEYS``)."""
+
+    def embed(self, column: pa.Array) -> tuple[pa.Array, list[str | None]]:
+        """``fixed_size_list<float32>[D]`` (null where a row failed) and one error per row."""
+
+
+def embedding_array(embeddings: np.ndarray, errors: Sequence[str | None]) -> pa.FixedSizeListArray:
+    """Wrap (N, D) float32 as ``fixed_size_list<float32>[D]`` without a copy; failed rows null."""
+    n, dim = embeddings.shape  # (N, D)
+    embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
+    values = pa.Array.from_buffers(pa.float32(), n * dim, [None, pa.py_buffer(embeddings)])
+    failed = [e is not None for e in errors]
+    mask = pa.array(failed, type=pa.bool_()) if any(failed) else None
+    return pa.FixedSizeListArray.from_arrays(values, type=protocol.embedding_type(dim), mask=mask)
+
+
+class LocalEmbedder:
+    """The engine in this process (``engine.load_model(...)`` result)."""
+
+    def __init__(self, model: Any, kind: str, normalize: bool = True, name: str = "in-process") -> None:
+        self.model = model
+        self.kind = kind
+        self.normalize = normalize
+        self.name = name
+        self._embed = getattr(model, EMBED_METHODS[kind])
+
+    def describe(self) -> dict[str, Any]:
+        return protocol.model_metadata(self.model.info.name, self.model.info, default=True)
+
+    def embed(self, column: pa.Array) -> tuple[pa.Array, list[str | None]]:
+        result = self._embed(column, normalize=self.normalize)
+        errors = list(result.errors)
+        return embedding_array(result.embeddings, errors), errors
+
+
+class FlightEmbedder:
+    """One ArrowEngine Flight server; each batch is one ``do_exchange``."""
+
+    def __init__(self, location: str, kind: str, model: str | None = None, normalize: bool = True,
+                 token: str | None = None, tls_root_certs: bytes | str | Path | None = None,
+                 timeout_s: float | None = None) -> None:
+        self.name = location
+        self.kind = kind
+        self.model = model
+        self.normalize = normalize
+        self.column = protocol.DEFAULT_COLUMNS[kind]
+        # No client-side retries: the pool retries, on another endpoint when it can.
+        self.client = EmbeddingClient(location, token=token, tls_root_certs=tls_root_certs, retries=0,
+                                      batch_rows=2 ** 31, batch_bytes=2 ** 62, timeout_s=timeout_s)
+
+    def describe(self) -> dict[str, Any]:
+        models = self.client.models()
+        for meta in models:
+            if meta["name"] == self.model or (self.model is None and meta.get("default")):
+                return meta
+        raise LookupError(f"server {self.name} does not serve model {self.model!r}; it serves "
+                          f"{[m['name'] for m in models]}; pick one with --model")
+
+    def embed(self, column: pa.Array) -> tuple[pa.Array, list[str | None]]:
+        table = pa.table({self.column: column})
+        result = self.client.embed_table(table, column=self.column, kind=self.kind, model=self.model,
+                                         normalize=self.normalize)
+        return (result.column(protocol.EMBEDDING_FIELD).combine_chunks(),
+                result.column(protocol.ERROR_FIELD).to_pylist())
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def is_fatal(exc: BaseException) -> bool:
+    """Whether a failure would happen on any endpoint (stop the job) rather than on this one."""
+    if isinstance(exc, flight.FlightError):
+        return protocol.error_code(exc) in FATAL_CODES
+    return not isinstance(exc, (OSError, pa.ArrowException))
+
+
+class EndpointPool:
+    """Share batches among embedders; results come back in input order.
+
+    Args:
+        embedders: one worker thread each, one batch in flight each.
+        max_failures: failures in a row after which an endpoint is retired.
+        backoff_s: first pause of a failed endpoint before it takes work again (doubles).
+        fatal: decides which exceptions stop the job (default :func:`is_fatal`).
+    """
+
+    def __init__(self, embedders: Sequence[Any], max_failures: int = 3, backoff_s: float = 0.25,
+                 fatal: Any = is_fatal) -> None:
+        if not embedders:
+            raise ValueError("the pool needs at least one embedder")
+        self.embedders = list(embedders)
+        self.max_failures = max_failures
+        self.backoff_s = backoff_s
+        self._is_fatal = fatal
+        self._cond = threading.Condition()
+        self._queue: collections.deque = collections.deque()
+        self._results: dict[int, tuple[pa.Array, list[str | None]]] = {}
+        self._fatal: BaseException | None = None
+        self._dead: dict[str, BaseException] = {}
+        self._closed = False
+        self.batches_done = collections.Counter()  # endpoint name -> batches embedded
+        self.requeued = 0
+
+    def map(self, items: Iterable[tuple[Any, pa.Array]]) -> Iterator[tuple[Any, pa.Array, list[str | None]]]:
+        """Embed ``(payload, column)`` items; yields ``(payload, embeddings, errors)`` in input order."""
+        workers = [threading.Thread(target=self._work, args=(e,), name=f"embed-{i}", daemon=True)
+                   for i, e in enumerate(self.embedders)]
+        for worker in workers:
+            worker.start()
+        source = iter(items)
+        payloads: dict[int, Any] = {}
+        window = 2 * len(self.embedders)
+        sent = done = 0
+        exhausted = False
+        try:
+            while True:
+                if not exhausted and sent - done < window:
+                    item = next(source, None)  # reading the input happens outside the lock
+                    if item is None:
+                        exhausted = True
+                        continue
+                    payloads[sent] = item[0]
+                    with self._cond:
+                        self._queue.append((sent, item[1]))
+                        self._cond.notify_all()
+                    sent += 1
+                    continue
+                if exhausted and done == sent:
+                    return
+                with self._cond:
+                    while done not in self._results and self._fatal is None and self._alive():
+                        self._cond.wait(0.5)
+                    result = self._results.pop(done, None)
+                    if result is None:
+                        raise self._failure()
+                yield payloads.pop(done), result[0], result[1]
+                done += 1
+        finally:
+            with self._cond:
+                self._closed = True
+                self._cond.notify_all()
+            for worker in workers:
+                worker.join(timeout=1.0)
+
+    def _alive(self) -> bool:
+        return len(self._dead) < len(self.embedders)
+
+    def _failure(self) -> BaseException:
+        if self._fatal is not None:
+            return self._fatal
+        reasons = "; ".join(f"{name}: {type(exc).__name__}: {exc}" for name, exc in self._dead.items())
+        return AllEndpointsFailed(f"all {len(self.embedders)} endpoint(s) failed ({reasons}); the finished "
+                                  "shards are kept: bring a server back and rerun with --resume")
+
+    def _work(self, embedder: Any) -> None:
+        failures = 0
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed and self._fatal is None:
+                    self._cond.wait()
+                if self._closed or self._fatal is not None:
+                    return
+                seq, column = self._queue.popleft()
+            try:
+                result = embedder.embed(column)
+            except Exception as exc:
+                if self._is_fatal(exc):
+                    with self._cond:
+                        self._fatal = exc
+                        self._cond.notify_all()
+                    return
+                failures += 1
+                with self._cond:
+                    self._queue.appendleft((seq, column))  # first in line for the other endpoints
+                    self.requeued += 1
+                    if failures >= self.max_failures:
+                        self._dead[embedder.name] = exc
+                    self._cond.notify_all()
+                if failures >= self.max_failures:
+                    log.error("endpoint %s retired after %d failures in a row: %s", embedder.name,
+                              failures, exc)
+                    return
+                delay = self.backoff_s * 2 ** (failures - 1)
+                log.warning("endpoint %s failed (%s: %s); its batch goes back to the queue; "
+                            "retrying it in %.2fs", embedder.name, type(exc).__name__, exc, delay)
+                time.sleep(delay)
+                continue
+            failures = 0
+            with self._cond:
+                self._results[seq] = result
+                self.batches_done[embedder.name] += 1
+                self._cond.notify_all()

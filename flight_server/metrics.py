@@ -1,0 +1,106 @@
+"""Prometheus metrics of the Flight server, served over HTTP on ``--metrics-port``.
+
+Uses ``prometheus_client`` (pure Python, no dependencies) with a registry of its own per
+server, so several servers in one process (tests) do not collide. Scrape
+``http://HOST:PORT/metrics``. What is exported (all prefixed ``arrowengine_``):
+
+==============================  =========  ==========================================
+name                            type       labels
+==============================  =========  ==========================================
+requests_total                  counter    model, input, outcome (ok|failed|cancelled)
+rejected_total                  counter    reason (busy|draining)
+rows_total                      counter    model, input
+row_errors_total                counter    model, input
+request_seconds                 histogram  model, input (whole exchange)
+batch_rows                      histogram  model, queue (image|text; device batches)
+batch_seconds                   histogram  model, queue (device compute per batch)
+queue_rows                      gauge      model, queue (rows waiting for the device)
+active_exchanges                gauge      -
+==============================  =========  ==========================================
+
+Label values are bounded: ``model`` is a served name (or ``-`` before the command named
+one), ``input`` one of the protocol's input kinds.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import start_wsgi_server
+
+log = logging.getLogger(__name__)
+
+UNKNOWN = "-"
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class ServerMetrics:
+    """The server's metrics; :meth:`serve` exposes them over HTTP."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("arrowengine_requests", "do_exchange calls by outcome",
+                                ["model", "input", "outcome"], registry=r)
+        self.rejected = Counter("arrowengine_rejected", "exchanges refused before any work",
+                                ["reason"], registry=r)
+        self.rows = Counter("arrowengine_rows", "rows embedded (including row errors)",
+                            ["model", "input"], registry=r)
+        self.row_errors = Counter("arrowengine_row_errors", "rows that failed (null embedding + error)",
+                                  ["model", "input"], registry=r)
+        self.request_seconds = Histogram("arrowengine_request_seconds", "whole-exchange latency",
+                                         ["model", "input"], buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_rows = Histogram("arrowengine_batch_rows", "rows per device batch (scheduler)",
+                                    ["model", "queue"], buckets=BATCH_BUCKETS, registry=r)
+        self.batch_seconds = Histogram("arrowengine_batch_seconds", "device compute per batch",
+                                       ["model", "queue"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_rows = Gauge("arrowengine_queue_rows", "rows waiting for the device",
+                                ["model", "queue"], registry=r)
+        self.active = Gauge("arrowengine_active_exchanges", "exchanges in progress", registry=r)
+        self._httpd = None
+
+    def watch_model(self, name: str, model: Any) -> None:
+        """Hook a served model's scheduler, if it has one (``on_batch`` / ``queue_depth``)."""
+        if hasattr(model, "on_batch"):
+            model.on_batch = self.batch_observer(name)
+        if hasattr(model, "queue_depth"):
+            for queue in model.queue_depth():
+                self.queue_rows.labels(name, queue).set_function(_depth(model, queue))
+
+    def batch_observer(self, name: str) -> Callable[[str, int, float], None]:
+        """An ``on_batch(queue, rows, seconds)`` callback for the scheduler of model ``name``."""
+        def observe(queue: str, rows: int, seconds: float) -> None:
+            self.batch_rows.labels(name, queue).observe(rows)
+            self.batch_seconds.labels(name, queue).observe(seconds)
+        return observe
+
+    def request_done(self, model: str, kind: str, outcome: str, seconds: float) -> None:
+        """Count one finished exchange."""
+        self.requests.labels(model, kind, outcome).inc()
+        self.request_seconds.labels(model, kind).observe(seconds)
+
+    def batch_done(self, model: str, kind: str, rows: int, row_errors: int) -> None:
+        """Count one output batch."""
+        self.rows.labels(model, kind).inc(rows)
+        if row_errors:
+            self.row_errors.labels(model, kind).inc(row_errors)
+
+    def serve(self, host: str, port: int, tls_files: Mapping[str, str] | None = None) -> int:
+        """Serve ``/metrics`` on a daemon thread; returns the bound port (``port`` 0: any free one)."""
+        self._httpd, _ = start_wsgi_server(port, addr=host, registry=self.registry, **(tls_files or {}))
+        bound = int(self._httpd.server_port)
+        log.info("metrics on %s://%s:%d/metrics", "https" if tls_files else "http", host, bound)
+        return bound
+
+    def close(self) -> None:
+        """Stop the HTTP endpoint."""
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
+
+
+def _depth(model: Any, queue: str) -> Callable[[], float]:
+    return lambda: float(model.queue_depth().get(queue, 0))
