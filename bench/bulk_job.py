@@ -1,7 +1,7 @@
 """Bulk job throughput: ``arrowengine embed`` over a folder of images, in-process vs 1 vs 2 servers.
 
 Makes ``--images`` JPEGs (random crops of tests/data/photos, longest side 256-1024 px,
-seed 0), a tiny CLIP (tests/checkpoints.make_clip_checkpoint, converted) unless ``--model
+seed 0), a tiny CLIP (bench/data.make_random_clip, converted) unless ``--model
 DIR`` names a converted model, starts two servers as subprocesses (``python -m
 flight_server.serve --model bench=DIR --port 0``), then times in this one run:
 
@@ -71,12 +71,12 @@ def make_images(folder: Path, count: int, seed: int = 0) -> int:
 
 
 def make_model(folder: Path) -> Path:
-    sys.path.insert(0, str(ROOT / "tests"))
-    from checkpoints import make_clip_checkpoint
+    sys.path.insert(0, str(ROOT))
+    from bench.data import make_random_clip
 
     from convert.pipeline import convert_checkpoint
 
-    source = make_clip_checkpoint(folder / "hf", "tiny")
+    source = make_random_clip(folder / "hf", "tiny")
     convert_checkpoint(source, folder / "model", progress=False)
     return folder / "model"
 
@@ -184,7 +184,7 @@ def main() -> None:
     doc = {"bench": "bulk_job", "host": host, "platform": platform.platform(), "cpus": os.cpu_count(),
            "load_average": os.getloadavg(), "repeat": args.repeat, "images": args.images,
            "image_bytes": image_bytes, "batch_rows": args.batch_rows,
-           "model": str(args.model or "tiny CLIP (tests/checkpoints.py)"),
+           "model": str(args.model or "tiny CLIP (bench/data.py)"),
            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "results": results}
     path = ROOT / "bench" / "results" / f"bulk_job-{host}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

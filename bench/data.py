@@ -88,11 +88,16 @@ def make_random_clip(out: Path, geometry: str = "b32", seed: int = 0) -> Path:
     import torch
     from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
-    vision = {"patch_size": 16} if geometry == "b16" else {}
+    text: dict = {}
+    vision: dict = {"patch_size": 16} if geometry == "b16" else {}
+    top: dict = {}
+    if geometry == "tiny":  # a small, fast CLIP for pipeline benchmarks (not for model speed)
+        small = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+        text, vision, top = dict(small), dict(small, patch_size=32), {"projection_dim": 48}
     tmp = out.with_name(out.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    CLIPModel(CLIPConfig(vision_config=vision)).eval().save_pretrained(str(tmp))
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, **top)).eval().save_pretrained(str(tmp))
     vocab, merges = _clip_vocab_and_merges()
     CLIPTokenizer(vocab=vocab, merges=list(merges), model_max_length=77).save_pretrained(str(tmp))
     _write_preprocessor_config(tmp, 224)

@@ -46,8 +46,19 @@ def check_precision(precision: str, device: torch.device) -> None:
         raise PrecisionError(f"precision {precision!r} is unknown; expected one of {', '.join(PRECISIONS)}")
     if precision == "fp16" and device.type == "cpu":
         raise PrecisionError("precision 'fp16' needs a CUDA device; on CPU use 'bf16' (or 'fp32', 'int8')")
+    if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        log.warning("this CPU has no native bf16 (AVX-512 BF16 or AMX): bf16 matmuls are emulated and much "
+                    "slower than fp32; use precision='int8' or 'fp32' for speed (bf16 still halves weight memory)")
     if precision == "int8" and device.type != "cpu":
         raise PrecisionError("precision 'int8' (dynamic quantization) runs on CPU only; on CUDA use 'fp16' or 'bf16'")
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when oneDNN can run bf16 matmuls natively on this CPU."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def assign_weights(net: nn.Module, state: dict[str, torch.Tensor], where: Path) -> None:

@@ -156,17 +156,25 @@ def _token_values(tokens) -> list:
     return rows
 
 
-def length_buckets(lengths: Sequence[int], max_rows: int, max_tokens: int) -> list[np.ndarray]:
-    """Group row indices by length so each group pads little: sort, then cut where
-    rows x longest would pass ``max_tokens`` or rows would pass ``max_rows``."""
+def length_buckets(lengths: Sequence[int], max_rows: int, max_tokens: int,
+                   max_padding: float = 0.1, min_rows: int = 8) -> list[np.ndarray]:
+    """Group row indices by length so each group pads little.
+
+    Sort by length, then cut before a row where the group would pass ``max_rows`` rows or
+    ``max_tokens`` padded tokens (rows x longest), or where padding would pass
+    ``max_padding`` of the real tokens once the group has ``min_rows`` rows.
+    """
     order = np.argsort(np.asarray(lengths), kind="stable")
-    groups, start = [], 0
-    for j in range(1, len(order) + 1):
-        if j == len(order):
-            groups.append(order[start:j])
-            break
+    groups, start, real = [], 0, 0
+    for j in range(len(order)):
+        n = lengths[order[j]]
         rows = j + 1 - start
-        if rows > max_rows or rows * lengths[order[j]] > max_tokens:
+        padded = rows * n
+        if j > start and (rows > max_rows or padded > max_tokens
+                          or (rows > min_rows and padded > (1 + max_padding) * (real + n))):
             groups.append(order[start:j])
-            start = j
+            start, real = j, 0
+        real += n
+    if start < len(order):
+        groups.append(order[start:])
     return groups

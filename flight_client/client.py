@@ -136,6 +136,19 @@ class EmbeddingClient:
         """The server's counters."""
         return self._action(protocol.ACTION_STATS)
 
+    def endpoints(self, model: str | None = None) -> list[str]:
+        """URIs the server advertises for ``model`` (default: its default model) in get_flight_info.
+
+        A cluster's servers can each advertise the others (``serve --advertise``), so one known
+        address is enough to find them all.
+        """
+        def call() -> list[str]:
+            name = model or self.models()[0]["name"]
+            info = self._client.get_flight_info(flight.FlightDescriptor.for_path(name), self._options)
+            return list(dict.fromkeys(loc.uri.decode() if isinstance(loc.uri, bytes) else str(loc.uri)
+                                      for ep in info.endpoints for loc in ep.locations))
+        return self._with_retries(call)
+
     def _action(self, name: str) -> Any:
         def call() -> Any:
             results = list(self._client.do_action(flight.Action(name, b""), self._options))

@@ -55,6 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--passthrough", nargs="+", action="extend", default=[], metavar="COL",
                         help="input columns to copy into the output")
     parser.add_argument("--no-normalize", action="store_true", help="do not L2-normalize the embeddings")
+    parser.add_argument("--discover", action="store_true",
+                        help="with --server: also use every endpoint the servers advertise in get_flight_info")
     parser.add_argument("--token-file", type=Path, default=None, help="file holding the servers' bearer token")
     parser.add_argument("--tls-root-certs", type=Path, default=None,
                         help="PEM file of the CA that signed the servers' certificates")
@@ -81,12 +83,30 @@ def config_from_args(args: argparse.Namespace) -> Any:
         raise ValueError(f"--tls-root-certs {args.tls_root_certs}: no such file")
     if args.server and (args.device != "cpu" or args.precision != "fp32"):
         log.warning("--device and --precision apply in-process only; the servers use their own")
+    servers = tuple(args.server)
+    if args.discover:
+        servers = discover_servers(servers, args.model, token, args.tls_root_certs)
     return JobConfig(input=args.input, output=args.output, kind=args.kind, column=args.column,
-                     model=args.model, servers=tuple(args.server), batch_rows=args.batch_rows,
+                     model=args.model, servers=servers, batch_rows=args.batch_rows,
                      shard_rows=args.shard_rows, resume=args.resume, passthrough=tuple(args.passthrough),
                      normalize=not args.no_normalize, token=token, tls_root_certs=args.tls_root_certs,
                      device=args.device, precision=args.precision, cache_dir=args.cache_dir,
                      progress=not args.no_progress)
+
+
+def discover_servers(servers: tuple[str, ...], model: str | None, token: str | None,
+                     tls_root_certs: Path | None) -> tuple[str, ...]:
+    """The given servers plus every endpoint they advertise for ``model`` (order kept, no repeats)."""
+    from flight_client.client import EmbeddingClient
+
+    found = list(servers)
+    for uri in servers:
+        try:
+            with EmbeddingClient(uri, token=token, tls_root_certs=tls_root_certs, retries=0) as client:
+                found += client.endpoints(model)
+        except Exception as exc:  # an unreachable server is the pool's problem, not discovery's
+            log.warning("could not ask %s for endpoints: %s", uri, exc)
+    return tuple(dict.fromkeys(found))
 
 
 def run(args: argparse.Namespace) -> int:

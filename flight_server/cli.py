@@ -18,20 +18,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     from convert.cli import add_parsers as add_convert
+    from flight_client.embed_cli import add_parsers as add_embed
+    from flight_server.serve import add_parsers as add_serve
 
     add_convert(sub)
-    try:
-        from flight_server.serve import add_parsers as add_serve
-    except ImportError:  # the server module is optional while it is being built
-        add_serve = None
-    if add_serve is not None:
-        add_serve(sub)
-    try:
-        from flight_client.embed_cli import add_parsers as add_embed
-    except ImportError:
-        add_embed = None
-    if add_embed is not None:
-        add_embed(sub)
+    add_serve(sub)
+    add_embed(sub)
     return parser
 
 

@@ -46,6 +46,7 @@ class ServerConfig:
     shutdown_grace_s: float = 10.0         # in-flight exchanges get this long on shutdown
     batch_wait_ms: float = 5.0             # a partial device batch waits this long for other clients' rows
     metrics_port: int | None = None        # serve Prometheus /metrics on host:port (0: any free port)
+    advertise: tuple[str, ...] = ()        # URIs FlightInfo endpoints name (default: the bound address)
 
     def __post_init__(self) -> None:
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:

@@ -79,6 +79,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-port", type=int, default=None,
                         help="serve Prometheus metrics at http://HOST:PORT/metrics (https with --tls-*); "
                              "off by default; 0 picks a free port")
+    parser.add_argument("--advertise", action="append", default=[], metavar="URI",
+                        help="a URI clients should use to reach this server, listed as an endpoint in "
+                             "get_flight_info / list_flights (repeatable; default: the bound address)")
     parser.add_argument("--shutdown-grace", type=float, default=10.0,
                         help="seconds in-flight exchanges get on SIGINT/SIGTERM (default %(default)s)")
 
@@ -103,7 +106,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(host=args.host, port=args.port, limits=limits, auth_token=token,
                         tls_cert=args.tls_cert, tls_key=args.tls_key, insecure=args.insecure,
                         shutdown_grace_s=args.shutdown_grace, batch_wait_ms=args.batch_wait_ms,
-                        metrics_port=args.metrics_port)
+                        metrics_port=args.metrics_port, advertise=tuple(args.advertise))
 
 
 def parse_model_specs(specs: Sequence[str]) -> dict[str, Path]:

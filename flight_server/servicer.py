@@ -355,9 +355,22 @@ class EmbeddingServer(flight.FlightServerBase):
     def _flight_info(self, name: str) -> flight.FlightInfo:
         model = self._models[name]
         meta = protocol.model_metadata(name, model.info, default=name == self._default)
+        endpoints = [flight.FlightEndpoint(b"", [uri]) for uri in self.advertised_locations()]
         return flight.FlightInfo(protocol.output_schema(int(model.info.dim)),
-                                 flight.FlightDescriptor.for_path(name), [], -1, -1,
+                                 flight.FlightDescriptor.for_path(name), endpoints, -1, -1,
                                  app_metadata=json.dumps(meta).encode("utf-8"))
+
+    def advertised_locations(self) -> list[str]:
+        """Where clients can reach this server: ``config.advertise``, else the bound address.
+
+        A wildcard bind (0.0.0.0 / ::) advertises nothing unless ``advertise`` is set, since
+        the server cannot know which of its addresses a client can reach.
+        """
+        if self.config.advertise:
+            return list(self.config.advertise)
+        if self.config.host in ("0.0.0.0", "::", ""):
+            return []
+        return [self.config.location.rsplit(":", 1)[0] + f":{self.port}"]
 
     def list_flights(self, context, criteria) -> Iterator[flight.FlightInfo]:
         """One FlightInfo per served model (default first)."""
