@@ -190,7 +190,7 @@ def main() -> None:
     ap.add_argument("--geometry", choices=sorted(GEOMETRIES), default="tiny")
     ap.add_argument("--images", type=int, default=None, help="default: 128 (tiny) or 64 (b32)")
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--batch-wait-ms", type=float, default=5.0)
+    ap.add_argument("--batch-wait-ms", type=float, default=50.0)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     count = args.images or (128 if args.geometry == "tiny" else 64)

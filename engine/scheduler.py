@@ -12,7 +12,8 @@ worker thread takes queued rows of many callers, oldest first, and runs the *cor
   length so nothing is padded to the model's maximum.
 
 A partial batch waits at most ``max_wait_ms`` (counted from the oldest queued row) for
-more rows. Because callers decode while the worker computes, decoding of the next batch
+more rows, and only while another caller is still preparing rows, so a lone caller never
+waits. Because callers decode while the worker computes, decoding of the next batch
 overlaps with compute of the current one, within one call and across calls. The queue is
 bounded (``max_queued_images`` / ``max_queued_tokens``): a caller that gets ahead waits.
 
@@ -54,7 +55,7 @@ BatchObserver = Callable[[str, int, float], None]  # (queue "image" | "text", ro
 class SchedulerConfig:
     """How the scheduler waits and how much it holds; device batch sizes come from ``model.limits``."""
 
-    max_wait_ms: float = 5.0          # a partial device batch waits this long for more rows
+    max_wait_ms: float = 50.0         # a partial device batch waits this long for more rows
     max_queued_images: int = 128      # decoded images waiting for the device (~600 KB each at 224 px)
     max_queued_tokens: int = 65_536   # token ids waiting for the device
     max_row_tokens: int | None = None  # token-id input: longer rows are row errors (None: model positions)
@@ -133,6 +134,7 @@ class Scheduler:
         self.config = config or SchedulerConfig()
         self.on_batch = on_batch
         self._cv = threading.Condition()
+        self._preparing = 0  # callers still decoding / tokenizing rows they will queue
         self._queues: dict[str, deque[_Item]] = {"image": deque(), "text": deque()}
         self._queued_rows = {"image": 0, "text": 0}
         self._queued_size = {"image": 0, "text": 0}  # images / tokens
@@ -169,10 +171,17 @@ class Scheduler:
             raise ValueError(f"kind must be one of {KINDS}; got {kind!r}")
         if self._closed:
             raise SchedulerClosed(f"the scheduler of model {self.info.name!r} is closed; create a new one")
-        if kind == "image":
-            request = self._submit_images(values, normalize, cancelled)
-        else:
-            request = self._submit_token_rows(kind, values, normalize, cancelled)
+        with self._cv:
+            self._preparing += 1
+        try:
+            if kind == "image":
+                request = self._submit_images(values, normalize, cancelled)
+            else:
+                request = self._submit_token_rows(kind, values, normalize, cancelled)
+        finally:
+            with self._cv:
+                self._preparing -= 1
+                self._cv.notify_all()  # a waiting partial batch need not wait for this caller any more
         with self._cv:
             request.sealed = True
             self._maybe_finish(request)
@@ -292,7 +301,8 @@ class Scheduler:
                 return None
             queue = min((q for q in self._queues if self._queues[q]), key=lambda q: self._queues[q][0].born)
             deadline = self._queues[queue][0].born + self.config.max_wait_ms / 1e3
-            while not self._closed and not self._full(queue):
+            # Wait only while some caller is still preparing rows: a lone caller never waits.
+            while not self._closed and not self._full(queue) and self._preparing > 0:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break

@@ -44,7 +44,7 @@ class ServerConfig:
     tls_key: Path | None = None            # PEM private key
     insecure: bool = False                 # allow a non-loopback host without TLS
     shutdown_grace_s: float = 10.0         # in-flight exchanges get this long on shutdown
-    batch_wait_ms: float = 5.0             # a partial device batch waits this long for other clients' rows
+    batch_wait_ms: float = 50.0            # a partial device batch waits this long for other clients' rows (only while one is preparing)
     metrics_port: int | None = None        # serve Prometheus /metrics on host:port (0: any free port)
     advertise: tuple[str, ...] = ()        # URIs FlightInfo endpoints name (default: the bound address)
 

@@ -73,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="token ids per row of token-id input; a longer row is a row error (default: "
                              "the model's positions, e.g. 77 for CLIP). Texts are truncated by the model's "
                              "tokenizer as usual")
-    parser.add_argument("--batch-wait-ms", type=float, default=5.0,
+    parser.add_argument("--batch-wait-ms", type=float, default=50.0,
                         help="how long a partial device batch waits for rows of other clients before it "
                              "runs; more: fuller batches, less: lower latency (default %(default)s)")
     parser.add_argument("--metrics-port", type=int, default=None,

@@ -212,3 +212,15 @@ def test_request_faults_raise_in_the_caller_and_close_fails_fast(minilm):
     sched.close()
     with pytest.raises(SchedulerClosed, match="closed"):
         sched.embed_texts(["late"])
+
+
+def test_a_lone_caller_does_not_wait_for_a_full_batch(minilm):
+    """The bounded wait applies only while another caller is still preparing rows."""
+    import time
+
+    with Scheduler(minilm, SchedulerConfig(max_wait_ms=5000)) as sched:
+        t0 = time.monotonic()
+        res = sched.embed_texts(["one short text", "and another"])
+        waited = time.monotonic() - t0
+    assert res.errors == [None, None]
+    assert waited < 2.5, f"a lone caller waited {waited:.1f}s for rows that could never come"
