@@ -9,7 +9,6 @@ lines that do it: benchmarks and tests do not import each other.
 """
 from __future__ import annotations
 
-import gzip
 import hashlib
 import io
 import json
@@ -49,29 +48,6 @@ def cache_dir() -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- model
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible byte -> printable character table."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    chars = keep[:]
-    extra = 0
-    for b in range(256):
-        if b not in keep:
-            keep.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(keep, (chr(c) for c in chars)))
-
-
-def _clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    lines = gzip.open(BPE_FILE, "rt", encoding="utf-8").read().split("\n")
-    merges = [tuple(line.split()) for line in lines[1: 49152 - 256 - 2 + 1]]
-    tokens = list(_bytes_to_unicode().values())
-    tokens = tokens + [t + "</w>" for t in tokens]
-    tokens += ["".join(m) for m in merges]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    return {t: i for i, t in enumerate(tokens)}, merges
-
-
 def _write_preprocessor_config(out: Path, size: int) -> None:
     cfg = {
         "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": size},
@@ -86,7 +62,9 @@ def make_random_clip(out: Path, geometry: str = "b32", seed: int = 0) -> Path:
     """Save ``CLIPModel(CLIPConfig())`` (B/32; ``b16`` = patch 16) with seed-``seed`` random weights,
     the exact CLIP tokenizer and a CLIP preprocessor config, as a HF directory."""
     import torch
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+    from transformers import CLIPConfig, CLIPModel
+
+    from convert.clip_bpe import write_clip_tokenizer
 
     text: dict = {}
     vision: dict = {"patch_size": 16} if geometry == "b16" else {}
@@ -98,8 +76,7 @@ def make_random_clip(out: Path, geometry: str = "b32", seed: int = 0) -> Path:
     tmp.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     CLIPModel(CLIPConfig(text_config=text, vision_config=vision, **top)).eval().save_pretrained(str(tmp))
-    vocab, merges = _clip_vocab_and_merges()
-    CLIPTokenizer(vocab=vocab, merges=list(merges), model_max_length=77).save_pretrained(str(tmp))
+    write_clip_tokenizer(tmp, BPE_FILE)
     _write_preprocessor_config(tmp, 224)
     tmp.rename(out)
     return out

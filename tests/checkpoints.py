@@ -6,9 +6,7 @@ Nothing here touches the network.
 """
 from __future__ import annotations
 
-import gzip
 import json
-from functools import lru_cache
 from pathlib import Path
 
 DATA = Path(__file__).parent / "data"
@@ -43,38 +41,11 @@ OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible byte -> printable unicode table."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    chars = keep[:]
-    extra = 0
-    for b in range(256):
-        if b not in keep:
-            keep.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(keep, (chr(c) for c in chars)))
-
-
-@lru_cache(maxsize=1)
-def clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """The 49,408-token CLIP vocabulary and its 48,894 merges, from the BPE file."""
-    lines = gzip.open(BPE_FILE, "rt", encoding="utf-8").read().split("\n")
-    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
-    tokens = list(_bytes_to_unicode().values())
-    tokens = tokens + [t + "</w>" for t in tokens]
-    tokens += ["".join(m) for m in merges]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    return {t: i for i, t in enumerate(tokens)}, merges
-
-
 def write_clip_tokenizer(out: Path) -> None:
     """Write HF CLIP tokenizer files (vocab.json, merges.txt, tokenizer.json, ...) into ``out``."""
-    from transformers import CLIPTokenizer
+    from convert.clip_bpe import write_clip_tokenizer as write
 
-    vocab, merges = clip_vocab_and_merges()
-    tok = CLIPTokenizer(vocab=vocab, merges=list(merges), model_max_length=77)
-    tok.save_pretrained(str(out))
+    write(out, BPE_FILE)
 
 
 def write_preprocessor_config(out: Path, size: int, crop: int, mean=None, std=None) -> None:
