@@ -71,14 +71,9 @@ def config_from_args(args: argparse.Namespace) -> Any:
     """Build the JobConfig (reads the token file); raises ValueError with what to fix."""
     from flight_client.jobs import JobConfig
 
-    token = None
-    if args.token_file is not None:
-        try:
-            token = args.token_file.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ValueError(f"cannot read --token-file {args.token_file}: {exc}") from exc
-        if not token:
-            raise ValueError(f"--token-file {args.token_file} is empty; put the token in it")
+    from flight_server.auth import read_token_file
+
+    token = None if args.token_file is None else read_token_file(args.token_file, "--token-file")
     if args.tls_root_certs is not None and not args.tls_root_certs.is_file():
         raise ValueError(f"--tls-root-certs {args.tls_root_certs}: no such file")
     if args.server and (args.device != "cpu" or args.precision != "fp32"):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+from pathlib import Path
 from typing import Any
 
 import pyarrow.flight as flight
@@ -43,3 +44,14 @@ class BearerTokenMiddlewareFactory(flight.ServerMiddlewareFactory):
             "this server needs a token: send the header 'authorization: Bearer <token>' "
             "(EmbeddingClient(..., token=...))" if not values else
             "the bearer token in the 'authorization' header is not valid")
+
+
+def read_token_file(path: Path, flag: str) -> str:
+    """The bearer token in ``path`` (surrounding whitespace stripped); ValueError naming ``flag``."""
+    try:
+        token = Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ValueError(f"cannot read {flag} {path}: {exc}") from exc
+    if not token:
+        raise ValueError(f"{flag} {path} is empty; put the token in it")
+    return token

@@ -15,6 +15,7 @@ import threading
 from pathlib import Path
 from typing import Any, Sequence
 
+from flight_server.auth import read_token_file
 from flight_server.config import ServerConfig, ServerLimits
 
 log = logging.getLogger("arrowengine.serve")
@@ -88,14 +89,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     """Build the ServerConfig from parsed arguments (reads the token file)."""
-    token = None
-    if args.auth_token_file is not None:
-        try:
-            token = args.auth_token_file.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ValueError(f"cannot read --auth-token-file {args.auth_token_file}: {exc}") from exc
-        if not token:
-            raise ValueError(f"--auth-token-file {args.auth_token_file} is empty; put the token in it")
+    token = None if args.auth_token_file is None else read_token_file(args.auth_token_file, "--auth-token-file")
     for flag, path in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
         if path is not None and not path.is_file():
             raise ValueError(f"{flag} {path}: no such file")
