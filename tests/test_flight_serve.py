@@ -173,3 +173,17 @@ def test_load_models_applies_image_limits_and_make_schedulers_wraps_each(tiny_cl
     finally:
         for s in scheds.values():
             s.close()
+
+
+def test_token_file_is_read_stripped_and_empty_or_missing_is_a_clear_error(tmp_path):
+    from flight_server.auth import read_token_file
+
+    good = tmp_path / "token"
+    good.write_text("  s3cret\n")
+    assert read_token_file(good, "--auth-token-file") == "s3cret"
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match="--auth-token-file .* is empty"):
+        read_token_file(empty, "--auth-token-file")
+    with pytest.raises(ValueError, match="cannot read --token-file"):
+        read_token_file(tmp_path / "missing", "--token-file")
