@@ -22,14 +22,10 @@ import json
 import logging
 import os
 import platform
-import queue
-import re
 import shutil
 import socket
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -42,6 +38,7 @@ import numpy as np  # noqa: E402
 from flight_client.job_io import read_output  # noqa: E402
 from flight_client.jobs import JobConfig, run_job  # noqa: E402
 from flight_client.pool import LocalEmbedder  # noqa: E402
+from bench.server_process import ServerProcess  # noqa: E402
 
 PHOTOS = ROOT / "tests" / "data" / "photos"
 
@@ -81,51 +78,6 @@ def make_model(folder: Path) -> Path:
     return folder / "model"
 
 
-class Server:
-    """``python -m flight_server.serve`` as a subprocess on a free port."""
-
-    def __init__(self, model_dir: Path) -> None:
-        cmd = [sys.executable, "-m", "flight_server.serve", "--port", "0", "--model", f"bench={model_dir}"]
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
-        self._lines: queue.Queue = queue.Queue()
-        threading.Thread(target=self._pump, daemon=True).start()
-        self.port = int(self._wait(r"listening on grpc\+tcp://127\.0\.0\.1:(\d+) ").group(1))
-        self._wait(r"\bready$")
-
-    def _pump(self) -> None:
-        for line in self.proc.stderr:
-            self._lines.put(line)
-
-    def _wait(self, pattern: str, timeout: float = 120) -> re.Match:
-        deadline = time.monotonic() + timeout
-        seen = []
-        while time.monotonic() < deadline:
-            try:
-                line = self._lines.get(timeout=0.5)
-            except queue.Empty:
-                if self.proc.poll() is not None:
-                    break
-                continue
-            seen.append(line)
-            match = re.search(pattern, line)
-            if match:
-                return match
-        raise RuntimeError(f"server did not log {pattern!r}; its log:\n{''.join(seen)}")
-
-    @property
-    def location(self) -> str:
-        return f"grpc://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
 def run(images: Path, out: Path, servers: tuple[str, ...], batch_rows: int, local: object) -> dict:
     """One job; in-process when ``servers`` is empty (``local``: the already loaded, warm model)."""
     config = JobConfig(input=images, output=out, kind="image", model="bench" if servers else None,
@@ -160,7 +112,7 @@ def main() -> None:
         image_bytes = make_images(tmp / "images", args.images)
         model_dir = args.model or make_model(tmp)
         local = warm_local(model_dir, tmp / "images")
-        servers = [Server(model_dir), Server(model_dir)]
+        servers = [ServerProcess(model_dir), ServerProcess(model_dir)]
         setups = {"in-process": (), "1 server": (servers[0].location,),
                   "2 servers": tuple(s.location for s in servers)}
         runs: dict[str, list[dict]] = {name: [] for name in setups}

@@ -241,13 +241,9 @@ def images_from(path: Path, column: str | None = None) -> Path:
 
 
 def _sniff_ext(b: bytes) -> str:
-    if b[:3] == b"\xff\xd8\xff":
-        return "jpg"
-    if b[:8] == b"\x89PNG\r\n\x1a\n":
-        return "png"
-    if b[:4] == b"RIFF" and b[8:12] == b"WEBP":
-        return "webp"
-    return "bin"
+    from engine.image_header import sniff_format
+
+    return {"jpeg": "jpg", "png": "png", "webp": "webp"}.get(sniff_format(b) or "", "bin")
 
 
 def image_files(folder: Path) -> list[Path]:

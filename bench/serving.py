@@ -22,10 +22,7 @@ import json
 import logging
 import os
 import platform
-import queue
-import re
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -42,36 +39,15 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.flight as flight  # noqa: E402
 
+from bench.server_process import ServerProcess  # noqa: E402
+
 PHOTOS = ROOT / "tests" / "data" / "photos"
-GEOMETRIES = {  # CLIPConfig kwargs (text, vision, top)
-    "tiny": (dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
-             dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
-             dict(projection_dim=48)),
-    "b32": ({}, {}, {}),  # openai/clip-vit-base-patch32 geometry: CLIPConfig defaults
-}
-PREPROCESSOR = {"do_resize": True, "size": {"shortest_edge": 224}, "do_center_crop": True,
-                "crop_size": {"height": 224, "width": 224}, "do_rescale": True, "rescale_factor": 1 / 255,
-                "do_normalize": True, "image_mean": [0.48145466, 0.4578275, 0.40821073],
-                "image_std": [0.26862954, 0.26130258, 0.27577711], "do_convert_rgb": True}
-
-
 def make_model(out: Path, geometry: str) -> Path:
     """A random-weight HF CLIPModel (seed 0) converted to an ArrowEngine model directory."""
-    import torch
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from transformers import CLIPConfig, CLIPModel
-
+    from bench.data import make_random_clip
     from convert.pipeline import convert_checkpoint
 
-    text, vision, top = GEOMETRIES[geometry]
-    hf = out / "hf"
-    torch.manual_seed(0)
-    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, **top)).eval().save_pretrained(str(hf))
-    (hf / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR))
-    # The bench embeds images only; the engine still wants a tokenizer file to load.
-    Tokenizer(WordLevel({"<|endoftext|>": 0}, unk_token="<|endoftext|>")).save(str(hf / "tokenizer.json"))
-    convert_checkpoint(hf, out / "model", progress=False)
+    convert_checkpoint(make_random_clip(out / "hf", geometry), out / "model", progress=False)
     return out / "model"
 
 
@@ -92,30 +68,6 @@ def make_images(count: int) -> list[bytes]:
         crop = cv2.resize(crop, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC)
         out.append(cv2.imencode(".jpg", crop, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes())
     return out
-
-
-def start_server(model_dir: Path, wait_ms: float) -> tuple[subprocess.Popen, int]:
-    cmd = [sys.executable, "-m", "flight_server.serve", "--port", "0", "--model", f"clip={model_dir}",
-           "--batch-wait-ms", str(wait_ms), "--max-concurrent", "16"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                            stderr=subprocess.PIPE, text=True)
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True).start()
-    port, deadline = None, time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            line = lines.get(timeout=0.5)
-        except queue.Empty:
-            if proc.poll() is not None:
-                break
-            continue
-        match = re.search(r"listening on grpc\+tcp://[^:]+:(\d+) ", line)
-        port = int(match.group(1)) if match else port
-        if port and re.search(r"\bready$", line.strip()):
-            threading.Thread(target=lambda: [None for _ in iter(lines.get, None)], daemon=True).start()
-            return proc, port
-    proc.kill()
-    raise RuntimeError("the server did not get ready within 120 s")
 
 
 def command() -> flight.FlightDescriptor:
@@ -187,7 +139,7 @@ def best_rate(fn, count: int, repeat: int) -> tuple[float, np.ndarray]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--geometry", choices=sorted(GEOMETRIES), default="tiny")
+    ap.add_argument("--geometry", choices=["b32", "tiny"], default="tiny")
     ap.add_argument("--images", type=int, default=None, help="default: 128 (tiny) or 64 (b32)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--batch-wait-ms", type=float, default=50.0)
@@ -204,14 +156,15 @@ def main() -> None:
         local_rate, local = best_rate(lambda: model.embed_images(images).embeddings, count, args.repeat)
         model.image_processor.close()
         del model
-        proc, port = start_server(model_dir, args.batch_wait_ms)
+        server = ServerProcess(model_dir, "clip", ("--batch-wait-ms", str(args.batch_wait_ms),
+                                                   "--max-concurrent", "16"))
+        port = server.port
         try:
             flight_rate, via_flight = best_rate(lambda: stream(port, images, 32), count, args.repeat)
             one_rate, one = best_rate(lambda: lockstep(port, images, 32), count, args.repeat)
             many_rate, many = best_rate(lambda: clients(port, images, 8, 4), count, args.repeat)
         finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+            server.stop()
     diff = max(float(np.abs(x - local).max()) for x in (via_flight, one, many))
     rows = [("in-process engine, embed_images(all)", local_rate, None),
             ("Flight, 1 client streaming 32/batch", flight_rate, flight_rate / local_rate),
