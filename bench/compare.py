@@ -66,6 +66,14 @@ def settings(args: argparse.Namespace) -> dict:
     }
 
 
+def _per_image(mm: dict, gflop: float) -> None:
+    """Image-throughput ceilings implied by the measured GEMM rates."""
+    mm["fp32_img_per_s"] = mm["fp32_gflops"] / gflop
+    mm["bf16_img_per_s"] = mm["bf16_gflops"] / gflop
+    if mm.get("int8_gops"):
+        mm["int8_img_per_s"] = mm["int8_gops"] / gflop
+
+
 def gflop_per_image(hf_dir: Path) -> float:
     """Vision-tower GFLOPs per image from config.json (multiply-add = 2 FLOPs): B/32 8.8, B/16 35.1."""
     cfg = json.loads((hf_dir / "config.json").read_text()).get("vision_config", {})
@@ -204,8 +212,7 @@ def run(args: argparse.Namespace) -> dict:
         runner = Runner(tmp, timeout=300)
         mm, _ = runner("matmul", "matmul limit", device=cfg["device"], seconds=cfg["matmul_seconds"])
         if mm:
-            mm["fp32_img_per_s"] = mm["fp32_gflops"] / cfg["gflop_per_image"]
-            mm["bf16_img_per_s"] = mm["bf16_gflops"] / cfg["gflop_per_image"]
+            _per_image(mm, cfg["gflop_per_image"])
             r["matmul"] = mm
 
         # A CPU without native bf16 (no AVX-512 BF16 / AMX) runs bf16 matmuls through a slow fallback, 100x
@@ -262,8 +269,8 @@ def run(args: argparse.Namespace) -> dict:
             for k in ("fp32", "bf16", "fp16"):
                 if f"{k}_gflops" in mm2 and mm2[f"{k}_gflops"] > mm.get(f"{k}_gflops", 0):
                     mm[f"{k}_gflops"], mm[f"{k}_n"] = mm2[f"{k}_gflops"], mm2[f"{k}_n"]
-            mm["fp32_img_per_s"] = mm["fp32_gflops"] / cfg["gflop_per_image"]
-            mm["bf16_img_per_s"] = mm["bf16_gflops"] / cfg["gflop_per_image"]
+            mm["int8_gops"] = max(mm.get("int8_gops", 0), mm2.get("int8_gops", 0)) or None
+            _per_image(mm, cfg["gflop_per_image"])
         r["accuracy"] = _accuracy(tmp, r)
         r["flight"] = flight(cfg, socket.gethostname()) if not args.no_flight else {"note": "skipped (--no-flight)"}
         r["failures"] = runner.failures

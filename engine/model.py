@@ -266,9 +266,11 @@ def load_model(path: str | Path, device: str = "cpu", precision: str = "fp32", n
         NotRunnableError for store-mode directories; WeightFormatError for a bad weight
         file; ModelConfigError for missing/invalid config files; PrecisionError.
     """
+    from engine import allocator
     from engine.weights import load_weights, read_manifest
 
     t0 = time.perf_counter()
+    allocator.tune()
     path = Path(path)
     manifest = read_manifest(path)
     if manifest.kind not in RUNNABLE_KINDS:
@@ -288,7 +290,7 @@ def load_model(path: str | Path, device: str = "cpu", precision: str = "fp32", n
         cfg = clip_config(path)
         net = CLIP(cfg)
         dim, modalities, max_tokens = cfg.projection_dim, ("text", "image"), cfg.text.max_positions
-        tokenizer = TextTokenizer.from_dir(path, cfg.text.max_positions)
+        tokenizer = TextTokenizer.from_dir(path, cfg.text.max_positions, lazy=True)
         image_cfg = ImageConfig.from_dir(path)
         side = cfg.vision.image_size
         if image_cfg.output_hw != (side, side):
@@ -303,7 +305,7 @@ def load_model(path: str | Path, device: str = "cpu", precision: str = "fp32", n
         cfg = bert_config(path)
         net = SentenceBert(cfg)
         dim, modalities, max_tokens = cfg.tower.width, ("text",), cfg.max_positions
-        tokenizer = TextTokenizer.from_dir(path, cfg.max_seq_length)
+        tokenizer = TextTokenizer.from_dir(path, cfg.max_seq_length, lazy=True)
         image_processor = None
     prec.assign_weights(net, state, path)
     net = prec.apply(net, precision, dev)

@@ -7,7 +7,6 @@ Other combinations cast once at load.
 from __future__ import annotations
 
 import logging
-import warnings
 from pathlib import Path
 
 import torch
@@ -98,14 +97,6 @@ def apply(net: nn.Module, precision: str, device: torch.device) -> nn.Module:
 
 
 def _quantize_int8(net: nn.Module) -> nn.Module:
-    """Dynamic int8 quantization of every Linear layer (weights int8, activations quantized per batch)."""
-    from engine.layers import Linear
+    from engine.quantize import quantize_int8
 
-    for mod in net.modules():
-        if isinstance(mod, Linear):
-            mod.__class__ = nn.Linear  # same attributes; torch's quantizer only accepts the exact class
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.ao.quantization is deprecated but still the fastest eager path
-        from torch.ao.quantization import quantize_dynamic
-
-        return quantize_dynamic(net, {nn.Linear}, dtype=torch.qint8, inplace=True)
+    return quantize_int8(net)

@@ -8,6 +8,7 @@ so a CLIP text cut at 77 tokens still ends with its end-of-text token, as
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,25 +22,53 @@ log = logging.getLogger(__name__)
 
 
 class TextTokenizer:
-    """Wraps a ``tokenizers.Tokenizer`` with the model's truncation length; never pads."""
+    """Wraps a ``tokenizers.Tokenizer`` with the model's truncation length; never pads.
 
-    def __init__(self, tokenizer: Tokenizer, max_length: int) -> None:
+    Built from a model directory it can be lazy: parsing ``tokenizer.json`` takes
+    0.1-0.2 s (longer than mapping a whole B/32 model), so :func:`engine.load_model`
+    defers it to the first text call, or to :meth:`load`. An image-only user never pays it.
+    """
+
+    def __init__(self, tokenizer: Tokenizer | None, max_length: int, source: Path | None = None) -> None:
+        if tokenizer is None and source is None:
+            raise ValueError("TextTokenizer needs a tokenizers.Tokenizer or the path of a tokenizer.json")
         self.max_length = max_length
-        self._tok = tokenizer
-        self._tok.no_padding()
-        self._tok.enable_truncation(max_length)
+        self.source = source
+        self._lock = threading.Lock()
+        self._tok = None if tokenizer is None else self._configure(tokenizer)
 
     @classmethod
-    def from_dir(cls, model_dir: Path, max_length: int) -> "TextTokenizer":
+    def from_dir(cls, model_dir: Path, max_length: int, lazy: bool = False) -> "TextTokenizer":
+        """The tokenizer of a model directory; ``lazy`` checks the file exists and parses it on first use."""
         path = Path(model_dir) / "tokenizer.json"
         if not path.exists():
             raise ModelConfigError(f"{path} is missing: the model has no fast tokenizer; re-run `arrowengine convert` "
                                    "with transformers installed so it can build one")
-        try:
-            tok = Tokenizer.from_file(str(path))
-        except Exception as exc:  # tokenizers raises plain Exception subclasses
-            raise ModelConfigError(f"{path} could not be read by the tokenizers library: {exc}") from exc
-        return cls(tok, max_length)
+        tok = cls(None, max_length, source=path)
+        return tok if lazy else tok.load()
+
+    @property
+    def loaded(self) -> bool:
+        return self._tok is not None
+
+    def load(self) -> "TextTokenizer":
+        """Parse ``tokenizer.json`` now (once; thread-safe). Raises ModelConfigError if it is unreadable."""
+        if self._tok is None:
+            with self._lock:
+                if self._tok is None:
+                    try:
+                        tok = Tokenizer.from_file(str(self.source))
+                    except Exception as exc:  # tokenizers raises plain Exception subclasses
+                        raise ModelConfigError(f"{self.source} could not be read by the tokenizers library: {exc}") \
+                            from exc
+                    self._tok = self._configure(tok)
+                    log.debug("parsed %s", self.source)
+        return self
+
+    def _configure(self, tok: Tokenizer) -> Tokenizer:
+        tok.no_padding()
+        tok.enable_truncation(self.max_length)
+        return tok
 
     def encode(self, texts: Sequence[str | None] | pa.Array | pa.ChunkedArray) -> tuple[list[np.ndarray | None], list[str | None]]:
         """Tokenize texts. Returns (ids per row or None, error per row or None)."""
@@ -54,7 +83,7 @@ class TextTokenizer:
             elif not isinstance(t, str):
                 errors[i] = f"expected a string, got {type(t).__name__}"
         rows: list[np.ndarray | None] = [None] * len(values)
-        for i, enc in zip(good, self._tok.encode_batch([values[i] for i in good], add_special_tokens=True)):
+        for i, enc in zip(good, self.load()._tok.encode_batch([values[i] for i in good], add_special_tokens=True)):
             rows[i] = np.asarray(enc.ids, dtype=np.int64)
         return rows, errors
 

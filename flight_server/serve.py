@@ -163,8 +163,10 @@ def load_models(dirs: dict[str, Path], device: str, precision: str,
     models: dict[str, Any] = {}
     for name, path in dirs.items():
         try:
-            models[name] = engine.load_model(path, device=device, precision=precision,
-                                             image_limits=image_limits)
+            model = engine.load_model(path, device=device, precision=precision, image_limits=image_limits)
+            if model.tokenizer is not None:
+                model.tokenizer.load()  # a server fails at start on a broken tokenizer.json, not per request
+            models[name] = model
         except Exception as exc:
             log.error("cannot load model %s from %s: %s: %s", name, path, type(exc).__name__, exc)
             continue

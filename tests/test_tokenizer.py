@@ -92,3 +92,28 @@ def test_invalid_utf8_in_a_string_column_is_a_row_error(clip_tok):
     rows, errors = clip_tok.encode(arr)
     assert errors[0] is None and rows[0] is not None
     assert rows[1] is None and "UTF-8" in errors[1]
+
+
+def test_lazy_tokenizer_parses_on_first_use_and_only_once(tiny_clip_source, monkeypatch):
+    import engine.tokenizer as tk
+
+    calls = []
+    real = tk.Tokenizer.from_file
+    monkeypatch.setattr(tk.Tokenizer, "from_file", staticmethod(lambda p: calls.append(p) or real(p)))
+    tok = TextTokenizer.from_dir(tiny_clip_source, 77, lazy=True)
+    assert not tok.loaded and calls == []
+    rows, _ = tok.encode(["a photo of a cat"])
+    assert rows[0].tolist() == [49406, 320, 1125, 539, 320, 2368, 49407]
+    tok.encode(["again"])
+    assert tok.loaded and len(calls) == 1
+
+
+def test_lazy_tokenizer_reports_a_broken_file_when_it_is_used(tmp_path):
+    from engine.errors import ModelConfigError
+
+    (tmp_path / "tokenizer.json").write_text("{ not json")
+    tok = TextTokenizer.from_dir(tmp_path, 77, lazy=True)  # existence is checked now, parsing later
+    with pytest.raises(ModelConfigError, match="could not be read"):
+        tok.encode(["text"])
+    with pytest.raises(ModelConfigError, match="missing"):
+        TextTokenizer.from_dir(tmp_path / "nowhere", 77, lazy=True)

@@ -1,0 +1,99 @@
+"""int8 linear layers (engine/quantize.py) and the allocator settings (engine/allocator.py)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from engine.quantize import Int8Linear, quantize_int8
+
+
+def _outlier_activations(rows: int, width: int, seed: int = 0) -> torch.Tensor:
+    """Rows of very different magnitude with a few huge channels, as transformer activations have."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, width, generator=g) * torch.logspace(-2, 1, rows)[:, None]
+    x[:, :3] *= 40
+    return x
+
+
+def test_int8_linear_is_close_to_fp32_row_by_row_and_keeps_shape():
+    g = torch.Generator().manual_seed(1)
+    lin = nn.Linear(96, 40)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(40, 96, generator=g) * torch.logspace(-2, 0, 40)[:, None])  # per-channel ranges
+    q = Int8Linear(lin)
+    x = _outlier_activations(64, 96).reshape(4, 16, 96)
+    with torch.inference_mode():
+        ref, got = lin(x), q(x)
+    assert got.shape == (4, 16, 40) and got.dtype == torch.float32
+    cos = nn.functional.cosine_similarity(got.reshape(-1, 40), ref.reshape(-1, 40), dim=1)
+    assert cos.min() > 0.995  # every row, including the small-magnitude ones
+    # one scale for the whole tensor (torch's quantize_dynamic) loses the small rows
+    from torch.ao.quantization import quantize_dynamic
+    per_tensor = quantize_dynamic(nn.Sequential(lin), {nn.Linear}, dtype=torch.qint8)
+    with torch.inference_mode():
+        cos_pt = nn.functional.cosine_similarity(per_tensor(x).reshape(-1, 40), ref.reshape(-1, 40), dim=1)
+    assert cos_pt.min() < cos.min()
+
+
+def test_int8_linear_without_bias_and_zero_rows():
+    lin = nn.Linear(16, 8, bias=False)
+    q = Int8Linear(lin)
+    x = torch.zeros(3, 16)
+    x[1] = torch.randn(16)
+    with torch.inference_mode():
+        y = q(x)
+    assert torch.equal(y[0], torch.zeros(8)) and torch.isfinite(y).all()
+    assert torch.allclose(y[1], lin(x[1]).detach(), atol=0.05 * lin(x[1]).abs().max().item())
+
+
+def test_quantize_int8_keeps_the_last_block_of_each_stack_in_fp32():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+    net = nn.Module()
+    net.blocks = nn.ModuleList(Block() for _ in range(3))
+    net.head = nn.Linear(8, 4)
+    quantize_int8(net)
+    assert [type(b.fc) for b in net.blocks] == [Int8Linear, Int8Linear, nn.Linear]
+    assert isinstance(net.head, Int8Linear)
+
+
+_FAULTS = (
+    "import ctypes, resource\n"
+    "from engine import allocator\n"
+    "tuned = allocator.tune()\n"
+    "libc = ctypes.CDLL('libc.so.6'); libc.malloc.restype = ctypes.c_void_p\n"
+    "libc.free.argtypes = [ctypes.c_void_p]\n"
+    "def cycle():\n"
+    "    ps = [libc.malloc(16 << 20) for _ in range(3)]\n"
+    "    for p in ps: ctypes.memset(p, 1, 16 << 20)\n"
+    "    for p in reversed(ps): libc.free(p)\n"
+    "cycle()\n"
+    "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+    "for _ in range(4): cycle()\n"
+    "print(tuned, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n"
+)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning is Linux-only")
+def test_allocator_settings_stop_freed_buffers_from_faulting_in_again():
+    """Allocate, touch and free three 16 MiB buffers 4 times, as a forward pass does with its activations:
+    with the settings the pages are reused (no new page faults); with glibc's defaults the freed heap top
+    is trimmed (or the buffers unmapped) and every cycle faults thousands of pages in again."""
+    def run(flag: str) -> tuple[str, int]:
+        env = dict(os.environ, ARROWENGINE_MALLOC_TUNING=flag)
+        out = subprocess.run([sys.executable, "-c", _FAULTS], capture_output=True, text=True, env=env, check=True)
+        tuned, faults = out.stdout.split()
+        return tuned, int(faults)
+
+    tuned, faults_on = run("1")
+    assert tuned == "True" and faults_on < 1000
+    tuned, faults_off = run("0")
+    assert tuned == "False" and faults_off > 4 * 4000
