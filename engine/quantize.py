@@ -41,7 +41,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (N, in)
-        s = torch.linalg.vector_norm(x, float("inf"), dim=1, keepdim=True).clamp_(min=1e-12) / 127  # (N, 1) max|x|
+        s = x.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12) / 127  # (N, 1); vector_norm(inf) is 10x slower
         # reduce_range=True: 7-bit activations, so fbgemm's AVX2 u8*s8 pair sums cannot saturate int16
         y = torch.ops.quantized.linear_dynamic(x / s, self._packed, True)  # (N, out)
         y = y.mul_(s) if self.bias is None else torch.addcmul(self.bias, y, s)

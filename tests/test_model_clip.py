@@ -156,3 +156,27 @@ def test_weights_are_views_of_the_mapped_file(tiny_clip_dir):
     for name, p in model.net.named_parameters():
         ptr = p.data_ptr()
         assert any(lo <= ptr < hi for lo, hi in spans), name
+
+
+@pytest.mark.parametrize("image_size, patch, batch", [(32, 8, 1), (30, 7, 3), (28, 14, 2)])
+def test_patch_embedding_matmul_equals_strided_conv(image_size, patch, batch):
+    """The patch embedding runs as a matmul over patches; it must equal HF's Conv2d(stride=patch, no bias),
+    including sizes that patch does not divide (conv drops the remainder)."""
+    from engine.clip import _VisionEmbeddings
+    from engine.config import ClipVisionConfig, TowerConfig
+
+    cfg = ClipVisionConfig(TowerConfig(width=16, layers=1, heads=2, mlp_width=32, act="quick_gelu", eps=1e-5),
+                           image_size=image_size, patch_size=patch)
+    emb = _VisionEmbeddings(cfg)
+    g = torch.Generator().manual_seed(0)
+    emb.patch_embedding.weight = torch.nn.Parameter(torch.randn(16, 3, patch, patch, generator=g), requires_grad=False)
+    emb.class_embedding = torch.nn.Parameter(torch.randn(16, generator=g), requires_grad=False)
+    emb.position_embedding.weight = torch.nn.Parameter(torch.randn(cfg.grid ** 2 + 1, 16, generator=g),
+                                                       requires_grad=False)
+    pixels = torch.randn(batch, 3, image_size, image_size, generator=g)
+    with torch.inference_mode():
+        got = emb(pixels)
+        conv = torch.nn.functional.conv2d(pixels, emb.patch_embedding.weight, stride=patch).flatten(2).transpose(1, 2)
+    assert got.shape == (batch, cfg.grid ** 2 + 1, 16)
+    assert torch.allclose(got[:, 1:], conv + emb.position_embedding.weight[1:], atol=1e-4)
+    assert torch.allclose(got[:, 0], emb.class_embedding + emb.position_embedding.weight[0], atol=1e-6)

@@ -20,6 +20,7 @@ def _outlier_activations(rows: int, width: int, seed: int = 0) -> torch.Tensor:
     return x
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the per-tensor comparison uses torch.ao
 def test_int8_linear_is_close_to_fp32_row_by_row_and_keeps_shape():
     g = torch.Generator().manual_seed(1)
     lin = nn.Linear(96, 40)
