@@ -77,19 +77,23 @@ def assign_weights(net: nn.Module, state: dict[str, torch.Tensor], where: Path) 
             if items:
                 parts.append(f"{title} ({len(items)}): " + ", ".join(items[:10]) + (" ..." if len(items) > 10 else ""))
         raise WeightFormatError(f"{where}: weights do not match the architecture. " + "; ".join(parts))
-    for name in params:
-        mod_name, _, attr = name.rpartition(".")
-        mod = net.get_submodule(mod_name) if mod_name else net
-        mod._parameters[attr] = nn.Parameter(state[name], requires_grad=False)
+    for mod_name, mod in net.named_modules():  # one walk; get_submodule per name costs ~10 ms on B/32
+        prefix = f"{mod_name}." if mod_name else ""
+        for attr, p in mod._parameters.items():
+            if p is not None:
+                mod._parameters[attr] = nn.Parameter(state[prefix + attr], requires_grad=False)
 
 
 def apply(net: nn.Module, precision: str, device: torch.device) -> nn.Module:
     """Cast/quantize/move ``net`` for ``precision`` on ``device``; returns it in eval mode."""
+    from engine.weights import release_pages
+
     dtype = _DTYPES[precision]
     for mod in net.modules():
         for attr, p in list(mod._parameters.items()):
             if p is not None and p.is_floating_point() and (p.dtype != dtype or p.device != device):
                 mod._parameters[attr] = nn.Parameter(p.to(device=device, dtype=dtype), requires_grad=False)
+                release_pages(p)  # the file's copy was read once; a cast or moved copy replaces it
     net.eval()
     if precision == "int8":
         net = _quantize_int8(net)

@@ -9,7 +9,9 @@ is put back on the output:
 
     y = (int8(x / s) @ int8(W).T) * s + b,   s = max|x| per row / 127
 
-Weights are quantized per output channel. The last block of every layer stack
+Weights are quantized per output channel; the fp32 pages each one was read from
+are dropped right after (engine.weights.release_pages), so peak RSS holds the int8
+copy, not both. The last block of every layer stack
 stays in fp32: it feeds the pooled embedding directly (MiniLM, 512 captions: min
 cosine 0.989 with it quantized, 0.993 without; mean 0.996). Very short texts stay
 the weak spot: the empty text ([CLS] [SEP]) reaches only ~0.97, because a few
@@ -21,6 +23,8 @@ import warnings
 
 import torch
 from torch import nn
+
+from engine.weights import release_pages
 
 
 class Int8Linear(nn.Module):
@@ -69,4 +73,5 @@ def quantize_int8(net: nn.Module) -> nn.Module:
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
                 setattr(parent, name, Int8Linear(child))
+                release_pages(child.weight)  # fp32 pages of the weight file: int8 copy replaces them
     return net

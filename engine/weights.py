@@ -25,6 +25,8 @@ import mmap
 import os
 import struct
 import sys
+import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -191,6 +193,7 @@ class WeightFile:
         if problems:
             _raise_problems(path, problems)
         base = torch.frombuffer(mm, dtype=torch.uint8)
+        _register_map(mm, base.data_ptr(), size)
         return cls(path, infos, base, None, size)
 
     @staticmethod
@@ -387,3 +390,46 @@ def load_weights(model_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
     if manifest is not None and manifest.tensors != len(wf):
         raise WeightFormatError(f"{wf.path}: holds {len(wf)} tensors, manifest says {manifest.tensors}; {_FIX}")
     return wf.tensors()
+
+
+# Maps opened by WeightFile, by start address, so that release_pages() can tell a view of a weight file
+# from any other tensor. An entry goes when its mmap object is freed (then no view of it can exist).
+_MAPS: dict[int, tuple[int, weakref.ref]] = {}
+_MAPS_LOCK = threading.Lock()
+
+
+def _register_map(mm: mmap.mmap, address: int, size: int) -> None:
+    def forget(_ref: weakref.ref, address: int = address) -> None:
+        with _MAPS_LOCK:
+            if _MAPS.get(address, (0, None))[1] is _ref:
+                del _MAPS[address]
+
+    with _MAPS_LOCK:
+        _MAPS[address] = (size, weakref.ref(mm, forget))
+
+
+def release_pages(t: torch.Tensor) -> int:
+    """Drop the resident pages of a weight-file view that is no longer needed (after it was quantized).
+
+    Only pages wholly inside ``t`` are dropped (neighbouring tensors keep theirs), with
+    ``madvise(MADV_DONTNEED)``: the map is private and never written, so a later read
+    would fault the file's bytes in again. Anything but a contiguous view of a mapped
+    weight file is left alone. Returns the number of bytes released.
+    """
+    storage = t.untyped_storage()
+    with _MAPS_LOCK:
+        entry = _MAPS.get(storage.data_ptr())
+    mm = entry[1]() if entry else None
+    if mm is None or storage.nbytes() != entry[0] or not t.is_contiguous() or not hasattr(mm, "madvise"):
+        return 0
+    page = mmap.PAGESIZE
+    start = t.data_ptr() - storage.data_ptr()
+    lo = -(-start // page) * page
+    hi = (start + t.numel() * t.element_size()) // page * page
+    if hi <= lo:
+        return 0
+    try:
+        mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+    except (OSError, ValueError):  # not supported here: keep the pages
+        return 0
+    return hi - lo

@@ -337,3 +337,41 @@ def test_load_weights_checks_manifest_count(sample, tmp_path):
     (tmp_path / "sub").mkdir()
     with pytest.raises(WeightFormatError, match="no manifest.json, weights.arrow"):
         load_weights(tmp_path / "sub")
+
+
+RELEASE_SCRIPT = textwrap.dedent("""
+    import sys, re
+    from pathlib import Path
+    import torch
+    from engine.weights import load_weights, release_pages
+    def rss():
+        return int(re.search(r"VmRSS:\\s+(\\d+) kB", Path("/proc/self/status").read_text()).group(1)) // 1024
+    sd = load_weights(sys.argv[1])
+    a, b = sd["a"], sd["b"]
+    float(a.sum()), float(b.sum())  # touch every page
+    r0 = rss()
+    released = release_pages(a)
+    r1 = rss()
+    anon = torch.full((8 << 20,), 3.0)
+    print(r0, r1, released, float(a.sum()), float(b[0]), float(b[-1]), release_pages(anon), float(anon.sum()),
+          release_pages(a[::2]))
+""")
+
+
+def test_release_pages_drops_a_views_pages_and_nothing_else(tmp_path):
+    """After quantizing, the fp32 view's pages are dropped: RSS falls, the bytes still read back from the
+    file, the neighbouring tensor is intact, and tensors that are not file views are never touched."""
+    a = np.full(32 * 2**20 // 4, 0.25, dtype=np.float32)
+    b = np.arange(1000, dtype=np.float32)
+    path = tmp_path / "w.arrow"
+    write_tensors(path, "arrow", iter([Tensor("a", "float32", (a.size,), memoryview(a)),
+                                       Tensor("b", "float32", (b.size,), memoryview(b))]))
+    out = subprocess.run([sys.executable, "-c", RELEASE_SCRIPT, str(path)], cwd=REPO, capture_output=True,
+                         text=True, check=True).stdout.split()
+    r0, r1, released = int(out[0]), int(out[1]), int(out[2])
+    assert 31 * 2**20 <= released <= 32 * 2**20
+    assert r0 - r1 >= 24, f"RSS fell by only {r0 - r1} MB"
+    assert float(out[3]) == 0.25 * a.size  # re-read from the file
+    assert (float(out[4]), float(out[5])) == (0.0, 999.0)
+    assert int(out[6]) == 0 and float(out[7]) == 3.0 * (8 << 20)  # ordinary memory: left alone
+    assert int(out[8]) == 0  # a strided view: left alone
