@@ -3,19 +3,21 @@
 torch's eager dynamic quantization (fbgemm) quantizes a whole activation tensor
 with one scale. Transformer activations carry a few channels far larger than the
 rest (all-MiniLM-L6-v2 is a clear case), so one scale for a whole batch costs
-accuracy: on 512 captions MiniLM's cosine to fp32 fell to 0.85 (mean 0.94). Here every row is first
-scaled to the same range, so fbgemm's one scale fits every row, and the row scale
-is put back on the output:
+accuracy: on 512 captions MiniLM's cosine to fp32 fell to 0.85 (mean 0.94). Here
+every row is first scaled to the same range, so fbgemm's one scale fits every
+row, and the row scale is put back on the output:
 
     y = (int8(x / s) @ int8(W).T) * s + b,   s = max|x| per row / 127
 
 Weights are quantized per output channel; the fp32 pages each one was read from
 are dropped right after (engine.weights.release_pages), so peak RSS holds the int8
-copy, not both. The last block of every layer stack
-stays in fp32: it feeds the pooled embedding directly (MiniLM, 512 captions: min
-cosine 0.989 with it quantized, 0.993 without; mean 0.996). Very short texts stay
-the weak spot: the empty text ([CLS] [SEP]) reaches only ~0.97, because a few
-channels of those tokens dwarf the rest even within one row.
+copy, not both. Sentence-transformers keep the last block of their layer stack in
+fp32: it feeds the pooled embedding directly (MiniLM, 512 captions: min cosine
+0.989 with it quantized, 0.993 without; mean 0.996). CLIP quantizes every block:
+keeping the last ones changed its min cosine by < 0.0001 and cost 8 % of batch-1
+latency. Very short texts stay the weak spot: MiniLM's empty text ([CLS] [SEP])
+reaches only ~0.97, because a few channels of those tokens dwarf the rest even
+within one row.
 """
 from __future__ import annotations
 
@@ -55,16 +57,19 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-def quantize_int8(net: nn.Module) -> nn.Module:
-    """Replace every Linear of ``net`` by an :class:`Int8Linear`, except in the last block of each
-    ``nn.ModuleList`` of blocks. Returns ``net`` (changed in place)."""
+def quantize_int8(net: nn.Module, keep_last_block: bool | None = None) -> nn.Module:
+    """Replace every Linear of ``net`` by an :class:`Int8Linear`; with ``keep_last_block``, not those in the
+    last block of each ``nn.ModuleList`` of blocks (default: the net's ``INT8_KEEP_LAST_BLOCK``, else True).
+    Returns ``net`` (changed in place)."""
     if torch.backends.quantized.engine == "none":
         from engine.errors import PrecisionError
 
         raise PrecisionError("precision 'int8' needs torch's quantized CPU kernels (fbgemm/x86 or qnnpack); "
                              "this torch build has none: use 'fp32' or 'bf16'")
+    if keep_last_block is None:
+        keep_last_block = getattr(net, "INT8_KEEP_LAST_BLOCK", True)
     keep = set()
-    for mod in net.modules():
+    for mod in net.modules() if keep_last_block else ():
         if isinstance(mod, nn.ModuleList) and len(mod) > 1:
             keep.update(id(m) for m in mod[-1].modules())
     for parent in list(net.modules()):

@@ -52,7 +52,7 @@ def test_int8_linear_without_bias_and_zero_rows():
     assert torch.allclose(y[1], lin(x[1]).detach(), atol=0.05 * lin(x[1]).abs().max().item())
 
 
-def test_quantize_int8_keeps_the_last_block_of_each_stack_in_fp32():
+def test_quantize_int8_keeps_the_last_block_of_each_stack_in_fp32_unless_the_net_says_not():
     class Block(nn.Module):
         def __init__(self):
             super().__init__()
@@ -64,6 +64,10 @@ def test_quantize_int8_keeps_the_last_block_of_each_stack_in_fp32():
     quantize_int8(net)
     assert [type(b.fc) for b in net.blocks] == [Int8Linear, Int8Linear, nn.Linear]
     assert isinstance(net.head, Int8Linear)
+    net.blocks[2].fc = nn.Linear(8, 8)
+    net.INT8_KEEP_LAST_BLOCK = False  # the architecture's own choice (CLIP: every block)
+    quantize_int8(net)
+    assert isinstance(net.blocks[2].fc, Int8Linear)
 
 
 _FAULTS = (
