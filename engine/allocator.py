@@ -10,12 +10,13 @@ fp32 12.9 -> 14.4, measured in one run with bench-style inputs).
 :func:`tune` raises the mmap threshold to 32 MiB and the trim threshold to 128 MiB,
 the same effect as starting the process with ``MALLOC_MMAP_THRESHOLD_=33554432
 MALLOC_TRIM_THRESHOLD_=134217728``, so freed buffers are reused instead of
-returned. Buffers that used to be mapped now come from malloc's arenas, one per
-thread by default (8 per core): decode threads then each keep their own freed
-images. So :func:`tune` also caps the arenas at one per core (at least 2) unless
-``MALLOC_ARENA_MAX`` is set. Peak RSS of the B/32 fp32 benchmark suite: 1142 MB
-untuned, 1188 MB with the thresholds alone, 1107 MB with the arena cap too.
-Set ``ARROWENGINE_MALLOC_TUNING=0`` to leave the allocator alone.
+returned. The cost is memory kept for reuse: peak RSS of the B/32 fp32 benchmark
+suite 1142 MB untuned, 1188 MB tuned. Also capping malloc's arenas
+(MALLOC_ARENA_MAX=2) brought it to 1107 MB, but Flight-vs-in-process throughput
+(bench/serving.py) came out 82-107 % with the cap and 89-108 % without over three
+runs each; the server's gRPC and scheduler threads would share one arena, so the
+arenas are left alone until a quieter machine can settle it.
+Set ``ARROWENGINE_MALLOC_TUNING=0`` to leave the allocator alone entirely.
 """
 from __future__ import annotations
 
@@ -30,7 +31,6 @@ log = logging.getLogger(__name__)
 
 _M_TRIM_THRESHOLD = -1  # from glibc's malloc.h
 _M_MMAP_THRESHOLD = -3
-_M_ARENA_MAX = -8
 MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's largest allowed value on 64-bit
 TRIM_THRESHOLD = 128 * 1024 * 1024
 
@@ -59,10 +59,7 @@ def _apply() -> bool:
     except (OSError, AttributeError):  # not glibc (musl has no mallopt)
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    arenas = max(2, os.cpu_count() or 1)
     ok = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
-    if "MALLOC_ARENA_MAX" not in os.environ:
-        ok = bool(mallopt(_M_ARENA_MAX, arenas)) and ok
-    log.debug("malloc: mmap threshold %d, trim threshold %d, arenas <= %d (%s)", MMAP_THRESHOLD, TRIM_THRESHOLD,
-              arenas, "set" if ok else "refused")
+    log.debug("malloc: mmap threshold %d, trim threshold %d (%s)", MMAP_THRESHOLD, TRIM_THRESHOLD,
+              "set" if ok else "refused")
     return ok
