@@ -1,7 +1,6 @@
 """CLIP parity against HuggingFace's own CLIPModel on the same weights, and the model API."""
 from __future__ import annotations
 
-import io
 
 import numpy as np
 import pyarrow as pa
@@ -9,7 +8,7 @@ import pytest
 import torch
 
 import engine
-from engine.errors import InputError, NotRunnableError, PrecisionError, RowErrors
+from engine.errors import InputError, PrecisionError, RowErrors
 
 TEXTS = [
     "a photo of a cat",
