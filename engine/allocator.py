@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
 import sys
-import threading
 
 log = logging.getLogger(__name__)
 
@@ -34,20 +34,10 @@ _M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's largest allowed value on 64-bit
 TRIM_THRESHOLD = 128 * 1024 * 1024
 
-_lock = threading.Lock()
-_state: dict[str, bool] = {}
 
-
+@functools.cache  # two threads racing here would both call mallopt with the same values: harmless
 def tune() -> bool:
     """Apply the thresholds once per process (glibc on Linux only). Returns True if they are set."""
-    with _lock:
-        if "tuned" in _state:
-            return _state["tuned"]
-        _state["tuned"] = ok = _apply()
-        return ok
-
-
-def _apply() -> bool:
     if os.environ.get("ARROWENGINE_MALLOC_TUNING", "1") == "0":
         log.debug("malloc tuning disabled by ARROWENGINE_MALLOC_TUNING=0")
         return False

@@ -96,11 +96,8 @@ def apply(net: nn.Module, precision: str, device: torch.device) -> nn.Module:
                 release_pages(p)  # the file's copy was read once; a cast or moved copy replaces it
     net.eval()
     if precision == "int8":
-        net = _quantize_int8(net)
+        from engine.quantize import quantize_int8
+
+        net = quantize_int8(net)
     return net
 
-
-def _quantize_int8(net: nn.Module) -> nn.Module:
-    from engine.quantize import quantize_int8
-
-    return quantize_int8(net)

@@ -29,13 +29,11 @@ class TextTokenizer:
     defers it to the first text call, or to :meth:`load`. An image-only user never pays it.
     """
 
-    def __init__(self, tokenizer: Tokenizer | None, max_length: int, source: Path | None = None) -> None:
-        if tokenizer is None and source is None:
-            raise ValueError("TextTokenizer needs a tokenizers.Tokenizer or the path of a tokenizer.json")
+    def __init__(self, source: Path, max_length: int) -> None:
+        self.source = source  # tokenizer.json
         self.max_length = max_length
-        self.source = source
         self._lock = threading.Lock()
-        self._tok = None if tokenizer is None else self._configure(tokenizer)
+        self._tok: Tokenizer | None = None
 
     @classmethod
     def from_dir(cls, model_dir: Path, max_length: int, lazy: bool = False) -> "TextTokenizer":
@@ -44,7 +42,7 @@ class TextTokenizer:
         if not path.exists():
             raise ModelConfigError(f"{path} is missing: the model has no fast tokenizer; re-run `arrowengine convert` "
                                    "with transformers installed so it can build one")
-        tok = cls(None, max_length, source=path)
+        tok = cls(path, max_length)
         return tok if lazy else tok.load()
 
     @property
@@ -61,14 +59,11 @@ class TextTokenizer:
                     except Exception as exc:  # tokenizers raises plain Exception subclasses
                         raise ModelConfigError(f"{self.source} could not be read by the tokenizers library: {exc}") \
                             from exc
-                    self._tok = self._configure(tok)
+                    tok.no_padding()
+                    tok.enable_truncation(self.max_length)
+                    self._tok = tok
                     log.debug("parsed %s", self.source)
         return self
-
-    def _configure(self, tok: Tokenizer) -> Tokenizer:
-        tok.no_padding()
-        tok.enable_truncation(self.max_length)
-        return tok
 
     def encode(self, texts: Sequence[str | None] | pa.Array | pa.ChunkedArray) -> tuple[list[np.ndarray | None], list[str | None]]:
         """Tokenize texts. Returns (ids per row or None, error per row or None)."""
