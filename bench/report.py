@@ -32,6 +32,10 @@ GOALS: dict[str, tuple[str, float, str]] = {
     "cos_bf16": (">=", 0.999, "≥ 0.999"),
     "cos_fp16": (">=", 0.999, "≥ 0.999"),
     "cos_int8": (">=", 0.99, "≥ 0.99"),
+    # GPU (H100/H200 class), B/16 geometry: end to end from JPEG bytes in fp16/bf16 vs HF's end to end, and
+    # the vision tower alone vs HF's fp16 eager one.
+    "gpu_e2e": (">=", 15.0, "≥ 15x"),
+    "gpu_model_only": (">=", 1.0, "≥ 1x"),
 }
 # Minimum cosine to fp32 for a precision to count as a "best mode" candidate.
 MODE_THRESHOLD = {"fp32": 1.0, "bf16": 0.999, "fp16": 0.999, "int8": 0.99}
@@ -87,6 +91,8 @@ def build_figures(r: dict) -> list[Row]:
     rows: list[Row] = []
     if not ours or not hf:
         return rows
+    if str(r["config"]["device"]).startswith("cuda"):
+        return gpu_figures(r)
     modes = eligible_modes(r)
     ok_suites = {p: s[f"ours/{p}"] for p in modes if f"ours/{p}" in s and not s[f"ours/{p}"].get("light")}
 
@@ -194,6 +200,12 @@ def build_figures(r: dict) -> list[Row]:
         rows.append(Row("flight", "Flight end to end vs in-process engine", "not measured", "–", None, "–",
                         GOALS["flight"][2], None, (fl or {}).get("note", "bench/serving.py not available")))
 
+    return rows + accuracy_rows(r)
+
+
+def accuracy_rows(r: dict) -> list[Row]:
+    """Cosine of each precision against our fp32, and of our fp32 against HF's fp32."""
+    rows: list[Row] = []
     for p in r["precisions"]:
         if p == "fp32":
             continue
@@ -212,6 +224,69 @@ def build_figures(r: dict) -> list[Row]:
                         f"{im['min']:.5f} / {im['mean']:.5f}; {tx['min']:.5f} / {tx['mean']:.5f}", "–", None, "–",
                         note="image differs by design: OpenCV INTER_AREA vs PIL bicubic resampling"))
     return rows
+
+
+def gpu_figures(r: dict) -> list[Row]:
+    """The table of a ``--device cuda`` run: the GPU goals (end to end, model alone) and the other figures
+    without goals (the CPU goals are for the 2-core CPU)."""
+    s = r["suites"]
+    ours, hf = s["ours/fp32"], s["hf/fp32"]
+    modes = [p for p in eligible_modes(r) if f"ours/{p}" in s and not s[f"ours/{p}"].get("light")]
+    half = [p for p in modes if p in ("fp16", "bf16")] or modes
+    hf_half = s.get("hf/fp16", hf)
+    hf_half_name = "fp16" if "hf/fp16" in s else "fp32"
+    rows: list[Row] = []
+
+    best = max(half, key=lambda p: s[f"ours/{p}"]["image_throughput"]["per_s"])
+    v, h = s[f"ours/{best}"]["image_throughput"]["per_s"], hf_half["image_throughput"]["per_s"]
+    dec = r.get("decode", {})
+    limits = []
+    if dec.get("opencv_per_s"):
+        limits.append(f"our OpenCV decode alone on {dec['threads']} threads: {dec['opencv_per_s']:.0f} img/s "
+                      f"(ours end to end = {100 * v / dec['opencv_per_s']:.0f}% of it)")
+    if dec.get("nvjpeg_per_s"):
+        limits.append(f"nvJPEG batched decode + GPU resize alone: {dec['nvjpeg_per_s']:.0f} img/s")
+    elif dec.get("nvjpeg_note"):
+        limits.append(f"nvJPEG {dec['nvjpeg_note']}")
+    rows.append(_row("gpu_e2e", f"image throughput, JPEG bytes → embedding, batch {r['config']['batch']} (img/s), "
+                                f"ours {best} vs HF {hf_half_name}", f"{v:.0f}", f"{h:.0f}", v / h,
+                     note="; ".join(limits)))
+    rows.append(_row("gpu_e2e_fp32", "image throughput, JPEG bytes → embedding (img/s), fp32",
+                     f"{ours['image_throughput']['per_s']:.0f}", f"{hf['image_throughput']['per_s']:.0f}",
+                     ours["image_throughput"]["per_s"] / hf["image_throughput"]["per_s"]))
+    if "model_only" in s[f"ours/{best}"] and "model_only" in hf_half:
+        mo, mh = s[f"ours/{best}"]["model_only"], hf_half["model_only"]
+        rows.append(_row("gpu_model_only", f"vision tower alone, batch {mo['batch']} (img/s), ours {best} vs HF "
+                                           f"{hf_half_name} eager", f"{mo['per_s']:.0f}", f"{mh['per_s']:.0f}",
+                         mo["per_s"] / mh["per_s"]))
+        if "model_only" in ours and "model_only" in hf:
+            rows.append(_row("gpu_model_only_fp32", "vision tower alone (img/s), fp32",
+                             f"{ours['model_only']['per_s']:.0f}", f"{hf['model_only']['per_s']:.0f}",
+                             ours["model_only"]["per_s"] / hf["model_only"]["per_s"]))
+    il = min(half, key=lambda p: s[f"ours/{p}"]["image_latency"]["p50_ms"])
+    a, b = s[f"ours/{il}"]["image_latency"], hf_half["image_latency"]
+    rows.append(_row("gpu_image_latency", f"image latency batch 1, p50 (ms), ours {il} vs HF {hf_half_name}",
+                     f"{a['p50_ms']:.1f}", f"{b['p50_ms']:.1f}", b["p50_ms"] / a["p50_ms"],
+                     note=f"p95 {a['p95_ms']:.1f} vs {b['p95_ms']:.1f} ms"))
+    tb = max(half, key=lambda p: s[f"ours/{p}"]["text_throughput"]["per_s"])
+    a, b = s[f"ours/{tb}"]["text_throughput"]["per_s"], hf_half["text_throughput"]["per_s"]
+    rows.append(_row("gpu_text_throughput", f"text throughput, mixed-length captions (texts/s), ours {tb} vs HF "
+                                            f"{hf_half_name}", f"{a:.0f}", f"{b:.0f}", a / b))
+    rows.append(_row("gpu_warm_load", "warm in-process load (s), fp32", f"{ours['load_s']:.3f}",
+                     f"{hf['load_s']:.3f}", hf["load_s"] / ours["load_s"]))
+    cold = r.get("cold", {})
+    if cold.get("ours") and cold.get("hf"):
+        c_o, c_h = min(c["seconds"] for c in cold["ours"]), min(c["seconds"] for c in cold["hf"])
+        rows.append(_row("gpu_first_embedding", "new process to first image embedding (s)", f"{c_o:.2f}",
+                         f"{c_h:.2f}", c_h / c_o))
+    if "preprocess" in ours and "preprocess" in hf:
+        p_o, p_h = ours["preprocess"]["per_s"], hf["preprocess"]["per_s"]
+        rows.append(_row("gpu_preprocess", "preprocessing alone, mixed formats (img/s)", f"{p_o:.0f}", f"{p_h:.0f}",
+                         p_o / p_h, note=f"ours: OpenCV on {r['config'].get('cpu_count')} threads; HF: its "
+                                         "CLIPProcessor"))
+    rows.append(_row("gpu_rss", "peak host RSS (MB), fp32", f"{ours['peak_rss_mb']:.0f}", f"{hf['peak_rss_mb']:.0f}",
+                     ours["peak_rss_mb"] / hf["peak_rss_mb"]))
+    return rows + accuracy_rows(r)
 
 
 def _rss_floor(ours: dict, hf: dict) -> str:
@@ -270,6 +345,18 @@ def markdown(r: dict, rows: list[Row]) -> str:
                      f"{s['text_latency']['p50_ms']:.1f} / {s['text_latency']['p95_ms']:.1f} | "
                      f"{s['image_throughput']['per_s']:.1f} | {s['text_throughput']['per_s']:.1f} | {pre} | "
                      f"{s['peak_rss_mb']:.0f} | {_loadavg(s)} |")
+    mo = {k: v["model_only"] for k, v in r["suites"].items() if "model_only" in v}
+    if mo:
+        lines += ["", "Vision tower alone on device-resident pixels: " + "; ".join(
+            f"{k} {v['per_s']:.0f} img/s (batch {v['batch']})" for k, v in mo.items()) + "."]
+    dec = r.get("decode")
+    if dec:
+        lines += ["", f"Decode limits on the same JPEGs, batch {dec['batch']}: our OpenCV processor alone on "
+                  f"{dec['threads']} threads {dec['opencv_per_s']:.0f} img/s; nvJPEG (torchvision, batched) + GPU "
+                  "resize/crop/normalize alone " + (f"{dec['nvjpeg_per_s']:.0f} img/s" if "nvjpeg_per_s" in dec
+                                                     else dec.get("nvjpeg_note", "not measured")) + "."]
+    if r.get("minilm_note"):
+        lines += ["", f"MiniLM vs sentence-transformers: {r['minilm_note']}."]
     mm = r.get("matmul")
     if mm:
         extra = f", fp16 {mm['fp16_gflops']:.0f}" if "fp16_gflops" in mm else ""

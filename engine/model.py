@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +48,9 @@ class BatchLimits:
     image_batch: int = 32  # images per forward pass
     text_rows: int = 256  # texts per forward pass
     text_tokens: int = 8192  # padded tokens per forward pass (rows x longest row)
+    # Image batches decoded ahead of the device. None: 1 on CPU (decoding and the model share the cores),
+    # 2 on CUDA (the decode threads start on the next batch while the slowest images of this one finish).
+    prefetch: int | None = None
 
 
 @dataclass
@@ -82,7 +86,11 @@ class Model:
         self.limits = limits
         self._device = torch.device(info.device)
         self._compute_dtype = prec.compute_dtype(info.precision)
-        self._prefetch = ThreadPoolExecutor(1, thread_name_prefix="arrowengine-prefetch")
+        ahead = limits.prefetch if limits.prefetch is not None else (2 if self._device.type == "cuda" else 1)
+        if ahead < 1:
+            raise InputError(f"BatchLimits.prefetch: expected >= 1 batch decoded ahead, got {ahead}")
+        self._ahead = ahead
+        self._prefetch = ThreadPoolExecutor(ahead, thread_name_prefix="arrowengine-prefetch")
 
     def __repr__(self) -> str:
         i = self.info
@@ -184,14 +192,19 @@ class Model:
         out = np.zeros((n, self.info.dim), dtype=np.float32)
         errors: list[str | None] = [None] * n
         step = self.limits.image_batch
-        starts = list(range(0, n, step))
-        # Decode chunk k+1 on a helper thread while the device computes chunk k.
-        pending = self._prefetch.submit(self.prepare_images, images[0:step]) if starts else None
-        for k, s in enumerate(starts):
-            batch = pending.result()
-            if k + 1 < len(starts):
-                nxt = starts[k + 1]
-                pending = self._prefetch.submit(self.prepare_images, images[nxt:nxt + step])
+        starts = deque(range(0, n, step))
+        pending: deque = deque()
+
+        def submit_ahead() -> None:  # keep ``self._ahead`` chunks decoding on helper threads
+            while starts and len(pending) < self._ahead:
+                s = starts.popleft()
+                pending.append((s, self._prefetch.submit(self.prepare_images, images[s:s + step])))
+
+        submit_ahead()
+        while pending:
+            s, future = pending.popleft()
+            batch = future.result()
+            submit_ahead()  # before the device stage, so decoding overlaps it
             for j, e in enumerate(batch.errors):
                 errors[s + j] = e
             if len(batch.index):

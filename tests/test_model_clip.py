@@ -123,6 +123,32 @@ def test_images_with_bad_rows(tiny_clip_dir):
     assert not res.embeddings[[1, 3, 4]].any()
 
 
+@pytest.mark.parametrize("prefetch", [1, 2, 3])
+def test_images_over_many_batches_any_prefetch_depth(tiny_clip_dir, prefetch):
+    """Chunks decoded ahead (BatchLimits.prefetch) land on their own rows, bad rows included."""
+    import cv2
+
+    from engine.model import BatchLimits
+
+    rng = np.random.default_rng(1)
+    blobs = [cv2.imencode(".jpg", rng.integers(0, 255, size=(60 + 7 * i, 90, 3), dtype=np.uint8))[1].tobytes()
+             for i in range(9)]
+    blobs[4] = b"broken"
+    model = engine.load_model(tiny_clip_dir, limits=BatchLimits(image_batch=2, prefetch=prefetch))
+    res = model.embed_images(blobs)
+    assert [i for i, e in enumerate(res.errors) if e] == [4]
+    one_by_one = np.concatenate([model.encode_image([b]) for i, b in enumerate(blobs) if i != 4])
+    assert np.abs(res.embeddings[[i for i in range(9) if i != 4]] - one_by_one).max() <= 1e-5
+    assert not res.embeddings[4].any()
+
+
+def test_prefetch_below_one_is_a_clear_error(tiny_clip_dir):
+    from engine.model import BatchLimits
+
+    with pytest.raises(InputError, match="prefetch"):
+        engine.load_model(tiny_clip_dir, limits=BatchLimits(prefetch=0))
+
+
 def test_bf16_and_int8_modes_run_and_stay_close(tiny_clip_dir):
     ref = engine.load_model(tiny_clip_dir).encode_text(TEXTS)
     for precision, floor in (("bf16", 0.99), ("int8", 0.95)):
