@@ -108,13 +108,18 @@ class Ours:
 
     def preprocess(self, blobs: list[bytes]) -> int:
         b = self.a["batch"]
-        return sum(len(self.model.image_processor(blobs[s:s + b]).index) for s in range(0, len(blobs), b))
+        n = sum(len(self.model.image_processor(blobs[s:s + b]).index) for s in range(0, len(blobs), b))
+        if self.model.image_processor.device_decoding:  # JPEGs were decoded on the GPU: wait for it
+            import torch
+
+            torch.cuda.synchronize()
+        return n
 
     def model_pixels(self, blobs: list[bytes]):
         """Pixels of ``blobs`` on the device in the compute dtype (for :func:`model_only`)."""
         import torch
 
-        px = torch.from_numpy(self.model.image_processor(blobs).pixels)
+        px = torch.as_tensor(self.model.image_processor(blobs).pixels)
         return px.to(self.model._device, self.model._compute_dtype)
 
     def model_forward(self, x):

@@ -47,6 +47,8 @@ class ImageHeader:
     width: int  # stored width, before any EXIF orientation
     height: int  # stored height, before any EXIF orientation
     components: int  # JPEG colour components (1 grey, 3 YCbCr/RGB, 4 CMYK); 0 when not known
+    orientation: int = 1  # JPEG EXIF orientation tag (1-8; 1 = upright, also when absent or unreadable)
+    frame: int = 0  # JPEG start-of-frame marker (0xC0 baseline, 0xC1 extended, 0xC2 progressive, ...)
 
 
 def sniff_format(data: np.ndarray) -> str | None:
@@ -113,6 +115,7 @@ def read_header(data: np.ndarray, fmt: str) -> ImageHeader:
 def _jpeg_header(mv: memoryview) -> ImageHeader:
     n = len(mv)
     i = 2  # after SOI
+    orientation = 1
     while True:
         if i >= n:
             raise HeaderError("truncated JPEG: the data ends before the frame header (SOF)")
@@ -141,8 +144,33 @@ def _jpeg_header(mv: memoryview) -> ImageHeader:
                 raise HeaderError(
                     f"JPEG declares size {width}x{height}; a zero size (height given by a DNL marker) is not supported"
                 )
-            return ImageHeader("jpeg", width, height, components)
+            return ImageHeader("jpeg", width, height, components, orientation, marker)
+        if marker == 0xE1 and orientation == 1:  # APP1: EXIF, when it comes first
+            orientation = _exif_orientation(mv[i + 2 : min(n, i + length)])
         i += length
+
+
+def _exif_orientation(seg: memoryview) -> int:
+    """The orientation tag (0x0112) of IFD0 in an APP1 ``Exif`` payload; 1 when absent or malformed."""
+    if bytes(seg[:6]) != b"Exif\x00\x00" or len(seg) < 14:
+        return 1
+    tiff = seg[6:]
+    order = {b"II": "<", b"MM": ">"}.get(bytes(tiff[:2]))
+    if order is None:
+        return 1
+    try:
+        (ifd,) = struct.unpack_from(order + "I", tiff, 4)
+        (count,) = struct.unpack_from(order + "H", tiff, ifd)
+        for k in range(count):
+            tag, kind, num = struct.unpack_from(order + "HHI", tiff, ifd + 2 + 12 * k)
+            if tag == 0x0112:
+                if kind != 3 or num != 1:  # SHORT, one value
+                    return 1
+                (value,) = struct.unpack_from(order + "H", tiff, ifd + 2 + 12 * k + 8)
+                return value if 1 <= value <= 8 else 1
+    except struct.error:
+        return 1
+    return 1
 
 
 def _png_header(mv: memoryview) -> ImageHeader:

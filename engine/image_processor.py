@@ -46,9 +46,10 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import cv2
 import numpy as np
@@ -81,7 +82,9 @@ _REDUCED_GREY = {
 class ImageBatch:
     """Preprocessed pixels of the rows that decoded, and a reason for each row that did not."""
 
-    pixels: np.ndarray  # (K, 3, H, W) float32, C-contiguous
+    # (K, 3, H, W) float32, C-contiguous: a numpy array on the host, or a torch tensor on the model's device
+    # when the processor decodes JPEGs there (``device=`` a CUDA device; see engine.device_jpeg)
+    pixels: np.ndarray | Any
     index: np.ndarray  # (K,) int64: input row of each pixels row
     errors: list[str | None]  # len N: None for rows in index, the reason otherwise
 
@@ -165,6 +168,8 @@ class ArrowImageProcessor:
         limits: ImageLimits = ImageLimits(),
         threads: int | None = None,
         apply_exif_orientation: bool = True,
+        device: object = "cpu",
+        jpeg_decoder: object = None,
     ) -> None:
         """Create a processor (and its decode threads; call :meth:`close` or use ``with``).
 
@@ -176,6 +181,11 @@ class ArrowImageProcessor:
                 so ``threads`` bounds the cores preprocessing takes from the model, and nested
                 pools do not oversubscribe the CPU (measured: as fast or faster with 2 threads).
             apply_exif_orientation: turn JPEGs upright per their EXIF tag (transformers does not).
+            device: where the model runs. On a CUDA device, JPEGs are decoded and resized there
+                (engine.device_jpeg, nvJPEG through torchvision, when it is installed) and ``pixels``
+                is a torch tensor on that device; other rows still decode on the CPU threads.
+            jpeg_decoder: the device stage's decode function (engine.device_jpeg.Decoder); None picks
+                nvJPEG on CUDA and no device stage on CPU; False turns the device stage off.
         """
         self.config = config
         self.limits = limits
@@ -187,6 +197,26 @@ class ArrowImageProcessor:
         self._pool = (
             ThreadPoolExecutor(self.threads, thread_name_prefix="arrowengine-image") if self.threads > 1 else None
         )
+        self._device_stage = self._make_device_stage(device, jpeg_decoder)
+
+    def _make_device_stage(self, device: object, decoder: object):
+        if decoder is False or (decoder is None and str(device).split(":")[0] != "cuda"):
+            return None
+        import torch
+
+        from engine.device_jpeg import DeviceJpegStage, nvjpeg_decoder
+
+        dev = torch.device(device)  # type: ignore[arg-type]
+        decode = nvjpeg_decoder(dev) if decoder is None else decoder
+        if decode is None:
+            return None
+        logger.info("JPEGs decode on %s (%s)", dev, "nvJPEG" if decoder is None else "given decoder")
+        return DeviceJpegStage(self.config, dev, decode, self._resize_hw)
+
+    @property
+    def device_decoding(self) -> bool:
+        """True when JPEG rows are decoded on the model's device (and ``pixels`` is a torch tensor)."""
+        return self._device_stage is not None
 
     def __call__(self, images: object) -> ImageBatch:
         """Preprocess a batch; see :func:`row_views` for the accepted inputs.
@@ -205,19 +235,70 @@ class ArrowImageProcessor:
                 todo.append((row, view, self._check(view)))
             except (_RowFault, HeaderError) as exc:
                 errors[row] = str(exc)
-        height, width = self.config.output_hw
-        pixels = np.empty((len(todo), 3, height, width), dtype=np.float32)
-        jobs = [(view, header, pixels[k]) for k, (_, view, header) in enumerate(todo)]
-        if self._pool is None or len(jobs) < 2:
-            faults = [self._process_row(*job) for job in jobs]
-        else:
-            faults = list(self._pool.map(lambda job: self._process_row(*job), jobs))
+        if self._device_stage is not None:
+            return self._call_with_device(todo, errors)
+        pixels, faults = self._decode_on_cpu([(view, header) for _, view, header in todo])
         for (row, _, _), fault in zip(todo, faults):
             errors[row] = fault
         index = np.array([row for row, _, _ in todo], dtype=np.int64)
         ok = np.array([fault is None for fault in faults], dtype=bool)
         if not ok.all():  # rare: a decode failed after its header passed; compact (one copy)
             pixels, index = np.ascontiguousarray(pixels[ok]), index[ok]
+        return ImageBatch(pixels=pixels, index=index, errors=errors)
+
+    def _decode_on_cpu(self, rows: list[tuple[np.ndarray, ImageHeader]]) -> tuple[np.ndarray, list[str | None]]:
+        """Decode rows on the processor's threads into one (K, 3, H, W) array; a fault string or None per row."""
+        pixels, faults = self._start_on_cpu(rows)
+        return pixels, list(faults)
+
+    def _start_on_cpu(self, rows: list[tuple[np.ndarray, ImageHeader]]) -> tuple[np.ndarray, Iterable[str | None]]:
+        """Hand rows to the decode threads and return at once: the array they fill, and an iterable of the
+        per-row faults that waits for them (with one thread, the rows are decoded before returning)."""
+        height, width = self.config.output_hw
+        pixels = np.empty((len(rows), 3, height, width), dtype=np.float32)
+        jobs = [(view, header, pixels[k]) for k, (view, header) in enumerate(rows)]
+        if self._pool is None or len(jobs) < 2:
+            return pixels, [self._process_row(*job) for job in jobs]
+        return pixels, self._pool.map(lambda job: self._process_row(*job), jobs)  # Executor.map submits all now
+
+    def _call_with_device(self, todo: list[tuple[int, np.ndarray, ImageHeader]], errors: list[str | None]) -> ImageBatch:
+        """JPEGs the device stage takes decode there while the CPU threads do the others; rows the device
+        decoder refuses are decoded again on the CPU, so each row ends with pixels or its CPU error reason."""
+        import torch
+
+        stage = self._device_stage
+        on_device = [k for k, (_, _, header) in enumerate(todo) if stage.takes(header, self.apply_exif_orientation)]
+        taken = set(on_device)
+        on_cpu = [k for k in range(len(todo)) if k not in taken]
+        cpu_pixels, pending = self._start_on_cpu([todo[k][1:] for k in on_cpu])
+        device_pixels, device_faults = None, []
+        if on_device:
+            try:
+                device_pixels, device_faults = stage([todo[k][1] for k in on_device])
+            except Exception as exc:  # e.g. device out of memory: the CPU path still gives every row its pixels
+                logger.warning("device JPEG stage failed (%s: %s); decoding its rows on the CPU",
+                               type(exc).__name__, exc)
+                device_faults = [f"device stage: {type(exc).__name__}"] * len(on_device)
+        cpu_faults = list(pending)
+        refused = [k for k, fault in zip(on_device, device_faults) if fault is not None]
+        if refused:
+            logger.info("%d JPEG(s) refused by the device decoder, decoding them on the CPU", len(refused))
+            again_pixels, again_faults = self._decode_on_cpu([todo[k][1:] for k in refused])
+            on_cpu, cpu_faults = on_cpu + refused, cpu_faults + again_faults
+            cpu_pixels = np.concatenate([cpu_pixels, again_pixels])
+        height, width = self.config.output_hw
+        pixels = torch.empty((len(todo), 3, height, width), dtype=torch.float32, device=stage.device)
+        if device_pixels is not None:
+            pixels[torch.tensor(on_device, device=stage.device)] = device_pixels
+        if on_cpu:
+            pixels[torch.tensor(on_cpu, device=stage.device)] = torch.from_numpy(cpu_pixels).to(stage.device)
+        fault_of = dict(zip(on_cpu, cpu_faults))  # device rows not in here decoded fine
+        for k, (row, _, _) in enumerate(todo):
+            errors[row] = fault_of.get(k)
+        keep = [k for k in range(len(todo)) if fault_of.get(k) is None]
+        index = np.array([todo[k][0] for k in keep], dtype=np.int64)
+        if len(keep) < len(todo):
+            pixels = pixels[torch.tensor(keep, dtype=torch.long, device=stage.device)]
         return ImageBatch(pixels=pixels, index=index, errors=errors)
 
     def close(self) -> None:
@@ -370,8 +451,9 @@ def _resize(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     return cv2.resize(image, (hw[1], hw[0]), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC)
 
 
-def _crop_span(size: int, crop: int) -> tuple[int, int, int]:
-    """(source start, destination start, length) of transformers' center_crop along one axis, with zero padding."""
+def crop_span(size: int, crop: int) -> tuple[int, int, int]:
+    """(source start, destination start, length) of transformers' center_crop along one axis, with zero padding
+    (also used by engine.device_jpeg)."""
     if size >= crop:
         return (size - crop) // 2, 0, crop
     return 0, (crop - size + 1) // 2, size
@@ -379,8 +461,8 @@ def _crop_span(size: int, crop: int) -> tuple[int, int, int]:
 
 def _crop_normalize(image: np.ndarray, luts: np.ndarray, luts_bgr: np.ndarray, out: np.ndarray) -> None:
     """Centre-crop uint8 grey/BGR ``image`` and write normalized RGB planes into ``out`` (3, H, W)."""
-    src_y, dst_y, len_y = _crop_span(image.shape[0], out.shape[1])
-    src_x, dst_x, len_x = _crop_span(image.shape[1], out.shape[2])
+    src_y, dst_y, len_y = crop_span(image.shape[0], out.shape[1])
+    src_x, dst_x, len_x = crop_span(image.shape[1], out.shape[2])
     if len_y < out.shape[1] or len_x < out.shape[2]:  # padded with zero pixels, as transformers does
         out[:] = luts[:, :1, None]
     crop = image[src_y : src_y + len_y, src_x : src_x + len_x]  # (h, w) or (h, w, 3)

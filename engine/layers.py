@@ -11,6 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -39,9 +40,21 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
     q = q.view(B, T, heads, hd).transpose(1, 2)  # (B, h, T, hd)
     k = k.view(B, T, heads, hd).transpose(1, 2)  # (B, h, T, hd)
     v = v.view(B, T, heads, hd).transpose(1, 2)  # (B, h, T, hd)
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
-                                       scale=1.0 / math.sqrt(hd))  # (B, h, T, hd)
+    if q.is_cuda:
+        with sdpa_kernel(CUDA_ATTENTION_BACKENDS):
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+                                               scale=1.0 / math.sqrt(hd))  # (B, h, T, hd)
+    else:
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+                                           scale=1.0 / math.sqrt(hd))  # (B, h, T, hd)
     return y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+
+
+# On Hopper, torch may pick cuDNN's attention for half precision; cuDNN builds an execution graph for every
+# new (batch, length) shape, which costs tens to hundreds of ms. Text batches change shape all the time
+# (length buckets), so measured on an H200 (bench/results/gpu.md, first run): fp16 text 714 texts/s against
+# 7,089 in fp32. Flash / memory-efficient attention have no per-shape set-up.
+CUDA_ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 # At a few rows (batch-1 latency: 1-96 tokens or patches) oneDNN's fp32 GEMM beats the MKL one behind

@@ -208,7 +208,7 @@ class Model:
             for j, e in enumerate(batch.errors):
                 errors[s + j] = e
             if len(batch.index):
-                out[s + batch.index] = self._image_core(torch.from_numpy(batch.pixels), normalize)
+                out[s + batch.index] = self._image_core(torch.as_tensor(batch.pixels), normalize)
         return EmbedResult(out, errors)
 
     # ------------------------------------------------------------------ stages
@@ -310,7 +310,7 @@ def load_model(path: str | Path, device: str = "cpu", precision: str = "fp32", n
             raise ModelConfigError(f"{path}/preprocessor_config.json makes {image_cfg.output_hw} images but the "
                                    f"vision tower expects ({side}, {side}); fix crop_size/size in that file")
         img_kwargs = {} if image_limits is None else {"limits": image_limits}
-        image_processor = ArrowImageProcessor(image_cfg, threads=threads, **img_kwargs)
+        image_processor = ArrowImageProcessor(image_cfg, threads=threads, device=dev, **img_kwargs)
     else:
         from engine.bert import SentenceBert
         from engine.tokenizer import TextTokenizer

@@ -396,7 +396,7 @@ class Scheduler:
         """One device batch; scatter each row's embedding back to its request."""
         normalize = items[0].request.normalize
         if queue == "image":
-            pixels = items[0].payload if len(items) == 1 else np.concatenate([i.payload for i in items])
+            pixels = items[0].payload if len(items) == 1 else _concat([i.payload for i in items])
             y = self.model.encode_pixels(pixels, normalize)  # (K, D)
         else:
             y = self.model.embed_token_rows([r for i in items for r in i.payload], normalize)  # (K, D)
@@ -433,3 +433,14 @@ def _fit(sizes: np.ndarray, max_rows: int, max_size: int) -> int:
         return 0
     total = np.cumsum(sizes[:max_rows])
     return int(np.searchsorted(total, max_size, side="right"))
+
+
+def _concat(parts: list):
+    """Join image payloads: numpy pixels from the CPU decoder, torch tensors from a device decoder."""
+    if all(isinstance(p, np.ndarray) for p in parts):
+        return np.concatenate(parts)
+    import torch
+
+    device = next(p.device for p in parts if isinstance(p, torch.Tensor))
+    return torch.cat([torch.as_tensor(p).to(device) for p in parts])
+
