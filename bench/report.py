@@ -240,7 +240,7 @@ def gpu_figures(r: dict) -> list[Row]:
     best = max(half, key=lambda p: s[f"ours/{p}"]["image_throughput"]["per_s"])
     v, h = s[f"ours/{best}"]["image_throughput"]["per_s"], hf_half["image_throughput"]["per_s"]
     dec = r.get("decode", {})
-    limits = []
+    limits = [f"ours decodes JPEGs {'on the GPU (nvJPEG)' if s[f'ours/{best}'].get('jpeg_on_device') else 'on the CPU'}"]
     if dec.get("opencv_per_s"):
         limits.append(f"our OpenCV decode alone on {dec['threads']} threads: {dec['opencv_per_s']:.0f} img/s "
                       f"(ours end to end = {100 * v / dec['opencv_per_s']:.0f}% of it)")

@@ -262,6 +262,7 @@ def task_suite(a: dict) -> dict:
         res["hf_model_only_load_s"] = sys_.model_only_load_s
     else:
         res["weights_mb"] = os.path.getsize(os.path.join(a["model_dir"], "weights.arrow")) / 2 ** 20
+        res["jpeg_on_device"] = sys_.model.image_processor.device_decoding
     res["rss_after_load_mb"] = vm_kb("VmRSS") / 1024  # imports + runtime; weights are mapped but mostly untouched
 
     if a.get("light"):  # this precision is not native here: embed a few rows for accuracy and memory only
