@@ -129,8 +129,6 @@ class Ours:
             return self.model.net.encode_image(x)
 
     def profile(self, blobs: list[bytes], texts: list[str]) -> dict:
-        from engine.tokenizer import length_buckets
-
         b = blobs[: self.a["batch"]]
         t0 = time.perf_counter()
         px = self.model.image_processor(b).pixels
@@ -140,8 +138,7 @@ class Ours:
         rows, _ = self.model.tokenizer.encode(texts)
         t3 = time.perf_counter()
         lengths = [len(r) for r in rows]
-        lim = self.model.limits
-        padded = sum(len(g) * max(lengths[i] for i in g) for g in length_buckets(lengths, lim.text_rows, lim.text_tokens))
+        padded = sum(len(g) * t for g, t in self.model.text_groups(lengths))
         return {"image_pre_ms_per_img": (t1 - t0) / len(b) * 1e3, "image_model_ms_per_img": (t2 - t1) / len(b) * 1e3,
                 "text_tokenize_ms_per_text": (t3 - t2) / len(texts) * 1e3,
                 "text_real_tokens": sum(lengths), "text_padded_tokens": padded}

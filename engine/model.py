@@ -48,6 +48,11 @@ class BatchLimits:
     image_batch: int = 32  # images per forward pass
     text_rows: int = 256  # texts per forward pass
     text_tokens: int = 8192  # padded tokens per forward pass (rows x longest row)
+    # Text shapes. None: on CPU, lengths as they are and a new group once padding passes 10 % (padding is
+    # compute there); on CUDA, lengths rounded up to a multiple of 8 and no padding cut (a GPU pays per
+    # launch and per new shape, not per padded token: few, large, repeating shapes are fastest).
+    text_pad_to: int | None = None
+    text_max_padding: float | None = None
     # Image batches decoded ahead of the device. None: 1 on CPU (decoding and the model share the cores),
     # 2 on CUDA (the decode threads start on the next batch while the slowest images of this one finish).
     prefetch: int | None = None
@@ -90,6 +95,12 @@ class Model:
         if ahead < 1:
             raise InputError(f"BatchLimits.prefetch: expected >= 1 batch decoded ahead, got {ahead}")
         self._ahead = ahead
+        cuda = self._device.type == "cuda"
+        self._pad_to = limits.text_pad_to if limits.text_pad_to is not None else (8 if cuda else 1)
+        self._max_padding = (limits.text_max_padding if limits.text_max_padding is not None
+                             else (float("inf") if cuda else 0.1))
+        if self._pad_to < 1:
+            raise InputError(f"BatchLimits.text_pad_to: expected a multiple >= 1, got {self._pad_to}")
         self._prefetch = ThreadPoolExecutor(ahead, thread_name_prefix="arrowengine-prefetch")
 
     def __repr__(self) -> str:
@@ -211,6 +222,15 @@ class Model:
                 out[s + batch.index] = self._image_core(torch.as_tensor(batch.pixels), normalize)
         return EmbedResult(out, errors)
 
+    def text_groups(self, lengths: Sequence[int]) -> list[tuple[np.ndarray, int]]:
+        """How rows of these token lengths go to the device: (row indices, padded length) per forward pass."""
+        from engine.tokenizer import length_buckets
+
+        pad, cap = self._pad_to, self.info.max_tokens
+        padded = [min(cap, -(-n // pad) * pad) for n in lengths] if pad > 1 else list(lengths)
+        groups = length_buckets(padded, self.limits.text_rows, self.limits.text_tokens, self._max_padding)
+        return [(g, max(padded[i] for i in g)) for g in groups]
+
     # ------------------------------------------------------------------ stages
     def _need(self, modality: str) -> None:
         if modality not in self.info.modalities:
@@ -235,14 +255,10 @@ class Model:
     @torch.inference_mode()
     def _embed_token_rows(self, rows: list[np.ndarray | None], errors: list[str | None],
                           normalize: bool) -> EmbedResult:
-        from engine.tokenizer import length_buckets
-
         out = np.zeros((len(rows), self.info.dim), dtype=np.float32)
         good = [i for i, r in enumerate(rows) if r is not None]
-        lengths = [len(rows[i]) for i in good]
-        for group in length_buckets(lengths, self.limits.text_rows, self.limits.text_tokens):
+        for group, T in self.text_groups([len(rows[i]) for i in good]):
             idx = [good[g] for g in group]
-            T = max(len(rows[i]) for i in idx)
             ids = np.zeros((len(idx), T), dtype=np.int64)
             for r, i in enumerate(idx):
                 ids[r, :len(rows[i])] = rows[i]

@@ -54,6 +54,16 @@ def test_parity_with_sentence_transformers(minilm, minilm_source):
     assert _cos(ours, ref).min() >= 0.99999
 
 
+def test_gpu_text_shapes_give_the_same_embeddings(minilm_model_dir, minilm):
+    """The CUDA default (lengths rounded up to 8, no padding cut): masked padding changes nothing."""
+    from engine.model import BatchLimits
+
+    padded = engine.load_model(minilm_model_dir, limits=BatchLimits(text_pad_to=8, text_max_padding=float("inf")))
+    texts = TEXTS + [("word " * n).strip() for n in (2, 7, 13, 60)]
+    assert {t % 8 for _, t in padded.text_groups([3, 9, 250, 256])} == {0}
+    assert np.abs(padded.encode_text(texts) - minilm.encode_text(texts)).max() <= 1e-5
+
+
 def test_batch_invariance(minilm):
     alone = np.concatenate([minilm.encode_text([t]) for t in TEXTS])
     assert np.abs(alone - minilm.encode_text(TEXTS)).max() <= 1e-5

@@ -142,6 +142,21 @@ def test_images_over_many_batches_any_prefetch_depth(tiny_clip_dir, prefetch):
     assert not res.embeddings[4].any()
 
 
+def test_gpu_text_shapes_give_the_same_embeddings(tiny_clip_dir):
+    """Lengths rounded up to 8 with no padding cut (the CUDA default) change shapes, not results."""
+    from engine.model import BatchLimits
+
+    texts = [("word " * n).strip() for n in (1, 3, 9, 17, 30, 75, 200)] + TEXTS
+    plain = engine.load_model(tiny_clip_dir)
+    padded = engine.load_model(tiny_clip_dir, limits=BatchLimits(text_pad_to=8, text_max_padding=float("inf"),
+                                                                 text_rows=4))
+    groups = padded.text_groups([2, 5, 9, 16, 17, 77, 77, 40])
+    assert sorted(i for g, _ in groups for i in g) == list(range(8))
+    assert all(t % 8 == 0 or t == 77 for _, t in groups) and max(t for _, t in groups) == 77
+    assert all(len(g) <= 4 for g, _ in groups)
+    assert np.abs(plain.encode_text(texts) - padded.encode_text(texts)).max() <= 1e-5
+
+
 def test_prefetch_below_one_is_a_clear_error(tiny_clip_dir):
     from engine.model import BatchLimits
 
