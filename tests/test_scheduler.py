@@ -224,3 +224,31 @@ def test_a_lone_caller_does_not_wait_for_a_full_batch(minilm):
         waited = time.monotonic() - t0
     assert res.errors == [None, None]
     assert waited < 2.5, f"a lone caller waited {waited:.1f}s for rows that could never come"
+
+
+def test_device_decoded_pixels_from_many_callers_are_joined_in_order(tiny_clip_dir, images):
+    """With JPEGs decoded on the model's device (torch tensors; here an OpenCV stand-in for nvJPEG on the
+    CPU), the scheduler joins several callers' pixels into one forward and each gets its own rows."""
+    from engine.image_processor import ArrowImageProcessor
+    from test_device_jpeg import FakeNvjpeg
+
+    model = engine.load_model(tiny_clip_dir)
+    model.image_processor = ArrowImageProcessor(model.image_processor.config, threads=2, jpeg_decoder=FakeNvjpeg())
+    png = cv2.imencode(".png", cv2.imdecode(np.frombuffer(images[0], np.uint8), cv2.IMREAD_COLOR))[1].tobytes()
+    rows = [images[4 * i:4 * i + 3] + ([png] if i % 2 else [b"broken"]) for i in range(8)]
+    direct = [model.embed_images(r) for r in rows]
+    forwards = []
+    barrier = threading.Barrier(8)
+    with Scheduler(model, SchedulerConfig(max_wait_ms=50),
+                   on_batch=lambda q, n, s: forwards.append(n)) as sched:
+
+        def call(i):
+            barrier.wait()
+            return sched.embed_images(pa.array(rows[i], pa.binary()))
+
+        results, errors = run_threads(8, call)
+    assert errors == [None] * 8
+    for got, want in zip(results, direct):
+        assert got.errors == want.errors
+        np.testing.assert_allclose(got.embeddings, want.embeddings, atol=1e-5, rtol=0)
+    assert max(forwards) > 4  # several callers' device tensors went through one forward
