@@ -1,8 +1,9 @@
 """JPEG decoding and CLIP preprocessing on a CUDA device: nvJPEG (through torchvision) + torch resize.
 
 On a GPU box the CPU is what limits end-to-end throughput: measured on an H200 with 16 cores, our OpenCV
-processor alone decodes ~2,200 B/16-sized inputs per second while torchvision's batched nvJPEG decode plus
-an antialiased resize on the GPU does ~4,200 (bench/results/gpu.md). So when the model runs on CUDA, the
+processor alone prepares ~1,700-2,200 photos per second while torchvision's batched nvJPEG decode plus an
+antialiased resize on the GPU does ~4,000 (bench/results/h200.md), and B/16 in fp16 embeds ~9,000. So
+when the model runs on CUDA, the
 :class:`~engine.image_processor.ArrowImageProcessor` hands the JPEGs it can to :class:`DeviceJpegStage`
 and keeps decoding the rest (PNG, WebP, progressive or CMYK JPEGs, rotated ones) on its CPU threads.
 

@@ -37,6 +37,9 @@ How it differs from the reference, on purpose:
   colour, but clips 16-bit greyscale (mode ``I;16``) to 255, which whitens it.
 * ``do_convert_rgb`` is read but images are always made 3-channel RGB: the
   vision tower needs three channels.
+* On a CUDA device (``device=``, torchvision installed), baseline JPEGs are decoded by nvJPEG and resized
+  on the GPU (engine.device_jpeg) while the threads decode the other rows; ``pixels`` is then a tensor on
+  the device.
 * Header checks come first: format sniffing against an allow-list, and
   ``max_bytes`` / ``max_pixels`` limits from the parsed header, before any
   decode. A bad row gets an error reason; it never fails the batch.
