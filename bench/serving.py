@@ -153,7 +153,7 @@ def main() -> None:
         model_dir = make_model(Path(tmp), args.geometry)
         images = pa.array(make_images(count), pa.binary())
         model = engine.load_model(model_dir)
-        local_rate, local = best_rate(lambda: model.embed_images(images).embeddings, count, args.repeat)
+        local_rate, local = best_rate(lambda m=model: m.embed_images(images).embeddings, count, args.repeat)
         model.image_processor.close()
         del model
         server = ServerProcess(model_dir, "clip", ("--batch-wait-ms", str(args.batch_wait_ms),

@@ -419,7 +419,42 @@ def task_matmul(a: dict) -> dict:
     res["n"] = res["fp32_n"]
     if dev.type == "cpu" and torch.backends.quantized.engine != "none":
         res.update(_int8_gemm(a["seconds"]))
+    if dev.type == "cpu" and a.get("tower"):
+        res.update(_tower_gemms(a["tower"]))
     return res
+
+
+def _tower_gemms(t: dict, repeats: int = 20) -> dict:
+    """The vision tower's own GEMMs alone (the Linears of every block, through engine.layers.linear and
+    engine.quantize.Int8Linear), best of ``repeats``: at batch 1 that sum is the floor of the model's latency,
+    since at a few dozen rows a GEMM runs far below the square-matmul rate."""
+    import torch
+    from torch import nn
+
+    from engine.layers import linear
+    from engine.quantize import Int8Linear
+
+    def best(fn) -> float:
+        fn()
+        top = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            top = min(top, time.perf_counter() - t0)
+        return top
+
+    d, mlp = t["width"], t["mlp"]
+    shapes = [(d, d)] * 4 + [(d, mlp), (mlp, d)]
+    fp32 = int8 = 0.0
+    with torch.inference_mode():
+        for k, n in shapes:
+            x, w, b = torch.randn(t["tokens"], k), torch.randn(n, k) / k ** 0.5, torch.randn(n)
+            fp32 += best(lambda: linear(x, w, b))
+            q = Int8Linear(nn.Linear(k, n))
+            int8 += best(lambda: q(x))
+    flops = 2 * t["tokens"] * t["layers"] * sum(k * n for k, n in shapes)
+    return {"b1_gemm_ms_fp32": 1e3 * t["layers"] * fp32, "b1_gemm_ms_int8": 1e3 * t["layers"] * int8,
+            "b1_gemm_gflops_fp32": flops / (t["layers"] * fp32) / 1e9}
 
 
 def _int8_gemm(seconds: float) -> dict:
