@@ -82,10 +82,13 @@ class DeviceJpegStage:
         self._shift = torch.tensor(-mean / std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
 
     @staticmethod
-    def takes(header: ImageHeader, apply_exif_orientation: bool) -> bool:
-        """Whether a row with this header goes to the device (else the CPU path decodes it)."""
+    def takes(view: np.ndarray, header: ImageHeader, apply_exif_orientation: bool) -> bool:
+        """Whether a row goes to the device (else the CPU path decodes it): a baseline grey or colour JPEG
+        that ends with its end-of-image marker (a truncated one is the CPU decoder's to judge, so a cut
+        file is an error row on any device) and needs no rotation."""
         return (header.format == "jpeg" and header.components in (1, 3) and header.frame in DEVICE_FRAMES
-                and (header.orientation == 1 or not apply_exif_orientation))
+                and (header.orientation == 1 or not apply_exif_orientation)
+                and view.size >= 4 and view[-2] == 0xFF and view[-1] == 0xD9)
 
     def __call__(self, views: Sequence[np.ndarray]) -> tuple[torch.Tensor, list[str | None]]:
         """Preprocess encoded JPEGs (1-D uint8 views).

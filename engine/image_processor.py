@@ -270,7 +270,8 @@ class ArrowImageProcessor:
         import torch
 
         stage = self._device_stage
-        on_device = [k for k, (_, _, header) in enumerate(todo) if stage.takes(header, self.apply_exif_orientation)]
+        on_device = [k for k, (_, view, header) in enumerate(todo)
+                     if stage.takes(view, header, self.apply_exif_orientation)]
         taken = set(on_device)
         on_cpu = [k for k in range(len(todo)) if k not in taken]
         cpu_pixels, pending = self._start_on_cpu([todo[k][1:] for k in on_cpu])

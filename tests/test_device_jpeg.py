@@ -80,15 +80,29 @@ def test_rows_the_device_cannot_take_go_to_the_cpu_and_keep_their_place():
             ArrowImageProcessor(ImageConfig(), threads=2) as cpu_proc:
         got = dev_proc(pa.array(rows, pa.binary()))
         want = cpu_proc(pa.array(rows, pa.binary()))
-    # baseline JPEGs reach the device (the truncated one too: its header is fine); the rest never do
-    assert set(decoder.seen) == {jpeg, truncated}  # (a refused batch is retried row by row)
+    # whole baseline JPEGs reach the device; a truncated one (no end-of-image marker) is left to the CPU
+    assert decoder.seen == [jpeg, jpeg]
     assert got.index.tolist() == want.index.tolist() == [0, 1, 3, 4, 7]
-    assert [e is None for e in got.errors] == [e is None for e in want.errors]
-    assert "truncated or corrupt JPEG" in got.errors[6]  # refused on the device, then the CPU's own reason
+    assert got.errors == want.errors and "truncated or corrupt JPEG" in got.errors[6]
     px = got.pixels.numpy()
     for k in (1, 2, 3):  # PNG, progressive and rotated rows: decoded by the CPU path, identical
         assert np.array_equal(px[k], want.pixels[k])
     assert np.abs(px[0] - want.pixels[0]).mean() < 0.03 and np.array_equal(px[0], px[4])
+
+
+def test_a_jpeg_the_device_decoder_refuses_is_decoded_on_the_cpu():
+    """A whole JPEG that nvJPEG cannot take (one in a batch): retried alone, then decoded by the CPU path."""
+    blobs = _photo_blobs()[:4]
+    odd = blobs[2]
+    decoder = FakeNvjpeg(refuse=odd)
+    with ArrowImageProcessor(ImageConfig(), threads=2, jpeg_decoder=decoder) as dev_proc, \
+            ArrowImageProcessor(ImageConfig(), threads=2) as cpu_proc:
+        got, want = dev_proc(blobs), cpu_proc(blobs)
+    assert got.errors == [None] * 4 and got.index.tolist() == [0, 1, 2, 3]
+    assert np.array_equal(got.pixels.numpy()[2], want.pixels[2])  # the CPU path's own pixels
+    others = got.pixels.numpy()[[0, 1, 3]]
+    assert not np.array_equal(others, want.pixels[[0, 1, 3]])  # those stayed on the device (bicubic)
+    assert np.abs(others - want.pixels[[0, 1, 3]]).mean() < 0.03
 
 
 def test_a_decoder_that_refuses_everything_loses_nothing():
