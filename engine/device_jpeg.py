@@ -2,10 +2,10 @@
 
 On a GPU box the CPU is what limits end-to-end throughput: measured on an H200 with 16 cores, our OpenCV
 processor alone prepares ~1,700-2,200 photos per second while torchvision's batched nvJPEG decode plus an
-antialiased resize on the GPU does ~4,000 (bench/results/h200.md), and B/16 in fp16 embeds ~9,000. So
-when the model runs on CUDA, the
-:class:`~engine.image_processor.ArrowImageProcessor` hands the JPEGs it can to :class:`DeviceJpegStage`
-and keeps decoding the rest (PNG, WebP, progressive or CMYK JPEGs, rotated ones) on its CPU threads.
+antialiased resize on the GPU does ~4,000 (bench/results/h200.md), and B/16 in fp16 embeds ~9,000.
+So when the model runs on CUDA, :class:`~engine.image_processor.ArrowImageProcessor` hands the JPEGs
+it can to :class:`DeviceJpegStage` and keeps decoding the rest (PNG, WebP, progressive, CMYK, rotated
+or truncated JPEGs) on its CPU threads.
 
 What the stage does per image, matching the CPU path's geometry exactly (same resize size and crop
 offsets, transformers' rules): decode to RGB uint8 on the device; resize the short side with bicubic
