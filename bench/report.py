@@ -365,7 +365,7 @@ def markdown(r: dict, rows: list[Row]) -> str:
                                                      else dec.get("nvjpeg_note", "not measured")) + "."]
     if r.get("minilm_note"):
         lines += ["", f"MiniLM vs sentence-transformers: {r['minilm_note']}."]
-    mm = r.get("matmul")
+    mm = r.get("matmul") if not str(c["device"]).startswith("cuda") else None  # CPU ceilings only
     if mm:
         extra = f", fp16 {mm['fp16_gflops']:.0f}" if "fp16_gflops" in mm else ""
         lines += ["", f"Compute limit (torch square matmul, {mm['threads']} threads): fp32 {mm['fp32_gflops']:.1f} "
@@ -450,7 +450,7 @@ def charts(r: dict, out_prefix: Path) -> list[str]:
             ax.text(i, v, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
         ax.set_title(title)
         ax.tick_params(axis="x", rotation=30)
-    mm = r.get("matmul", {})
+    mm = r.get("matmul", {}) if not str(r["config"]["device"]).startswith("cuda") else {}
     if mm.get("fp32_img_per_s"):
         axes[0].axhline(mm["fp32_img_per_s"], ls="--", color="grey", lw=1)
         axes[0].text(-0.4, mm["fp32_img_per_s"], "fp32 matmul limit", fontsize=7, va="bottom", color="grey")
