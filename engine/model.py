@@ -45,7 +45,7 @@ class ModelInfo:
 class BatchLimits:
     """How the engine cuts work into device batches."""
 
-    image_batch: int = 32  # images per forward pass
+    image_batch: int = 32  # images per forward pass (load_model's default on CUDA: 128, as benchmarked)
     text_rows: int = 256  # texts per forward pass
     text_tokens: int = 8192  # padded tokens per forward pass (rows x longest row)
     # Text shapes. None: on CPU, lengths as they are and a new group once padding passes 10 % (padding is
@@ -289,6 +289,9 @@ def load_model(path: str | Path, device: str = "cpu", precision: str = "fp32", n
         device: "cpu" or "cuda[:n]".
         precision: "fp32", "bf16", "fp16" (CUDA only) or "int8" (CPU only).
         name: the model's name in ModelInfo (default: the directory name).
+        limits: batch sizes (default ``BatchLimits()``; on CUDA ``BatchLimits(image_batch=128)``).
+        image_limits: an ``ImageLimits`` for the image processor (size and format checks).
+        threads: image decode threads (default: every core).
     Returns:
         a :class:`Model`.
     Raises:
@@ -341,4 +344,6 @@ def load_model(path: str | Path, device: str = "cpu", precision: str = "fp32", n
     info = ModelInfo(name=name or path.name, architecture=manifest.architecture, kind=manifest.kind,
                      modalities=modalities, dim=dim, precision=precision, device=str(dev), max_tokens=max_tokens)
     log.info("loaded %s in %.1f ms", info, (time.perf_counter() - t0) * 1e3)
-    return Model(info, net, cfg, tokenizer, image_processor, limits or BatchLimits())
+    if limits is None:  # a GPU wants bigger image batches; bench/results/h200.md was measured at 128
+        limits = BatchLimits(image_batch=128) if dev.type == "cuda" else BatchLimits()
+    return Model(info, net, cfg, tokenizer, image_processor, limits)
