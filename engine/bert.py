@@ -14,11 +14,20 @@ from engine.layers import Embedding, LayerNorm, Linear, activation, attention
 
 
 class _SelfAttention(nn.Module):
+    QKV = ("query", "key", "value")  # engine.quantize may replace these by one fused ``qkv``
+
     def __init__(self, cfg: TowerConfig) -> None:
         super().__init__()
         self.query = Linear(cfg.width, cfg.width)
         self.key = Linear(cfg.width, cfg.width)
         self.value = Linear(cfg.width, cfg.width)
+        self.qkv: nn.Module | None = None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v projections of x (B, T, C)."""
+        if self.qkv is not None:
+            return self.qkv(x).chunk(3, dim=-1)
+        return self.query(x), self.key(x), self.value(x)
 
 
 class _DenseNorm(nn.Module):
@@ -53,8 +62,8 @@ class BertLayer(nn.Module):
         self.output = _DenseNorm(cfg.mlp_width, cfg)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        s = self.attention.self
-        y = attention(s.query(x), s.key(x), s.value(x), self.heads, mask=mask)  # (B, T, C)
+        q, k, v = self.attention.self(x)  # (B, T, C) each
+        y = attention(q, k, v, self.heads, mask=mask)  # (B, T, C)
         x = self.attention.output.LayerNorm(x + self.attention.output.dense(y))  # (B, T, C)
         h = self.act(self.intermediate.dense(x))  # (B, T, M)
         return self.output.LayerNorm(x + self.output.dense(h))  # (B, T, C)

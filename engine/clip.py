@@ -14,6 +14,8 @@ from engine.layers import Embedding, LayerNorm, Linear, activation, attention, l
 
 
 class CLIPAttention(nn.Module):
+    QKV = ("q_proj", "k_proj", "v_proj")  # engine.quantize may replace these by one fused ``qkv``
+
     def __init__(self, cfg: TowerConfig) -> None:
         super().__init__()
         self.heads = cfg.heads
@@ -21,10 +23,14 @@ class CLIPAttention(nn.Module):
         self.k_proj = Linear(cfg.width, cfg.width)
         self.v_proj = Linear(cfg.width, cfg.width)
         self.out_proj = Linear(cfg.width, cfg.width)
+        self.qkv: nn.Module | None = None
 
     def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
-        y = attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, causal=causal)  # (B, T, C)
-        return self.out_proj(y)
+        if self.qkv is not None:
+            q, k, v = self.qkv(x).chunk(3, dim=-1)  # (B, T, C) each
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return self.out_proj(attention(q, k, v, self.heads, causal=causal))  # (B, T, C)
 
 
 class CLIPMLP(nn.Module):

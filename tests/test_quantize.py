@@ -70,6 +70,39 @@ def test_quantize_int8_keeps_the_last_block_of_each_stack_in_fp32_unless_the_net
     assert isinstance(net.blocks[2].fc, Int8Linear)
 
 
+def test_q_k_v_of_an_attention_module_share_one_int8_gemm():
+    """Modules that name their q/k/v projections (``QKV``) get one fused Int8Linear: the same outputs as
+    three separate ones (the activation scale is per row of the shared input), the fp32 three removed."""
+    g = torch.Generator().manual_seed(3)
+
+    class Attn(nn.Module):
+        QKV = ("q", "k", "v")
+
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v = (nn.Linear(32, 32) for _ in range(3))
+            self.qkv = None
+
+    net = nn.Module()
+    net.blocks = nn.ModuleList(Attn() for _ in range(2))
+    for p in net.parameters():
+        p.data = torch.randn(p.shape, generator=g)
+    first = net.blocks[0]
+    separate = [Int8Linear(getattr(first, n)) for n in first.QKV]
+    x = _outlier_activations(24, 32)
+    with torch.inference_mode():
+        want = torch.cat([lin(x) for lin in separate], dim=-1)
+        quantize_int8(net)  # keeps the last block in fp32 (the default for a plain module)
+        got = net.blocks[0].qkv(x)
+    assert isinstance(net.blocks[0].qkv, Int8Linear) and not hasattr(net.blocks[0], "q")
+    assert net.blocks[1].qkv is None and isinstance(net.blocks[1].q, nn.Linear)
+    assert got.shape == (24, 96) and torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="input width"):
+        Int8Linear.concat([nn.Linear(8, 4), nn.Linear(16, 4)])
+    with pytest.raises(ValueError, match="bias"):
+        Int8Linear.concat([nn.Linear(8, 4), nn.Linear(8, 4, bias=False)])
+
+
 _FAULTS = (
     "import ctypes, resource\n"
     "from engine import allocator\n"
