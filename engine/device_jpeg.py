@@ -47,7 +47,7 @@ def nvjpeg_decoder(device: torch.device) -> Decoder | None:
         return None
     try:
         from torchvision.io import ImageReadMode, decode_jpeg
-    except (ImportError, RuntimeError) as exc:  # RuntimeError: a torchvision built for another torch
+    except Exception as exc:  # not installed, or built for another torch (RuntimeError, OSError): use the CPU
         log.info("JPEGs decode on the CPU: torchvision's nvJPEG decoder is not available (%s)", exc)
         return None
 
