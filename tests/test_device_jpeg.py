@@ -174,3 +174,15 @@ def test_header_reads_exif_orientation_in_both_byte_orders_and_the_frame_type():
     broken = jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(bad) + 2) + bad + jpeg[2:]
     header = read_header(view(broken), "jpeg")
     assert header.orientation == 1 and (header.width, header.height) == (30, 20)
+
+
+def test_device_stage_only_where_asked_and_possible():
+    assert not ArrowImageProcessor(ImageConfig(), threads=1).device_decoding  # CPU: none by default
+    assert not ArrowImageProcessor(ImageConfig(), threads=1, jpeg_decoder=False).device_decoding
+    assert ArrowImageProcessor(ImageConfig(), threads=1, jpeg_decoder=FakeNvjpeg()).device_decoding
+    from engine.device_jpeg import nvjpeg_decoder
+
+    assert nvjpeg_decoder(torch.device("cpu")) is None
+    if not torch.cuda.is_available():  # a CUDA device asked for on a machine without one: the CPU path
+        assert nvjpeg_decoder(torch.device("cuda")) is None
+        assert not ArrowImageProcessor(ImageConfig(), threads=1, device="cuda").device_decoding
