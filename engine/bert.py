@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from engine.config import BertConfig, TowerConfig
-from engine.layers import Embedding, LayerNorm, Linear, activation, attention
+from engine.layers import Embedding, LayerNorm, Linear, activation, attention, project_qkv
 
 
 class _SelfAttention(nn.Module):
@@ -22,12 +22,6 @@ class _SelfAttention(nn.Module):
         self.key = Linear(cfg.width, cfg.width)
         self.value = Linear(cfg.width, cfg.width)
         self.qkv: nn.Module | None = None
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k, v projections of x (B, T, C)."""
-        if self.qkv is not None:
-            return self.qkv(x).chunk(3, dim=-1)
-        return self.query(x), self.key(x), self.value(x)
 
 
 class _DenseNorm(nn.Module):
@@ -62,7 +56,7 @@ class BertLayer(nn.Module):
         self.output = _DenseNorm(cfg.mlp_width, cfg)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        q, k, v = self.attention.self(x)  # (B, T, C) each
+        q, k, v = project_qkv(self.attention.self, x)  # (B, T, C) each
         y = attention(q, k, v, self.heads, mask=mask)  # (B, T, C)
         x = self.attention.output.LayerNorm(x + self.attention.output.dense(y))  # (B, T, C)
         h = self.act(self.intermediate.dense(x))  # (B, T, M)

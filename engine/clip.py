@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from engine.config import ClipConfig, ClipTextConfig, ClipVisionConfig, TowerConfig
-from engine.layers import Embedding, LayerNorm, Linear, activation, attention, linear, meta_parameter
+from engine.layers import (Embedding, LayerNorm, Linear, activation, attention, linear, meta_parameter,
+                           project_qkv)
 
 
 class CLIPAttention(nn.Module):
@@ -26,10 +27,7 @@ class CLIPAttention(nn.Module):
         self.qkv: nn.Module | None = None
 
     def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
-        if self.qkv is not None:
-            q, k, v = self.qkv(x).chunk(3, dim=-1)  # (B, T, C) each
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = project_qkv(self, x)  # (B, T, C) each
         return self.out_proj(attention(q, k, v, self.heads, causal=causal))  # (B, T, C)
 
 

@@ -50,6 +50,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
     return y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
 
 
+def project_qkv(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v of ``x`` (B, T, C) for an attention module that names its projections in ``QKV``: through
+    its fused ``qkv`` layer when engine.quantize made one, else the three Linears."""
+    if module.qkv is not None:
+        return module.qkv(x).chunk(3, dim=-1)
+    return tuple(getattr(module, name)(x) for name in module.QKV)
+
+
 # On Hopper, torch may pick cuDNN's attention for half precision; cuDNN builds an execution graph for every
 # new (batch, length) shape. Text batches come in many shapes, so on an H200 (bench/gpu_text.py, fp16, 1,024
 # captions, fresh process) the first pass ran at 1,841 texts/s with cuDNN allowed and 7,652 without; once
