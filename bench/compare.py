@@ -78,21 +78,18 @@ def _per_image(mm: dict, gflop: float) -> None:
 
 
 def vision_tower(hf_dir: Path) -> dict:
-    """Width, MLP width, layers and tokens per image of the vision tower, from config.json."""
+    """Width, MLP width, layers, patch size and tokens per image of the vision tower, from config.json."""
     cfg = json.loads((hf_dir / "config.json").read_text()).get("vision_config", {})
     side, patch = cfg.get("image_size", 224), cfg.get("patch_size", 32)
     return {"width": cfg.get("hidden_size", 768), "mlp": cfg.get("intermediate_size", 3072),
-            "layers": cfg.get("num_hidden_layers", 12), "tokens": (side // patch) ** 2 + 1}
+            "layers": cfg.get("num_hidden_layers", 12), "patch": patch, "tokens": (side // patch) ** 2 + 1}
 
 
-def gflop_per_image(hf_dir: Path) -> float:
-    """Vision-tower GFLOPs per image from config.json (multiply-add = 2 FLOPs): B/32 8.8, B/16 35.1."""
-    cfg = json.loads((hf_dir / "config.json").read_text()).get("vision_config", {})
-    d, mlp = cfg.get("hidden_size", 768), cfg.get("intermediate_size", 3072)
-    layers, side, patch = cfg.get("num_hidden_layers", 12), cfg.get("image_size", 224), cfg.get("patch_size", 32)
-    n = (side // patch) ** 2 + 1
+def gflop_per_image(tower: dict) -> float:
+    """Vision-tower GFLOPs per image (multiply-add = 2 FLOPs): B/32 8.8, B/16 35.1."""
+    d, mlp, n, patch = tower["width"], tower["mlp"], tower["tokens"], tower["patch"]
     per_layer = 2 * n * (4 * d * d + 2 * d * mlp) + 4 * n * n * d
-    return round((layers * per_layer + 2 * (n - 1) * 3 * patch * patch * d) / 1e9, 1)
+    return round((tower["layers"] * per_layer + 2 * (n - 1) * 3 * patch * patch * d) / 1e9, 1)
 
 
 # ---------------------------------------------------------------------------------------------- workers
@@ -209,8 +206,9 @@ def run(args: argparse.Namespace) -> dict:
     n_thr = max(1, min(len(jpegs), max(cfg["batch"], len(jpegs) // cfg["batch"] * cfg["batch"])))
     captions = data.make_captions(cfg["n_captions"], models.arrow_dir / "tokenizer.json")
     lengths = data.token_lengths(captions, models.arrow_dir / "tokenizer.json")
+    tower = vision_tower(models.hf_dir)
     cfg.update(n_jpeg=len(jpegs), n_throughput=n_thr, n_captions=len(captions),
-               gflop_per_image=gflop_per_image(models.hf_dir),
+               gflop_per_image=gflop_per_image(tower),
                caption_tokens={"min": min(lengths), "max": max(lengths), "mean": statistics.mean(lengths)})
     log.info("model: %s; %d images (%d JPEG); %d captions; prepared in %.1f s", models.label, len(files), len(jpegs),
              len(captions), time.time() - t_start)
@@ -223,7 +221,7 @@ def run(args: argparse.Namespace) -> dict:
         tmp = Path(tmp_name)
         runner = Runner(tmp, timeout=300)
         mm, _ = runner("matmul", "matmul limit", device=cfg["device"], seconds=cfg["matmul_seconds"],
-                       tower=vision_tower(models.hf_dir))
+                       tower=tower)
         if mm:
             _per_image(mm, cfg["gflop_per_image"])
             r["matmul"] = mm
@@ -284,7 +282,7 @@ def run(args: argparse.Namespace) -> dict:
             if st and ours:
                 r["minilm"] = {"ours": ours, "st": st}
         mm2, _ = runner("matmul", "matmul again", device=cfg["device"], seconds=cfg["matmul_seconds"],
-                        tower=vision_tower(models.hf_dir))
+                        tower=tower)
         if mm and mm2:  # the limit is the best the machine did during the run
             for k in ("fp32", "bf16", "fp16"):
                 if f"{k}_gflops" in mm2 and mm2[f"{k}_gflops"] > mm.get(f"{k}_gflops", 0):

@@ -57,6 +57,10 @@ class Row:
         return dict(self.__dict__)
 
 
+def _on_gpu(r: dict) -> bool:
+    return str(r["config"]["device"]).startswith("cuda")
+
+
 def _met(key: str, value: float | None) -> bool | None:
     if key not in GOALS or value is None or (isinstance(value, float) and math.isnan(value)):
         return None
@@ -91,7 +95,7 @@ def build_figures(r: dict) -> list[Row]:
     rows: list[Row] = []
     if not ours or not hf:
         return rows
-    if str(r["config"]["device"]).startswith("cuda"):
+    if _on_gpu(r):
         return gpu_figures(r)
     modes = eligible_modes(r)
     ok_suites = {p: s[f"ours/{p}"] for p in modes if f"ours/{p}" in s and not s[f"ours/{p}"].get("light")}
@@ -365,7 +369,7 @@ def markdown(r: dict, rows: list[Row]) -> str:
                                                      else dec.get("nvjpeg_note", "not measured")) + "."]
     if r.get("minilm_note"):
         lines += ["", f"MiniLM vs sentence-transformers: {r['minilm_note']}."]
-    mm = r.get("matmul") if not str(c["device"]).startswith("cuda") else None  # CPU ceilings only
+    mm = r.get("matmul") if not _on_gpu(r) else None  # CPU ceilings only
     if mm:
         extra = f", fp16 {mm['fp16_gflops']:.0f}" if "fp16_gflops" in mm else ""
         lines += ["", f"Compute limit (torch square matmul, {mm['threads']} threads): fp32 {mm['fp32_gflops']:.1f} "
@@ -450,7 +454,7 @@ def charts(r: dict, out_prefix: Path) -> list[str]:
             ax.text(i, v, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
         ax.set_title(title)
         ax.tick_params(axis="x", rotation=30)
-    mm = r.get("matmul", {}) if not str(r["config"]["device"]).startswith("cuda") else {}
+    mm = r.get("matmul", {}) if not _on_gpu(r) else {}
     if mm.get("fp32_img_per_s"):
         axes[0].axhline(mm["fp32_img_per_s"], ls="--", color="grey", lw=1)
         axes[0].text(-0.4, mm["fp32_img_per_s"], "fp32 matmul limit", fontsize=7, va="bottom", color="grey")
