@@ -91,11 +91,11 @@ class Model:
         self.limits = limits
         self._device = torch.device(info.device)
         self._compute_dtype = prec.compute_dtype(info.precision)
-        ahead = limits.prefetch if limits.prefetch is not None else (2 if self._device.type == "cuda" else 1)
+        cuda = self._device.type == "cuda"
+        ahead = limits.prefetch if limits.prefetch is not None else (2 if cuda else 1)
         if ahead < 1:
             raise InputError(f"BatchLimits.prefetch: expected >= 1 batch decoded ahead, got {ahead}")
         self._ahead = ahead
-        cuda = self._device.type == "cuda"
         self._pad_to = limits.text_pad_to if limits.text_pad_to is not None else (8 if cuda else 1)
         self._max_padding = (limits.text_max_padding if limits.text_max_padding is not None
                              else (float("inf") if cuda else 0.1))
