@@ -36,33 +36,25 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
     texts = captions(args.model)
     single = texts[:48]
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    from bench.worker import HF, Ours
+
+    a = {"system": name, "precision": args.precision, "device": args.device, "hf_dir": args.hf_model,
+         "model_dir": args.model, "batch": 128, "text_batch": 256}  # HF: batches of 256, padded to the longest
     if name == "hf":
-        from transformers import AutoTokenizer, CLIPModel
-
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.precision]
-        model = CLIPModel.from_pretrained(args.hf_model).to(args.device, dtype).eval()
-        tok = AutoTokenizer.from_pretrained(args.hf_model)
-
-        def embed(batch: list[str]) -> None:
-            for s in range(0, len(batch), 256):
-                enc = tok(batch[s:s + 256], padding=True, truncation=True, max_length=77, return_tensors="pt")
-                with torch.inference_mode():
-                    model.get_text_features(**enc.to(args.device)).pooler_output.float().cpu()
+        system = HF(a)
     else:
-        import engine
         from engine import layers
         from engine.model import BatchLimits
 
-        limits = BatchLimits(text_pad_to=1, text_max_padding=0.1) if name == "ours-cpu-policy" else BatchLimits()
+        system = Ours(a)
+        if name == "ours-cpu-policy":
+            system.limits = BatchLimits(text_pad_to=1, text_max_padding=0.1)
         if name == "ours-cudnn":
             from torch.nn.attention import SDPBackend
 
             layers.CUDA_ATTENTION_BACKENDS = [SDPBackend.CUDNN_ATTENTION, *layers.CUDA_ATTENTION_BACKENDS]
-        model = engine.load_model(args.model, device=args.device, precision=args.precision, limits=limits)
-        model.tokenizer.load()
-
-        def embed(batch: list[str]) -> None:
-            model.encode_text(batch)
+    system.load()
+    embed = system.embed_texts
     embed(["warm up"])
     sync()
     out: dict = {}
