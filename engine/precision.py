@@ -52,6 +52,14 @@ def check_precision(precision: str, device: torch.device) -> None:
         raise PrecisionError("precision 'int8' (dynamic quantization) runs on CPU only; on CUDA use 'fp16' or 'bf16'")
 
 
+def check_packing(pack_weights: bool, precision: str, device: torch.device) -> None:
+    """``pack_weights`` (engine.packing) applies to fp32 on CPU only."""
+    if pack_weights and (device.type != "cpu" or precision != "fp32"):
+        raise PrecisionError(f"pack_weights packs fp32 weights for CPU kernels; got precision {precision!r} on "
+                             f"{device.type}. int8 weights are always packed; on CUDA there is nothing to pack: "
+                             "load without pack_weights")
+
+
 def cpu_has_native_bf16() -> bool:
     """True when oneDNN can run bf16 matmuls natively on this CPU."""
     try:
@@ -84,8 +92,9 @@ def assign_weights(net: nn.Module, state: dict[str, torch.Tensor], where: Path) 
                 mod._parameters[attr] = nn.Parameter(state[prefix + attr], requires_grad=False)
 
 
-def apply(net: nn.Module, precision: str, device: torch.device) -> nn.Module:
-    """Cast/quantize/move ``net`` for ``precision`` on ``device``; returns it in eval mode."""
+def apply(net: nn.Module, precision: str, device: torch.device, pack_weights: bool = False) -> nn.Module:
+    """Cast/quantize/move ``net`` for ``precision`` on ``device`` (and pack its fp32 weights for oneDNN with
+    ``pack_weights``, see engine.packing); returns it in eval mode."""
     from engine.weights import release_pages
 
     dtype = _DTYPES[precision]
@@ -99,5 +108,9 @@ def apply(net: nn.Module, precision: str, device: torch.device) -> nn.Module:
         from engine.quantize import quantize_int8
 
         net = quantize_int8(net)
+    if pack_weights:
+        from engine.packing import pack_linears
+
+        net = pack_linears(net)
     return net
 

@@ -28,7 +28,7 @@ import warnings
 import torch
 from torch import nn
 
-from engine.weights import release_pages
+from engine.layers import swap_linears
 
 
 class Int8Linear(nn.Module):
@@ -90,18 +90,5 @@ def quantize_int8(net: nn.Module, keep_last_block: bool | None = None) -> nn.Mod
     for mod in net.modules() if keep_last_block else ():
         if isinstance(mod, nn.ModuleList) and len(mod) > 1:
             keep.update(id(m) for m in mod[-1].modules())
-    for parent in list(net.modules()):
-        if id(parent) in keep:
-            continue
-        names = getattr(parent, "QKV", None)  # an attention module whose q, k, v can share one GEMM
-        if names and all(isinstance(getattr(parent, n, None), nn.Linear) for n in names):
-            projections = [getattr(parent, n) for n in names]
-            parent.qkv = Int8Linear.concat(projections)
-            for n, lin in zip(names, projections):
-                delattr(parent, n)
-                release_pages(lin.weight)
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(parent, name, Int8Linear(child))
-                release_pages(child.weight)  # fp32 pages of the weight file: int8 copy replaces them
+    swap_linears(net, Int8Linear, Int8Linear.concat, skip=keep)
     return net

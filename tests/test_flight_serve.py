@@ -187,3 +187,16 @@ def test_token_file_is_read_stripped_and_empty_or_missing_is_a_clear_error(tmp_p
         read_token_file(empty, "--auth-token-file")
     with pytest.raises(ValueError, match="cannot read --token-file"):
         read_token_file(tmp_path / "missing", "--token-file")
+
+
+def test_pack_weights_flag_reaches_the_engine_and_a_bad_combination_is_logged(tiny_clip_dir, caplog):
+    from engine.packing import PackedLinear, packing_available
+
+    assert parse([]).pack_weights is False
+    args = parse(["--pack-weights", "--precision", "fp32"])
+    if packing_available():
+        models = serve.load_models({"clip": tiny_clip_dir}, "cpu", args.precision, pack_weights=args.pack_weights)
+        assert any(isinstance(m, PackedLinear) for m in models["clip"].net.modules())
+    with caplog.at_level(logging.ERROR):
+        assert serve.load_models({"clip": tiny_clip_dir}, "cpu", "int8", pack_weights=True) == {}
+    assert "pack_weights packs fp32" in caplog.text

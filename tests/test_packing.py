@@ -1,0 +1,110 @@
+"""fp32 weights packed for oneDNN (engine/packing.py, ``load_model(..., pack_weights=True)``)."""
+from __future__ import annotations
+
+import gc
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import engine
+from engine.errors import PrecisionError
+from engine.packing import PackedLinear, packing_available
+
+pytestmark = pytest.mark.skipif(not packing_available(), reason="this torch build has no oneDNN CPU kernels")
+
+TEXTS = ["a photo of a cat", "", "two dogs running on a beach at sunset, seen from far away " * 3, "x"]
+
+
+def _linear(n_in: int, n_out: int, bias: bool = True, seed: int = 0) -> nn.Linear:
+    g = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(n_in, n_out, bias=bias)
+    for p in lin.parameters():
+        p.data = torch.randn(p.shape, generator=g)
+    return lin
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_packed_linear_equals_linear_for_any_input_layout(bias):
+    lin = _linear(96, 40, bias)
+    packed = PackedLinear(lin)
+    inputs = [torch.randn(4, 16, 96), torch.randn(1, 96), torch.randn(96, 30).T,  # non-contiguous
+              torch.randn(2, 96, 5).transpose(1, 2), torch.randn(0, 96), torch.randn(200, 96)]
+    with torch.inference_mode():
+        for x in inputs:
+            got, want = packed(x), lin(x)
+            assert got.shape == want.shape and got.dtype == torch.float32
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+
+
+def test_packed_q_k_v_share_one_gemm_and_match_three():
+    lins = [_linear(32, 32, seed=s) for s in range(3)]
+    fused = PackedLinear.concat(lins)
+    x = torch.randn(7, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(x), torch.cat([lin(x) for lin in lins], dim=-1), atol=1e-4, rtol=1e-5)
+    assert (fused.in_features, fused.out_features) == (32, 96)
+    with pytest.raises(ValueError, match="input width"):
+        PackedLinear.concat([nn.Linear(8, 4), nn.Linear(16, 4)])
+    with pytest.raises(ValueError, match="bias"):
+        PackedLinear.concat([nn.Linear(8, 4), nn.Linear(8, 4, bias=False)])
+    with pytest.raises(PrecisionError, match="fp32"):
+        PackedLinear(nn.Linear(8, 4).to(torch.bfloat16))
+
+
+def _images(n: int) -> list[bytes]:
+    rng = np.random.default_rng(5)
+    return [cv2.imencode(".jpg", rng.integers(0, 255, size=(120 + 30 * i, 90 + 17 * i, 3), dtype=np.uint8))[1]
+            .tobytes() for i in range(n)]
+
+
+def test_packed_clip_gives_the_same_embeddings_with_every_linear_packed(tiny_clip_dir):
+    plain = engine.load_model(tiny_clip_dir)
+    packed = engine.load_model(tiny_clip_dir, pack_weights=True)
+    assert not [n for n, m in packed.net.named_modules() if isinstance(m, nn.Linear)]
+    attns = [m for m in packed.net.modules() if hasattr(m, "QKV")]
+    assert attns and all(isinstance(m.qkv, PackedLinear) for m in attns)
+    blobs = _images(5)
+    for batch in (blobs[:1], blobs):  # a few rows and more
+        np.testing.assert_allclose(packed.encode_image(batch), plain.encode_image(batch), atol=1e-5)
+    np.testing.assert_allclose(packed.encode_text(TEXTS), plain.encode_text(TEXTS), atol=1e-5)
+    assert packed.info.precision == "fp32"
+
+
+def _mapped_rss_kb(path) -> int:
+    """Resident kB of every mapping of ``path`` in this process (/proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            first = line.split(None, 1)[0]
+            if "-" in first and not first.endswith(":"):  # a mapping's header line
+                inside = line.rstrip().endswith(str(path))
+            elif inside and first == "Rss:":
+                total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="reads /proc/self/smaps")
+def test_packed_sentence_bert_matches_and_drops_the_mapped_fp32_pages(minilm_model_dir):
+    weights = (minilm_model_dir / "weights.arrow").resolve()
+    plain = engine.load_model(minilm_model_dir)
+    want = plain.encode_text(TEXTS)
+    plain_kb = _mapped_rss_kb(weights)
+    del plain
+    gc.collect()  # unmap the plain model's file view
+    packed = engine.load_model(minilm_model_dir, pack_weights=True)
+    got = packed.encode_text(TEXTS)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    # The plain model touched every weight page (~87 MB file); after packing, the file's pages that remain
+    # are those of the unpacked tensors (embeddings rows looked up, norms, biases).
+    packed_kb = _mapped_rss_kb(weights)
+    assert plain_kb > 40_000, plain_kb
+    assert packed_kb < 0.4 * plain_kb, (packed_kb, plain_kb)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_pack_weights_outside_fp32_on_cpu_is_a_clear_error(tiny_clip_dir, precision):
+    with pytest.raises(PrecisionError, match="pack_weights packs fp32"):
+        engine.load_model(tiny_clip_dir, precision=precision, pack_weights=True)
