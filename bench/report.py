@@ -38,7 +38,8 @@ GOALS: dict[str, tuple[str, float, str]] = {
     "gpu_model_only": (">=", 1.0, "≥ 1x"),
 }
 # Minimum cosine to fp32 for a precision to count as a "best mode" candidate.
-MODE_THRESHOLD = {"fp32": 1.0, "bf16": 0.999, "fp16": 0.999, "int8": 0.99}
+MODE_THRESHOLD = {"fp32": 1.0, "fp32-packed": 0.9999, "bf16": 0.999, "fp16": 0.999, "int8": 0.99}
+PACKED = "fp32-packed"  # fp32 with weights packed for oneDNN (engine/packing.py): the fp32 latency setting
 
 
 @dataclass
@@ -117,15 +118,28 @@ def build_figures(r: dict) -> list[Row]:
                          c_h / c_o, note=f"best of {len(cold['ours'])}, page cache warm; includes interpreter start "
                                          "and imports"))
 
-    il_o, il_h = ours["image_latency"], hf["image_latency"]
+    il_h, tl_h = hf["image_latency"], hf["text_latency"]
     mm = r.get("matmul", {})
     floor32, floor8 = mm.get("b1_gemm_ms_fp32"), mm.get("b1_gemm_ms_int8")
-    rows.append(_row("image_latency_fp32", "image latency batch 1, JPEG → embedding, p50 (ms), fp32",
+    # fp32 latency: the faster of the plain and the packed fp32 settings (the same maths), the other on a row
+    # of its own; packed weights are for latency-bound serving (big batches run ~7 % slower).
+    fp32s = {p: ok_suites[p] for p in ("fp32", PACKED) if p in ok_suites}
+    lat32 = min(fp32s, key=lambda p: fp32s[p]["image_latency"]["p50_ms"])
+    il_o = fp32s[lat32]["image_latency"]
+    rss_note = (f"; peak RSS with packed weights {s['ours/' + PACKED]['peak_rss_mb']:.0f} MB vs plain "
+                f"{ours['peak_rss_mb']:.0f} MB" if PACKED in fp32s else "")
+    rows.append(_row("image_latency_fp32", f"image latency batch 1, JPEG → embedding, p50 (ms), {_label(lat32)}",
                      f"{il_o['p50_ms']:.1f}", f"{il_h['p50_ms']:.1f}", il_h["p50_ms"] / il_o["p50_ms"],
-                     note=(f"the tower's GEMMs alone at batch 1, weights cache-hot: {floor32:.1f} ms ({mm['b1_gemm_gflops_fp32']:.0f} "
-                           f"GFLOP/s) → ≤ {il_h['p50_ms'] / floor32:.2f}x HF" if floor32 else "")))
-    rows.append(_row("image_latency_p95", "image latency batch 1, p95 (ms), fp32", f"{il_o['p95_ms']:.1f}",
-                     f"{il_h['p95_ms']:.1f}", il_h["p95_ms"] / il_o["p95_ms"]))
+                     note=(f"the tower's GEMMs alone at batch 1 (plain weights), cache-hot: {floor32:.1f} ms "
+                           f"({mm['b1_gemm_gflops_fp32']:.0f} GFLOP/s) → ≤ {il_h['p50_ms'] / floor32:.2f}x HF"
+                           if floor32 else "") + rss_note))
+    for p in fp32s:
+        if p != lat32:
+            o = fp32s[p]["image_latency"]
+            rows.append(_row("image_latency_fp32_other", f"image latency batch 1, p50 (ms), {_label(p)}",
+                             f"{o['p50_ms']:.1f}", f"{il_h['p50_ms']:.1f}", il_h["p50_ms"] / o["p50_ms"]))
+    rows.append(_row("image_latency_p95", f"image latency batch 1, p95 (ms), {_label(lat32)}",
+                     f"{il_o['p95_ms']:.1f}", f"{il_h['p95_ms']:.1f}", il_h["p95_ms"] / il_o["p95_ms"]))
     best = min(ok_suites, key=lambda p: ok_suites[p]["image_latency"]["p50_ms"])
     b = ok_suites[best]["image_latency"]
     floor = {"fp32": floor32, "int8": floor8}.get(best)
@@ -133,10 +147,12 @@ def build_figures(r: dict) -> list[Row]:
                      f"{b['p50_ms']:.1f}", f"{il_h['p50_ms']:.1f}", il_h["p50_ms"] / b["p50_ms"],
                      note=f"p95 {b['p95_ms']:.1f} ms" + (f"; its GEMMs alone at batch 1: {floor:.1f} ms → ≤ "
                                                          f"{il_h['p50_ms'] / floor:.2f}x HF" if floor else "")))
-    tl_o, tl_h = ours["text_latency"], hf["text_latency"]
-    rows.append(_row("text_latency", "text latency batch 1, p50 (ms), fp32", f"{tl_o['p50_ms']:.1f}",
-                     f"{tl_h['p50_ms']:.1f}", tl_h["p50_ms"] / tl_o["p50_ms"], note=f"p95 {tl_o['p95_ms']:.1f} vs "
-                     f"{tl_h['p95_ms']:.1f} ms"))
+    for p in fp32s:
+        tl_o = fp32s[p]["text_latency"]
+        rows.append(_row("text_latency" if p == "fp32" else "text_latency_packed",
+                         f"text latency batch 1, p50 (ms), {_label(p)}", f"{tl_o['p50_ms']:.1f}",
+                         f"{tl_h['p50_ms']:.1f}", tl_h["p50_ms"] / tl_o["p50_ms"], note=f"p95 {tl_o['p95_ms']:.1f} vs "
+                         f"{tl_h['p95_ms']:.1f} ms"))
     tb = min(ok_suites, key=lambda p: ok_suites[p]["text_latency"]["p50_ms"])
     rows.append(_row("text_latency_best", f"text latency batch 1, p50 (ms), best mode ({tb})",
                      f"{ok_suites[tb]['text_latency']['p50_ms']:.1f}", f"{tl_h['p50_ms']:.1f}",
@@ -299,6 +315,10 @@ def gpu_figures(r: dict) -> list[Row]:
     rows.append(_row("gpu_rss", "peak host RSS (MB), fp32", f"{ours['peak_rss_mb']:.0f}", f"{hf['peak_rss_mb']:.0f}",
                      ours["peak_rss_mb"] / hf["peak_rss_mb"]))
     return rows + accuracy_rows(r)
+
+
+def _label(precision: str) -> str:
+    return "fp32, packed weights" if precision == PACKED else precision
 
 
 def _rss_floor(ours: dict, hf: dict) -> str:

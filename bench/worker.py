@@ -81,6 +81,12 @@ def save_npy(path: str | None, arr) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- systems
+def engine_mode(name: str) -> tuple[str, bool]:
+    """A bench precision name -> (engine precision, pack_weights): "fp32-packed" is fp32 with packed weights."""
+    precision, _, variant = name.partition("-")
+    return precision, variant == "packed"
+
+
 class Ours:
     """ArrowEngine, in process."""
 
@@ -97,8 +103,9 @@ class Ours:
         gc.collect()
 
     def load(self) -> None:
-        self.model = self.engine.load_model(self.a["model_dir"], device=self.a["device"],
-                                            precision=self.a["precision"], limits=self.limits)
+        precision, pack = engine_mode(self.a["precision"])
+        self.model = self.engine.load_model(self.a["model_dir"], device=self.a["device"], precision=precision,
+                                            limits=self.limits, pack_weights=pack)
 
     def embed_images(self, blobs: list[bytes]):
         return self.model.encode_image(blobs)
@@ -378,7 +385,8 @@ def task_minilm(a: dict) -> dict:
         import engine
 
         for precision in a["precisions"]:
-            model = engine.load_model(a["model_dir"], device=a["device"], precision=precision)
+            p, pack = engine_mode(precision)
+            model = engine.load_model(a["model_dir"], device=a["device"], precision=p, pack_weights=pack)
             model.encode_text(texts[:16])
             t0 = time.perf_counter()
             emb = model.encode_text(texts)

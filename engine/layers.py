@@ -31,23 +31,24 @@ def activation(name: str):
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
               mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
-    """Multi-head scaled dot-product attention on (B, T, C) projections.
+    """Multi-head scaled dot-product attention: queries (B, Tq, C) over keys and values (B, T, C).
 
-    ``mask`` is a boolean (B, 1, 1, T) key mask (True = attend) or None.
+    ``mask`` is a boolean key mask (True = attend), (B, 1, 1, T) or (B, 1, Tq, T), or None.
     """
-    B, T, C = q.shape
+    B, Tq, C = q.shape
+    T = k.shape[1]
     hd = C // heads
-    q = q.view(B, T, heads, hd).transpose(1, 2)  # (B, h, T, hd)
+    q = q.view(B, Tq, heads, hd).transpose(1, 2)  # (B, h, Tq, hd)
     k = k.view(B, T, heads, hd).transpose(1, 2)  # (B, h, T, hd)
     v = v.view(B, T, heads, hd).transpose(1, 2)  # (B, h, T, hd)
     if q.is_cuda:
         with sdpa_kernel(CUDA_ATTENTION_BACKENDS):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
-                                               scale=1.0 / math.sqrt(hd))  # (B, h, T, hd)
+                                               scale=1.0 / math.sqrt(hd))  # (B, h, Tq, hd)
     else:
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
-                                           scale=1.0 / math.sqrt(hd))  # (B, h, T, hd)
-    return y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+                                           scale=1.0 / math.sqrt(hd))  # (B, h, Tq, hd)
+    return y.transpose(1, 2).reshape(B, Tq, C)  # (B, Tq, C)
 
 
 def project_qkv(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -29,3 +29,27 @@ def test_committed_results_rebuild_into_a_table(name, tmp_path):
         assert not any(key.startswith("gpu_") for key in rows)
     md = report.markdown(r, list(rows.values()))
     assert md.count("\n| ") > len(rows)
+
+
+@pytest.mark.parametrize("packed_p50", [50.0, 500.0])
+def test_fp32_latency_goal_takes_the_faster_fp32_setting_and_names_it(packed_p50):
+    r = json.loads((RESULTS / "vm.json").read_text())
+    plain = r["suites"]["ours/fp32"]
+    packed = json.loads(json.dumps(plain))
+    packed["image_latency"]["p50_ms"] = packed_p50
+    packed["peak_rss_mb"] = 1234.0
+    r["suites"]["ours/fp32-packed"] = packed
+    r["precisions"] = ["fp32", "fp32-packed", "bf16", "int8"]
+    for kind in ("image", "text"):
+        r["accuracy"]["clip"][f"{kind} ours/fp32-packed"] = {"min": 0.99999, "mean": 1.0}
+    rows = report.build_figures(r)
+    by_key = {row.key: row for row in rows}
+    hf = r["suites"]["hf/fp32"]["image_latency"]["p50_ms"]
+    goal, other = by_key["image_latency_fp32"], by_key["image_latency_fp32_other"]
+    faster, slower = sorted([packed_p50, plain["image_latency"]["p50_ms"]])
+    assert goal.ratio == pytest.approx(hf / faster) and other.ratio == pytest.approx(hf / slower)
+    assert ("packed weights" in goal.figure) == (packed_p50 < plain["image_latency"]["p50_ms"])
+    assert "1234 MB" in goal.note and other.goal == "–"
+    assert {"text_latency", "text_latency_packed"} <= set(by_key)
+    assert by_key["image_throughput_fp32"].ratio == pytest.approx(
+        plain["image_throughput"]["per_s"] / r["suites"]["hf/fp32"]["image_throughput"]["per_s"])

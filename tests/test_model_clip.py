@@ -220,3 +220,25 @@ def test_patch_embedding_matmul_equals_strided_conv(image_size, patch, batch):
     assert got.shape == (batch, cfg.grid ** 2 + 1, 16)
     assert torch.allclose(got[:, 1:], conv + emb.position_embedding.weight[1:], atol=1e-4)
     assert torch.allclose(got[:, 0], emb.class_embedding + emb.position_embedding.weight[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+def test_last_block_at_the_pooled_rows_equals_the_full_block(tiny_clip_dir, causal, fused):
+    """The encoder's last block computes only the pooled positions: the same values as computing every
+    position and picking those, for any position (causal or not, separate or fused q/k/v)."""
+    from engine.packing import packing_available
+
+    if fused and not packing_available():
+        pytest.skip("fused q/k/v in fp32 come with pack_weights, which needs oneDNN")
+    model = engine.load_model(tiny_clip_dir, pack_weights=fused)  # packed weights fuse q, k, v (exact fp32)
+    encoder = model.net.text_model.encoder
+    assert (encoder.layers[-1].self_attn.qkv is not None) == fused
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 11, model.config.text.tower.width, generator=g)
+    rows = torch.tensor([0, 10, 3, 7, 10])
+    with torch.inference_mode():
+        full = encoder(x, causal=causal)[torch.arange(5), rows]  # (B, C)
+        pooled = encoder(x, causal=causal, rows=rows)  # (B, C)
+    assert pooled.shape == full.shape
+    torch.testing.assert_close(pooled, full, atol=2e-5, rtol=1e-5)
