@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from engine import allocator
 from engine.errors import PrecisionError
 from engine.layers import swap_linears
 
@@ -75,4 +76,5 @@ def pack_linears(net: nn.Module) -> nn.Module:
     if not packing_available():
         raise PrecisionError("pack_weights needs torch's oneDNN (mkldnn) CPU kernels, which this torch build "
                              "lacks; load without pack_weights")
-    return swap_linears(net, PackedLinear, PackedLinear.concat)
+    with allocator.long_lived_blocks_mapped():
+        return swap_linears(net, PackedLinear, PackedLinear.concat)

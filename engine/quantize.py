@@ -28,6 +28,7 @@ import warnings
 import torch
 from torch import nn
 
+from engine import allocator
 from engine.layers import swap_linears
 
 
@@ -90,5 +91,6 @@ def quantize_int8(net: nn.Module, keep_last_block: bool | None = None) -> nn.Mod
     for mod in net.modules() if keep_last_block else ():
         if isinstance(mod, nn.ModuleList) and len(mod) > 1:
             keep.update(id(m) for m in mod[-1].modules())
-    swap_linears(net, Int8Linear, Int8Linear.concat, skip=keep)
+    with allocator.long_lived_blocks_mapped():
+        swap_linears(net, Int8Linear, Int8Linear.concat, skip=keep)
     return net
