@@ -292,8 +292,9 @@ def run(args: argparse.Namespace) -> dict:
             if mm2.get("b1_gemm_ms_fp32", float("inf")) < mm.get("b1_gemm_ms_fp32", float("inf")):
                 for k in ("b1_gemm_ms_fp32", "b1_gemm_gflops_fp32"):
                     mm[k] = mm2[k]
-            if "b1_gemm_ms_int8" in mm2:
-                mm["b1_gemm_ms_int8"] = min(mm2["b1_gemm_ms_int8"], mm.get("b1_gemm_ms_int8", float("inf")))
+            for k in ("b1_gemm_ms_int8", "b1_gemm_ms_fp32_packed"):
+                if k in mm2:
+                    mm[k] = min(mm2[k], mm.get(k, float("inf")))
             _per_image(mm, cfg["gflop_per_image"])
         if cuda:
             dec, _ = runner("decode", "decode limits", device=cfg["device"], model_dir=str(models.arrow_dir),

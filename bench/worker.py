@@ -434,13 +434,17 @@ def task_matmul(a: dict) -> dict:
 
 
 def _tower_gemms(t: dict, repeats: int = 20) -> dict:
-    """The vision tower's own GEMMs alone (the Linears of every block, through engine.layers.linear and
-    engine.quantize.Int8Linear), best of ``repeats``: at batch 1 that sum is the floor of the model's latency,
-    since at a few dozen rows a GEMM runs far below the square-matmul rate."""
+    """The vision tower's own GEMMs alone, as the engine runs them, best of ``repeats`` each, weights
+    cache-hot: at batch 1 their sum is the floor of the model's latency, since at a few dozen rows a GEMM
+    runs far below the square-matmul rate. Every block but the last runs q, k, v, out, fc1, fc2 on every
+    token; the last one (engine.clip: only the class token is pooled) k and v on every token, the rest on
+    one row. fp32 through engine.layers.linear (q, k, v apart) and engine.packing.PackedLinear (fused);
+    int8 through engine.quantize.Int8Linear (fused)."""
     import torch
     from torch import nn
 
     from engine.layers import linear
+    from engine.packing import PackedLinear, packing_available
     from engine.quantize import Int8Linear
 
     def best(fn) -> float:
@@ -452,18 +456,46 @@ def _tower_gemms(t: dict, repeats: int = 20) -> dict:
             top = min(top, time.perf_counter() - t0)
         return top
 
-    d, mlp = t["width"], t["mlp"]
-    shapes = [(d, d)] * 4 + [(d, mlp), (mlp, d)]
-    fp32 = int8 = 0.0
+    d, mlp, tokens, layers = t["width"], t["mlp"], t["tokens"], t["layers"]
+    g = torch.Generator().manual_seed(0)
+
+    def lin(k: int, n: int) -> nn.Linear:
+        m = nn.Linear(k, n)
+        m.weight.data, m.bias.data = torch.randn(n, k, generator=g) / k ** 0.5, torch.randn(n, generator=g)
+        return m
+
+    def tower_ms(make, make_fused) -> float:
+        """(layers - 1) full blocks + the last block, in ms."""
+        q, k, v, o, f1, f2 = (lin(d, d), lin(d, d), lin(d, d), lin(d, d), lin(d, mlp), lin(mlp, d))
+        fused = make_fused([q, k, v]) if make_fused else None
+        mods = {name: make(m) for name, m in (("q", q), ("k", k), ("v", v), ("o", o), ("f1", f1), ("f2", f2))}
+        xs = {r: (torch.randn(r, d, generator=g), torch.randn(r, mlp, generator=g)) for r in (tokens, 1)}
+
+        def run(name: str, rows: int) -> float:
+            m = fused if name == "qkv" else mods[name]
+            return best(lambda: m(xs[rows][1 if name == "f2" else 0]))
+
+        attn_in = ["qkv"] if fused else ["q", "k", "v"]
+        full = sum(run(n, tokens) for n in attn_in + ["o", "f1", "f2"])
+        last = sum(run(n, tokens) for n in (["qkv"] if fused else ["k", "v"]))
+        last += sum(run(n, 1) for n in ([] if fused else ["q"]) + ["o", "f1", "f2"])
+        return 1e3 * ((layers - 1) * full + last)
+
+    class Plain(nn.Module):
+        def __init__(self, m: nn.Linear) -> None:
+            super().__init__()
+            self.w, self.b = m.weight.detach(), m.bias.detach()
+
+        def forward(self, x):
+            return linear(x, self.w, self.b)
+
     with torch.inference_mode():
-        for k, n in shapes:
-            x, w, b = torch.randn(t["tokens"], k), torch.randn(n, k) / k ** 0.5, torch.randn(n)
-            fp32 += best(lambda: linear(x, w, b))
-            q = Int8Linear(nn.Linear(k, n))
-            int8 += best(lambda: q(x))
-    flops = 2 * t["tokens"] * t["layers"] * sum(k * n for k, n in shapes)
-    return {"b1_gemm_ms_fp32": 1e3 * t["layers"] * fp32, "b1_gemm_ms_int8": 1e3 * t["layers"] * int8,
-            "b1_gemm_gflops_fp32": flops / (t["layers"] * fp32) / 1e9}
+        out = {"b1_gemm_ms_fp32": tower_ms(Plain, None), "b1_gemm_ms_int8": tower_ms(Int8Linear, Int8Linear.concat)}
+        if packing_available():
+            out["b1_gemm_ms_fp32_packed"] = tower_ms(PackedLinear, PackedLinear.concat)
+    flops = 2 * ((layers - 1) * tokens * (4 * d * d + 2 * d * mlp) + tokens * 2 * d * d + 2 * d * d + 2 * d * mlp)
+    out["b1_gemm_gflops_fp32"] = flops / out["b1_gemm_ms_fp32"] / 1e6
+    return out
 
 
 def _int8_gemm(seconds: float) -> dict:
