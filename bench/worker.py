@@ -438,7 +438,7 @@ def _tower_gemms(t: dict, repeats: int = 20) -> dict:
     cache-hot: at batch 1 their sum is the floor of the model's latency, since at a few dozen rows a GEMM
     runs far below the square-matmul rate. Every block but the last runs q, k, v, out, fc1, fc2 on every
     token; the last one (engine.clip: only the class token is pooled) k and v on every token, the rest on
-    one row. fp32 through engine.layers.linear (q, k, v apart) and engine.packing.PackedLinear (fused);
+    one row. fp32 through engine.layers.linear and engine.packing.PackedLinear (q, k, v apart);
     int8 through engine.quantize.Int8Linear (fused)."""
     import torch
     from torch import nn
@@ -492,7 +492,7 @@ def _tower_gemms(t: dict, repeats: int = 20) -> dict:
     with torch.inference_mode():
         out = {"b1_gemm_ms_fp32": tower_ms(Plain, None), "b1_gemm_ms_int8": tower_ms(Int8Linear, Int8Linear.concat)}
         if packing_available():
-            out["b1_gemm_ms_fp32_packed"] = tower_ms(PackedLinear, PackedLinear.concat)
+            out["b1_gemm_ms_fp32_packed"] = tower_ms(PackedLinear, None)
     flops = 2 * ((layers - 1) * tokens * (4 * d * d + 2 * d * mlp) + tokens * 2 * d * d + 2 * d * d + 2 * d * mlp)
     out["b1_gemm_gflops_fp32"] = flops / out["b1_gemm_ms_fp32"] / 1e6
     return out

@@ -134,11 +134,11 @@ def meta_parameter(*shape: int) -> nn.Parameter:
     return nn.Parameter(torch.empty(shape, device="meta"), requires_grad=False)
 
 
-def swap_linears(net: nn.Module, make, make_fused, skip: set[int] = frozenset()) -> nn.Module:
+def swap_linears(net: nn.Module, make, make_fused=None, skip: set[int] = frozenset()) -> nn.Module:
     """Replace every ``nn.Linear`` of ``net`` by ``make(linear)``, in place.
 
-    An attention module that names its q/k/v projections (``QKV``) gets them as one ``qkv = make_fused([q, k,
-    v])`` (see :func:`project_qkv`). Modules whose ``id`` is in ``skip`` keep theirs. The weight-file pages of
+    With ``make_fused``, an attention module that names its q/k/v projections (``QKV``) gets them as one
+    ``qkv = make_fused([q, k, v])`` (see :func:`project_qkv`). Modules whose ``id`` is in ``skip`` keep theirs. The weight-file pages of
     every replaced weight are dropped (engine.weights.release_pages): the new module holds its own copy.
     """
     from engine.weights import release_pages
@@ -146,7 +146,7 @@ def swap_linears(net: nn.Module, make, make_fused, skip: set[int] = frozenset())
     for parent in list(net.modules()):
         if id(parent) in skip:
             continue
-        names = getattr(parent, "QKV", None)
+        names = getattr(parent, "QKV", None) if make_fused is not None else None
         if names and all(isinstance(getattr(parent, n, None), nn.Linear) for n in names):
             projections = [getattr(parent, n) for n in names]
             parent.qkv = make_fused(projections)

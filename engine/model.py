@@ -293,9 +293,10 @@ def load_model(path: str | Path, device: str = "cpu", precision: str = "fp32", n
         limits: batch sizes (default ``BatchLimits()``; on CUDA ``BatchLimits(image_batch=128)``).
         image_limits: an ``ImageLimits`` for the image processor (size and format checks).
         threads: image decode threads (default: every core).
-        pack_weights: fp32 on CPU only: reorder every weight once into oneDNN's blocked layout (engine.packing).
-            Batch-1 latency drops 15-30 %, batch-32 throughput ~7 %, memory stays the same, the load takes
-            longer (B/32: +0.4 s) and is no longer zero-copy. For latency-bound serving.
+        pack_weights: fp32 on CPU only: keep a copy of every weight packed for oneDNN, used by calls of a few
+            rows (engine.packing). Batch-1 latency drops ~10 % (image) to ~30 % (text); a process that also runs
+            big batches holds the weights twice; the load takes longer (B/32: +0.3-0.5 s). For latency-bound
+            serving.
     Returns:
         a :class:`Model`.
     Raises:

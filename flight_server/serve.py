@@ -51,8 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:n] (default cpu)")
     parser.add_argument("--precision", default="fp32", choices=PRECISIONS, help="default fp32")
     parser.add_argument("--pack-weights", action="store_true",
-                        help="fp32 on CPU: pack the weights for oneDNN at load (batch-1 latency 15-30%% lower, "
-                             "big batches ~7%% slower, same memory; see engine/packing.py)")
+                        help="fp32 on CPU: also keep the weights packed for oneDNN, used for small batches "
+                             "(batch-1 latency 10-30%% lower; a server that also runs big batches holds the "
+                             "weights twice; see engine/packing.py)")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help=f"model cache folder (default ${CACHE_ENV} or ~/.cache/arrowengine/models)")
     parser.add_argument("--auth-token-file", type=Path, default=None,

@@ -39,17 +39,20 @@ def test_packed_linear_equals_linear_for_any_input_layout(bias):
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
 
 
-def test_packed_q_k_v_share_one_gemm_and_match_three():
-    lins = [_linear(32, 32, seed=s) for s in range(3)]
-    fused = PackedLinear.concat(lins)
-    x = torch.randn(7, 32)
+def test_small_calls_use_the_packed_weight_and_big_ones_the_mapped_one(monkeypatch):
+    """Up to PACKED_MAX_ROWS rows the packed copy is used; above, the plain weight (oneDNN would keep an
+    output-sized buffer for every row count it sees)."""
+    from engine import packing
+
+    lin = _linear(32, 16)
+    packed = PackedLinear(lin)
+    plain_calls = []
+    monkeypatch.setattr(packing, "linear", lambda x, w, b: plain_calls.append(x.shape) or torch.nn.functional.linear(x, w, b))
     with torch.inference_mode():
-        torch.testing.assert_close(fused(x), torch.cat([lin(x) for lin in lins], dim=-1), atol=1e-4, rtol=1e-5)
-    assert (fused.in_features, fused.out_features) == (32, 96)
-    with pytest.raises(ValueError, match="input width"):
-        PackedLinear.concat([nn.Linear(8, 4), nn.Linear(16, 4)])
-    with pytest.raises(ValueError, match="bias"):
-        PackedLinear.concat([nn.Linear(8, 4), nn.Linear(8, 4, bias=False)])
+        for rows in (1, packing.PACKED_MAX_ROWS, packing.PACKED_MAX_ROWS + 1, 700):
+            x = torch.randn(rows, 32)
+            torch.testing.assert_close(packed(x), lin(x), atol=1e-4, rtol=1e-5)
+    assert [s[0] for s in plain_calls] == [packing.PACKED_MAX_ROWS + 1, 700]
     with pytest.raises(PrecisionError, match="fp32"):
         PackedLinear(nn.Linear(8, 4).to(torch.bfloat16))
 
@@ -64,10 +67,10 @@ def test_packed_clip_gives_the_same_embeddings_with_every_linear_packed(tiny_cli
     plain = engine.load_model(tiny_clip_dir)
     packed = engine.load_model(tiny_clip_dir, pack_weights=True)
     assert not [n for n, m in packed.net.named_modules() if isinstance(m, nn.Linear)]
-    attns = [m for m in packed.net.modules() if hasattr(m, "QKV")]
-    assert attns and all(isinstance(m.qkv, PackedLinear) for m in attns)
+    assert sum(isinstance(m, PackedLinear) for m in packed.net.modules()) == \
+        sum(isinstance(m, nn.Linear) for m in plain.net.modules())
     blobs = _images(5)
-    for batch in (blobs[:1], blobs):  # a few rows and more
+    for batch in (blobs[:1], blobs):  # a few rows (packed weights) and more (mapped weights)
         np.testing.assert_allclose(packed.encode_image(batch), plain.encode_image(batch), atol=1e-5)
     np.testing.assert_allclose(packed.encode_text(TEXTS), plain.encode_text(TEXTS), atol=1e-5)
     assert packed.info.precision == "fp32"
@@ -89,19 +92,24 @@ def _mapped_rss_kb(path) -> int:
 @pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="reads /proc/self/smaps")
 def test_packed_sentence_bert_matches_and_drops_the_mapped_fp32_pages(minilm_model_dir):
     weights = (minilm_model_dir / "weights.arrow").resolve()
+    short = ["a cat", "two dogs on a beach", ""]  # one text per call: a few rows each
+    big = [f"caption number {i} about a dog running on a beach at sunset" for i in range(64)]
     plain = engine.load_model(minilm_model_dir)
-    want = plain.encode_text(TEXTS)
+    want_short, want_big = np.concatenate([plain.encode_text([t]) for t in short]), plain.encode_text(big)
     plain_kb = _mapped_rss_kb(weights)
     del plain
     gc.collect()  # unmap the plain model's file view
     packed = engine.load_model(minilm_model_dir, pack_weights=True)
-    got = packed.encode_text(TEXTS)
-    np.testing.assert_allclose(got, want, atol=1e-5)
-    # The plain model touched every weight page (~87 MB file); after packing, the file's pages that remain
-    # are those of the unpacked tensors (embeddings rows looked up, norms, biases).
+    got = np.concatenate([packed.encode_text([t]) for t in short])
+    np.testing.assert_allclose(got, want_short, atol=1e-5)
+    # The plain model touched every weight page (~87 MB file); after packing, small calls leave the mapped
+    # pages alone: what remains are the unpacked tensors (embedding rows looked up, norms, biases).
     packed_kb = _mapped_rss_kb(weights)
     assert plain_kb > 40_000, plain_kb
     assert packed_kb < 0.4 * plain_kb, (packed_kb, plain_kb)
+    # a big batch runs on the mapped weights again: their pages come back from the file
+    np.testing.assert_allclose(packed.encode_text(big), want_big, atol=1e-5)
+    assert _mapped_rss_kb(weights) > packed_kb + 10_000
 
 
 @pytest.mark.parametrize("precision", ["bf16", "int8"])
