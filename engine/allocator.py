@@ -71,9 +71,10 @@ def long_lived_blocks_mapped(threshold: int = 1 << 20):
     more with their own ``mmap``.
 
     With the raised mmap threshold above, a load that packs weights would put them on the malloc heap between
-    its own temporaries; the holes those leave are never trimmed and activations fit them badly (B/32 fp32
-    with packed weights: bench-style peak RSS +140-200 MB over plain weights). Mapped one by one, the weights
-    sit outside the heap and a freed temporary goes back to the kernel. No effect when :func:`tune` is off.
+    its own temporaries; the holes those leave are never trimmed and activations fit them badly (B/32 with
+    every fp32 weight packed, a bench-style run: peak RSS 1242-1272 MB, 1115-1117 MB with this; plain weights
+    1102 MB). Mapped one by one, the weights sit outside the heap and a freed temporary goes back to the
+    kernel. No effect when :func:`tune` is off.
     """
     mallopt = _mallopt() if tune() else None
     if mallopt is None:

@@ -138,8 +138,9 @@ def swap_linears(net: nn.Module, make, make_fused=None, skip: set[int] = frozens
     """Replace every ``nn.Linear`` of ``net`` by ``make(linear)``, in place.
 
     With ``make_fused``, an attention module that names its q/k/v projections (``QKV``) gets them as one
-    ``qkv = make_fused([q, k, v])`` (see :func:`project_qkv`). Modules whose ``id`` is in ``skip`` keep theirs. The weight-file pages of
-    every replaced weight are dropped (engine.weights.release_pages): the new module holds its own copy.
+    ``qkv = make_fused([q, k, v])`` (see :func:`project_qkv`). Modules whose ``id`` is in ``skip`` keep
+    theirs. The weight-file pages of every replaced weight are dropped (engine.weights.release_pages): the new
+    module holds its own copy (they fault back in from the file if it reads the old weight again).
     """
     from engine.weights import release_pages
 

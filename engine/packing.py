@@ -11,10 +11,10 @@ the size of the output for every row count it has seen (a server's varied text l
 
 Memory: the packed copy replaces the mapped pages (they are dropped after packing), so a process that only
 ever sees small batches holds the weights once; one that also runs big batches faults the mapped pages back
-in and holds both (B/32: +577 MB). Loading takes ~0.3-0.5 s more (B/32) and is no longer zero-copy.
-Measured on 2 AVX2 cores, B/32, same process, alternating: one image 121 -> 109 ms (p50, JPEG to embedding),
-one caption 34 -> 24 ms. Same maths as F.linear, other summation order (differences ~1e-6). Off by default:
-``load_model(..., pack_weights=True)``, ``arrowengine serve --pack-weights``.
+in and holds both (B/32: up to +577 MB). Loading takes ~0.3-0.5 s more (B/32) and is no longer zero-copy.
+Measured on 2 AVX2 cores, B/32, same process, alternating: one image 106-121 -> 98-109 ms (p50, JPEG to
+embedding), one caption 29-35 -> 23-24 ms. Same maths as F.linear, other summation order (differences
+~1e-6). Off by default: ``load_model(..., pack_weights=True)``, ``arrowengine serve --pack-weights``.
 """
 from __future__ import annotations
 

@@ -47,7 +47,11 @@ def test_small_calls_use_the_packed_weight_and_big_ones_the_mapped_one(monkeypat
     lin = _linear(32, 16)
     packed = PackedLinear(lin)
     plain_calls = []
-    monkeypatch.setattr(packing, "linear", lambda x, w, b: plain_calls.append(x.shape) or torch.nn.functional.linear(x, w, b))
+    def plain(x, w, b):
+        plain_calls.append(x.shape)
+        return torch.nn.functional.linear(x, w, b)
+
+    monkeypatch.setattr(packing, "linear", plain)
     with torch.inference_mode():
         for rows in (1, packing.PACKED_MAX_ROWS, packing.PACKED_MAX_ROWS + 1, 700):
             x = torch.randn(rows, 32)
