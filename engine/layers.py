@@ -96,11 +96,13 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear``, through oneDNN for fp32 inputs of a few rows on CPU (see ONEDNN_MAX_ROWS)."""
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           packed: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``, through oneDNN for fp32 inputs of a few rows on CPU (see ONEDNN_MAX_ROWS), on ``packed``
+    (``weight`` reordered for oneDNN, engine.packing) when given."""
     if (_ONEDNN_LINEAR is not None and x.numel() <= ONEDNN_MAX_ROWS * weight.shape[1]
             and x.dtype == torch.float32 == weight.dtype and x.device.type == "cpu" and not x.requires_grad):
-        return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
+        return _ONEDNN_LINEAR(x, weight if packed is None else packed, bias, "none", [], "")
     return F.linear(x, weight, bias)
 
 

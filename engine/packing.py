@@ -3,8 +3,8 @@
 A GEMM with few rows (one image is 50 patches on B/32, one caption 5-77 tokens) runs far below the matmul
 rate, and a plain row-major weight is reordered into the kernel's blocked layout on every call. Packing
 reorders each fp32 weight once, at load, into oneDNN's layout (``torch.ops.mkldnn._reorder_linear_weight``,
-the layout torch.compile's CPU freezing pass uses); a call of up to :data:`PACKED_MAX_ROWS` rows then runs
-``torch.ops.mkldnn._linear_pointwise`` on it. Bigger calls keep using the mapped weight through MKL, which is
+the layout torch.compile's CPU freezing pass uses); a call of up to ONEDNN_MAX_ROWS rows (96) then runs
+``torch.ops.mkldnn._linear_pointwise`` on it (engine.layers.linear). Bigger calls keep using the mapped weight through MKL, which is
 faster there: oneDNN on the packed weight ran a B/32 batch of 32 images ~5 % slower, and it keeps a buffer
 the size of the output for every row count it has seen (a server's varied text lengths grew the process by
 >1.5 GB); up to 96 rows that cache stays small, as for engine.layers.linear's own oneDNN path.
@@ -23,9 +23,8 @@ from torch import nn
 
 from engine import allocator
 from engine.errors import PrecisionError
-from engine.layers import ONEDNN_MAX_ROWS, linear, swap_linears
+from engine.layers import linear, swap_linears
 
-PACKED_MAX_ROWS = ONEDNN_MAX_ROWS  # rows per call that use the packed weight; more go through MKL
 # The packed layout is chosen for this many rows; measured 1-1600 rows on it, within noise of a layout
 # chosen for the exact count.
 _PACK_FOR_ROWS = 64
@@ -54,9 +53,7 @@ class PackedLinear(nn.Module):
         self._packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), _PACK_FOR_ROWS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() <= PACKED_MAX_ROWS * self.in_features:
-            return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self._packed)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

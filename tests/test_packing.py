@@ -40,23 +40,35 @@ def test_packed_linear_equals_linear_for_any_input_layout(bias):
 
 
 def test_small_calls_use_the_packed_weight_and_big_ones_the_mapped_one(monkeypatch):
-    """Up to PACKED_MAX_ROWS rows the packed copy is used; above, the plain weight (oneDNN would keep an
+    """Up to ONEDNN_MAX_ROWS rows the packed copy is used; above, the plain weight (oneDNN would keep an
     output-sized buffer for every row count it sees)."""
-    from engine import packing
+    from engine import layers
 
     lin = _linear(32, 16)
     packed = PackedLinear(lin)
-    plain_calls = []
-    def plain(x, w, b):
-        plain_calls.append(x.shape)
-        return torch.nn.functional.linear(x, w, b)
-
-    monkeypatch.setattr(packing, "linear", plain)
     with torch.inference_mode():
-        for rows in (1, packing.PACKED_MAX_ROWS, packing.PACKED_MAX_ROWS + 1, 700):
-            x = torch.randn(rows, 32)
-            torch.testing.assert_close(packed(x), lin(x), atol=1e-4, rtol=1e-5)
-    assert [s[0] for s in plain_calls] == [packing.PACKED_MAX_ROWS + 1, 700]
+        want = {rows: (x, lin(x)) for rows in (1, layers.ONEDNN_MAX_ROWS, layers.ONEDNN_MAX_ROWS + 1, 700)
+                for x in [torch.randn(rows, 32)]}
+    onednn, mkl = layers._ONEDNN_LINEAR, layers.F.linear
+    on_packed, on_plain = [], []
+
+    def onednn_spy(x, w, *args):
+        if w is packed._packed:
+            on_packed.append(x.shape[0])
+        return onednn(x, w, *args)
+
+    def mkl_spy(x, w, b=None):
+        if w is packed.weight:
+            on_plain.append(x.shape[0])
+        return mkl(x, w, b)
+
+    monkeypatch.setattr(layers, "_ONEDNN_LINEAR", onednn_spy)
+    monkeypatch.setattr(layers.F, "linear", mkl_spy)
+    with torch.inference_mode():
+        for rows, (x, ref) in want.items():
+            torch.testing.assert_close(packed(x), ref, atol=1e-4, rtol=1e-5)
+    assert on_packed == [1, layers.ONEDNN_MAX_ROWS]
+    assert on_plain == [layers.ONEDNN_MAX_ROWS + 1, 700]
     with pytest.raises(PrecisionError, match="fp32"):
         PackedLinear(nn.Linear(8, 4).to(torch.bfloat16))
 
