@@ -6,6 +6,7 @@ checkpoint's keys so loading weights is a plain assignment.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -41,11 +42,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
     q = q.view(B, Tq, heads, hd).transpose(1, 2)  # (B, h, Tq, hd)
     k = k.view(B, T, heads, hd).transpose(1, 2)  # (B, h, T, hd)
     v = v.view(B, T, heads, hd).transpose(1, 2)  # (B, h, T, hd)
-    if q.is_cuda:
-        with sdpa_kernel(CUDA_ATTENTION_BACKENDS):
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
-                                               scale=1.0 / math.sqrt(hd))  # (B, h, Tq, hd)
-    else:
+    with sdpa_kernel(CUDA_ATTENTION_BACKENDS) if q.is_cuda else contextlib.nullcontext():
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
                                            scale=1.0 / math.sqrt(hd))  # (B, h, Tq, hd)
     return y.transpose(1, 2).reshape(B, Tq, C)  # (B, Tq, C)
