@@ -13,7 +13,14 @@ import engine
 from engine.errors import PrecisionError
 from engine.packing import PackedLinear, packing_available
 
-pytestmark = pytest.mark.skipif(not packing_available(), reason="this torch build has no oneDNN CPU kernels")
+
+def test_the_pinned_torch_build_has_the_kernels_and_a_build_without_them_gets_a_clear_error(monkeypatch):
+    from engine import packing
+
+    assert packing_available()  # x86 and ARM CPU builds of torch ship oneDNN; the tests below use it
+    monkeypatch.setattr(packing, "packing_available", lambda: False)
+    with pytest.raises(PrecisionError, match="needs torch's oneDNN"):
+        packing.pack_linears(nn.Sequential(nn.Linear(4, 4)))
 
 TEXTS = ["a photo of a cat", "", "two dogs running on a beach at sunset, seen from far away " * 3, "x"]
 
