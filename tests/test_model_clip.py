@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import engine
+from engine.config import ACTIVATIONS
 from engine.errors import InputError, PrecisionError, RowErrors
 
 TEXTS = [
@@ -247,3 +248,15 @@ def test_last_block_at_the_pooled_rows_equals_the_full_block(tiny_clip_dir, caus
         pooled = encoder(x, causal=causal, rows=rows)  # (B, C)
     assert pooled.shape == full.shape
     torch.testing.assert_close(pooled, full, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ACTIVATIONS)
+def test_activations_match_hf(name):
+    from transformers.activations import ACT2FN
+
+    from engine.layers import activation
+
+    x = torch.randn(64, 96, generator=torch.Generator().manual_seed(0)) * 4  # well into both tails
+    want = ACT2FN[name](x.clone())
+    y = activation(name)(x)  # may overwrite x: the MLPs give it the fresh output of fc1
+    torch.testing.assert_close(y, want, rtol=1e-6, atol=2e-6)
