@@ -171,18 +171,35 @@ class EmbeddingClient:
 
     def embed_texts(self, texts: Sequence[str | None] | pa.Array, model: str | None = None,
                     normalize: bool = True, errors: str = "raise") -> Any:
-        """Embed texts -> (N, D) float32; with ``errors="return"``, ``(array, errors)``."""
-        return self._embed_array(_as_array(texts, pa.string()), "text", model, normalize, errors)
+        """Embed texts -> (N, D) float32; with ``errors="return"``, ``(array, errors)``.
+
+        Raises:
+            TypeError: ``texts`` is a single str (wrap it in a list), or a row is not a str
+                or None (the message names the row).
+            EmbeddingRowErrors: some rows failed on the server (``errors="raise"``).
+        """
+        return self._embed_array(_as_array(texts, "text"), "text", model, normalize, errors)
 
     def embed_images(self, images: Iterable[bytes | None] | pa.Array, model: str | None = None,
                      normalize: bool = True, errors: str = "raise") -> Any:
-        """Embed encoded image files (PNG, JPEG, ...) -> (N, D) float32 (see embed_texts)."""
-        return self._embed_array(_as_array(images, pa.binary()), "image", model, normalize, errors)
+        """Embed encoded image files (PNG, JPEG, ...) -> (N, D) float32 (see embed_texts).
+
+        Raises:
+            TypeError: ``images`` is a single bytes / bytearray / memoryview (wrap it in a
+                list), or a row is not bytes-like or None.
+        """
+        return self._embed_array(_as_array(images, "image"), "image", model, normalize, errors)
 
     def embed_tokens(self, tokens: Sequence[Sequence[int]] | pa.Array, model: str | None = None,
                      normalize: bool = True, errors: str = "raise") -> Any:
-        """Embed token-id sequences (special tokens included) -> (N, D) float32."""
-        return self._embed_array(_as_array(tokens, pa.list_(pa.int32())), "tokens", model, normalize, errors)
+        """Embed token-id sequences (special tokens included) -> (N, D) float32 (see embed_texts).
+
+        Raises:
+            TypeError: ``tokens`` is one flat sequence of ids or a str / bytes (wrap it in a
+                list), or a row or an id has the wrong type.
+            ValueError: a token id is outside the int32 range.
+        """
+        return self._embed_array(_as_array(tokens, "tokens"), "tokens", model, normalize, errors)
 
     def embed_table(self, table: pa.Table, column: str | None = None, kind: str = "text",
                     passthrough: Sequence[str] = (), model: str | None = None,
@@ -209,13 +226,23 @@ class EmbeddingClient:
         For inputs larger than memory: a writer thread sends batches ahead while results
         are read. Batches must share one schema. A connection failure is retried only
         before any result came back and while the input can still be replayed.
+
+        Raises:
+            TypeError: ``batches`` is a single RecordBatch or Table (wrap it in a list, or use
+                embed_table), or an item is not a RecordBatch.
+            ValueError: a batch's schema differs from the first batch's.
         """
         command = protocol.EmbedCommand.create(kind, model=model, column=column,
                                                normalize=normalize, passthrough=passthrough)
+        if isinstance(batches, (pa.RecordBatch, pa.Table)):  # iterating one gives its columns
+            alternative = " or pass the table to embed_table(table, ...)" if isinstance(batches, pa.Table) else ""
+            raise TypeError(f"batches: expected an iterable of pyarrow RecordBatches, got a single "
+                            f"{type(batches).__name__}; wrap it in a list: embed_stream([batch], ...){alternative}")
         source = iter(batches)
         first = next(source, None)
         if first is None:
             return
+        _check_batch(first, 0)
         for attempt in itertools.count():
             state = _StreamState()
             try:
@@ -274,9 +301,11 @@ class EmbeddingClient:
             try:
                 writer.begin(first.schema)
                 writer.write_batch(first)
-                while True:
+                for index in itertools.count(1):
                     try:
                         batch = next(rest, None)
+                        if batch is not None:
+                            _check_batch(batch, index)
                     except BaseException as exc:
                         return fail(exc)
                     if batch is None:
@@ -326,9 +355,79 @@ class _StreamState:
         self.results = 0     # result batches yielded
 
 
-def _as_array(values: Any, type_: pa.DataType) -> pa.Array:
+# Per input kind: (argument name, what it must be, the call to suggest for one row, Arrow type).
+_ROWS: dict[str, tuple[str, str, str, pa.DataType]] = {
+    "text": ("texts", "a sequence of strings (a list, or an Arrow string array)",
+             "embed_texts([text])", pa.string()),
+    "image": ("images", "a sequence of encoded image files as bytes (a list, or an Arrow binary array)",
+              "embed_images([image])", pa.binary()),
+    "tokens": ("tokens", ("a sequence of token-id sequences (a list of lists of int, or an Arrow "
+                          "list<int32> array)"), "embed_tokens([ids])", pa.list_(pa.int32())),
+}
+_BYTES_LIKE = (bytes, bytearray, memoryview)
+_INT32 = (-2 ** 31, 2 ** 31 - 1)
+
+
+def _as_array(values: Any, kind: str) -> pa.Array:
+    """The rows of an embed_* call as one Arrow array; TypeError / ValueError on bad input."""
     if isinstance(values, pa.ChunkedArray):
         return values.combine_chunks()
     if isinstance(values, pa.Array):
         return values
-    return pa.array(list(values), type=type_)
+    name, expected, one_row, type_ = _ROWS[kind]
+    if isinstance(values, (str, *_BYTES_LIKE)):  # list() would split it into one row per character
+        size = (f"{len(values)} characters" if isinstance(values, str)
+                else f"{memoryview(values).nbytes} bytes")
+        raise TypeError(f"{name}: expected {expected}, got a single {type(values).__name__} of {size}; "
+                        f"wrap it in a list: {one_row}")
+    try:
+        rows = list(values)
+    except TypeError as exc:
+        raise TypeError(f"{name}: expected {expected}, got {type(values).__name__}") from exc
+    if kind == "image":  # pyarrow would send a str row as its UTF-8 bytes: a path or a URL, never an image
+        for i, row in enumerate(rows):
+            if isinstance(row, str):
+                raise TypeError(f"{name}[{i}]: expected the bytes of an encoded image, got str {row[:60]!r}; "
+                                "for a file, send its contents: Path(path).read_bytes()")
+    try:
+        return pa.array(rows, type=type_)
+    except (pa.ArrowTypeError, pa.ArrowInvalid) as exc:  # find the row only now: the fast path stays fast
+        bad = _bad_row(rows, kind)
+        if bad is None:
+            raise
+        raise bad from exc
+
+
+def _bad_row(rows: list, kind: str) -> TypeError | ValueError | None:
+    """The error describing the first row that cannot be ``kind`` input, or None."""
+    name, _, one_row, _ = _ROWS[kind]
+    for i, row in enumerate(rows):
+        if row is None:
+            continue
+        if kind == "text" and not isinstance(row, str):
+            return TypeError(f"{name}[{i}]: expected str or None, got {_describe(row)}")
+        if kind == "image" and not isinstance(row, _BYTES_LIKE):
+            return TypeError(f"{name}[{i}]: expected bytes or None, got {_describe(row)}")
+        if kind != "tokens":
+            continue
+        if isinstance(row, (str, *_BYTES_LIKE)) or not isinstance(row, Iterable):
+            return TypeError(f"{name}[{i}]: expected a sequence of int or None, got {_describe(row)}; "
+                             f"for one sequence of ids, wrap it in a list: {one_row}")
+        for j, token in enumerate(row):
+            if isinstance(token, bool) or not isinstance(token, (int, np.integer)):
+                return TypeError(f"{name}[{i}][{j}]: expected int, got {_describe(token)}")
+            if not _INT32[0] <= token <= _INT32[1]:
+                return ValueError(f"{name}[{i}][{j}]: {token} is outside int32 [{_INT32[0]}, {_INT32[1]}]; "
+                                  "token ids must fit in int32")
+    return None
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
+
+
+def _check_batch(batch: Any, index: int) -> None:
+    if not isinstance(batch, pa.RecordBatch):
+        raise TypeError(f"batches[{index}]: expected a pyarrow RecordBatch, got {type(batch).__name__}; "
+                        "build one with pa.record_batch({...}) or table.to_batches()")

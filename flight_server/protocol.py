@@ -105,9 +105,14 @@ class EmbedCommand:
     @classmethod
     def create(cls, input: str, *, model: str | None = None, column: str | None = None,
                normalize: bool = True, passthrough: Sequence[str] = ()) -> "EmbedCommand":
-        """Build a validated command, filling the default column for ``input``."""
+        """Build a validated command, filling the default column for ``input``.
+
+        Raises:
+            ProtocolError: as :func:`parse_command`; also a bare ``str`` ``passthrough``.
+        """
+        names = passthrough if isinstance(passthrough, str) else list(passthrough)  # "id" is not ["i", "d"]
         return _from_mapping({"model": model, "input": input, "column": column,
-                              "normalize": normalize, "passthrough": list(passthrough)})
+                              "normalize": normalize, "passthrough": names})
 
     def to_json(self) -> bytes:
         """The UTF-8 JSON to put in ``FlightDescriptor.for_command``."""
@@ -205,10 +210,15 @@ def check_input_schema(command: EmbedCommand, schema: pa.Schema) -> list[pa.Fiel
     """Check an input schema against a command; return the passthrough fields in order.
 
     Raises:
-        ProtocolError: the input column or a passthrough column is missing, or the input
-            column has a type that cannot carry ``command.input`` rows.
+        ProtocolError: the schema has duplicate column names, the input column or a
+            passthrough column is missing, or the input column has a type that cannot carry
+            ``command.input`` rows.
     """
     names = schema.names
+    if len(set(names)) != len(names):  # first: schema.field(name) raises KeyError on a duplicate
+        duplicated = sorted({n for n in names if names.count(n) > 1})
+        raise ProtocolError(f"the input schema has duplicate column names {duplicated}; rename them "
+                            f"so that each column name is unique (the columns that came are {names})")
     if command.column not in names:
         raise ProtocolError(f"input column {command.column!r} (for {command.input!r} input) is not in "
                             f"the batches; the columns that came are {names}; set \"column\" in the command")
@@ -220,9 +230,6 @@ def check_input_schema(command: EmbedCommand, schema: pa.Schema) -> list[pa.Fiel
     if missing:
         raise ProtocolError(f"passthrough column(s) {missing} are not in the batches; the columns "
                             f"that came are {names}")
-    if len(set(names)) != len(names):
-        duplicated = sorted({n for n in names if names.count(n) > 1})
-        raise ProtocolError(f"the input schema has duplicate column names {duplicated}; rename them")
     return [schema.field(p) for p in command.passthrough]
 
 

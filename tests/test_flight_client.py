@@ -13,6 +13,7 @@ import pytest
 
 from flight_client import EmbeddingClient, EmbeddingRowErrors, embeddings_to_numpy
 from flight_fakes import FakeModel, expected_embedding, make_self_signed_cert
+from flight_server import protocol
 from flight_server.config import ServerConfig, ServerLimits
 from flight_server.servicer import EmbeddingServer
 
@@ -147,6 +148,70 @@ def test_server_errors_reach_the_client(client):
         client.embed_texts(["a"], model="nope")
     with pytest.raises(flight.FlightServerError, match="column 'text' has type int64"):
         client.embed_table(pa.table({"text": [1, 2]}), kind="text")
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda c: c.embed_texts("hello world"),
+     (r"texts: expected a sequence of strings \(a list, or an Arrow string array\), got a single str of "
+      r"11 characters; wrap it in a list: embed_texts\(\[text\]\)")),
+    (lambda c: c.embed_images(b"\x89PNG"), (r"images: expected .* got a single bytes of 4 bytes; "
+                                            r"wrap it in a list: embed_images\(\[image\]\)")),
+    (lambda c: c.embed_images(bytearray(b"abc")), r"got a single bytearray of 3 bytes"),
+    (lambda c: c.embed_images(memoryview(b"abcd")), r"got a single memoryview of 4 bytes"),
+    (lambda c: c.embed_tokens(b"\x65\x66"), (r"tokens: expected .* got a single bytes of 2 bytes; "
+                                             r"wrap it in a list: embed_tokens\(\[ids\]\)")),
+    (lambda c: c.embed_tokens("ab"), r"tokens: expected .* got a single str of 2 characters"),
+    (lambda c: c.embed_texts(5), r"texts: expected a sequence of strings .* got int"),
+], ids=["str", "bytes", "bytearray", "memoryview", "tokens-bytes", "tokens-str", "not-iterable"])
+def test_a_bare_str_or_bytes_is_rejected_not_split_into_rows(client, fake, call, message):
+    with pytest.raises(TypeError, match=message):
+        call(client)
+    assert fake.calls == 0 and client.stats()["requests"] == 0  # rejected before any call
+
+
+@pytest.mark.parametrize("call,error,message", [
+    (lambda c: c.embed_texts(["a", 1]), TypeError, r"^texts\[1\]: expected str or None, got int 1$"),
+    (lambda c: c.embed_texts(["a", None, b"\xff"]), TypeError, r"^texts\[2\]: expected str or None, got bytes"),
+    (lambda c: c.embed_images([b"x", bytearray(b"y"), 3]), TypeError, r"^images\[2\]: expected bytes or None, got int 3$"),
+    (lambda c: c.embed_tokens([[101, 102], [101, "x"]]), TypeError, r"^tokens\[1\]\[1\]: expected int, got str 'x'$"),
+    (lambda c: c.embed_tokens([101, 102]), TypeError,
+     r"^tokens\[0\]: expected a sequence of int or None, got int 101; .* embed_tokens\(\[ids\]\)"),
+    (lambda c: c.embed_tokens([[101, 2 ** 40]]), ValueError, r"^tokens\[0\]\[1\]: 1099511627776 is outside int32"),
+    (lambda c: c.embed_images([b"x", "cat.jpg"]), TypeError, r"^images\[1\]: expected the bytes .*\.read_bytes\(\)$"),
+], ids=["text-int", "text-bad-utf8", "image-int", "token-str", "tokens-flat", "token-overflow", "image-path"])
+def test_a_row_of_the_wrong_type_is_named(client, fake, call, error, message):
+    with pytest.raises(error, match=message) as err:
+        call(client)
+    assert not isinstance(err.value, pa.ArrowException)  # ours, not pyarrow's bare conversion error
+    assert fake.calls == 0
+
+
+def test_embed_stream_rejects_a_single_batch_or_table(server, fake):
+    batch = pa.record_batch({"text": ["a"]})
+    with EmbeddingClient(f"grpc://127.0.0.1:{server.port}", retries=0, timeout_s=10) as client:
+        with pytest.raises(TypeError, match=r"got a single RecordBatch; wrap it in a list: embed_stream\(\[batch\]"):
+            list(client.embed_stream(batch, "text"))
+        with pytest.raises(TypeError, match=r"got a single Table; .*embed_table"):
+            list(client.embed_stream(pa.Table.from_batches([batch]), "text"))
+        with pytest.raises(TypeError, match=r"batches\[0\]: expected a pyarrow RecordBatch, got dict"):
+            list(client.embed_stream([{"text": ["a"]}], "text"))
+        with pytest.raises(TypeError, match=r"batches\[1\]: expected a pyarrow RecordBatch, got list"):
+            list(client.embed_stream([batch, ["b"]], "text"))
+    assert fake.calls <= 1
+
+
+def test_passthrough_must_be_a_list_not_a_str(client):
+    table = pa.table({"text": ["a"], "id": [1]})
+    with pytest.raises(ValueError, match=r"\"passthrough\" must be a list of column names; got 'id'"):
+        client.embed_table(table, kind="text", passthrough="id")
+
+
+def test_duplicate_input_columns_are_a_clear_request_error(client):
+    batch = pa.RecordBatch.from_arrays([pa.array(["a"]), pa.array(["b"])], names=["text", "text"])
+    with pytest.raises(flight.FlightServerError, match=r"the input schema has duplicate column names \['text'\]") as err:
+        list(client.embed_stream([batch], "text"))
+    assert not isinstance(err.value, flight.FlightInternalError)
+    assert protocol.error_code(err.value) == protocol.CODE_INVALID
 
 
 def test_actions(client):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pyarrow as pa
 import pyarrow.flight as flight
@@ -106,6 +107,24 @@ def test_check_input_schema_missing_passthrough():
     schema = pa.schema([("text", pa.string())])
     with pytest.raises(ProtocolError, match=r"passthrough column\(s\) \['id'\] are not in the batches"):
         protocol.check_input_schema(EmbedCommand.create("text", passthrough=["id"]), schema)
+
+
+@pytest.mark.parametrize("names,command", [
+    (["text", "text"], EmbedCommand.create("text")),                                     # the input column
+    (["text", "id", "id"], EmbedCommand.create("text", passthrough=["id"])),             # a passthrough column
+    (["text", "id", "x", "x"], EmbedCommand.create("text", passthrough=["id"])),         # an unused column
+    (["image", "image"], EmbedCommand.create("image")),
+], ids=["input", "passthrough", "unused", "image"])
+def test_check_input_schema_duplicate_names_are_a_protocol_error(names, command):
+    schema = pa.schema([pa.field(n, pa.binary() if n == "image" else pa.string()) for n in names])
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    with pytest.raises(ProtocolError, match=re.escape(f"the input schema has duplicate column names {duplicated};")):
+        protocol.check_input_schema(command, schema)
+
+
+def test_create_rejects_a_str_passthrough():
+    with pytest.raises(ProtocolError, match=r"\"passthrough\" must be a list of column names; got 'id'"):
+        EmbedCommand.create("text", passthrough="id")
 
 
 def test_output_schema():
