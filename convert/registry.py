@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engine.config import BERT_FAMILY, ST_RUNNABLE_MODULES, st_module_names
 from engine.errors import UnsupportedArchitectureError, WeightFormatError
 
 log = logging.getLogger(__name__)
@@ -125,23 +126,23 @@ def _is_clip(config: dict[str, Any], root: Path) -> bool:
 
 
 # -- sentence-transformers over a BERT-family encoder -------------------------------------------
-BERT_FAMILY = ("bert", "roberta", "xlm-roberta")  # same embeddings/encoder/pooler layout
-ST_MODULES = tuple(f"sentence_transformers.models.{m}" for m in ("Transformer", "Pooling", "Normalize"))
-
-
 def _is_sentence_transformer(config: dict[str, Any], root: Path) -> bool:
-    if config.get("model_type") not in BERT_FAMILY:
-        return False
     try:
         modules = json.loads((root / "modules.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    if not isinstance(modules, list):
+    names = st_module_names(modules)
+    if not names or "Transformer" not in names:
+        if names is not None:
+            log.warning("%s: modules.json names no sentence-transformers Transformer module (%s); converting in "
+                        "store mode", root, names)
         return False
-    types = [m.get("type") if isinstance(m, dict) else None for m in modules]
-    if "sentence_transformers.models.Transformer" not in types:
+    model_type = config.get("model_type")
+    if model_type not in BERT_FAMILY:
+        log.warning("%s: a sentence-transformer over %r, which the engine does not run (it runs %s); converting "
+                    "in store mode", root, model_type, ", ".join(BERT_FAMILY))
         return False
-    extra = [t for t in types if t not in ST_MODULES]
+    extra = [n for n in names if n not in ST_RUNNABLE_MODULES]
     if extra:  # e.g. a Dense head whose weights live elsewhere: converting would lose them
         log.warning("%s: sentence-transformers modules %s are not supported; converting in store mode",
                     root, extra)

@@ -93,7 +93,7 @@ class SentenceBert(nn.Module):
         """ids (B, T) right-padded; lengths (B,) real token counts. Returns (B, C)."""
         B, T = ids.shape
         e = self.embeddings
-        x = e.word_embeddings(ids) + e.position_embeddings.weight[:T] + e.token_type_embeddings.weight[0]  # (B, T, C)
+        x = e.word_embeddings(ids) + self._positions(ids) + e.token_type_embeddings.weight[0]  # (B, T, C)
         x = e.LayerNorm(x)
         keep = torch.arange(T, device=ids.device)[None, :] < lengths[:, None]  # (B, T) True = real token
         mask = None if bool(keep.all()) else keep[:, None, None, :]  # (B, 1, 1, T)
@@ -101,10 +101,29 @@ class SentenceBert(nn.Module):
             x = layer(x, mask)
         return self._pool(x, keep)
 
+    def _positions(self, ids: torch.Tensor) -> torch.Tensor:
+        """Position embeddings, (T, C) or (B, T, C). BERT: rows 0..T-1. RoBERTa / XLM-R (HF's
+        ``create_position_ids_from_input_ids``): a token that is not ``pad_token_id`` takes row pad + 1 + (its
+        index among such tokens), a pad token row pad (ids right-padded with 0 here are masked out anyway)."""
+        table = self.embeddings.position_embeddings.weight
+        if not self.cfg.position_offset:
+            return table[: ids.shape[1]]
+        pad = self.cfg.pad_token_id
+        real = (ids != pad).long()
+        return table[real.cumsum(dim=1) * real + pad]
+
     def _pool(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        if self.cfg.pooling == "cls":
+        """sentence-transformers' Pooling over the real tokens (``keep``), (B, T, C) -> (B, C)."""
+        mode = self.cfg.pooling
+        if mode == "cls":
             return x[:, 0]
         k = keep[:, :, None].to(x.dtype)  # (B, T, 1)
-        if self.cfg.pooling == "max":
+        if mode == "max":
             return x.masked_fill(k == 0, float("-inf")).amax(dim=1)
-        return (x * k).sum(dim=1) / k.sum(dim=1).clamp(min=1e-9)  # (B, C) mean over real tokens
+        if mode == "lasttoken":
+            return x[torch.arange(x.shape[0], device=x.device), keep.sum(dim=1) - 1]
+        if mode == "weightedmean":  # weights 1..n over the real tokens
+            k = k * torch.arange(1, x.shape[1] + 1, device=x.device, dtype=x.dtype)[None, :, None]
+        total = (x * k).sum(dim=1)  # (B, C)
+        count = k.sum(dim=1).clamp(min=1e-9)  # (B, 1)
+        return total / (count.sqrt() if mode == "mean_sqrt_len_tokens" else count)

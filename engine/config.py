@@ -5,6 +5,7 @@ checked when it is read so a bad config fails at load, not mid-request.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,18 +61,54 @@ class ClipConfig:
     projection_dim: int
 
 
+POOLING_MODES = ("mean", "cls", "max", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
+# sentence-transformers < 6 named each pooling mode by a boolean key; 6.x writes ``"pooling_mode": "mean"``.
+_LEGACY_POOLING_KEYS = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls",
+                        "pooling_mode_max_tokens": "max", "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+                        "pooling_mode_weightedmean_tokens": "weightedmean", "pooling_mode_lasttoken": "lasttoken"}
+# The sentence-transformers modules the engine runs, by class name: before 6.x they are
+# ``sentence_transformers.models.Transformer``; 6.x writes e.g. ``sentence_transformers.base.modules.transformer.Transformer``.
+ST_RUNNABLE_MODULES = ("Transformer", "Pooling", "Normalize")
+# Encoders laid out as BERT (same module names); RoBERTa's count positions from pad_token_id + 1.
+BERT_FAMILY = ("bert", "roberta", "xlm-roberta")
+_POSITIONS_AFTER_PAD = ("roberta", "xlm-roberta")
+# Module config file names sentence-transformers reads, newest first (its own fallback list).
+_ST_CONFIG_FILES = ("sentence_bert_config.json", "sentence_roberta_config.json", "sentence_xlm-roberta_config.json")
+
+
 @dataclass(frozen=True)
 class BertConfig:
     """A BERT-family encoder as sentence-transformers uses it (Transformer -> Pooling -> Normalize)."""
 
     tower: TowerConfig
     vocab_size: int
-    max_positions: int
+    max_positions: int  # rows of the position table
     type_vocab_size: int
     pad_token_id: int
-    max_seq_length: int  # truncation length for texts (sentence_bert_config.json)
-    pooling: str  # "mean" | "cls" | "max"
+    max_seq_length: int  # truncation length for texts (sentence-transformers' max_seq_length)
+    pooling: str  # one of POOLING_MODES
     normalize: bool  # a Normalize module follows pooling
+    model_type: str = "bert"  # one of BERT_FAMILY
+    lowercase: bool = False  # sentence-transformers' do_lower_case: texts are lowercased before tokenizing
+
+    @property
+    def position_offset(self) -> int:
+        """Index of the first position row: RoBERTa and XLM-R number positions from pad_token_id + 1."""
+        return self.pad_token_id + 1 if self.model_type in _POSITIONS_AFTER_PAD else 0
+
+    @property
+    def positions(self) -> int:
+        """The longest token row the position table can embed."""
+        return self.max_positions - self.position_offset
+
+
+def st_module_names(modules: Any) -> list[str] | None:
+    """Class names of a sentence-transformers ``modules.json`` list (``Transformer``, ``Pooling``, ...), the full
+    type for a module from another package; None if the list is not a modules.json."""
+    if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
+        return None
+    types = [str(m.get("type", "")) for m in modules]
+    return [t.rsplit(".", 1)[-1] if t.startswith("sentence_transformers.") else t for t in types]
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -139,44 +176,65 @@ _BERT_DEFAULTS = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads
 
 
 def bert_config(model_dir: Path) -> BertConfig:
-    """Read a sentence-transformers BERT checkpoint: config.json, modules.json, pooling and max length."""
+    """Read a sentence-transformers checkpoint over a BERT-family encoder: config.json, modules.json, pooling,
+    max length and lowercasing, in the layouts of sentence-transformers 2.x to 6.x."""
     model_dir = Path(model_dir)
     cfg = _read_json(model_dir / "config.json")
     where = f"{model_dir}/config.json"
+    model_type = _get(cfg, "model_type", "bert", str, where)
+    if model_type not in BERT_FAMILY:
+        raise ModelConfigError(f"{where}: model_type {model_type!r} is not runnable; expected one of {BERT_FAMILY}")
+    if cfg.get("position_embedding_type", "absolute") != "absolute":
+        raise ModelConfigError(f"{where}: position_embedding_type {cfg['position_embedding_type']!r} is not "
+                               "supported; expected 'absolute'")
     modules = _read_json(model_dir / "modules.json")
-    types = [str(m.get("type", "")).rsplit(".", 1)[-1] for m in modules]
-    unknown = [t for t in types if t not in ("Transformer", "Pooling", "Normalize")]
+    types = st_module_names(modules) or []
+    unknown = [t for t in types if t not in ST_RUNNABLE_MODULES]
     if unknown or not types or types[0] != "Transformer":
         raise ModelConfigError(
             f"{model_dir}/modules.json: expected Transformer -> Pooling -> optional Normalize, got {types}; "
             "other sentence-transformers modules (Dense, ...) are not supported yet"
         )
-    pooling, max_seq = "cls", None
-    for m in modules:
-        if str(m.get("type", "")).endswith("Pooling"):
-            pool = _read_json(model_dir / m.get("path", "1_Pooling") / "config.json")
-            modes = [k for k in ("pooling_mode_mean_tokens", "pooling_mode_cls_token", "pooling_mode_max_tokens",
-                                 "pooling_mode_mean_sqrt_len_tokens", "pooling_mode_weightedmean_tokens",
-                                 "pooling_mode_lasttoken") if pool.get(k)]
-            names = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls",
-                     "pooling_mode_max_tokens": "max"}
-            if len(modes) != 1 or modes[0] not in names:
-                raise ModelConfigError(f"{model_dir}: pooling {modes} is not supported; expected exactly one of "
-                                       "mean, cls or max")
-            pooling = names[modes[0]]
-    st_cfg_path = model_dir / "sentence_bert_config.json"
-    if st_cfg_path.exists():
-        max_seq = _read_json(st_cfg_path).get("max_seq_length")
-    max_positions = _get(cfg, "max_position_embeddings", 512, int, where)
-    if not isinstance(max_seq, int) or max_seq <= 0:
-        max_seq = max_positions
-    return BertConfig(
+    pools = [m for m in modules if st_module_names([m]) == ["Pooling"]]
+    if len(pools) != 1:
+        raise ModelConfigError(f"{model_dir}/modules.json: expected one Pooling module, got {len(pools)}; without "
+                               "one sentence-transformers gives token embeddings, not one vector per text")
+    pooling = _pooling_mode(model_dir / str(pools[0].get("path", "1_Pooling")) / "config.json")
+    st_cfg = next((_read_json(model_dir / n) for n in _ST_CONFIG_FILES if (model_dir / n).exists()), {})
+    max_seq = st_cfg.get("max_seq_length")
+    if max_seq is None:  # sentence-transformers 6.x keeps it as the tokenizer's model_max_length
+        tok_cfg_path = model_dir / "tokenizer_config.json"
+        max_seq = _read_json(tok_cfg_path).get("model_max_length") if tok_cfg_path.exists() else None
+    lowercase = st_cfg.get("do_lower_case", False)
+    if not isinstance(lowercase, bool):
+        raise ModelConfigError(f"{model_dir}: do_lower_case should be true or false, got {lowercase!r}")
+    bert = BertConfig(
         tower=_tower(cfg, where, "hidden_act", _BERT_DEFAULTS),
         vocab_size=_get(cfg, "vocab_size", 30522, int, where),
-        max_positions=max_positions,
+        max_positions=_get(cfg, "max_position_embeddings", 512, int, where),
         type_vocab_size=_get(cfg, "type_vocab_size", 2, int, where),
-        pad_token_id=_get(cfg, "pad_token_id", 0, int, where),
-        max_seq_length=min(max_seq, max_positions),
+        pad_token_id=_get(cfg, "pad_token_id", 1 if model_type in _POSITIONS_AFTER_PAD else 0, int, where),
+        max_seq_length=0,
         pooling=pooling,
         normalize="Normalize" in types,
+        model_type=model_type,
+        lowercase=lowercase,
     )
+    if bert.positions < 1:
+        raise ModelConfigError(f"{where}: max_position_embeddings {bert.max_positions} leaves no position for "
+                               f"tokens after the offset {bert.position_offset}")
+    # Unset or the tokenizers' "no limit" sentinel (1e30): the position table is the limit.
+    if not isinstance(max_seq, int) or isinstance(max_seq, bool) or max_seq <= 0:
+        max_seq = bert.positions
+    return dataclasses.replace(bert, max_seq_length=min(max_seq, bert.positions))
+
+
+def _pooling_mode(path: Path) -> str:
+    """The one pooling mode of a sentence-transformers Pooling config (either layout)."""
+    pool = _read_json(path)
+    mode = pool.get("pooling_mode")
+    modes = ([mode] if isinstance(mode, str) else list(mode) if isinstance(mode, list) else
+             [name for key, name in _LEGACY_POOLING_KEYS.items() if pool.get(key)])
+    if len(modes) != 1 or modes[0] not in POOLING_MODES:
+        raise ModelConfigError(f"{path}: pooling {modes} is not supported; expected exactly one of {POOLING_MODES}")
+    return modes[0]

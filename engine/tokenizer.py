@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, normalizers
 
 from engine.errors import InputError, ModelConfigError
 
@@ -29,20 +29,22 @@ class TextTokenizer:
     defers it to the first text call, or to :meth:`load`. An image-only user never pays it.
     """
 
-    def __init__(self, source: Path, max_length: int) -> None:
+    def __init__(self, source: Path, max_length: int, lowercase: bool = False) -> None:
         self.source = source  # tokenizer.json
         self.max_length = max_length
+        self.lowercase = lowercase  # lowercase texts first (sentence-transformers' do_lower_case)
         self._lock = threading.Lock()
         self._tok: Tokenizer | None = None
 
     @classmethod
-    def from_dir(cls, model_dir: Path, max_length: int, lazy: bool = False) -> "TextTokenizer":
-        """The tokenizer of a model directory; ``lazy`` checks the file exists and parses it on first use."""
+    def from_dir(cls, model_dir: Path, max_length: int, lazy: bool = False, lowercase: bool = False) -> "TextTokenizer":
+        """The tokenizer of a model directory; ``lazy`` checks the file exists and parses it on first use;
+        ``lowercase`` puts a Lowercase normalizer before the file's own, as sentence-transformers' do_lower_case."""
         path = Path(model_dir) / "tokenizer.json"
         if not path.exists():
             raise ModelConfigError(f"{path} is missing: the model has no fast tokenizer; re-run `arrowengine convert` "
                                    "with transformers installed so it can build one")
-        tok = cls(path, max_length)
+        tok = cls(path, max_length, lowercase)
         return tok if lazy else tok.load()
 
     @property
@@ -59,6 +61,9 @@ class TextTokenizer:
                     except Exception as exc:  # tokenizers raises plain Exception subclasses
                         raise ModelConfigError(f"{self.source} could not be read by the tokenizers library: {exc}") \
                             from exc
+                    if self.lowercase:
+                        first = [normalizers.Lowercase()]
+                        tok.normalizer = normalizers.Sequence(first + ([tok.normalizer] if tok.normalizer else []))
                     tok.no_padding()
                     tok.enable_truncation(self.max_length)
                     self._tok = tok

@@ -1,0 +1,206 @@
+"""Sentence-transformers beyond all-MiniLM-L6-v2: BERT, RoBERTa and XLM-R encoders, every pooling mode,
+do_lower_case, and the checkpoint layouts of sentence-transformers before 6.x and since.
+
+Each checkpoint is tiny (random weights, fixed seed), saved by the installed sentence-transformers, converted,
+and compared with sentence-transformers' own ``encode`` on the same directory.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import engine
+from convert.pipeline import convert_checkpoint
+from engine.errors import ModelConfigError
+
+from checkpoints import minilm_dir
+
+TEXTS = [
+    "A photo of a cat",
+    "",
+    "Hello World, UPPER and lower Case",
+    "Ünïcode café naïve 日本語",
+    "x <pad> y </s> z <s>",  # RoBERTa's own special tokens inside a text
+    "word " * 100,  # past every max_seq_length here: truncated
+]
+_CORPUS = [t.lower() for t in TEXTS[:5]] + ["the quick brown fox jumps over the lazy dog"] * 20
+
+
+def _hf_encoder(out: Path, arch: str) -> Path:
+    """A random-weight HF encoder of ``arch`` (bert, roberta, xlm-roberta) with a tokenizer, saved to ``out``."""
+    from transformers import (BertConfig, BertModel, BertTokenizerFast, RobertaConfig, RobertaModel,
+                              RobertaTokenizerFast, XLMRobertaConfig, XLMRobertaModel)
+
+    geometry = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    torch.manual_seed(0)
+    if arch == "bert":
+        tok = BertTokenizerFast.from_pretrained(str(minilm_dir()))
+        model = BertModel(BertConfig(vocab_size=len(tok), max_position_embeddings=64, **geometry))
+    else:
+        from tokenizers import ByteLevelBPETokenizer
+
+        bpe = ByteLevelBPETokenizer()
+        bpe.train_from_iterator(_CORPUS, vocab_size=300, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+        (out / "bpe").mkdir(parents=True)
+        bpe.save_model(str(out / "bpe"))
+        tok = RobertaTokenizerFast.from_pretrained(str(out / "bpe"))
+        assert len(tok) == bpe.get_vocab_size() > 100
+        # RoBERTa's position table: pad_token_id (1) + 1 rows before the first token's, as the real ones (514)
+        cfg_cls, model_cls = (RobertaConfig, RobertaModel) if arch == "roberta" else (XLMRobertaConfig,
+                                                                                     XLMRobertaModel)
+        model = model_cls(cfg_cls(vocab_size=len(tok), max_position_embeddings=34, pad_token_id=1, **geometry))
+    with torch.no_grad():  # a random position table that matters: wrong positions must show in the cosine
+        model.embeddings.position_embeddings.weight.normal_(0, 1.0)
+    model.save_pretrained(str(out / "hf"))
+    tok.save_pretrained(str(out / "hf"))
+    return out / "hf"
+
+
+def _sentence_transformer(hf_dir: Path, out: Path, pooling: str, normalize: bool, max_seq: int,
+                          lowercase: bool = False) -> Path:
+    from sentence_transformers import SentenceTransformer
+    try:  # sentence-transformers >= 6
+        from sentence_transformers.base.modules import Normalize, Transformer
+        from sentence_transformers.sentence_transformer.modules import Pooling
+    except ImportError:
+        from sentence_transformers.models import Normalize, Pooling, Transformer
+
+    modules = [Transformer(str(hf_dir), max_seq_length=max_seq, do_lower_case=lowercase)]
+    dim = getattr(modules[0], "get_embedding_dimension", None) or modules[0].get_word_embedding_dimension
+    modules.append(Pooling(dim(), pooling_mode=pooling))
+    if normalize:
+        modules.append(Normalize())
+    SentenceTransformer(modules=modules, device="cpu").save(str(out))
+    return out
+
+
+def _legacy_layout(src: Path, out: Path) -> Path:
+    """``src`` rewritten as sentence-transformers 2.x-5.x wrote it: ``sentence_transformers.models.*`` module
+    types, one boolean per pooling mode, max_seq_length in sentence_bert_config.json."""
+    shutil.copytree(src, out)
+    modules = json.loads((out / "modules.json").read_text())
+    for m in modules:
+        m["type"] = "sentence_transformers.models." + m["type"].rsplit(".", 1)[-1]
+    (out / "modules.json").write_text(json.dumps(modules))
+    pool = json.loads((out / "1_Pooling" / "config.json").read_text())
+    legacy = {"word_embedding_dimension": pool["embedding_dimension"]}
+    legacy.update({key: pool["pooling_mode"] == mode for key, mode in (
+        ("pooling_mode_cls_token", "cls"), ("pooling_mode_mean_tokens", "mean"), ("pooling_mode_max_tokens", "max"),
+        ("pooling_mode_mean_sqrt_len_tokens", "mean_sqrt_len_tokens"),
+        ("pooling_mode_weightedmean_tokens", "weightedmean"), ("pooling_mode_lasttoken", "lasttoken"))})
+    (out / "1_Pooling" / "config.json").write_text(json.dumps(legacy))
+    st_cfg = json.loads((out / "sentence_bert_config.json").read_text())
+    max_seq = json.loads((out / "tokenizer_config.json").read_text())["model_max_length"]
+    (out / "sentence_bert_config.json").write_text(json.dumps(
+        {"max_seq_length": max_seq, "do_lower_case": st_cfg.get("do_lower_case", False)}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def encoders(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("st-encoders")
+    return {arch: _hf_encoder(root / arch, arch) for arch in ("bert", "roberta", "xlm-roberta")}
+
+
+def _check(src: Path, tmp: Path, precision: str = "fp32") -> engine.Model:
+    from sentence_transformers import SentenceTransformer
+
+    convert_checkpoint(src, tmp / "converted", progress=False)
+    model = engine.load_model(tmp / "converted", precision=precision)
+    ref = SentenceTransformer(str(src), device="cpu")
+    want = ref.encode(TEXTS, convert_to_numpy=True, normalize_embeddings=True)
+    got = model.encode_text(TEXTS)
+    cos = (want * got).sum(1)
+    assert cos.min() >= (0.99999 if precision == "fp32" else 0.99), (precision, cos)
+    assert model.config.max_seq_length == ref.max_seq_length
+    return model
+
+
+@pytest.mark.parametrize("arch,pooling,normalize", [
+    ("bert", "mean", True), ("bert", "cls", False), ("bert", "max", True),
+    ("bert", "mean_sqrt_len_tokens", False), ("bert", "weightedmean", True), ("bert", "lasttoken", False),
+    ("roberta", "mean", True), ("roberta", "cls", False), ("xlm-roberta", "mean", True)])
+@pytest.mark.parametrize("layout", ["current", "legacy"])
+def test_matches_sentence_transformers(encoders, tmp_path, arch, pooling, normalize, layout):
+    src = _sentence_transformer(encoders[arch], tmp_path / "st", pooling, normalize, max_seq=24)
+    if layout == "legacy":
+        src = _legacy_layout(src, tmp_path / "legacy")
+    model = _check(src, tmp_path)
+    assert model.config.pooling == pooling and model.config.normalize == normalize
+    assert model.config.model_type == arch
+
+
+def test_roberta_positions_start_after_the_pad_token(encoders, tmp_path):
+    """RoBERTa's 34-row table holds 32 positions (rows 0-1 come before the first token's): texts are cut at 32
+    tokens even when max_seq_length says 64, and token-id rows may be 32 ids long, no longer. (Past 32 tokens
+    sentence-transformers itself fails: it caps at max_position_embeddings, 34.)"""
+    src = _sentence_transformer(encoders["roberta"], tmp_path / "st", "mean", True, max_seq=64)
+    convert_checkpoint(src, tmp_path / "converted", progress=False)
+    model = engine.load_model(tmp_path / "converted")
+    assert model.config.position_offset == 2 and model.info.max_tokens == 32 and model.config.max_seq_length == 32
+    rows, _ = model.prepare_texts(["word " * 100])
+    assert len(rows[0]) == 32 and rows[0][-1] == 2  # still ends with </s>
+    result = model.embed_tokens([[0] + [5] * 30 + [2], [0] + [5] * 31 + [2]])
+    assert result.errors[0] is None and "32" in result.errors[1]
+    assert np.isfinite(model.encode_text(["word " * 100])).all()
+
+
+@pytest.mark.parametrize("precision", ["int8", "bf16"])
+def test_roberta_in_every_cpu_precision(encoders, tmp_path, precision):
+    src = _sentence_transformer(encoders["roberta"], tmp_path / "st", "mean", True, max_seq=24)
+    _check(src, tmp_path, precision)
+
+
+def test_do_lower_case_lowercases_before_a_cased_tokenizer(tmp_path):
+    """``do_lower_case: true`` in sentence_bert_config.json over a cased tokenizer, as sentence-transformers
+    reads it in either layout (6.2 itself writes the Lowercase into tokenizer.json instead)."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    tok = BertTokenizerFast.from_pretrained(str(minilm_dir()), do_lower_case=False)  # cased: "Hello" is unknown
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                         intermediate_size=64)).save_pretrained(str(tmp_path / "hf"))
+    tok.save_pretrained(str(tmp_path / "hf"))
+    src = _sentence_transformer(tmp_path / "hf", tmp_path / "st", "mean", True, max_seq=24)
+    legacy = _legacy_layout(src, tmp_path / "legacy")
+    for path in (src, legacy):
+        st_cfg = path / "sentence_bert_config.json"
+        st_cfg.write_text(json.dumps(dict(json.loads(st_cfg.read_text()), do_lower_case=True)))
+        model = _check(path, tmp_path / path.name)
+        assert model.config.lowercase
+        hello = model.prepare_texts(["Hello World"])[0][0]
+        assert (hello == model.prepare_texts(["hello world"])[0][0]).all() and 100 not in hello  # 100: [UNK]
+
+
+def test_unsupported_layouts_are_clear_errors(encoders, tmp_path):
+    src = _sentence_transformer(encoders["bert"], tmp_path / "st", "mean", True, max_seq=24)
+    convert_checkpoint(src, tmp_path / "ok", progress=False)
+    pool = tmp_path / "ok" / "1_Pooling" / "config.json"
+    pool.write_text(json.dumps({"embedding_dimension": 32, "pooling_mode": ["mean", "max"]}))
+    with pytest.raises(ModelConfigError, match="pooling"):
+        engine.load_model(tmp_path / "ok")
+    pool.write_text(json.dumps({"embedding_dimension": 32, "pooling_mode": "mean"}))
+    modules = json.loads((tmp_path / "ok" / "modules.json").read_text())
+    (tmp_path / "ok" / "modules.json").write_text(json.dumps(modules[:1]))  # no Pooling module
+    with pytest.raises(ModelConfigError, match="Pooling"):
+        engine.load_model(tmp_path / "ok")
+    config = json.loads((tmp_path / "ok" / "config.json").read_text())
+    (tmp_path / "ok" / "modules.json").write_text(json.dumps(modules))
+    (tmp_path / "ok" / "config.json").write_text(json.dumps(dict(config, position_embedding_type="relative_key")))
+    with pytest.raises(ModelConfigError, match="relative_key"):
+        engine.load_model(tmp_path / "ok")
+
+
+def test_sentence_transformer_over_an_encoder_the_engine_does_not_run_is_stored_with_a_warning(encoders, tmp_path,
+                                                                                               caplog):
+    src = _sentence_transformer(encoders["bert"], tmp_path / "st", "mean", True, max_seq=24)
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps(dict(config, model_type="distilbert")))
+    manifest = convert_checkpoint(src, tmp_path / "out", progress=False).manifest
+    assert manifest.kind == "store"
+    assert any("distilbert" in r.getMessage() and "store mode" in r.getMessage() for r in caplog.records)
