@@ -51,6 +51,7 @@ class ClipVisionConfig:
 
     @property
     def grid(self) -> int:
+        """Patches per side; pixels past grid * patch_size are dropped, as HF's strided conv does."""
         return self.image_size // self.patch_size
 
 
@@ -165,8 +166,8 @@ def clip_config(model_dir: Path) -> ClipConfig:
         patch_size=_get(vision, "patch_size", 32, int, where),
         channels=_get(vision, "num_channels", 3, int, where),
     )
-    if vision_cfg.image_size % vision_cfg.patch_size:
-        raise ModelConfigError(f"{where}: image_size {vision_cfg.image_size} is not a multiple of patch_size "
+    if vision_cfg.grid < 1:
+        raise ModelConfigError(f"{where}: image_size {vision_cfg.image_size} is smaller than patch_size "
                                f"{vision_cfg.patch_size}")
     return ClipConfig(text=text_cfg, vision=vision_cfg, projection_dim=_get(cfg, "projection_dim", 512, int, where))
 

@@ -146,7 +146,7 @@ class ImageLimits:
     """What the processor accepts before decoding anything."""
 
     max_bytes: int = 32 * 1024 * 1024  # encoded size of one image
-    max_pixels: int = 50_000_000  # width x height from the header
+    max_pixels: int = 50_000_000  # width x height from the header, and after the resize (before the crop)
     formats: frozenset[str] = frozenset({"jpeg", "png", "webp"})  # allow-list
 
     def __post_init__(self) -> None:

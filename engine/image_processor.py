@@ -340,6 +340,16 @@ class ArrowImageProcessor:
                 f"too many pixels: {header.width}x{header.height} = {pixels}, over the limit of "
                 f"{self.limits.max_pixels} (ImageLimits.max_pixels)"
             )
+        if self.config.do_resize:  # a thin image is few pixels but resizes to many: 1x15000 -> 224x3360000
+            rh, rw = self._resize_hw(header.height, header.width)
+            edge = self.config.shortest_edge
+            least = edge * edge if edge is not None else rh * rw  # what any image resizes to, at the least
+            if rh * rw > max(self.limits.max_pixels, least):
+                raise _RowFault(
+                    f"extreme aspect ratio: {header.width}x{header.height} resizes to {rw}x{rh} = {rh * rw} pixels "
+                    f"before the center crop, over the limit of {self.limits.max_pixels} (ImageLimits.max_pixels); "
+                    "crop the image nearer to square"
+                )
         return header
 
     def _process_row(self, view: np.ndarray, header: ImageHeader, out: np.ndarray) -> str | None:

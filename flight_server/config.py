@@ -19,7 +19,7 @@ class ServerLimits:
     max_batch_rows: int = 8192              # rows per input batch
     max_batch_bytes: int = 256 * 1024 ** 2  # Arrow bytes per input batch (all columns)
     max_image_bytes: int = 32 * 1024 ** 2   # encoded bytes per image; larger rows are row errors
-    max_image_pixels: int = 50_000_000      # width x height per image (from the header, before decoding)
+    max_image_pixels: int = 50_000_000      # width x height per image, from the header and after the resize
     max_row_tokens: int | None = None       # token ids per token-id row; None: the model's positions
 
     def __post_init__(self) -> None:

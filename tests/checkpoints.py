@@ -22,14 +22,15 @@ GEOMETRIES: dict[str, dict] = {
         top=dict(projection_dim=48),
         pre=dict(size=224, crop=224),
     ),
-    # Unusual settings: gelu, image 160, patch 20, projection 72, odd eps, fewer positions.
+    # Unusual settings: gelu, image 170 (not a multiple of patch 20: HF's conv drops the last 10 pixels),
+    # projection 72, odd eps, fewer positions.
     "odd": dict(
         text=dict(hidden_size=96, intermediate_size=200, num_hidden_layers=3, num_attention_heads=6,
                   hidden_act="gelu", layer_norm_eps=1e-6, max_position_embeddings=64),
         vision=dict(hidden_size=80, intermediate_size=160, num_hidden_layers=3, num_attention_heads=5,
-                    image_size=160, patch_size=20, hidden_act="gelu", layer_norm_eps=1e-6),
+                    image_size=170, patch_size=20, hidden_act="gelu", layer_norm_eps=1e-6),
         top=dict(projection_dim=72),
-        pre=dict(size=160, crop=160, mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5]),
+        pre=dict(size=170, crop=170, mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5]),
     ),
     # Real ViT-B/32 geometry (openai/clip-vit-base-patch32): CLIPConfig defaults.
     "b32": dict(text=dict(), vision=dict(), top=dict(), pre=dict(size=224, crop=224)),

@@ -57,10 +57,11 @@ def test_tiny_clip_parity(checkpoints, tiny_clip_source, tiny_clip_dir):
 
 
 def test_unusual_clip_parity(checkpoints):
-    """gelu, image 160, patch 20, projection 72, 64 positions, eps 1e-6."""
+    """gelu, image 170 with patch 20 (8x8 patches, 10 pixels dropped as HF's conv does), projection 72,
+    64 positions, eps 1e-6."""
     src = checkpoints.clip_source("odd")
     model = _check_parity(src, checkpoints.converted(src, "odd"))
-    assert model.info.dim == 72 and model.config.vision.patch_size == 20
+    assert model.info.dim == 72 and model.config.vision.patch_size == 20 and model.config.vision.grid == 8
 
 
 @pytest.mark.slow
