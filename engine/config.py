@@ -73,7 +73,7 @@ ST_RUNNABLE_MODULES = ("Transformer", "Pooling", "Normalize")
 # Encoders laid out as BERT (same module names); RoBERTa's count positions from pad_token_id + 1.
 BERT_FAMILY = ("bert", "roberta", "xlm-roberta")
 _POSITIONS_AFTER_PAD = ("roberta", "xlm-roberta")
-# Module config file names sentence-transformers reads, newest first (its own fallback list).
+# Module config file names sentence-transformers tries, in its order (the BERT-family ones).
 _ST_CONFIG_FILES = ("sentence_bert_config.json", "sentence_roberta_config.json", "sentence_xlm-roberta_config.json")
 
 
