@@ -336,7 +336,12 @@ def read_manifest(model_dir: str | os.PathLike) -> Manifest:
     Raises:
         WeightFormatError: the manifest is missing, not JSON, or lacks a key.
     """
-    path = Path(model_dir) / MANIFEST_FILE
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        what = "is a file, not a model directory" if model_dir.exists() else "does not exist"
+        raise WeightFormatError(f"{model_dir} {what}; expected a directory made by "
+                                "`arrowengine convert SOURCE OUT_DIR`")
+    path = model_dir / MANIFEST_FILE
     try:
         text = path.read_bytes()
     except FileNotFoundError as exc:

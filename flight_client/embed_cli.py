@@ -64,6 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", default="fp32", choices=PRECISIONS, help="in-process only (default fp32)")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="in-process model cache (default $ARROWENGINE_CACHE or ~/.cache/arrowengine/models)")
+    parser.add_argument("--call-timeout", type=float, default=600.0, metavar="S",
+                        help="with --server: seconds one batch may take on a server before it is sent to another "
+                             "(a stalled server must not hang the job; default %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -86,7 +89,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
                      shard_rows=args.shard_rows, resume=args.resume, passthrough=tuple(args.passthrough),
                      normalize=not args.no_normalize, token=token, tls_root_certs=args.tls_root_certs,
                      device=args.device, precision=args.precision, cache_dir=args.cache_dir,
-                     progress=not args.no_progress)
+                     progress=not args.no_progress, call_timeout_s=args.call_timeout)
 
 
 def discover_servers(servers: tuple[str, ...], model: str | None, token: str | None,

@@ -65,10 +65,13 @@ class JobConfig:
     cache_dir: Path | None = None             # in-process model cache (default ~/.cache/arrowengine/models)
     progress: bool = True                     # tqdm bar on stderr
     max_failures: int = 3                     # failures in a row before an endpoint is retired
+    call_timeout_s: float | None = 600.0      # one batch's exchange; past it the batch goes to another server
 
     def __post_init__(self) -> None:
         if self.kind not in protocol.INPUT_KINDS:
             raise ValueError(f"kind must be one of {list(protocol.INPUT_KINDS)}; got {self.kind!r}")
+        if self.call_timeout_s is not None and self.call_timeout_s <= 0:
+            raise ValueError(f"call_timeout_s must be > 0 seconds (or None: no limit); got {self.call_timeout_s}")
         if self.batch_rows < 1 or self.shard_rows < 1:
             raise ValueError(f"batch_rows and shard_rows must be >= 1; got {self.batch_rows}, {self.shard_rows}")
         reserved = sorted(set(self.passthrough) & set(protocol.RESERVED_FIELDS))
@@ -280,7 +283,8 @@ def make_embedders(config: JobConfig) -> list[Any]:
     """One FlightEmbedder per ``--server``; without servers, the engine loaded in this process."""
     if config.servers:
         return [FlightEmbedder(location, config.kind, model=config.model, normalize=config.normalize,
-                               token=config.token, tls_root_certs=config.tls_root_certs)
+                               token=config.token, tls_root_certs=config.tls_root_certs,
+                               timeout_s=config.call_timeout_s)
                 for location in dict.fromkeys(config.servers)]
     import engine  # torch is imported here only
 

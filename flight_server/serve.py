@@ -15,6 +15,8 @@ import threading
 from pathlib import Path
 from typing import Any, Sequence
 
+import pyarrow as pa
+
 from flight_server.auth import read_token_file
 from flight_server.config import ServerConfig, ServerLimits
 
@@ -216,8 +218,10 @@ def run(args: argparse.Namespace) -> int:
     schedulers = make_schedulers(models, config)
     try:
         server = EmbeddingServer(schedulers, config)
-    except OSError as exc:
-        log.error("cannot listen: %s", exc)
+    except (OSError, pa.ArrowException) as exc:  # a taken port is "Server did not start properly"
+        metrics = "" if config.metrics_port is None else f" and metrics on port {config.metrics_port}"
+        log.error("cannot listen (Flight on %s%s): %s; is another process on that port? pick another",
+                  config.location, metrics, exc)
         return 1
     location = config.location.rsplit(":", 1)[0] + f":{server.port}"
     log.info("listening on %s tls=%s auth=%s models=%s", location, config.tls,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -277,6 +278,53 @@ def test_two_servers_share_the_work_and_survive_one_dying(tmp_path, clip):
     out = read_output(tmp_path / "out")
     assert out.column("id").to_pylist() == list(range(200))  # every row once, in order
     assert_same_output(out, read_output(tmp_path / "ref"))
+
+
+class StallsOnCall:
+    """Wraps a model: from call number ``on_call`` on, hangs until ``release`` is set (a stopped server)."""
+
+    def __init__(self, model, on_call: int) -> None:
+        self.model, self.info, self.on_call, self.calls = model, model.info, on_call, 0
+        self.release = threading.Event()
+
+    def embed_texts(self, texts, normalize=True):
+        self.calls += 1
+        if self.calls >= self.on_call:
+            self.release.wait(60)
+        return self.model.embed_texts(texts, normalize=normalize)
+
+
+def test_a_stalled_server_times_out_and_its_batch_goes_to_another(tmp_path, clip):
+    path = texts_parquet(tmp_path / "t.parquet", 80)
+    stalled = StallsOnCall(clip, on_call=2)
+    with serve(stalled) as stuck, serve(clip) as healthy:
+        servers = (f"grpc://127.0.0.1:{stuck.port}", f"grpc://127.0.0.1:{healthy.port}")
+        try:
+            t0 = time.monotonic()
+            summary = run_job(job(path, tmp_path / "out", servers=servers, model="tiny", call_timeout_s=1.5,
+                                  max_failures=1))
+            took = time.monotonic() - t0
+        finally:
+            stalled.release.set()
+    assert summary.rows == 80 and took < 30
+    run_job(job(path, tmp_path / "ref"), local(clip))
+    out = read_output(tmp_path / "out")
+    assert out.column("id").to_pylist() == list(range(80))
+    assert_same_output(out, read_output(tmp_path / "ref"))
+
+
+def test_job_batches_are_split_within_the_servers_default_limits():
+    """A job batch of big images is one exchange of several record batches, each within the server's limits
+    (a 290 MB batch of 80 photos was refused and the job could never finish)."""
+    from flight_client.pool import FlightEmbedder
+    from flight_server.config import ServerLimits
+
+    embedder = FlightEmbedder("grpc://127.0.0.1:1", "image")
+    try:
+        assert embedder.client.batch_bytes <= ServerLimits().max_batch_bytes
+        assert embedder.client.batch_rows <= ServerLimits().max_batch_rows
+    finally:
+        embedder.close()
 
 
 def test_all_servers_dying_stops_the_job_and_resume_finishes_it(tmp_path, clip):

@@ -320,8 +320,11 @@ def test_manifest_round_trip_and_errors(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(WeightFormatError, match="missing key 'sha256'"):
         read_manifest(tmp_path)
-    with pytest.raises(WeightFormatError, match="no manifest.json"):
+    with pytest.raises(WeightFormatError, match="does not exist"):
         read_manifest(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(WeightFormatError, match="no manifest.json"):
+        read_manifest(tmp_path / "empty")
 
 
 def test_load_weights_checks_manifest_count(sample, tmp_path):
@@ -375,3 +378,13 @@ def test_release_pages_drops_a_views_pages_and_nothing_else(tmp_path):
     assert (float(out[4]), float(out[5])) == (0.0, 999.0)
     assert int(out[6]) == 0 and float(out[7]) == 3.0 * (8 << 20)  # ordinary memory: left alone
     assert int(out[8]) == 0  # a strided view: left alone
+
+
+def test_a_missing_or_file_model_dir_is_a_clear_error(tmp_path):
+    import engine
+
+    with pytest.raises(WeightFormatError, match="does not exist; expected a directory made by"):
+        engine.load_model(tmp_path / "nope")
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(WeightFormatError, match="is a file, not a model directory"):
+        engine.load_model(tmp_path / "file.txt")
