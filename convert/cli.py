@@ -26,14 +26,20 @@ def add_parsers(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]
     p = subparsers.add_parser(
         "convert", help="convert a HuggingFace checkpoint into an ArrowEngine model directory",
         description="Convert SOURCE (local checkpoint directory or hub id) into OUT_DIR, or every "
-                    "entry of a --manifest JSON list [{name, source, dtype?, format?}] into OUT_ROOT/name.")
+                    "entry of a --manifest JSON list [{name, source, dtype?, format?}] into OUT_ROOT/name; "
+                    "--dtype and --format are the defaults for entries that set no dtype/format of their "
+                    "own. OUT_DIR must not be, lie inside or contain a local SOURCE.")
     p.add_argument("source", nargs="?", metavar="SOURCE", help="checkpoint directory or hub id")
     p.add_argument("out_dir", nargs="?", metavar="OUT_DIR", help="model directory to create")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="keep",
-                   help="keep tensors byte-exact (default) or cast floating tensors")
+                   help="keep tensors byte-exact (default) or cast floating tensors; with --manifest, "
+                        "the default for entries without a \"dtype\"")
     p.add_argument("--format", choices=list(WEIGHT_FILES), default="arrow", dest="fmt",
-                   help="arrow: mapped zero-copy loads (default); parquet: zstd, smaller, copied on load")
-    p.add_argument("--manifest", metavar="FILE", help="JSON list of conversions to run")
+                   help="arrow: mapped zero-copy loads (default); parquet: zstd, smaller, copied on load; "
+                        "with --manifest, the default for entries without a \"format\"")
+    p.add_argument("--manifest", metavar="FILE",
+                   help="JSON list of conversions to run; a failed or malformed entry is a FAILED row "
+                        "(full reason logged) and the others still run")
     p.add_argument("--out-root", metavar="DIR", default=".", help="where --manifest entries go (default .)")
     p.add_argument("--force", action="store_true", help="replace existing output directories")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -52,15 +58,16 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     if args.manifest:
         if args.source or args.out_dir:
             args._parser.error("give either SOURCE OUT_DIR or --manifest FILE, not both")
-        rows = convert_batch(read_batch_file(args.manifest), args.out_root, force=args.force,
-                             progress=progress)
+        entries = read_batch_file(args.manifest, dtype=args.dtype, fmt=args.fmt)
+        rows = convert_batch(entries, args.out_root, force=args.force, progress=progress)
         _print_table(["name", "architecture", "kind", "tensors", "parameters", "bytes", "seconds",
                       "status"],
                      [[r.name, r.architecture, r.kind, r.tensors, f"{r.parameters:,}", f"{r.bytes:,}",
-                       f"{r.seconds:.2f}", r.status] for r in rows])
+                       f"{r.seconds:.2f}", _clip(r.status)] for r in rows])
         failed = sum(r.status != "ok" for r in rows)
         if failed:
-            print(f"{failed} of {len(rows)} conversions failed", file=sys.stderr)
+            print(f"{failed} of {len(rows)} conversions failed (full reasons in the log above the table)",
+                  file=sys.stderr)
         return 1 if failed else 0
     if not (args.source and args.out_dir):
         args._parser.error("SOURCE and OUT_DIR are required (or --manifest FILE)")
@@ -90,6 +97,11 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         print(f"MISMATCH {p}")
     print("verify: OK" if not problems else f"verify: {len(problems)} mismatch(es)")
     return 1 if problems else 0
+
+
+def _clip(text: str, width: int = 100) -> str:
+    """``text`` cut to ``width`` characters, ending in '...' when cut (keeps table rows readable)."""
+    return text if len(text) <= width else text[:width - 3].rstrip() + "..."
 
 
 def _print_table(header: list[str], rows: list[list[object]]) -> None:

@@ -52,7 +52,8 @@ def convert_checkpoint(source: str | os.PathLike, out_dir: str | os.PathLike, dt
 
     Raises:
         ModelConfigError, WeightFormatError: bad source or checkpoint (nothing is written).
-        ArrowEngineError: ``out_dir`` exists (without ``force``) or bad arguments.
+        ArrowEngineError: ``out_dir`` exists (without ``force``), is, lies inside or contains a
+            local ``source``, or bad arguments.
     """
     t0 = time.perf_counter()
     if dtype not in DTYPE_CHOICES:
@@ -61,6 +62,7 @@ def convert_checkpoint(source: str | os.PathLike, out_dir: str | os.PathLike, dt
         raise ArrowEngineError(f"--format {fmt!r}: expected one of {list(WEIGHT_FILES)}")
     check_little_endian()
     out_dir = Path(out_dir)
+    _check_apart(source, out_dir)
     if out_dir.exists() and not force:
         raise ArrowEngineError(f"{out_dir} already exists; choose a new directory or pass --force")
     ckpt = Checkpoint.open(source)
@@ -90,6 +92,28 @@ def convert_checkpoint(source: str | os.PathLike, out_dir: str | os.PathLike, dt
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return ConvertResult(out_dir, manifest, time.perf_counter() - t0)
+
+
+def _check_apart(source: str | os.PathLike, out_dir: Path) -> None:
+    """Refuse an ``out_dir`` that is, lies inside or contains a local ``source`` (``--force`` would delete it).
+
+    A hub id (not a local directory, see ``resolve_source``) has no local path and is not checked.
+    """
+    src = Path(source).expanduser()
+    if not src.is_dir():
+        return
+    src, out = src.resolve(), out_dir.expanduser().resolve()
+    if out == src:
+        where = "is the source checkpoint"
+    elif src in out.parents:
+        where = "lies inside the source checkpoint"
+    elif out in src.parents:
+        where = "contains the source checkpoint"
+    else:
+        return
+    raise ArrowEngineError(f"output directory {out_dir} {where} {source} (resolved: {out} vs {src}); "
+                           "converting there would overwrite or delete the checkpoint: choose an OUT_DIR "
+                           "outside the source directory")
 
 
 def _stream(reader: TensorReader, plan: list[tuple[TensorRef, str]], dtype: str,
@@ -175,13 +199,18 @@ class BatchEntry:
     source: str
     dtype: str = "keep"
     format: str = "arrow"
+    error: str = ""  # why a malformed entry cannot run; convert_batch reports it as a FAILED row
 
 
-def read_batch_file(path: str | os.PathLike) -> list[BatchEntry]:
+def read_batch_file(path: str | os.PathLike, dtype: str = "keep", fmt: str = "arrow") -> list[BatchEntry]:
     """Parse a JSON list of {"name", "source", "dtype"?, "format"?}.
 
+    ``dtype`` and ``fmt`` apply to entries that do not set their own. A malformed entry (no string
+    name/source, unknown keys, bad dtype/format, name that is not a plain directory name, duplicate
+    name) comes back with ``error`` set, so the rest of the list still runs.
+
     Raises:
-        ArrowEngineError: not JSON, not a list, or an entry lacks name/source or has unknown keys.
+        ArrowEngineError: the file is not readable JSON, or not a list.
     """
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -189,26 +218,39 @@ def read_batch_file(path: str | os.PathLike) -> list[BatchEntry]:
         raise ArrowEngineError(f"{path}: cannot read conversion list ({exc})") from exc
     if not isinstance(data, list):
         raise ArrowEngineError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")
-    entries, problems, names = [], [], set()
-    allowed = {"name", "source", "dtype", "format"}
+    entries: list[BatchEntry] = []
+    names: set[str] = set()
     for i, item in enumerate(data):
-        if not isinstance(item, dict) or not isinstance(item.get("name"), str) \
-                or not isinstance(item.get("source"), str):
-            problems.append(f"entry {i}: needs string 'name' and 'source', got {item!r}")
-            continue
-        if set(item) - allowed:
-            problems.append(f"entry {i}: unknown keys {sorted(set(item) - allowed)} (allowed: {sorted(allowed)})")
-            continue
-        if Path(item["name"]).name != item["name"] or item["name"] in (".", ".."):
-            problems.append(f"entry {i}: name {item['name']!r} must be a plain directory name")
-            continue
-        if item["name"] in names:
-            problems.append(f"entry {i}: duplicate name {item['name']!r}")
-        names.add(item["name"])
-        entries.append(BatchEntry(**item))
-    if problems:
-        raise ArrowEngineError(f"{path}: " + "; ".join(problems))
+        entry = _batch_entry(i, item, names, dtype, fmt)
+        if not entry.error:
+            names.add(entry.name)
+        entries.append(entry)
     return entries
+
+
+def _batch_entry(i: int, item: object, names: set[str], dtype: str, fmt: str) -> BatchEntry:
+    """Entry ``i`` of a conversion list, or one with ``error`` set saying what is wrong with it."""
+    allowed = {"name", "source", "dtype", "format"}
+    name = item.get("name") if isinstance(item, dict) else None
+    label = name if isinstance(name, str) and name.strip() else f"entry[{i}]"
+
+    def bad(why: str) -> BatchEntry:
+        return BatchEntry(label, "", error=f"entry {i}: {why}")
+
+    if not isinstance(item, dict) or not isinstance(name, str) or not isinstance(item.get("source"), str):
+        return bad(f"needs string 'name' and 'source', got {item!r}")
+    if set(item) - allowed:
+        return bad(f"unknown keys {sorted(set(item) - allowed)} (allowed: {sorted(allowed)})")
+    if Path(name).name != name or name in (".", ".."):
+        return bad(f"name {name!r} must be a plain directory name")
+    if name in names:
+        return bad(f"duplicate name {name!r}; give each entry its own name")
+    item = {"dtype": dtype, "format": fmt, **item}
+    if item["dtype"] not in DTYPE_CHOICES:
+        return bad(f"dtype {item['dtype']!r}: expected one of {list(DTYPE_CHOICES)}")
+    if item["format"] not in WEIGHT_FILES:
+        return bad(f"format {item['format']!r}: expected one of {list(WEIGHT_FILES)}")
+    return BatchEntry(**item)
 
 
 @dataclass(frozen=True)
@@ -227,10 +269,17 @@ class BatchRow:
 
 def convert_batch(entries: list[BatchEntry], out_root: str | os.PathLike, force: bool = False,
                   progress: bool | None = None) -> list[BatchRow]:
-    """Convert each entry into ``out_root/name``, carrying on past failures."""
+    """Convert each entry into ``out_root/name``, carrying on past failures (malformed entries included).
+
+    Each failure's full reason is logged at ERROR; the row's status holds its first line.
+    """
     rows = []
     for e in entries:
         t0 = time.perf_counter()
+        if e.error:
+            log.error("%s: not converted: %s", e.name, e.error)
+            rows.append(BatchRow(e.name, "-", "-", 0, 0, 0, 0.0, f"FAILED: {e.error}"))
+            continue
         try:
             res = convert_checkpoint(e.source, Path(out_root) / e.name, dtype=e.dtype, fmt=e.format,
                                      force=force, progress=progress)

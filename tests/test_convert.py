@@ -313,8 +313,9 @@ def test_broken_checkpoints_leave_nothing(tmp_path):
     with pytest.raises(WeightFormatError, match="'F99' not supported"):
         convert_checkpoint(src, tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+    (tmp_path / "empty").mkdir()  # (an OUT_DIR inside the source is refused before this check)
     with pytest.raises(ModelConfigError, match="no \\*.safetensors"):
-        convert_checkpoint(tmp_path / "src" / "..", tmp_path / "out")
+        convert_checkpoint(tmp_path / "src" / ".." / "empty", tmp_path / "out")
 
 
 def test_existing_output_needs_force(tiny_clip, tmp_path):
@@ -400,8 +401,8 @@ def test_cli_convert_and_manifest_mode(tiny_clip, tmp_path, capsys):
     assert read_manifest(tmp_path / "models" / "clip-pq").weights_format == "parquet"
 
     (tmp_path / "bad.json").write_text(json.dumps([{"name": "x"}]))
-    assert main(["convert", "--manifest", str(tmp_path / "bad.json")]) == 1
-    assert "needs string 'name' and 'source'" in capsys.readouterr().err
+    assert main(["convert", "--manifest", str(tmp_path / "bad.json")]) == 1  # a FAILED row, not an abort
+    assert "needs string 'name' and 'source'" in capsys.readouterr().out
 
 
 def test_python_dash_m_convert(tiny_clip, tmp_path):
@@ -409,6 +410,106 @@ def test_python_dash_m_convert(tiny_clip, tmp_path):
                          cwd=REPO, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert "CLIPModel (clip), 78 tensors" in res.stdout
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _table_rows(out: str) -> dict[str, str]:
+    return {line.split()[0]: line for line in out.splitlines()[2:] if line.strip()}
+
+
+def test_cli_refuses_output_that_overlaps_the_source(tiny_clip, tmp_path, capsys):
+    import shutil
+
+    src = tmp_path / "a" / "src"
+    shutil.copytree(tiny_clip[0], src)
+    (tmp_path / "alias").symlink_to(src, target_is_directory=True)
+    before = _snapshot(tmp_path)
+    for out in [src, tmp_path / "alias", src / "sub", tmp_path / "a", src / ".." / "src"]:
+        code = main(["convert", str(src), str(out), "--force", "--no-progress"])
+        err = capsys.readouterr().err
+        assert code == 1, out
+        assert "source" in err and "choose an OUT_DIR outside" in err, err
+        assert _snapshot(tmp_path) == before, out  # nothing written, nothing deleted
+    with pytest.raises(ArrowEngineError, match="is the source"):
+        convert_checkpoint(src, src, force=True)
+
+    jobs = [{"name": "src", "source": str(src)}, {"name": "fine", "source": str(src)}]
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    code = main(["convert", "--manifest", str(tmp_path / "jobs.json"), "--out-root", str(tmp_path / "a"),
+                 "--force", "--no-progress"])
+    rows = _table_rows(capsys.readouterr().out)
+    assert code == 1 and "FAILED" in rows["src"] and rows["fine"].endswith("ok")
+    assert _snapshot(src) == {k[len("a/src/"):]: v for k, v in before.items() if k.startswith("a/src/")}
+
+
+def test_cli_manifest_flags_are_defaults_for_entries(tiny_clip, tmp_path):
+    jobs = [{"name": "plain", "source": str(tiny_clip[0])},
+            {"name": "own", "source": str(tiny_clip[0]), "dtype": "keep", "format": "arrow"},
+            {"name": "half", "source": str(tiny_clip[0]), "format": "arrow"}]
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    assert main(["convert", "--manifest", str(tmp_path / "jobs.json"), "--out-root", str(tmp_path / "m"),
+                 "--dtype", "float16", "--format", "parquet", "--no-progress"]) == 0
+    got = {n: (m.dtype, m.weights_format) for n in ("plain", "own", "half")
+           for m in [read_manifest(tmp_path / "m" / n)]}
+    assert got == {"plain": ("float16", "parquet"), "own": ("keep", "arrow"), "half": ("float16", "arrow")}
+
+
+def test_cli_manifest_malformed_entries_fail_alone(tiny_clip, tmp_path, capsys):
+    jobs = [{"name": "nosource"},
+            {"name": "extra", "source": str(tiny_clip[0]), "colour": "red"},
+            {"name": "badtype", "source": str(tiny_clip[0]), "dtype": 16},
+            {"name": "badfmt", "source": str(tiny_clip[0]), "format": "onnx"},
+            42,
+            {"name": "../up", "source": str(tiny_clip[0])},
+            {"name": "good", "source": str(tiny_clip[0])},
+            {"name": "good", "source": str(tiny_clip[0])}]
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    code = main(["convert", "--manifest", str(tmp_path / "jobs.json"), "--out-root", str(tmp_path / "m"),
+                 "--no-progress"])
+    captured = capsys.readouterr()
+    assert code == 1
+    lines = captured.out.splitlines()[2:]
+    assert len(lines) == len(jobs)
+    assert lines[6].split()[0] == "good" and lines[6].endswith("ok")
+    for i, why in [(0, "needs string 'name' and 'source'"), (1, "unknown keys ['colour']"),
+                   (2, "dtype 16"), (3, "format 'onnx'"), (4, "needs string 'name' and 'source'"),
+                   (5, "plain directory name"), (7, "duplicate name 'good'")]:
+        assert "FAILED" in lines[i] and why in lines[i], (i, lines[i])
+    assert "7 of 8 conversions failed" in captured.err
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["good"]
+
+    (tmp_path / "obj.json").write_text(json.dumps({"name": "x", "source": "y"}))  # not a list: fails up front
+    assert main(["convert", "--manifest", str(tmp_path / "obj.json"), "--out-root", str(tmp_path / "m")]) == 1
+    assert "expected a JSON list" in capsys.readouterr().err
+
+
+def test_cli_manifest_table_clips_long_reasons(tiny_clip, tmp_path, capsys, caplog, monkeypatch):
+    import convert.pipeline as pipeline
+
+    reason = "; ".join(f"tensor layer.{i}.weight: shape mismatch, expected (768, 768), got (768, 3072)"
+                       for i in range(76))
+    real = pipeline.convert_checkpoint
+
+    def fake(source, out_dir, **kw):
+        if Path(out_dir).name == "bad":
+            raise WeightFormatError(reason)
+        return real(source, out_dir, **kw)
+
+    monkeypatch.setattr(pipeline, "convert_checkpoint", fake)
+    jobs = [{"name": "bad", "source": str(tiny_clip[0])}, {"name": "good", "source": str(tiny_clip[0])}]
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    with caplog.at_level("ERROR"):
+        code = main(["convert", "--manifest", str(tmp_path / "jobs.json"), "--out-root", str(tmp_path / "m"),
+                     "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert max(len(line) for line in out.splitlines()) < 200
+    rows = _table_rows(out)
+    assert rows["bad"].endswith("...") and rows["good"].endswith("ok")
+    assert reason in caplog.text  # the full reason is logged, not lost
 
 
 # -- memory bound ---------------------------------------------------------------------------------
