@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 EMBED_METHODS = {"image": "embed_images", "text": "embed_texts", "tokens": "embed_tokens"}
 FATAL_CODES = (protocol.CODE_INVALID, protocol.CODE_NOT_FOUND, protocol.CODE_LIMIT)
+BUSY_MAX_WAIT_S = 10.0  # longest pause before trying a busy server again
 
 
 class AllEndpointsFailed(RuntimeError):
@@ -199,7 +200,7 @@ class EndpointPool:
                                   "shards are kept: bring a server back and rerun with --resume")
 
     def _work(self, embedder: Any) -> None:
-        failures = 0
+        failures = busy = 0
         while True:
             with self._cond:
                 while not self._queue and not self._closed and self._fatal is None:
@@ -215,6 +216,18 @@ class EndpointPool:
                         self._fatal = exc
                         self._cond.notify_all()
                     return
+                if isinstance(exc, flight.FlightError) and protocol.error_code(exc) == protocol.CODE_BUSY:
+                    # Alive but at its --max-concurrent: wait it out (up to BUSY_MAX_WAIT_S a try), never retire.
+                    busy += 1
+                    with self._cond:
+                        self._queue.appendleft((seq, column))
+                        self.requeued += 1
+                        self._cond.notify_all()
+                    delay = min(self.backoff_s * 2 ** (busy - 1), BUSY_MAX_WAIT_S)
+                    log.warning("endpoint %s is busy; its batch goes back to the queue; trying it again in %.2fs",
+                                embedder.name, delay)
+                    time.sleep(delay)
+                    continue
                 failures += 1
                 with self._cond:
                     self._queue.appendleft((seq, column))  # first in line for the other endpoints
@@ -231,7 +244,7 @@ class EndpointPool:
                             "retrying it in %.2fs", embedder.name, type(exc).__name__, exc, delay)
                 time.sleep(delay)
                 continue
-            failures = 0
+            failures = busy = 0
             with self._cond:
                 self._results[seq] = result
                 self.batches_done[embedder.name] += 1

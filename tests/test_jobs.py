@@ -388,3 +388,26 @@ def test_pool_keeps_input_order_with_uneven_endpoints():
 
     with pytest.raises(AllEndpointsFailed, match="broken: OSError: connection refused"):
         list(EndpointPool([Broken()], max_failures=2, backoff_s=0.01).map([(0, pa.array([1.0]))]))
+
+
+def test_a_busy_server_is_waited_out_not_retired():
+    """--max-concurrent rejects fast with code "busy": the pool backs off and tries again, however often,
+    while a failure of any other kind retires the endpoint after max_failures."""
+    from flight_server.errors import busy_error
+
+    class BusyThenFine:
+        name = "busy"
+
+        def __init__(self, busy_calls):
+            self.calls, self.busy_calls = 0, busy_calls
+
+        def embed(self, column):
+            self.calls += 1
+            if self.calls <= self.busy_calls:
+                raise busy_error(1)
+            return pa.array([[v] for v in column.to_pylist()], pa.list_(pa.float32(), 1)), [None] * len(column)
+
+    endpoint = BusyThenFine(busy_calls=5)
+    pool = EndpointPool([endpoint], max_failures=1, backoff_s=0.001)
+    out = [emb.to_pylist()[0][0] for _, emb, _ in pool.map((i, pa.array([float(i)])) for i in range(3))]
+    assert out == [0.0, 1.0, 2.0] and endpoint.calls == 5 + 3
