@@ -171,7 +171,7 @@ def test_do_lower_case_lowercases_before_a_cased_tokenizer(tmp_path):
     for path in (src, legacy):
         st_cfg = path / "sentence_bert_config.json"
         st_cfg.write_text(json.dumps(dict(json.loads(st_cfg.read_text()), do_lower_case=True)))
-        model = _check(path, tmp_path / path.name)
+        model = _check(path, tmp_path / f"out-{path.name}")
         assert model.config.lowercase
         hello = model.prepare_texts(["Hello World"])[0][0]
         assert (hello == model.prepare_texts(["hello world"])[0][0]).all() and 100 not in hello  # 100: [UNK]
