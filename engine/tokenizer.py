@@ -91,6 +91,8 @@ class TextTokenizer:
 def _text_values(texts) -> list:
     if isinstance(texts, pa.ChunkedArray):
         texts = pa.concat_arrays(texts.chunks) if texts.num_chunks != 1 else texts.chunk(0)
+    if isinstance(texts, pa.DictionaryArray):  # e.g. a pandas categorical column: its values, row by row
+        texts = texts.dictionary_decode()
     if isinstance(texts, pa.Array):
         if not (pa.types.is_string(texts.type) or pa.types.is_large_string(texts.type)):
             raise InputError(f"texts: expected an Arrow string or large_string array, got {texts.type}")

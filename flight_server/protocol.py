@@ -13,7 +13,7 @@ Embedding call: ``do_exchange`` with ``FlightDescriptor.for_command(<UTF-8 JSON>
 Input batches (any number, any size) carry ``column`` with one of the accepted types:
 
     image  -> binary | large_binary            (encoded image file bytes)
-    text   -> string | large_string
+    text   -> string | large_string (or a dictionary of either)
     tokens -> list | large_list of int32 | int64 (token ids, special tokens included)
 
 For every input batch the server sends one output batch with the same rows in the same
@@ -189,7 +189,7 @@ def _from_mapping(doc: Mapping[str, Any]) -> EmbedCommand:
 
 ACCEPTED_TYPES: Mapping[str, str] = {
     "image": "binary or large_binary",
-    "text": "string or large_string",
+    "text": "string or large_string (or a dictionary of them)",
     "tokens": "list<int32|int64> or large_list<int32|int64>",
 }
 
@@ -199,6 +199,8 @@ def is_accepted_type(kind: str, type_: pa.DataType) -> bool:
     if kind == "image":
         return pa.types.is_binary(type_) or pa.types.is_large_binary(type_)
     if kind == "text":
+        if pa.types.is_dictionary(type_):  # e.g. a pandas categorical column; the engine decodes it
+            type_ = type_.value_type
         return pa.types.is_string(type_) or pa.types.is_large_string(type_)
     if kind == "tokens":
         return ((pa.types.is_list(type_) or pa.types.is_large_list(type_))

@@ -553,3 +553,20 @@ def test_concurrent_exchanges_share_device_batches_and_get_their_own_rows(tiny_c
         got = np.concatenate([b.column("embedding").values.to_numpy().reshape(2, -1) for b in out])
         np.testing.assert_allclose(got, want[4 * i:4 * i + 4], atol=1e-5, rtol=0)
     assert sum(sizes) == 24 and max(sizes) > 2  # rows of several exchanges in one device batch
+
+
+def test_dictionary_encoded_texts_are_embedded_like_plain_ones(minilm):
+    """A pandas categorical column arrives as dictionary<int32, string>: same embeddings as the plain strings."""
+    plain = pa.array(["a cat", None, "a dog", "a cat", ""], pa.string())
+    encoded = plain.dictionary_encode()
+    assert pa.types.is_dictionary(encoded.type)
+    want = minilm.embed_texts(plain)
+    got = minilm.embed_texts(encoded)
+    assert got.errors == want.errors and np.array_equal(got.embeddings, want.embeddings)
+    with EmbeddingServer({"m": minilm}, ServerConfig(port=0)) as server, \
+            flight.connect(f"grpc://127.0.0.1:{server.port}") as client:
+        (out,) = exchange(client, cmd(input="text"), [pa.record_batch({"text": encoded})])
+    assert out.column("error").to_pylist() == want.errors
+    valid = [e is None for e in want.errors]
+    emb = np.asarray(out.column("embedding").to_pylist(), dtype=object)
+    assert np.allclose(np.stack(emb[valid]), want.embeddings[valid])
