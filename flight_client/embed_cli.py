@@ -104,7 +104,16 @@ def discover_servers(servers: tuple[str, ...], model: str | None, token: str | N
                 found += client.endpoints(model)
         except Exception as exc:  # an unreachable server is the pool's problem, not discovery's
             log.warning("could not ask %s for endpoints: %s", uri, exc)
-    return tuple(dict.fromkeys(found))
+    unique: dict[str, str] = {}  # one entry per server: grpc://h:p and grpc+tcp://h:p are the same
+    for uri in found:
+        unique.setdefault(_same_server_key(uri), uri)
+    return tuple(unique.values())
+
+
+def _same_server_key(uri: str) -> str:
+    """``uri`` with the scheme aliases gRPC Flight accepts folded together (grpc == grpc+tcp)."""
+    scheme, sep, rest = uri.partition("://")
+    return ({"grpc": "grpc+tcp"}.get(scheme.lower(), scheme.lower()) + sep + rest) if sep else uri
 
 
 def run(args: argparse.Namespace) -> int:

@@ -36,6 +36,9 @@ def test_advertised_peers_are_discovered_and_deduplicated(clip):
             first = f"grpc+tcp://127.0.0.1:{a.port}"
             found = discover_servers((first, first), "tiny", None, None)
             assert found == (first, peer, "grpc+tcp://10.9.9.9:1")
+            # grpc:// as a user types it and the grpc+tcp:// a server advertises are one server, used once
+            given = f"grpc://127.0.0.1:{b.port}"  # b advertises its bound address, grpc+tcp://127.0.0.1:port
+            assert discover_servers((given,), "tiny", None, None) == (given,)
 
 
 def test_wildcard_bind_advertises_nothing_unless_told(clip):
