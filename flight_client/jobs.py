@@ -28,8 +28,8 @@ from typing import Any, Sequence
 
 import pyarrow as pa
 
-from flight_client.job_io import (PATH_COLUMN, IMAGE_COLUMN, ImageFolderSource, JobInputError, JobManifest,
-                                  ShardWriter, clean_output, open_source)
+from flight_client.job_io import (MANIFEST_NAME, PATH_COLUMN, IMAGE_COLUMN, ImageFolderSource, JobInputError,
+                                  JobManifest, ShardWriter, clean_output, open_source)
 from flight_client.pool import AllEndpointsFailed, EndpointPool, FlightEmbedder, LocalEmbedder
 from flight_server import protocol
 
@@ -142,6 +142,7 @@ def run_job(config: JobConfig, embedders: Sequence[Any] | None = None) -> JobSum
         return JobSummary(output, manifest.rows_done, manifest.errors, len(manifest.shards), 0.0, 0, start, {})
     embedders = list(embedders) if embedders is not None else make_embedders(config)
     embedders, dim = _check_endpoints(config, embedders, manifest)
+    created = not output.exists()
     output.mkdir(parents=True, exist_ok=True)
     manifest.dimension = dim
     manifest.save(output)
@@ -154,8 +155,15 @@ def run_job(config: JobConfig, embedders: Sequence[Any] | None = None) -> JobSum
     except AllEndpointsFailed as exc:
         raise JobError(f"{exc} (output so far: {manifest.rows_done} of {source.num_rows} rows)") from exc
     except Exception as exc:  # a request-level fault: the same on every endpoint
+        if not previous and manifest.rows_done == 0:  # nothing to resume: leave OUTPUT as it was
+            (output / MANIFEST_NAME).unlink(missing_ok=True)
+            if created and not any(output.iterdir()):
+                output.rmdir()
+            raise JobError(f"the job stopped before any row was written: {type(exc).__name__}: {exc}; "
+                           f"nothing was kept in {output}: fix the cause and run the command again") from exc
         raise JobError(f"the job stopped after {manifest.rows_done} of {source.num_rows} rows: "
-                       f"{type(exc).__name__}: {exc}; fix the cause and rerun with --resume") from exc
+                       f"{type(exc).__name__}: {exc}; fix the cause and rerun with --resume (the same "
+                       f"settings), or delete {output} to start over with new ones") from exc
     finally:
         for embedder in embedders:
             getattr(embedder, "close", lambda: None)()

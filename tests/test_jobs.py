@@ -348,8 +348,12 @@ def test_request_level_fault_stops_at_once(tmp_path, clip):
     path = tmp_path / "ints.parquet"
     pq.write_table(pa.table({"id": [1, 2], "text": [1, 2]}), path)
     with serve(clip) as server:
-        with pytest.raises(JobError, match="column 'text' has type int64"):
+        with pytest.raises(JobError, match="column 'text' has type int64.*nothing was kept.*run the command again"):
             run_job(job(path, tmp_path / "out", servers=(f"grpc://127.0.0.1:{server.port}",)))
+        assert not (tmp_path / "out").exists()  # no half-started job blocks the fixed rerun
+        pq.write_table(pa.table({"id": [1, 2], "text": ["a", "b"]}), path)
+        summary = run_job(job(path, tmp_path / "out", servers=(f"grpc://127.0.0.1:{server.port}",)))
+    assert summary.rows == 2 and summary.errors == 0
 
 
 def test_unreachable_server_at_start_is_skipped_and_none_reachable_is_an_error(tmp_path, clip):
