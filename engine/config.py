@@ -196,7 +196,7 @@ def bert_config(model_dir: Path) -> BertConfig:
             f"{model_dir}/modules.json: expected Transformer -> Pooling -> optional Normalize, got {types}; "
             "other sentence-transformers modules (Dense, ...) are not supported yet"
         )
-    pools = [m for m in modules if st_module_names([m]) == ["Pooling"]]
+    pools = [m for m, t in zip(modules, types) if t == "Pooling"]
     if len(pools) != 1:
         raise ModelConfigError(f"{model_dir}/modules.json: expected one Pooling module, got {len(pools)}; without "
                                "one sentence-transformers gives token embeddings, not one vector per text")

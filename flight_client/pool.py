@@ -199,6 +199,15 @@ class EndpointPool:
         return AllEndpointsFailed(f"all {len(self.embedders)} endpoint(s) failed ({reasons}); the finished "
                                   "shards are kept: bring a server back and rerun with --resume")
 
+    def _requeue(self, seq: int, column: pa.Array, dead: tuple[str, BaseException] | None = None) -> None:
+        """Put a batch that failed back first in line for the endpoints; ``dead``: (name, why) to retire one."""
+        with self._cond:
+            self._queue.appendleft((seq, column))
+            self.requeued += 1
+            if dead is not None:
+                self._dead[dead[0]] = dead[1]
+            self._cond.notify_all()
+
     def _work(self, embedder: Any) -> None:
         failures = busy = 0
         while True:
@@ -219,22 +228,14 @@ class EndpointPool:
                 if isinstance(exc, flight.FlightError) and protocol.error_code(exc) == protocol.CODE_BUSY:
                     # Alive but at its --max-concurrent: wait it out (up to BUSY_MAX_WAIT_S a try), never retire.
                     busy += 1
-                    with self._cond:
-                        self._queue.appendleft((seq, column))
-                        self.requeued += 1
-                        self._cond.notify_all()
+                    self._requeue(seq, column)
                     delay = min(self.backoff_s * 2 ** (busy - 1), BUSY_MAX_WAIT_S)
                     log.warning("endpoint %s is busy; its batch goes back to the queue; trying it again in %.2fs",
                                 embedder.name, delay)
                     time.sleep(delay)
                     continue
                 failures += 1
-                with self._cond:
-                    self._queue.appendleft((seq, column))  # first in line for the other endpoints
-                    self.requeued += 1
-                    if failures >= self.max_failures:
-                        self._dead[embedder.name] = exc
-                    self._cond.notify_all()
+                self._requeue(seq, column, dead=(embedder.name, exc) if failures >= self.max_failures else None)
                 if failures >= self.max_failures:
                     log.error("endpoint %s retired after %d failures in a row: %s", embedder.name,
                               failures, exc)
