@@ -118,7 +118,7 @@ def _same_server_key(uri: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Run the job; 0 when complete, 1 when it stopped (resumable), 2 on bad arguments, 130 on Ctrl-C."""
-    from flight_client.jobs import JobError, run_job
+    from flight_client.jobs import JobError, JobUsageError, run_job
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -129,6 +129,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         run_job(config)
+    except JobUsageError as exc:
+        log.error("%s", exc)
+        return 2
     except JobError as exc:
         log.error("%s", exc)
         return 1

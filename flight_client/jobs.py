@@ -43,6 +43,14 @@ class JobError(RuntimeError):
     """The job cannot start or cannot go on; the message says why and what to do."""
 
 
+class JobUsageError(JobError):
+    """The job's input, output folder, model or settings do not allow it to start.
+
+    Running the same command again cannot succeed (the CLI exits 2); a plain :class:`JobError`
+    is a stop that a rerun with ``--resume`` can get past (exit 1).
+    """
+
+
 @dataclass(frozen=True)
 class JobConfig:
     """One bulk job, built once at the edge (CLI) and passed down."""
@@ -121,8 +129,10 @@ def run_job(config: JobConfig, embedders: Sequence[Any] | None = None) -> JobSum
             or the in-process engine when ``config.servers`` is empty.
 
     Raises:
-        JobError: the output folder, the input or the settings do not allow the run, or
-            every endpoint failed (the finished shards are kept for ``--resume``).
+        JobUsageError: the output folder, the input, the model or the settings do not allow
+            the run (nothing was written).
+        JobError: every endpoint failed or the job stopped part way (the finished shards are
+            kept for ``--resume``).
     """
     t0 = time.perf_counter()
     output = Path(config.output)
@@ -131,7 +141,7 @@ def run_job(config: JobConfig, embedders: Sequence[Any] | None = None) -> JobSum
         source = open_source(Path(config.input), config.kind, config.input_column, config.passthrough,
                              output=output)
     except JobInputError as exc:
-        raise JobError(str(exc)) from exc
+        raise JobUsageError(str(exc)) from exc
     fingerprint = {"path": str(Path(config.input).resolve()), **source.fingerprint()}
     manifest = _resume_manifest(config, previous, fingerprint, output) if previous else \
         JobManifest(input=fingerprint, args=config.resume_args())
@@ -159,7 +169,7 @@ def run_job(config: JobConfig, embedders: Sequence[Any] | None = None) -> JobSum
             (output / MANIFEST_NAME).unlink(missing_ok=True)
             if created and not any(output.iterdir()):
                 output.rmdir()
-            raise JobError(f"the job stopped before any row was written: {type(exc).__name__}: {exc}; "
+            raise JobUsageError(f"the job stopped before any row was written: {type(exc).__name__}: {exc}; "
                            f"nothing was kept in {output}: fix the cause and run the command again") from exc
         raise JobError(f"the job stopped after {manifest.rows_done} of {source.num_rows} rows: "
                        f"{type(exc).__name__}: {exc}; fix the cause and rerun with --resume (the same "
@@ -227,15 +237,15 @@ def _progress(config: JobConfig, total: int, initial: int, errors: int) -> Any:
 def _check_output(config: JobConfig, output: Path) -> JobManifest | None:
     """The manifest to resume from, or None for a fresh job; refuses a non-empty folder otherwise."""
     if output.exists() and not output.is_dir():
-        raise JobError(f"OUTPUT {output} is a file; expected a folder (it is created if missing)")
+        raise JobUsageError(f"OUTPUT {output} is a file; expected a folder (it is created if missing)")
     entries = list(output.iterdir()) if output.is_dir() else []
     if not entries:
         return None
     if not config.resume:
-        raise JobError(f"OUTPUT {output} is not empty; pass --resume to continue the job there, "
+        raise JobUsageError(f"OUTPUT {output} is not empty; pass --resume to continue the job there, "
                        "or pick another (empty or new) folder")
     if not (output / "_job.json").is_file():
-        raise JobError(f"--resume: {output} is not empty but holds no _job.json manifest, so it is "
+        raise JobUsageError(f"--resume: {output} is not empty but holds no _job.json manifest, so it is "
                        "not an embed job folder; pick another folder")
     return JobManifest.load(output)
 
@@ -243,7 +253,7 @@ def _check_output(config: JobConfig, output: Path) -> JobManifest | None:
 def _resume_manifest(config: JobConfig, manifest: JobManifest, fingerprint: dict[str, Any],
                      output: Path) -> JobManifest:
     if manifest.input.get("sha256") != fingerprint["sha256"]:
-        raise JobError(f"--resume: the input changed since the job started (recorded {manifest.input['files']} "
+        raise JobUsageError(f"--resume: the input changed since the job started (recorded {manifest.input['files']} "
                        f"file(s), {manifest.input['rows']} rows, fingerprint {manifest.input['sha256'][:12]}; "
                        f"now {fingerprint['files']} file(s), {fingerprint['rows']} rows, fingerprint "
                        f"{fingerprint['sha256'][:12]}); restore the input, or start again in a new folder")
@@ -251,7 +261,7 @@ def _resume_manifest(config: JobConfig, manifest: JobManifest, fingerprint: dict
     changed = {k: (manifest.args.get(k), wanted[k]) for k in RESUME_KEYS if manifest.args.get(k) != wanted[k]}
     if changed:
         detail = ", ".join(f"{k}: job has {old!r}, now {new!r}" for k, (old, new) in changed.items())
-        raise JobError(f"--resume: settings differ from the job's ({detail}); rerun with the job's settings")
+        raise JobUsageError(f"--resume: settings differ from the job's ({detail}); rerun with the job's settings")
     removed = clean_output(output, manifest)
     if removed:
         log.info("removed leftovers of an interrupted run: %s", ", ".join(removed))
@@ -270,19 +280,19 @@ def _check_endpoints(config: JobConfig, embedders: list[Any], manifest: JobManif
             log.warning("endpoint %s is unreachable, going on without it: %s", embedder.name, exc)
             continue
         except LookupError as exc:
-            raise JobError(str(exc)) from exc
+            raise JobUsageError(str(exc)) from exc
         if modality not in meta["modalities"]:
-            raise JobError(f"model {meta['name']!r} on {embedder.name} embeds {meta['modalities']}, not "
+            raise JobUsageError(f"model {meta['name']!r} on {embedder.name} embeds {meta['modalities']}, not "
                            f"{config.kind!r} input; pick a model with {modality} (--model)")
         dims[embedder.name] = int(meta["dimension"])
         usable.append(embedder)
     if not usable:
         raise JobError(f"no endpoint could be reached ({'; '.join(problems)}); start a server or fix --server")
     if len(set(dims.values())) > 1:
-        raise JobError(f"the endpoints serve models of different dimensions {dims}; they must serve the same model")
+        raise JobUsageError(f"the endpoints serve models of different dimensions {dims}; they must serve the same model")
     dim = next(iter(dims.values()))
     if manifest.dimension is not None and manifest.dimension != dim:
-        raise JobError(f"--resume: the job's embeddings have dimension {manifest.dimension}; the model now "
+        raise JobUsageError(f"--resume: the job's embeddings have dimension {manifest.dimension}; the model now "
                        f"gives {dim}; use the job's model")
     return usable, dim
 
@@ -301,7 +311,7 @@ def make_embedders(config: JobConfig) -> list[Any]:
     try:
         model = engine.load_model(model_dir, device=config.device, precision=config.precision)
     except Exception as exc:
-        raise JobError(f"cannot load the model {model_dir}: {type(exc).__name__}: {exc}") from exc
+        raise JobUsageError(f"cannot load the model {model_dir}: {type(exc).__name__}: {exc}") from exc
     return [LocalEmbedder(model, config.kind, normalize=config.normalize)]
 
 
@@ -319,6 +329,6 @@ def resolve_model_dir(model: str | None, cache_dir: Path | None = None) -> Path:
         found = {c.name: c for c in sorted(cache.iterdir()) if (c / serve.MANIFEST_FILE).is_file()} \
             if cache.is_dir() else {}
     if name not in found:
-        raise JobError(f"--model {name!r} is neither a model directory nor a model in the cache {cache} "
+        raise JobUsageError(f"--model {name!r} is neither a model directory nor a model in the cache {cache} "
                        f"(it holds {sorted(found)}); convert it first with `arrowengine convert`")
     return found[name]

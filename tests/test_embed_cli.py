@@ -53,15 +53,23 @@ def test_cli_exit_codes_and_messages(tmp_path, tiny_clip_dir, caplog):
         assert main(argv) == 0
     assert "embed done: rows=30 errors=1" in caplog.text
     assert read_output(tmp_path / "out").column("id").to_pylist() == list(range(30))
+    # 2: the arguments cannot work, the same command would fail again
     caplog.clear()
-    assert main(argv) == 1
+    assert main(argv) == 2
     assert "is not empty; pass --resume" in caplog.text
     assert main(argv[:2] + [str(tmp_path / "out2")] + argv[3:] + ["--token-file", str(tmp_path / "nope")]) == 2
     assert main(["embed", str(tmp_path / "missing"), str(tmp_path / "o"), "--kind", "text",
-                 "--model", str(tiny_clip_dir)]) == 1
+                 "--model", str(tiny_clip_dir)]) == 2
     assert "does not exist" in caplog.text
-    assert main(["embed", str(path), str(tmp_path / "o3"), "--kind", "image", "--model", str(tiny_clip_dir)]) == 1
+    assert main(["embed", str(path), str(tmp_path / "o3"), "--kind", "image", "--model", str(tiny_clip_dir)]) == 2
     assert "column(s) ['image'] not found" in caplog.text
+    assert main(["embed", str(path), str(tmp_path / "o4"), "--kind", "text", "--model", str(tmp_path)]) == 2
+    assert not (tmp_path / "o4").exists()
+    # 1: a stop that a later run (--resume) can get past: here no server answers
+    caplog.clear()
+    assert main(["embed", str(path), str(tmp_path / "o5"), "--kind", "text", "--server", "grpc://127.0.0.1:1",
+                 "--no-progress"]) == 1
+    assert "no endpoint could be reached" in caplog.text
 
 
 def test_in_process_model_is_a_directory_or_a_name_in_the_cache(tmp_path, tiny_clip_dir):
