@@ -79,20 +79,23 @@ class ParquetSource:
         self.peak_buffered_rows = 0
 
     def _check_schema(self) -> pa.Schema:
-        schema: pa.Schema | None = None
+        """The selected columns' schema, widened over every file (nullability, string/large_string, int widths)."""
+        file_schemas: list[pa.Schema] = []
         for path in self.files:
             file_schema = pq.read_schema(path)
             missing = [c for c in self.columns if c not in file_schema.names]
             if missing:
                 raise JobInputError(f"{path}: column(s) {missing} not found; it has {file_schema.names}; "
                                     "pick them with --column / --passthrough")
-            selected = pa.schema([file_schema.field(c) for c in self.columns])
-            if schema is None:
-                schema = selected
-            elif not selected.equals(schema):
-                raise JobInputError(f"{path}: columns {selected} differ from the first file's {schema}; "
-                                    "every Parquet file of the input must share the selected columns' types")
-        assert schema is not None
+            file_schemas.append(pa.schema([file_schema.field(c) for c in self.columns]))
+        schema = file_schemas[0]
+        for path, file_schema in zip(self.files[1:], file_schemas[1:]):
+            try:
+                schema = pa.unify_schemas([schema, file_schema], promote_options="permissive")
+            except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
+                raise JobInputError(f"{path}: columns ({_types(file_schema)}) do not fit the other files' "
+                                    f"({_types(schema)}): {exc}; every Parquet file of the input must have "
+                                    "compatible types for the selected columns") from exc
         return schema
 
     def fingerprint(self) -> dict[str, Any]:
@@ -135,8 +138,19 @@ class ParquetSource:
                     if skip >= piece.num_rows:
                         skip -= piece.num_rows
                         continue
-                    yield piece.slice(skip) if skip else piece
+                    piece = piece.slice(skip) if skip else piece
                     skip = 0
+                    yield piece if piece.schema.equals(self.schema) else _cast(piece, self.schema)
+
+
+def _types(schema: pa.Schema) -> str:
+    return ", ".join(f"{field.name}: {field.type}" for field in schema)
+
+
+def _cast(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
+    """``batch`` with the (widened) types of ``schema``; column order is the same."""
+    return pa.RecordBatch.from_arrays([column.cast(field.type) for column, field in zip(batch.columns, schema)],
+                                      schema=schema)
 
 
 class ImageFolderSource:

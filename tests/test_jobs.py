@@ -103,8 +103,16 @@ def test_parquet_folder_is_read_in_sorted_order_and_schemas_must_agree(tmp_path)
     pq.write_table(pa.table({"id": [9]}), folder / "_ignored.parquet")
     source = job_io.open_source(folder, "text", "text", ["id"])
     assert [b.data.column(1).to_pylist() for b in source.batches(0, 3)] == [[1, 2, 3], [4]]
+    # files written by different tools: a non-null field, large_string, a narrower int; read as one schema
+    narrow = pa.schema([pa.field("id", pa.int32(), nullable=False), pa.field("text", pa.large_string(), False)])
+    pq.write_table(pa.table({"id": [5, 6], "text": ["e", "f"]}, schema=narrow), folder / "b" / "y.parquet")
+    source = job_io.open_source(folder, "text", "text", ["id"])
+    assert source.schema == pa.schema([("text", pa.large_string()), ("id", pa.int64())])
+    got = list(source.batches(0, 3))
+    assert [b.data.column(1).to_pylist() for b in got] == [[1, 2, 3], [4, 5, 6]]
+    assert all(b.data.schema == source.schema for b in got)
     pq.write_table(pa.table({"id": ["x"], "text": ["e"]}), folder / "c.parquet")
-    with pytest.raises(job_io.JobInputError, match="differ from the first file"):
+    with pytest.raises(job_io.JobInputError, match=r"c.parquet: columns \(text: string, id: string\) do not fit the other files. \(text: large_string, id: int64\)"):
         job_io.open_source(folder, "text", "text", ["id"])
 
 
