@@ -136,6 +136,10 @@ class EmbeddingClient:
         """The server's counters."""
         return self._action(protocol.ACTION_STATS)
 
+    def limits(self) -> dict[str, Any]:
+        """The server's request limits (``max_batch_rows``, ``max_batch_bytes``, ``max_image_bytes``, ...)."""
+        return self._action(protocol.ACTION_LIMITS)
+
     def endpoints(self, model: str | None = None) -> list[str]:
         """URIs the server advertises for ``model`` (default: its default model) in get_flight_info.
 
@@ -214,9 +218,32 @@ class EmbeddingClient:
         missing = [n for n in names if n not in table.column_names]
         if missing:
             raise KeyError(f"column(s) {missing} not in the table; it has {table.column_names}")
-        batches = list(self._split(table.select(names)))
-        results = self._with_retries(lambda: list(self._exchange(command, batches[0], iter(batches[1:]))))
+        selected = table.select(names)
+        batches = list(self._split(selected))
+        try:
+            results = self._with_retries(lambda: list(self._exchange(command, batches[0], iter(batches[1:]))))
+        except flight.FlightServerError as exc:
+            # A server started with lower batch limits than this client's: take its limits, send again.
+            if protocol.error_code(exc) != protocol.CODE_LIMIT or not self._adopt_server_limits():
+                raise
+            batches = list(self._split(selected))
+            results = self._with_retries(lambda: list(self._exchange(command, batches[0], iter(batches[1:]))))
         return pa.Table.from_batches(results, schema=results[0].schema)
+
+    def _adopt_server_limits(self) -> bool:
+        """Lower batch_rows / batch_bytes to the server's limits; False if they were not lower."""
+        try:
+            limits = self.limits()
+        except flight.FlightError as exc:  # e.g. a server without the `limits` action
+            log.warning("could not read the server's limits: %s", exc)
+            return False
+        rows = min(self.batch_rows, int(limits.get("max_batch_rows", self.batch_rows)))
+        size = min(self.batch_bytes, int(limits.get("max_batch_bytes", self.batch_bytes)))
+        if (rows, size) == (self.batch_rows, self.batch_bytes):
+            return False
+        log.info("the server's limits are %d rows / %d bytes per batch; splitting batches to fit", rows, size)
+        self.batch_rows, self.batch_bytes = rows, size
+        return True
 
     def embed_stream(self, batches: Iterable[pa.RecordBatch], kind: str, column: str | None = None,
                      passthrough: Sequence[str] = (), model: str | None = None,
@@ -277,12 +304,7 @@ class EmbeddingClient:
             yield pa.RecordBatch.from_pylist([], schema=table.schema)
             return
         for batch in table.to_batches(max_chunksize=self.batch_rows):
-            if batch.nbytes <= self.batch_bytes or batch.num_rows == 1:
-                yield batch
-                continue
-            rows = max(1, batch.num_rows * self.batch_bytes // batch.nbytes)
-            for start in range(0, batch.num_rows, rows):
-                yield batch.slice(start, rows)
+            yield from _fit_bytes(batch, self.batch_bytes)
 
     def _exchange(self, command: protocol.EmbedCommand, first: pa.RecordBatch,
                   rest: Iterator[pa.RecordBatch], state: "_StreamState | None" = None
@@ -345,6 +367,16 @@ class EmbeddingClient:
                 pass  # the read side already reported the failure, or the cancellation was ours
         if own_errors or transport_errors:
             raise (own_errors or transport_errors)[0]
+
+
+def _fit_bytes(batch: pa.RecordBatch, limit: int) -> Iterator[pa.RecordBatch]:
+    """Slices of ``batch`` of at most ``limit`` bytes each (a single row over it goes alone)."""
+    if batch.nbytes <= limit or batch.num_rows == 1:
+        yield batch
+        return
+    rows = max(1, batch.num_rows * limit // batch.nbytes)  # < num_rows: every slice is smaller
+    for start in range(0, batch.num_rows, rows):
+        yield from _fit_bytes(batch.slice(start, rows), limit)
 
 
 class _StreamState:

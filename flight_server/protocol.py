@@ -59,11 +59,13 @@ ACTION_HEALTH = "health"  # {"status": "ok", "uptime_s": float}
 ACTION_READY = "ready"    # {"ready": bool, "models": [name, ...]}
 ACTION_MODELS = "models"  # [metadata, ...]  (see METADATA_KEYS)
 ACTION_STATS = "stats"    # {"requests": int, "rows": int, "row_errors": int, ...}
+ACTION_LIMITS = "limits"  # {"max_batch_rows": int, "max_batch_bytes": int, ...}  (flight_server.config.ServerLimits)
 ACTIONS: Mapping[str, str] = {
     ACTION_HEALTH: "Liveness: the server answers.",
     ACTION_READY: "Readiness: every model is loaded and warmed up by a real inference.",
     ACTION_MODELS: "JSON list of the served models and their metadata.",
     ACTION_STATS: "JSON counters: requests, rows, row errors, rejections, active exchanges.",
+    ACTION_LIMITS: "JSON request limits: rows and bytes per input batch, bytes and pixels per image, ...",
 }
 
 # Machine-readable reason carried in FlightError.extra_info as JSON {"code": ...}.

@@ -17,6 +17,7 @@ The scheduler coalesces rows of concurrent exchanges into device batches.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import queue
@@ -397,7 +398,7 @@ class EmbeddingServer(flight.FlightServerBase):
         return list(protocol.ACTIONS.items())
 
     def do_action(self, context, action) -> Iterator[bytes]:
-        """Answer ``health``, ``ready``, ``models`` or ``stats`` with one JSON result."""
+        """Answer ``health``, ``ready``, ``models``, ``stats`` or ``limits`` with one JSON result."""
         kind = action.type
         if kind == protocol.ACTION_HEALTH:
             doc: Any = {"status": "ok", "uptime_s": self.stats.snapshot()["uptime_s"]}
@@ -408,6 +409,8 @@ class EmbeddingServer(flight.FlightServerBase):
                    for n in self.model_names]
         elif kind == protocol.ACTION_STATS:
             doc = self.stats.snapshot()
+        elif kind == protocol.ACTION_LIMITS:
+            doc = dataclasses.asdict(self.config.limits)
         else:
             raise to_flight_error(protocol.ProtocolError(
                 f"unknown action {kind!r}; expected one of {list(protocol.ACTIONS)}"))

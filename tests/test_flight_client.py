@@ -103,6 +103,19 @@ def test_embed_table_splits_by_bytes(server, fake):
     assert len(fake.inputs) >= 4 and all(a.nbytes <= 3100 for a in fake.inputs)
 
 
+def test_a_server_with_lower_batch_limits_is_fitted_not_failed(fake):
+    limits = ServerLimits(max_batch_rows=4, max_batch_bytes=2500)
+    with EmbeddingServer({"fake": fake}, ServerConfig(port=0, limits=limits)) as srv, \
+            EmbeddingClient(f"grpc://127.0.0.1:{srv.port}", retries=0) as client:
+        assert client.limits()["max_batch_rows"] == 4 and client.limits()["max_batch_bytes"] == 2500
+        images = [bytes([i]) * (100 if i % 3 else 1200) for i in range(11)]  # uneven rows
+        np.testing.assert_array_equal(client.embed_images(images), expected(images))
+        assert (client.batch_rows, client.batch_bytes) == (4, 2500)
+        assert fake.inputs and all(len(a) <= 4 and a.nbytes <= 2500 for a in fake.inputs)
+        with pytest.raises(flight.FlightServerError, match="the limit is 2500 bytes"):
+            client.embed_images([b"x" * 3000])  # one row over the limit cannot be split
+
+
 def test_embed_stream_pipelines_many_batches_in_order(client, fake):
     def batches():
         for i in range(300):

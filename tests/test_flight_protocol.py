@@ -157,4 +157,4 @@ def test_error_codes_round_trip():
 
 
 def test_actions_are_declared():
-    assert set(protocol.ACTIONS) == {"health", "ready", "models", "stats"}
+    assert set(protocol.ACTIONS) == {"health", "ready", "models", "stats", "limits"}
