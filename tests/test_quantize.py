@@ -41,6 +41,22 @@ def test_int8_linear_is_close_to_fp32_row_by_row_and_keeps_shape():
     assert cos_pt.min() < cos.min()
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_int8_rows_do_not_depend_on_the_rows_beside_them(bias):
+    # The server merges concurrent clients' rows into one batch: a row's result must be the same alone or
+    # among others, bit for bit, whatever their magnitudes and signs (fbgemm takes one range per call).
+    q = Int8Linear(nn.Linear(96, 40, bias=bias))
+    x = _outlier_activations(70, 96, seed=3)
+    x[5] = x[5].abs()  # a row with no negative value
+    x[9] = -x[9].abs()
+    with torch.inference_mode():
+        together = q(x)
+        for i in (0, 5, 9, 69):
+            assert torch.equal(q(x[i:i + 1]), together[i:i + 1]), i
+        for n in (2, 16, 33):  # fbgemm's kernels block rows differently by count
+            assert torch.equal(q(x[:n]), together[:n]), n
+
+
 def test_int8_linear_without_bias_and_zero_rows():
     lin = nn.Linear(16, 8, bias=False)
     q = Int8Linear(lin)
