@@ -257,8 +257,10 @@ def resolve_source(source: str | os.PathLike) -> Path:
 
 
 def safetensors_files(root: Path) -> list[Path]:
-    """The checkpoint's safetensors shards: from model.safetensors.index.json if present, else *.safetensors."""
-    indexes = sorted(root.glob("*.safetensors.index.json"))
+    """The checkpoint's safetensors shards: from model.safetensors.index.json if present, else model.safetensors
+    (as transformers loads: a repo may ship others beside it, e.g. open_clip_model.safetensors or
+    model.fp16.safetensors), else every *.safetensors (a store-mode folder of several files)."""
+    indexes = _indexes(root)
     if indexes:
         weight_map = _read_index(indexes[0])
         files = list(dict.fromkeys(weight_map.values()))
@@ -267,7 +269,18 @@ def safetensors_files(root: Path) -> list[Path]:
             raise WeightFormatError(f"{indexes[0].name} names shard(s) that are missing: {missing}; "
                                     "download the complete checkpoint")
         return [root / f for f in files]
-    return sorted(root.glob("*.safetensors"))
+    files = sorted(root.glob("*.safetensors"))
+    if (root / "model.safetensors").is_file() and len(files) > 1:
+        log.info("%s: converting model.safetensors; not the other weight files beside it: %s", root,
+                 [f.name for f in files if f.name != "model.safetensors"])
+        return [root / "model.safetensors"]
+    return files
+
+
+def _indexes(root: Path) -> list[Path]:
+    """Safetensors index files, model.safetensors.index.json first."""
+    return sorted(root.glob("*.safetensors.index.json"), key=lambda p: (p.name != "model.safetensors.index.json",
+                                                                         p.name))
 
 
 def _read_index(path: Path) -> dict[str, str]:
@@ -284,7 +297,7 @@ def _read_index(path: Path) -> dict[str, str]:
 
 
 def _check_index(root: Path, found: dict[str, Path]) -> None:
-    indexes = sorted(root.glob("*.safetensors.index.json"))
+    indexes = _indexes(root)
     if not indexes:
         return
     weight_map = _read_index(indexes[0])

@@ -33,10 +33,11 @@ class Architecture:
     known_prefixes: tuple[str, ...]  # output names must start with one of these (empty: any)
     strip_prefixes: tuple[str, ...] = ()  # leading checkpoint prefixes removed, first match wins
     drop_suffixes: tuple[str, ...] = (".position_ids",)  # non-persistent buffers
+    drop_prefixes: tuple[str, ...] = ()  # heads the embedding model does not use (as HF's AutoModel drops them)
 
     def rename(self, name: str) -> str | None:
         """Output name for checkpoint tensor ``name``; None to drop it."""
-        if name.endswith(self.drop_suffixes):
+        if name.endswith(self.drop_suffixes) or name.startswith(self.drop_prefixes):
             return None
         for prefix in self.strip_prefixes:
             if name.startswith(prefix):
@@ -53,7 +54,7 @@ class Architecture:
         for name in names:
             out = self.rename(name)
             if out is None:
-                log.debug("dropping non-persistent buffer %s", name)
+                log.debug("dropping %s (a non-persistent buffer or an unused head)", name)
                 continue
             if self.known_prefixes and not out.startswith(self.known_prefixes):
                 unknown.append(name)
@@ -161,5 +162,6 @@ register(Architecture(
     detect=_is_sentence_transformer,
     known_prefixes=("embeddings.", "encoder.", "pooler."),
     strip_prefixes=("bert.", "roberta.", "model."),
+    drop_prefixes=("cls.", "lm_head."),  # BertForMaskedLM / BertForPreTraining / RobertaForMaskedLM heads
 ))
 _STORE_ARCH = Architecture(kind=STORE, detect=lambda c, r: True, known_prefixes=(), drop_suffixes=())

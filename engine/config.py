@@ -13,7 +13,7 @@ from typing import Any
 
 from engine.errors import ModelConfigError
 
-ACTIVATIONS = ("quick_gelu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
+ACTIVATIONS = ("quick_gelu", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu", "silu", "swish")
 
 
 @dataclass(frozen=True)
@@ -121,6 +121,13 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise ModelConfigError(f"{path} is not valid JSON: {exc}") from exc
 
 
+def _dict(cfg: dict[str, Any], key: str, where: str) -> dict[str, Any]:
+    value = cfg.get(key) or {}
+    if not isinstance(value, dict):
+        raise ModelConfigError(f"{where}: {key} should be an object, got {value!r}")
+    return value
+
+
 def _get(cfg: dict[str, Any], key: str, default: Any, kind: type, where: str) -> Any:
     value = cfg.get(key, default)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
@@ -151,9 +158,10 @@ _CLIP_VISION_DEFAULTS = dict(hidden_size=768, num_hidden_layers=12, num_attentio
 def clip_config(model_dir: Path) -> ClipConfig:
     """Read a CLIPModel config.json."""
     cfg = _read_json(Path(model_dir) / "config.json")
-    text = cfg.get("text_config") or {}
-    vision = cfg.get("vision_config") or {}
     where = f"{model_dir}/config.json"
+    # Older CLIP configs also carry text_config_dict / vision_config_dict; transformers lets them override.
+    text, vision = ({**_dict(cfg, key, where), **_dict(cfg, key + "_dict", where)}
+                    for key in ("text_config", "vision_config"))
     text_cfg = ClipTextConfig(
         tower=_tower(text, where + " text_config", "hidden_act", _CLIP_TEXT_DEFAULTS),
         vocab_size=_get(text, "vocab_size", 49408, int, where),

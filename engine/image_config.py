@@ -7,12 +7,15 @@ transformers' ``CLIPImageProcessor``; missing keys take CLIP's defaults.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from engine.errors import ModelConfigError
 from engine.image_header import PARSED_FORMATS
+
+log = logging.getLogger(__name__)
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -95,22 +98,35 @@ class ImageConfig:
             raise ModelConfigError(f"image config: invalid value in preprocessor_config.json: {exc}") from exc
 
     @classmethod
-    def from_dir(cls, path: str | os.PathLike) -> "ImageConfig":
-        """Read ``preprocessor_config.json`` from a model directory.
+    def from_dir(cls, path: str | os.PathLike, image_size: int | None = None) -> "ImageConfig":
+        """Read a model directory's image processor settings: ``preprocessor_config.json``, else the
+        ``image_processor`` of ``processor_config.json`` (what transformers 5 saves).
+
+        With neither file, CLIPImageProcessor's defaults at ``image_size`` (the model's own), with a warning;
+        without ``image_size`` that is an error.
 
         Raises:
-            ModelConfigError: the file is missing, not JSON, or has unsupported values.
+            ModelConfigError: no settings, a file that is not JSON, or unsupported values.
         """
-        file = Path(path) / "preprocessor_config.json"
-        try:
-            cfg = json.loads(file.read_text(encoding="utf-8"))
-        except FileNotFoundError as exc:
-            raise ModelConfigError(
-                f"{file} not found: an image model directory needs its preprocessor_config.json"
-            ) from exc
-        except (OSError, ValueError) as exc:
-            raise ModelConfigError(f"{file} could not be read as JSON: {exc}") from exc
-        return cls.from_hf(cfg)
+        root = Path(path)
+        for name, key in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
+            file = root / name
+            if not file.exists():
+                continue
+            try:
+                cfg = json.loads(file.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise ModelConfigError(f"{file} could not be read as JSON: {exc}") from exc
+            if key is None:
+                return cls.from_hf(cfg)
+            if isinstance(cfg, dict) and isinstance(cfg.get(key), dict):
+                return cls.from_hf(cfg[key])
+        if image_size is None:
+            raise ModelConfigError(f"{root} has no preprocessor_config.json (nor a processor_config.json with an "
+                                   "image_processor): an image model directory needs one")
+        log.warning("%s has no preprocessor_config.json: using CLIPImageProcessor's defaults at the model's "
+                    "image size %d (resize the short side, centre-crop, OpenAI mean/std)", root, image_size)
+        return cls.from_hf({"size": {"shortest_edge": image_size}, "crop_size": image_size})
 
 
 def _parse_size(size: object) -> tuple[int | None, tuple[int, int] | None]:

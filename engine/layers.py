@@ -29,7 +29,10 @@ def activation(name: str):
         "gelu": F.gelu,  # exact (erf), as HF's "gelu"
         "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
         "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+        "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),  # HF's own tanh formula: the same function
         "relu": lambda x: F.relu(x, inplace=True),
+        "silu": lambda x: F.silu(x, inplace=True),
+        "swish": lambda x: F.silu(x, inplace=True),
     }[name]
 
 

@@ -323,17 +323,19 @@ def load_model(path: str | Path, device: str = "cpu", precision: str = "fp32", n
     if manifest.kind == "clip":
         from engine.clip import CLIP
         from engine.image_processor import ArrowImageProcessor, ImageConfig
-        from engine.tokenizer import TextTokenizer
+        from engine.tokenizer import TextTokenizer, model_max_length
 
         cfg = clip_config(path)
         net = CLIP(cfg)
         dim, modalities, max_tokens = cfg.projection_dim, ("text", "image"), cfg.text.max_positions
-        tokenizer = TextTokenizer.from_dir(path, cfg.text.max_positions, lazy=True)
-        image_cfg = ImageConfig.from_dir(path)
+        tokenizer = TextTokenizer.from_dir(path, model_max_length(path, cfg.text.max_positions), lazy=True,
+                                           required=False)
         side = cfg.vision.image_size
+        image_cfg = ImageConfig.from_dir(path, image_size=side)
         if image_cfg.output_hw != (side, side):
-            raise ModelConfigError(f"{path}/preprocessor_config.json makes {image_cfg.output_hw} images but the "
-                                   f"vision tower expects ({side}, {side}); fix crop_size/size in that file")
+            raise ModelConfigError(f"{path}: the image processor config (preprocessor_config.json) makes "
+                                   f"{image_cfg.output_hw} images but the vision tower expects ({side}, {side}); "
+                                   "fix crop_size/size in that file")
         img_kwargs = {} if image_limits is None else {"limits": image_limits}
         image_processor = ArrowImageProcessor(image_cfg, threads=threads, device=dev, **img_kwargs)
     else:

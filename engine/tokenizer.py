@@ -7,6 +7,7 @@ so a CLIP text cut at 77 tokens still ends with its end-of-text token, as
 """
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Sequence
@@ -29,33 +30,49 @@ class TextTokenizer:
     defers it to the first text call, or to :meth:`load`. An image-only user never pays it.
     """
 
-    def __init__(self, source: Path, max_length: int, lowercase: bool = False) -> None:
+    def __init__(self, source: Path, max_length: int, lowercase: bool = False, truncation_side: str = "right") -> None:
+        if truncation_side not in ("right", "left"):
+            raise ModelConfigError(f"truncation_side should be 'right' or 'left', got {truncation_side!r}")
         self.source = source  # tokenizer.json
         self.max_length = max_length
         self.lowercase = lowercase  # lowercase texts first (sentence-transformers' do_lower_case)
+        self.truncation_side = truncation_side  # which end of a long text is cut (HF's truncation_side)
         self._lock = threading.Lock()
         self._tok: Tokenizer | None = None
 
     @classmethod
-    def from_dir(cls, model_dir: Path, max_length: int, lazy: bool = False, lowercase: bool = False) -> "TextTokenizer":
-        """The tokenizer of a model directory; ``lazy`` checks the file exists and parses it on first use;
-        ``lowercase`` puts a Lowercase normalizer before the file's own, as sentence-transformers' do_lower_case."""
+    def from_dir(cls, model_dir: Path, max_length: int, lazy: bool = False, lowercase: bool = False,
+                 required: bool = True) -> "TextTokenizer":
+        """The tokenizer of a model directory, cutting texts at ``max_length`` tokens on the side that
+        tokenizer_config.json's ``truncation_side`` names (right by default, as HF).
+
+        ``lazy`` parses tokenizer.json on first use; ``lowercase`` puts a Lowercase normalizer before the
+        file's own, as sentence-transformers' do_lower_case. A missing tokenizer.json is an error here when
+        ``required``, else on the first text call (a CLIP model without one still embeds images and token ids).
+        """
         path = Path(model_dir) / "tokenizer.json"
-        if not path.exists():
-            raise ModelConfigError(f"{path} is missing: the model has no fast tokenizer; re-run `arrowengine convert` "
-                                   "with transformers installed so it can build one")
-        tok = cls(path, max_length, lowercase)
+        if not path.exists() and (required or not lazy):
+            raise ModelConfigError(_missing(path))
+        side = tokenizer_config(model_dir).get("truncation_side", "right")
+        tok = cls(path, max_length, lowercase, side)
         return tok if lazy else tok.load()
 
     @property
     def loaded(self) -> bool:
         return self._tok is not None
 
+    @property
+    def available(self) -> bool:
+        """Whether there is a tokenizer.json to parse."""
+        return self._tok is not None or self.source.exists()
+
     def load(self) -> "TextTokenizer":
-        """Parse ``tokenizer.json`` now (once; thread-safe). Raises ModelConfigError if it is unreadable."""
+        """Parse ``tokenizer.json`` now (once; thread-safe). Raises ModelConfigError if it is missing or unreadable."""
         if self._tok is None:
             with self._lock:
                 if self._tok is None:
+                    if not self.source.exists():
+                        raise ModelConfigError(_missing(self.source))
                     try:
                         tok = Tokenizer.from_file(str(self.source))
                     except Exception as exc:  # tokenizers raises plain Exception subclasses
@@ -65,7 +82,7 @@ class TextTokenizer:
                         first = [normalizers.Lowercase()]
                         tok.normalizer = normalizers.Sequence(first + ([tok.normalizer] if tok.normalizer else []))
                     tok.no_padding()
-                    tok.enable_truncation(self.max_length)
+                    tok.enable_truncation(self.max_length, direction=self.truncation_side)
                     self._tok = tok
                     log.debug("parsed %s", self.source)
         return self
@@ -83,9 +100,40 @@ class TextTokenizer:
             elif not isinstance(t, str):
                 errors[i] = f"expected a string, got {type(t).__name__}"
         rows: list[np.ndarray | None] = [None] * len(values)
+        if good and not self.available:
+            raise InputError(f"this model cannot tokenize texts: {_missing(self.source)}; or send token ids "
+                             "(input kind 'tokens')")
         for i, enc in zip(good, self.load()._tok.encode_batch([values[i] for i in good], add_special_tokens=True)):
             rows[i] = np.asarray(enc.ids, dtype=np.int64)
         return rows, errors
+
+
+def _missing(path: Path) -> str:
+    return (f"{path} is missing: the model has no fast tokenizer; re-run `arrowengine convert` with transformers "
+            "installed so it can build one")
+
+
+def tokenizer_config(model_dir: Path) -> dict:
+    """tokenizer_config.json of a model directory as a dict ({} when there is none)."""
+    path = Path(model_dir) / "tokenizer_config.json"
+    if not path.exists():
+        return {}
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelConfigError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(cfg, dict):
+        raise ModelConfigError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
+    return cfg
+
+
+def model_max_length(model_dir: Path, positions: int) -> int:
+    """How many tokens HF's tokenizer keeps with ``truncation=True``: tokenizer_config.json's
+    ``model_max_length``, capped at the model's ``positions`` (unset, or the "no limit" sentinel: positions)."""
+    value = tokenizer_config(model_dir).get("model_max_length")
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        return positions
+    return min(value, positions)
 
 
 def _text_values(texts) -> list:

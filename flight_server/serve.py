@@ -172,8 +172,10 @@ def load_models(dirs: dict[str, Path], device: str, precision: str,
         try:
             model = engine.load_model(path, device=device, precision=precision, image_limits=image_limits,
                                       pack_weights=pack_weights)
-            if model.tokenizer is not None:
+            if model.tokenizer is not None and model.tokenizer.available:
                 model.tokenizer.load()  # a server fails at start on a broken tokenizer.json, not per request
+            elif model.tokenizer is not None:
+                log.warning("model %s has no tokenizer.json: it embeds images and token ids, not texts", name)
             models[name] = model
         except Exception as exc:
             log.error("cannot load model %s from %s: %s: %s", name, path, type(exc).__name__, exc)

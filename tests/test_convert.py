@@ -214,6 +214,24 @@ def test_unknown_tensor_for_runnable_architecture_fails_cleanly(tiny_clip, tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no temp dir left behind
 
 
+def test_other_weight_files_beside_model_safetensors_are_left_out(tiny_clip, tmp_path, caplog):
+    """laion's CLIP repos ship open_clip_model.safetensors beside model.safetensors, others a
+    model.fp16.safetensors: transformers loads model.safetensors alone, and so does convert."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in tiny_clip[0].iterdir():
+        (src / f.name).write_bytes(f.read_bytes())
+    write_safetensors(src / "open_clip_model.safetensors", {"logit_scale": torch.ones(()),
+                                                            "visual.proj": torch.ones(2, 2)})
+    write_safetensors(src / "model.fp16.safetensors", {"logit_scale": torch.ones((), dtype=torch.float16)})
+    with caplog.at_level("INFO"):
+        convert_checkpoint(src, tmp_path / "out")
+    assert "open_clip_model.safetensors" in caplog.text
+    got, want = load_weights(tmp_path / "out"), load_file(str(src / "model.safetensors"))
+    assert set(got) == {k for k in want if not k.endswith("position_ids")}
+    assert all(torch.equal(got[k], want[k]) for k in got)
+
+
 # -- sentence-transformers (real MiniLM) -----------------------------------------------------------
 @pytest.mark.parametrize("dtype", ["keep", "bfloat16"])
 def test_minilm_round_trip(minilm, tmp_path, dtype):
@@ -248,6 +266,12 @@ def test_sentence_transformer_prefix_stripped(tmp_path):
     assert (tmp_path / "out" / "2_Normalize").is_dir()  # empty module folder kept
     assert list(load_weights(tmp_path / "out")) == ["embeddings.word_embeddings.weight",
                                                    "encoder.layer.0.output.dense.bias"]
+    # saved from BertForMaskedLM / RobertaForMaskedLM: the heads are dropped, as sentence-transformers does
+    write_safetensors(src / "model.safetensors", {"bert.embeddings.word_embeddings.weight": torch.ones(4, 2),
+                                                  "cls.predictions.bias": torch.ones(4),
+                                                  "cls.predictions.transform.dense.weight": torch.ones(2, 2),
+                                                  "lm_head.dense.weight": torch.ones(2, 2)})
+    assert list(load_weights(convert_checkpoint(src, tmp_path / "mlm").out_dir)) == ["embeddings.word_embeddings.weight"]
     modules = json.loads((src / "modules.json").read_text())
     dense = {"idx": 1, "name": "1", "path": "1_Dense", "type": "sentence_transformers.models.Dense"}
     (src / "modules.json").write_text(json.dumps(modules + [dense]))  # Dense weights live elsewhere

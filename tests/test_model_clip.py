@@ -71,6 +71,72 @@ def test_b32_clip_parity(checkpoints):
     assert model.info.dim == 512
 
 
+def _variant(src, tmp_path, name, edit):
+    """A copy of the HF folder ``src`` changed by ``edit(folder)``, converted; returns the loaded model."""
+    import shutil
+
+    from convert.pipeline import convert_checkpoint
+
+    folder = tmp_path / name
+    shutil.copytree(src, folder)
+    edit(folder)
+    convert_checkpoint(folder, tmp_path / f"{name}-converted", progress=False)
+    return engine.load_model(tmp_path / f"{name}-converted")
+
+
+def test_checkpoint_layouts_that_transformers_loads(tiny_clip_source, tiny_clip_dir, tmp_path, caplog):
+    import json
+    from pathlib import Path
+
+    from transformers import AutoTokenizer, CLIPConfig
+
+    photo = (Path(__file__).parent / "data" / "photos" / "rocket.jpg").read_bytes()
+    base = engine.load_model(tiny_clip_dir)
+    want = base.encode_image([photo])
+
+    def hf5_processor(folder):  # transformers 5's CLIPProcessor.save_pretrained: no preprocessor_config.json
+        pre = json.loads((folder / "preprocessor_config.json").read_text())
+        (folder / "processor_config.json").write_text(json.dumps({"image_processor": pre,
+                                                                  "processor_class": "CLIPProcessor"}))
+        (folder / "preprocessor_config.json").unlink()
+
+    np.testing.assert_array_equal(_variant(tiny_clip_source, tmp_path, "hf5", hf5_processor).encode_image([photo]),
+                                  want)
+    # no image processor file at all: CLIPImageProcessor's defaults at the model's size (the tiny one's own)
+    no_proc = _variant(tiny_clip_source, tmp_path, "noproc", lambda f: (f / "preprocessor_config.json").unlink())
+    np.testing.assert_array_equal(no_proc.encode_image([photo]), want)
+    assert "no preprocessor_config.json" in caplog.text
+
+    # no tokenizer: images and token ids still work, texts are a clear error
+    def no_tokenizer(folder):
+        for name in ("tokenizer.json", "vocab.json", "merges.txt"):
+            (folder / name).unlink(missing_ok=True)
+    no_tok = _variant(tiny_clip_source, tmp_path, "notok", no_tokenizer)
+    np.testing.assert_array_equal(no_tok.encode_image([photo]), want)
+    ids = base.prepare_texts(["a photo of a cat"])[0]
+    np.testing.assert_allclose(no_tok.encode_tokens(ids), base.encode_text(["a photo of a cat"]), atol=1e-6)
+    with pytest.raises(InputError, match="tokenizer.json is missing.*token ids"):
+        no_tok.encode_text(["a photo of a cat"])
+
+    # tokenizer_config.json's model_max_length below the positions: texts are cut there, as HF's truncation=True
+    def short_tokenizer(folder):
+        cfg = json.loads((folder / "tokenizer_config.json").read_text())
+        (folder / "tokenizer_config.json").write_text(json.dumps(dict(cfg, model_max_length=16)))
+    short = _variant(tiny_clip_source, tmp_path, "short", short_tokenizer)
+    hf_ids = AutoTokenizer.from_pretrained(str(tmp_path / "short"))([TEXTS[2]], truncation=True)["input_ids"][0]
+    assert short.prepare_texts([TEXTS[2]])[0][0].tolist() == hf_ids and len(hf_ids) == 16
+
+    # an older config's text_config_dict overrides text_config, as transformers applies it
+    def config_dict(folder):
+        cfg = json.loads((folder / "config.json").read_text())
+        cfg["text_config_dict"] = {"hidden_act": "gelu"}
+        (folder / "config.json").write_text(json.dumps(cfg))
+    assert CLIPConfig.from_pretrained(str(tmp_path / "short")).text_config.hidden_act == "quick_gelu"
+    overridden = _variant(tiny_clip_source, tmp_path, "cfgdict", config_dict)
+    assert CLIPConfig.from_pretrained(str(tmp_path / "cfgdict")).text_config.hidden_act == "gelu"
+    assert overridden.config.text.tower.act == "gelu" and overridden.config.vision.tower.act == "quick_gelu"
+
+
 def test_normalized_by_default_and_similarity(tiny_clip_dir):
     model = engine.load_model(tiny_clip_dir)
     t = model.encode_text(["a cat", "a dog"])

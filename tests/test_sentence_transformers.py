@@ -177,6 +177,20 @@ def test_do_lower_case_lowercases_before_a_cased_tokenizer(tmp_path):
         assert (hello == model.prepare_texts(["hello world"])[0][0]).all() and 100 not in hello  # 100: [UNK]
 
 
+def test_truncation_side_left_keeps_the_end_of_a_long_text(encoders, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    src = _sentence_transformer(encoders["bert"], tmp_path / "st", "mean", True, max_seq=24)
+    tok_cfg = src / "tokenizer_config.json"
+    tok_cfg.write_text(json.dumps(dict(json.loads(tok_cfg.read_text()), truncation_side="left")))
+    model = _check(src, tmp_path)
+    text = " ".join(f"word{i} the quick brown fox" for i in range(30))  # its start and end differ
+    want = SentenceTransformer(str(src), device="cpu").encode([text], normalize_embeddings=True)
+    assert float((model.encode_text([text]) * want).sum()) >= 0.99999
+    ids = model.prepare_texts([text])[0][0]
+    assert len(ids) == 24 and ids[0] == 101 and ids[-1] == 102  # [CLS] ... the end of the text ... [SEP]
+
+
 def test_unsupported_layouts_are_clear_errors(encoders, tmp_path):
     src = _sentence_transformer(encoders["bert"], tmp_path / "st", "mean", True, max_seq=24)
     convert_checkpoint(src, tmp_path / "ok", progress=False)
