@@ -170,7 +170,9 @@ class Model:
         from engine.tokenizer import token_rows
 
         self._need("text")
-        rows, errors = token_rows(tokens, self._vocab_size(), self.info.max_tokens)
+        # sentence-transformers pool over every id they get: trailing pad ids (HF's padding=True) are cut off
+        pad = self.config.pad_token_id if self.info.kind != "clip" else None
+        rows, errors = token_rows(tokens, self._vocab_size(), self.info.max_tokens, pad_id=pad)
         if self.info.kind == "clip" and self.config.text.eos_token_id != 2:
             eos = self.config.text.eos_token_id
             for i, r in enumerate(rows):

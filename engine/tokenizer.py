@@ -170,11 +170,14 @@ def _decode_or_marker(b: bytes | None):
 _NULL_INSIDE = object()
 
 
-def token_rows(tokens, vocab_size: int, max_length: int) -> tuple[list[np.ndarray | None], list[str | None]]:
+def token_rows(tokens, vocab_size: int, max_length: int, pad_id: int | None = None
+               ) -> tuple[list[np.ndarray | None], list[str | None]]:
     """Validate token-id rows: ids in [0, vocab_size), 1..max_length ids, no nulls.
 
     Accepts an Arrow list/large_list array of integers (read as zero-copy views)
     or a sequence of integer sequences. A bad row is an error for that row only.
+    With ``pad_id``, trailing pad ids are cut off first (rows padded as HF's
+    ``padding=True`` pads them; without an attention mask they would be read as tokens).
     """
     rows = _token_values(tokens)
     out: list[np.ndarray | None] = [None] * len(rows)
@@ -196,7 +199,14 @@ def token_rows(tokens, vocab_size: int, max_length: int) -> tuple[list[np.ndarra
             continue
         if a.ndim != 1 or (a.size and not np.issubdtype(a.dtype, np.integer)):
             errors[i] = f"expected a flat list of integer token ids, got array of {a.dtype} with shape {a.shape}"
-        elif a.size == 0:
+            continue
+        if pad_id is not None and a.size and a[-1] == pad_id:
+            real = np.flatnonzero(a != pad_id)
+            if not real.size:
+                errors[i] = f"the row holds only the pad id {pad_id}"
+                continue
+            a = a[: real[-1] + 1]
+        if a.size == 0:
             errors[i] = "empty token list"
         elif a.size > max_length:
             errors[i] = f"{a.size} tokens, more than the model's {max_length} positions; truncate the row"

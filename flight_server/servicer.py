@@ -194,13 +194,7 @@ class EmbeddingServer(flight.FlightServerBase):
             self._count_rejected("draining")
             raise flight.FlightUnavailableError("server is shutting down; retry on another server",
                                                 extra_info=protocol.error_info(protocol.CODE_BUSY))
-        if not self._slots.acquire(blocking=False):
-            self.stats.add(rejected_busy=1)
-            self._count_rejected("busy")
-            raise busy_error(self.config.limits.max_concurrent_exchanges)
-        self.stats.add(requests=1, active_exchanges=1)
-        if self.metrics is not None:
-            self.metrics.active.inc()
+        self.stats.add(requests=1)
         call = _Call(peer=context.peer())
         outcome = "failed"
         try:
@@ -215,9 +209,27 @@ class EmbeddingServer(flight.FlightServerBase):
             call.error = str(exc)
             raise to_flight_error(exc) from exc
         finally:
-            self.stats.add(active_exchanges=-1)
-            self._slots.release()
+            if call.slot:
+                call.slot = False
+                self.stats.add(active_exchanges=-1)
+                self._slots.release()
+                if self.metrics is not None:
+                    self.metrics.active.dec()
             self._call_done(call, outcome)
+
+    def _claim_slot(self, call: "_Call") -> None:
+        """Take one of the ``max_concurrent_exchanges`` slots when the exchange's first batch arrives (a
+        client that opened an exchange and sends nothing holds none), or fail fast with "busy"."""
+        if call.slot:
+            return
+        if not self._slots.acquire(blocking=False):
+            self.stats.add(rejected_busy=1)
+            self._count_rejected("busy")
+            raise busy_error(self.config.limits.max_concurrent_exchanges)
+        call.slot = True
+        self.stats.add(active_exchanges=1)
+        if self.metrics is not None:
+            self.metrics.active.inc()
 
     def _count_rejected(self, reason: str) -> None:
         if self.metrics is not None:
@@ -226,7 +238,6 @@ class EmbeddingServer(flight.FlightServerBase):
     def _call_done(self, call: "_Call", outcome: str) -> None:
         seconds = time.perf_counter() - call.t0
         if self.metrics is not None:
-            self.metrics.active.dec()
             self.metrics.request_done(call.model, call.input, outcome, seconds)
         log.info("exchange end peer=%s model=%s input=%s outcome=%s batches=%d rows=%d row_errors=%d "
                  "seconds=%.3f%s", call.peer, call.model, call.input, outcome, call.batches, call.rows,
@@ -277,9 +288,13 @@ class EmbeddingServer(flight.FlightServerBase):
                 batch = chunk.data
                 if batch is None:  # a metadata-only message
                     continue
-                self._check_limits(batch, call.submitted)
+                self._claim_slot(call)
                 self.stats.add(input_bytes=batch.nbytes)
-                results.put(self._embed_batch(embed, command, batch, out_schema, dim))
+                too_big = self._check_limits(batch, call.submitted)
+                if too_big:  # one row alone over the byte limit: an error for that row, not the call
+                    results.put(_failed_batch(command, batch, out_schema, dim, too_big))
+                else:
+                    results.put(self._embed_batch(embed, command, batch, out_schema, dim))
                 call.submitted += 1
             if context.is_cancelled():  # a cancel can also end the input stream early
                 raise _Cancelled()
@@ -340,12 +355,17 @@ class EmbeddingServer(flight.FlightServerBase):
                 f"model {name!r} embeds {list(modalities)}, not {kind!r} input ({modality}); "
                 f"models here that take {modality}: {able}")
 
-    def _check_limits(self, batch: pa.RecordBatch, index: int) -> None:
+    def _check_limits(self, batch: pa.RecordBatch, index: int) -> str | None:
+        """Raise LimitExceededError for a batch over the limits; a single row over the byte limit is that
+        row's error instead (returned), so one huge file never fails a whole job."""
         limits = self.config.limits
         if batch.num_rows > limits.max_batch_rows:
             raise protocol.LimitExceededError(
                 f"input batch {index} has {batch.num_rows} rows; the limit is {limits.max_batch_rows} "
                 f"rows per batch: split it, e.g. table.to_batches(max_chunksize={limits.max_batch_rows})")
+        if batch.nbytes > limits.max_batch_bytes and batch.num_rows == 1:
+            return (f"too large: the row holds {batch.nbytes} bytes, over the server's limit of "
+                    f"{limits.max_batch_bytes} bytes per batch (serve --max-batch-bytes)")
         if batch.nbytes > limits.max_batch_bytes:
             raise protocol.LimitExceededError(
                 f"input batch {index} holds {batch.nbytes} bytes; the limit is {limits.max_batch_bytes} "
@@ -417,6 +437,15 @@ class EmbeddingServer(flight.FlightServerBase):
         return iter([json.dumps(doc).encode("utf-8")])
 
 
+def _failed_batch(command: protocol.EmbedCommand, batch: pa.RecordBatch, out_schema: pa.Schema, dim: int,
+                  reason: str) -> Callable[[], tuple[pa.RecordBatch, int]]:
+    """The output batch of an input batch whose every row fails with ``reason`` (zeros, the error)."""
+    passthrough = [batch.column(p) for p in command.passthrough]
+    n = batch.num_rows
+    out = embedding_batch(passthrough, out_schema, np.zeros((n, dim), np.float32), [reason] * n)
+    return lambda: (out, n)
+
+
 def _tiny_png(size: int = 8) -> bytes:
     """A valid gray ``size`` x ``size`` PNG, for warming up image-only models."""
     def chunk(tag: bytes, data: bytes) -> bytes:
@@ -437,6 +466,7 @@ class _Call:
         self.t0 = time.perf_counter()
         self.submitted = self.batches = self.rows = self.row_errors = 0
         self.error: str | None = None
+        self.slot = False  # holds one of the server's exchange slots (from its first batch on)
 
 
 def _submitter(model: Any, kind: str, cancelled: Callable[[], bool]) -> Callable[[Any, bool], Future]:

@@ -112,8 +112,12 @@ def test_a_server_with_lower_batch_limits_is_fitted_not_failed(fake):
         np.testing.assert_array_equal(client.embed_images(images), expected(images))
         assert (client.batch_rows, client.batch_bytes) == (4, 2500)
         assert fake.inputs and all(len(a) <= 4 and a.nbytes <= 2500 for a in fake.inputs)
-        with pytest.raises(flight.FlightServerError, match="the limit is 2500 bytes"):
-            client.embed_images([b"x" * 3000])  # one row over the limit cannot be split
+        # one row over the byte limit cannot be split: it is that row's error, the others are embedded
+        vecs, errors = client.embed_images([b"a" * 10, b"x" * 3000, b"b" * 10], errors="return")
+        assert errors[0] is None and errors[2] is None
+        assert "too large" in errors[1] and "2500 bytes per batch" in errors[1]
+        np.testing.assert_array_equal(vecs[[0, 2]], expected([b"a" * 10, b"b" * 10]))
+        assert not vecs[1].any()
 
 
 def test_embed_stream_pipelines_many_batches_in_order(client, fake):

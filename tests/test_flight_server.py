@@ -5,6 +5,7 @@ with all-MiniLM-L6-v2 converted by the project's converter.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -198,8 +199,14 @@ def test_batch_limits_say_the_limit_and_how_to_split(fake):
         assert "input batch 0 has 5 rows; the limit is 4 rows per batch" in str(err.value)
         assert "max_chunksize=4" in str(err.value) and protocol.error_code(err.value) == "limit_exceeded"
         with pytest.raises(flight.FlightServerError, match="holds .* bytes; the limit is 1000 bytes per batch"):
-            exchange(client, cmd(input="image"), [pa.record_batch({"image": [b"x" * 2000]})])
+            exchange(client, cmd(input="image"), [pa.record_batch({"image": [b"x" * 600, b"y" * 600]})])
         assert fake.calls == 0
+        # one row alone over the byte limit cannot be split: an error for that row; the call goes on
+        big, small = exchange(client, cmd(input="image", passthrough=["id"]),
+                              [pa.record_batch({"image": [b"x" * 2000], "id": [7]}),
+                               pa.record_batch({"image": [b"ok"], "id": [8]})])
+        assert big.column("id").to_pylist() == [7] and "too large" in big.column("error")[0].as_py()
+        assert small.column("error").to_pylist() == [None] and fake.calls == 1
         (out,) = exchange(client, cmd(input="text"), [pa.record_batch({"text": list("abcd")})])
         assert out.num_rows == 4
 
@@ -247,6 +254,24 @@ def test_concurrency_limit_rejects_fast_with_unavailable():
         assert len(result["out"]) == 3
         stats = action(client, "stats")
         assert stats["rejected_busy"] == 1 and stats["active_exchanges"] == 0
+
+
+def test_exchanges_that_send_nothing_hold_no_slot():
+    """Clients that open an exchange (with or without its schema) and send no batch do not lock others out."""
+    limits = ServerLimits(max_concurrent_exchanges=2)
+    with EmbeddingServer({"fake": FakeModel("fake")}, ServerConfig(port=0, limits=limits)) as server, \
+            flight.connect(f"grpc://127.0.0.1:{server.port}") as client:
+        idle = [client.do_exchange(cmd(input="text")) for _ in range(3)]
+        for writer, _ in idle[:2]:
+            writer.begin(pa.schema([("text", pa.string())]))
+        time.sleep(0.2)
+        for i in range(3):
+            (out,) = exchange(client, cmd(input="text"), [pa.record_batch({"text": [f"t{i}"]})])
+            assert out.column("error").to_pylist() == [None]
+        assert action(client, "stats")["active_exchanges"] == 0
+        for writer, _ in idle:
+            with contextlib.suppress(pa.ArrowException):  # the one without a schema gets "no input schema"
+                writer.close()
 
 
 def test_client_cancel_stops_server_work_within_one_batch():

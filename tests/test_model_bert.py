@@ -77,6 +77,11 @@ def test_tokens_and_row_errors(minilm, minilm_source):
     assert np.abs(minilm.encode_tokens(ids) - minilm.encode_text(TEXTS[:2])).max() <= 1e-5
     res = minilm.embed_tokens([ids[0], [101, 40000, 102], list(range(600))])
     assert res.errors[0] is None and "40000" in res.errors[1] and "512" in res.errors[2]
+    # ids padded as HF pads them (padding=True, [PAD] = 0 after [SEP]): the pads are cut off, not pooled
+    padded = AutoTokenizer.from_pretrained(str(minilm_source))(TEXTS, padding=True, truncation=True, max_length=256)
+    assert padded["input_ids"][0][-1] == 0
+    np.testing.assert_allclose(minilm.encode_tokens(padded["input_ids"]), minilm.encode_text(TEXTS), atol=1e-5)
+    assert "only the pad id 0" in minilm.embed_tokens([[0, 0, 0]]).errors[0]
 
 
 def test_no_image_encoder(minilm):
