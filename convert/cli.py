@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -120,6 +121,9 @@ def _guarded(cmd: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Nam
     def run(args: argparse.Namespace) -> int:
         try:
             return cmd(args)
+        except BrokenPipeError:  # `arrowengine inspect DIR | head`: the reader is gone, nothing is wrong
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+            return 0
         except (ArrowEngineError, OSError) as exc:
             log.debug("command failed", exc_info=True)
             print(f"error: {exc}", file=sys.stderr)

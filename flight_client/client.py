@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import random
 import threading
 import time
 from pathlib import Path
@@ -84,14 +85,15 @@ class EmbeddingClient:
         token: bearer token, sent as ``authorization: Bearer <token>``.
         tls_root_certs: PEM bytes, or a path to a PEM file, of the CA that signed the server.
         retries: how many times to retry a call that failed with FlightUnavailableError
-            (server down or busy), with exponential backoff from ``backoff_s``.
+            (server down or busy), with exponential backoff from ``backoff_s`` and random
+            jitter (defaults: 5 retries over ~3-6 s, enough for a busy server to free a slot).
         batch_rows / batch_bytes: how the embed_* helpers split their input into batches.
         timeout_s: per-call timeout (None: no timeout).
     """
 
     def __init__(self, location: str | tuple[str, int], token: str | None = None,
-                 tls_root_certs: bytes | str | Path | None = None, *, retries: int = 3,
-                 backoff_s: float = 0.1, batch_rows: int = 1024, batch_bytes: int = 64 * 1024 ** 2,
+                 tls_root_certs: bytes | str | Path | None = None, *, retries: int = 5,
+                 backoff_s: float = 0.2, batch_rows: int = 1024, batch_bytes: int = 64 * 1024 ** 2,
                  timeout_s: float | None = None, override_hostname: str | None = None) -> None:
         if isinstance(tls_root_certs, (str, Path)):
             text = str(tls_root_certs)
@@ -166,10 +168,14 @@ class EmbeddingClient:
             except flight.FlightUnavailableError as exc:
                 if attempt >= self.retries:
                     raise
-                delay = self.backoff_s * 2 ** attempt
-                log.warning("server unavailable (%s); retry %d of %d in %.2fs", exc, attempt + 1,
-                            self.retries, delay)
-                time.sleep(delay)
+                self._wait_before_retry(attempt, exc)
+
+    def _wait_before_retry(self, attempt: int, exc: BaseException) -> None:
+        """Sleep ``backoff_s * 2**attempt``, jittered to 50-100 % so that many clients do not retry at once."""
+        delay = self.backoff_s * 2 ** attempt * random.uniform(0.5, 1.0)
+        reason = str(exc).split(". Detail:")[0][:200]  # gRPC repeats the message in its debug context
+        log.warning("server unavailable (%s); retry %d of %d in %.2fs", reason, attempt + 1, self.retries, delay)
+        time.sleep(delay)
 
     # ---- embedding --------------------------------------------------------------------
 
@@ -278,10 +284,7 @@ class EmbeddingClient:
             except flight.FlightUnavailableError as exc:
                 if state.results or state.pulled or attempt >= self.retries:
                     raise
-                delay = self.backoff_s * 2 ** attempt
-                log.warning("server unavailable (%s); retry %d of %d in %.2fs", exc, attempt + 1,
-                            self.retries, delay)
-                time.sleep(delay)
+                self._wait_before_retry(attempt, exc)
 
     def _embed_array(self, array: pa.Array, kind: str, model: str | None, normalize: bool,
                      errors: str) -> Any:

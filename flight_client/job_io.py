@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,8 @@ from typing import Any, Iterator, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+log = logging.getLogger("arrowengine.embed")
 
 MANIFEST_NAME = "_job.json"
 MANIFEST_FORMAT = "arrowengine-embed-job"
@@ -194,8 +197,10 @@ def open_source(path: Path, kind: str, column: str, passthrough: Sequence[str],
                 output: Path | None = None) -> ParquetSource | ImageFolderSource:
     """Pick the source for INPUT: Parquet file/folder, or (``kind="image"``) a folder of images.
 
-    A folder that holds ``*.parquet`` files is a Parquet input; a folder without any is an
-    image folder (only for ``--kind image``). ``output`` must not lie inside the input folder.
+    A folder that holds ``*.parquet`` files is a Parquet input, except for ``--kind image`` when it
+    also holds other files: then it is an image folder (its Parquet files become rows that fail as
+    "not an image"). A folder without any is an image folder (only for ``--kind image``).
+    ``output`` must not lie inside the input folder.
     """
     path = Path(path)
     if not path.exists():
@@ -203,8 +208,14 @@ def open_source(path: Path, kind: str, column: str, passthrough: Sequence[str],
     if output is not None and path.is_dir() and Path(output).resolve().is_relative_to(path.resolve()):
         raise JobInputError(f"OUTPUT {output} is inside INPUT {path}: the shards would become input; "
                             "pick an OUTPUT outside the input folder")
-    if path.is_file() or _parquet_files(path, required=False):
+    if path.is_file():
         return ParquetSource(path, [column, *passthrough])
+    parquet = _parquet_files(path, required=False)
+    if parquet and not (kind == "image" and _holds_other_files(path)):
+        return ParquetSource(path, [column, *passthrough])
+    if parquet:
+        log.info("%s holds image files and %d *.parquet file(s) (e.g. %s): read as an image folder; pass a "
+                 "folder of Parquet files alone to embed their column", path, len(parquet), _rel(parquet[0], path))
     if kind != "image":
         raise JobInputError(f"input folder {path} holds no *.parquet file; a folder of image files "
                             f"needs --kind image (got --kind {kind})")
@@ -213,6 +224,15 @@ def open_source(path: Path, kind: str, column: str, passthrough: Sequence[str],
         raise JobInputError(f"an image folder has only the '{PATH_COLUMN}' column to pass through; "
                             f"got --passthrough {extra}")
     return ImageFolderSource(path)
+
+
+def _holds_other_files(root: Path) -> bool:
+    """Whether a folder holds a visible file that is not ``*.parquet`` (hidden and ``_`` names skipped)."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith((".", "_"))]
+        if any(not f.startswith((".", "_")) and not f.endswith(".parquet") for f in filenames):
+            return True
+    return False
 
 
 def _parquet_files(root: Path, required: bool = True) -> list[Path]:

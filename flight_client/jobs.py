@@ -212,8 +212,8 @@ def _embed_all(config: JobConfig, source: Any, manifest: JobManifest, pool: Endp
             writer.add(out, failed)
             errors += failed
             if bar is not None:
+                bar.set_postfix(errors=errors, refresh=False)  # shown by the update's refresh
                 bar.update(batch.num_rows)
-                bar.set_postfix(errors=errors, refresh=False)
         writer.flush(schema if not manifest.shards else None)
         manifest.complete = True
         manifest.seconds = base_seconds + time.perf_counter() - t0

@@ -190,24 +190,42 @@ def _from_mapping(doc: Mapping[str, Any]) -> EmbedCommand:
 # ---- input types ---------------------------------------------------------------------
 
 ACCEPTED_TYPES: Mapping[str, str] = {
-    "image": "binary or large_binary",
-    "text": "string or large_string (or a dictionary of them)",
-    "tokens": "list<int32|int64> or large_list<int32|int64>",
+    "image": "binary, large_binary or binary_view",
+    "text": "string, large_string or string_view (or a dictionary of string or large_string)",
+    "tokens": "list, large_list or fixed_size_list of int32 or int64",
 }
+
+
+def _is_view(type_: pa.DataType, name: str) -> bool:
+    test = getattr(pa.types, name, None)  # view types came in pyarrow 16
+    return bool(test and test(type_))
 
 
 def is_accepted_type(kind: str, type_: pa.DataType) -> bool:
     """Whether an input column of Arrow type ``type_`` can carry rows of ``kind``."""
     if kind == "image":
-        return pa.types.is_binary(type_) or pa.types.is_large_binary(type_)
+        return pa.types.is_binary(type_) or pa.types.is_large_binary(type_) or _is_view(type_, "is_binary_view")
     if kind == "text":
         if pa.types.is_dictionary(type_):  # e.g. a pandas categorical column; the engine decodes it
-            type_ = type_.value_type
-        return pa.types.is_string(type_) or pa.types.is_large_string(type_)
+            return pa.types.is_string(type_.value_type) or pa.types.is_large_string(type_.value_type)
+        return pa.types.is_string(type_) or pa.types.is_large_string(type_) or _is_view(type_, "is_string_view")
     if kind == "tokens":
-        return ((pa.types.is_list(type_) or pa.types.is_large_list(type_))
+        return ((pa.types.is_list(type_) or pa.types.is_large_list(type_) or pa.types.is_fixed_size_list(type_))
                 and type_.value_type in (pa.int32(), pa.int64()))
     raise ProtocolError(f"unknown input kind {kind!r}; expected one of {list(INPUT_KINDS)}")
+
+
+def engine_column(kind: str, column: pa.Array) -> pa.Array:
+    """An accepted input column in the layout the engine reads: view and fixed-size types (Polars and
+    recent pandas write string_view) are converted, with one copy; the usual types pass as they are."""
+    type_ = column.type
+    if kind == "text" and _is_view(type_, "is_string_view"):
+        return column.cast(pa.large_string())
+    if kind == "image" and _is_view(type_, "is_binary_view"):
+        return column.cast(pa.large_binary())
+    if kind == "tokens" and pa.types.is_fixed_size_list(type_):
+        return column.cast(pa.list_(type_.value_type))
+    return column
 
 
 def check_input_schema(command: EmbedCommand, schema: pa.Schema) -> list[pa.Field]:

@@ -323,7 +323,7 @@ class EmbeddingServer(flight.FlightServerBase):
         n = batch.num_rows
         if n == 0:
             return lambda: (embedding_batch(passthrough, out_schema, np.zeros((0, dim), np.float32), []), 0)
-        future = embed(batch.column(command.column), command.normalize)
+        future = embed(protocol.engine_column(command.input, batch.column(command.column)), command.normalize)
 
         def collect() -> tuple[pa.RecordBatch, int]:
             result = future.result()
@@ -411,6 +411,16 @@ class EmbeddingServer(flight.FlightServerBase):
         except Exception as exc:
             raise to_flight_error(exc) from exc
 
+    def get_schema(self, context, descriptor) -> flight.SchemaResult:
+        """The output schema of the model a path ``[name]`` or an embed command names."""
+        return flight.SchemaResult(self.get_flight_info(context, descriptor).schema)
+
+    def do_get(self, context, ticket) -> None:
+        raise to_flight_error(protocol.ProtocolError(_NOT_EXCHANGE.format(method="do_get")))
+
+    def do_put(self, context, descriptor, reader, writer) -> None:
+        raise to_flight_error(protocol.ProtocolError(_NOT_EXCHANGE.format(method="do_put")))
+
     # ---- actions ----------------------------------------------------------------------
 
     def list_actions(self, context) -> list[tuple[str, str]]:
@@ -435,6 +445,11 @@ class EmbeddingServer(flight.FlightServerBase):
             raise to_flight_error(protocol.ProtocolError(
                 f"unknown action {kind!r}; expected one of {list(protocol.ACTIONS)}"))
         return iter([json.dumps(doc).encode("utf-8")])
+
+
+_NOT_EXCHANGE = ("{method} is not supported: embeddings are computed by do_exchange with "
+                 "FlightDescriptor.for_command(<JSON embed command>); list_flights names the models and "
+                 "list_actions the actions")
 
 
 def _failed_batch(command: protocol.EmbedCommand, batch: pa.RecordBatch, out_schema: pa.Schema, dim: int,

@@ -43,7 +43,8 @@ OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
 def write_clip_tokenizer(out: Path) -> None:
-    """Write HF CLIP tokenizer files (vocab.json, merges.txt, tokenizer.json, ...) into ``out``."""
+    """Write HF CLIP tokenizer files into ``out`` as the installed transformers saves them (tokenizer.json and
+    tokenizer_config.json; transformers 4 also writes vocab.json and merges.txt)."""
     from convert.clip_bpe import write_clip_tokenizer as write
 
     write(out, BPE_FILE)

@@ -172,8 +172,9 @@ TEXT = pa.record_batch({"text": ["a"], "id": [1]})
     (cmd(input="text", column="caption"), TEXT, "invalid_argument",
      "input column 'caption' (for 'text' input) is not in the batches; the columns that came are ['text', 'id']"),
     (cmd(input="image", column="text"), TEXT, "invalid_argument",
-     "column 'text' has type string; 'image' input needs binary or large_binary"),
-    (cmd(input="tokens", column="id"), TEXT, "invalid_argument", "'tokens' input needs list<int32|int64>"),
+     "column 'text' has type string; 'image' input needs binary, large_binary or binary_view"),
+    (cmd(input="tokens", column="id"), TEXT, "invalid_argument", "'tokens' input needs list, large_list or "
+     "fixed_size_list of int32 or int64"),
     (cmd(input="text", passthrough=["missing"]), TEXT, "invalid_argument", "passthrough column(s) ['missing']"),
     (cmd(input="image", model="text-only"), pa.record_batch({"image": pa.array([b"x"])}), "invalid_argument",
      "model 'text-only' embeds ['text'], not 'image' input (image); models here that take image: ['fake']"),
@@ -367,6 +368,14 @@ def test_list_flights_and_get_flight_info(served):
     assert json.loads(by_cmd.app_metadata)["default"] is True
     with pytest.raises(flight.FlightServerError, match="unknown model 'zzz'"):
         client.get_flight_info(flight.FlightDescriptor.for_path("zzz"))
+    assert client.get_schema(flight.FlightDescriptor.for_path("text-only")).schema == protocol.output_schema(4)
+    # the Flight methods the protocol does not use say what to use instead (no server traceback)
+    with pytest.raises(flight.FlightServerError, match="do_get is not supported: .* do_exchange") as err:
+        client.do_get(flight.Ticket(b"x")).read_all()
+    assert "Traceback" not in str(err.value)
+    writer, _ = client.do_put(flight.FlightDescriptor.for_path("fake"), pa.schema([("text", pa.string())]))
+    with pytest.raises(flight.FlightServerError, match="do_put is not supported"):
+        writer.close()
 
 
 def test_actions(served, fake):
@@ -595,3 +604,16 @@ def test_dictionary_encoded_texts_are_embedded_like_plain_ones(minilm):
     valid = [e is None for e in want.errors]
     emb = np.asarray(out.column("embedding").to_pylist(), dtype=object)
     assert np.allclose(np.stack(emb[valid]), want.embeddings[valid])
+
+
+def test_view_and_fixed_size_columns_are_embedded_like_the_plain_ones(served, fake):
+    """Polars and recent pandas write string_view / binary_view; token ids may come as fixed_size_list."""
+    server, client = served
+    cases = [("text", pa.array(["a", None, "bc"], pa.string()), pa.string_view()),
+             ("image", pa.array([b"\x89PNG x", b"\xff\xd8 y"], pa.binary()), pa.binary_view()),
+             ("tokens", pa.array([[1, 2], [3, 4]], pa.list_(pa.int64())), pa.list_(pa.int64(), 2))]
+    for kind, plain, other in cases:
+        column = protocol.DEFAULT_COLUMNS[kind]
+        (want,) = exchange(client, cmd(input=kind), [pa.record_batch({column: plain})])
+        (got,) = exchange(client, cmd(input=kind), [pa.record_batch({column: plain.cast(other)})])
+        assert got.equals(want), kind

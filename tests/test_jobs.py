@@ -153,17 +153,20 @@ def test_image_folder_gives_paths_and_row_errors(tmp_path, clip, tiny_clip_dir):
     (folder / "notes.txt").write_text("not an image")
     (folder / ".hidden.png").write_bytes(b"skipped")
     (folder / "gone.png").symlink_to(folder / "no-such-file.png")  # cannot be read
+    (folder / "meta").mkdir()  # a stray Parquet file does not turn a photo folder into Parquet input
+    pq.write_table(pa.table({"text": ["x"]}), folder / "meta" / "index.parquet")
+    assert isinstance(job_io.open_source(folder / "meta", "image", "text", []), ParquetSource)  # Parquet alone
     summary = run_job(JobConfig(input=folder, output=tmp_path / "out", kind="image", model=str(tiny_clip_dir),
                                 batch_rows=4, shard_rows=4, progress=False))
     table = read_output(tmp_path / "out")
     paths = table.column("path").to_pylist()
     assert paths == sorted(paths) and "sub/rocket-copy.jpg" in paths and ".hidden.png" not in paths
-    assert len(paths) == 11
+    assert len(paths) == 12
     errors = dict(zip(paths, table.column("error").to_pylist()))
-    bad = {"broken.jpg", "notes.txt", "LICENSES.md", "gone.png"}
+    bad = {"broken.jpg", "notes.txt", "LICENSES.md", "gone.png", "meta/index.parquet"}
     assert {p for p, e in errors.items() if e} == bad
     assert errors["gone.png"].startswith("cannot read gone.png")
-    assert summary.errors == 4 and summary.rows == 11
+    assert summary.errors == 5 and summary.rows == 12
     valid = table.column("embedding").is_valid().to_pylist()
     assert [p for p, ok in zip(paths, valid) if not ok] == sorted(bad)
     vecs = embeddings(table)
