@@ -112,7 +112,8 @@ def st_module_names(modules: Any) -> list[str] | None:
     return [t.rsplit(".", 1)[-1] if t.startswith("sentence_transformers.") else t for t in types]
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON file of a model directory; ModelConfigError when it is missing or not JSON."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
@@ -157,7 +158,7 @@ _CLIP_VISION_DEFAULTS = dict(hidden_size=768, num_hidden_layers=12, num_attentio
 
 def clip_config(model_dir: Path) -> ClipConfig:
     """Read a CLIPModel config.json."""
-    cfg = _read_json(Path(model_dir) / "config.json")
+    cfg = read_json(Path(model_dir) / "config.json")
     where = f"{model_dir}/config.json"
     # Older CLIP configs also carry text_config_dict / vision_config_dict; transformers lets them override.
     text, vision = ({**_dict(cfg, key, where), **_dict(cfg, key + "_dict", where)}
@@ -188,7 +189,7 @@ def bert_config(model_dir: Path) -> BertConfig:
     """Read a sentence-transformers checkpoint over a BERT-family encoder: config.json, modules.json, pooling,
     max length and lowercasing, in the layouts of sentence-transformers 2.x to 6.x."""
     model_dir = Path(model_dir)
-    cfg = _read_json(model_dir / "config.json")
+    cfg = read_json(model_dir / "config.json")
     where = f"{model_dir}/config.json"
     model_type = _get(cfg, "model_type", "bert", str, where)
     if model_type not in BERT_FAMILY:
@@ -196,7 +197,7 @@ def bert_config(model_dir: Path) -> BertConfig:
     if cfg.get("position_embedding_type", "absolute") != "absolute":
         raise ModelConfigError(f"{where}: position_embedding_type {cfg['position_embedding_type']!r} is not "
                                "supported; expected 'absolute'")
-    modules = _read_json(model_dir / "modules.json")
+    modules = read_json(model_dir / "modules.json")
     types = st_module_names(modules) or []
     unknown = [t for t in types if t not in ST_RUNNABLE_MODULES]
     if unknown or not types or types[0] != "Transformer":
@@ -209,11 +210,11 @@ def bert_config(model_dir: Path) -> BertConfig:
         raise ModelConfigError(f"{model_dir}/modules.json: expected one Pooling module, got {len(pools)}; without "
                                "one sentence-transformers gives token embeddings, not one vector per text")
     pooling = _pooling_mode(model_dir / str(pools[0].get("path", "1_Pooling")) / "config.json")
-    st_cfg = next((_read_json(model_dir / n) for n in _ST_CONFIG_FILES if (model_dir / n).exists()), {})
+    st_cfg = next((read_json(model_dir / n) for n in _ST_CONFIG_FILES if (model_dir / n).exists()), {})
     max_seq = st_cfg.get("max_seq_length")
     if max_seq is None:  # sentence-transformers 6.x keeps it as the tokenizer's model_max_length
         tok_cfg_path = model_dir / "tokenizer_config.json"
-        max_seq = _read_json(tok_cfg_path).get("model_max_length") if tok_cfg_path.exists() else None
+        max_seq = read_json(tok_cfg_path).get("model_max_length") if tok_cfg_path.exists() else None
     lowercase = st_cfg.get("do_lower_case", False)
     if not isinstance(lowercase, bool):
         raise ModelConfigError(f"{model_dir}: do_lower_case should be true or false, got {lowercase!r}")
@@ -240,7 +241,7 @@ def bert_config(model_dir: Path) -> BertConfig:
 
 def _pooling_mode(path: Path) -> str:
     """The one pooling mode of a sentence-transformers Pooling config (either layout)."""
-    pool = _read_json(path)
+    pool = read_json(path)
     mode = pool.get("pooling_mode")
     modes = ([mode] if isinstance(mode, str) else list(mode) if isinstance(mode, list) else
              [name for key, name in _LEGACY_POOLING_KEYS.items() if pool.get(key)])

@@ -7,7 +7,6 @@ so a CLIP text cut at 77 tokens still ends with its end-of-text token, as
 """
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections.abc import Sequence
@@ -115,13 +114,12 @@ def _missing(path: Path) -> str:
 
 def tokenizer_config(model_dir: Path) -> dict:
     """tokenizer_config.json of a model directory as a dict ({} when there is none)."""
+    from engine.config import read_json
+
     path = Path(model_dir) / "tokenizer_config.json"
     if not path.exists():
         return {}
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelConfigError(f"{path} is not valid JSON: {exc}") from exc
+    cfg = read_json(path)
     if not isinstance(cfg, dict):
         raise ModelConfigError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
     return cfg

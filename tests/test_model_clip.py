@@ -264,6 +264,8 @@ def test_weights_are_views_of_the_mapped_file(tiny_clip_dir):
     for name, p in model.net.named_parameters():
         ptr = p.data_ptr()
         assert any(lo <= ptr < hi for lo, hi in spans), name
+        assert not p.requires_grad, name
+    assert not any(m.training for m in model.net.modules())  # eval mode
 
 
 @pytest.mark.parametrize("image_size, patch, batch", [(32, 8, 1), (30, 7, 3), (28, 14, 2)])
