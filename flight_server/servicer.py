@@ -200,6 +200,9 @@ class EmbeddingServer(flight.FlightServerBase):
         try:
             self._exchange(context, descriptor, reader, writer, call)
             outcome = "ok"
+        except _Busy as busy:  # rejected at its first batch: counted in rejected_busy, not as a failure
+            outcome = "busy"
+            raise busy.error from None
         except Exception as exc:
             if isinstance(exc, (_Cancelled, CancelledError)) or context.is_cancelled():
                 outcome = "cancelled"
@@ -225,7 +228,7 @@ class EmbeddingServer(flight.FlightServerBase):
         if not self._slots.acquire(blocking=False):
             self.stats.add(rejected_busy=1)
             self._count_rejected("busy")
-            raise busy_error(self.config.limits.max_concurrent_exchanges)
+            raise _Busy(busy_error(self.config.limits.max_concurrent_exchanges))
         call.slot = True
         self.stats.add(active_exchanges=1)
         if self.metrics is not None:
@@ -469,6 +472,14 @@ def _tiny_png(size: int = 8) -> bytes:
     raw = b"".join(b"\x00" + b"\x80" * (3 * size) for _ in range(size))
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
             + chunk(b"IEND", b""))
+
+
+class _Busy(Exception):
+    """Every exchange slot is taken; carries the Flight error the client gets."""
+
+    def __init__(self, error: flight.FlightError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 class _Call:

@@ -254,7 +254,7 @@ def test_concurrency_limit_rejects_fast_with_unavailable():
         first.join()
         assert len(result["out"]) == 3
         stats = action(client, "stats")
-        assert stats["rejected_busy"] == 1 and stats["active_exchanges"] == 0
+        assert stats["rejected_busy"] == 1 and stats["active_exchanges"] == 0 and stats["requests_failed"] == 0
 
 
 def test_exchanges_that_send_nothing_hold_no_slot():
