@@ -15,9 +15,9 @@ class ServerLimits:
     # Worst case with the defaults: 8 exchanges x 2 batches read ahead x 256 MiB = 4 GiB of
     # input, plus decoding (one 50 MP image is 150 MB of BGR pixels per decode thread) and
     # the scheduler's bounded queue (128 decoded images, ~77 MB): well inside 24 GiB.
-    max_concurrent_exchanges: int = 8       # excess exchanges get a fast FlightUnavailableError
+    max_concurrent_exchanges: int = 8       # exchanges sending batches; excess ones get a fast FlightUnavailableError
     max_batch_rows: int = 8192              # rows per input batch
-    max_batch_bytes: int = 256 * 1024 ** 2  # Arrow bytes per input batch (all columns)
+    max_batch_bytes: int = 256 * 1024 ** 2  # Arrow bytes per input batch (all columns); one row over it: a row error
     max_image_bytes: int = 32 * 1024 ** 2   # encoded bytes per image; larger rows are row errors
     max_image_pixels: int = 50_000_000      # width x height per image, from the header and after the resize
     max_row_tokens: int | None = None       # token ids per token-id row; None: the model's positions

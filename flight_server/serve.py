@@ -65,9 +65,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--insecure", action="store_true",
                         help="allow a non-loopback --host without TLS (plaintext on the network)")
     parser.add_argument("--max-concurrent", type=int, default=defaults.max_concurrent_exchanges,
-                        help="concurrent exchanges; more get FlightUnavailableError (default %(default)s)")
+                        help="concurrent exchanges (counted from their first batch); more get "
+                             "FlightUnavailableError (default %(default)s)")
     parser.add_argument("--max-batch-rows", type=int, default=defaults.max_batch_rows,
-                        help="rows per input batch (default %(default)s)")
+                        help="rows per input batch; clients read it with the `limits` action (default %(default)s)")
     parser.add_argument("--max-batch-bytes", type=int, default=defaults.max_batch_bytes,
                         help="bytes per input batch (default %(default)s)")
     parser.add_argument("--max-image-bytes", type=int, default=defaults.max_image_bytes,
