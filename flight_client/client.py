@@ -257,8 +257,9 @@ class EmbeddingClient:
         """Stream record batches through the server; yields one result batch per input batch.
 
         For inputs larger than memory: a writer thread sends batches ahead while results
-        are read. Batches must share one schema. A connection failure is retried only
-        before any result came back and while the input can still be replayed.
+        are read. Batches must share one schema. A connection failure or a busy server is
+        retried only before any result came back (the batches sent until then are kept
+        to be sent again).
 
         Raises:
             TypeError: ``batches`` is a single RecordBatch or Table (wrap it in a list, or use
@@ -282,8 +283,9 @@ class EmbeddingClient:
                 yield from self._exchange(command, first, source, state)
                 return
             except flight.FlightUnavailableError as exc:
-                if state.results or state.pulled or attempt >= self.retries:
+                if state.results or attempt >= self.retries:
                     raise
+                source = itertools.chain(state.sent, source)  # nothing came back: send them all again
                 self._wait_before_retry(attempt, exc)
 
     def _embed_array(self, array: pa.Array, kind: str, model: str | None, normalize: bool,
@@ -335,7 +337,8 @@ class EmbeddingClient:
                         return fail(exc)
                     if batch is None:
                         break
-                    state.pulled = True
+                    if not state.results:  # kept until the first result: a retry sends it again
+                        state.sent.append(batch)
                     if not batch.schema.equals(first.schema):
                         return fail(ValueError(f"every batch must have the first batch's schema "
                                                f"{first.schema}; got {batch.schema}"))
@@ -359,6 +362,7 @@ class EmbeddingClient:
                         raise own_errors[0] from exc
                     raise
                 state.results += 1
+                state.sent.clear()
                 yield chunk.data
         finally:
             if not finished:  # an error, or the consumer stopped early: stop the server's work
@@ -386,7 +390,7 @@ class _StreamState:
     """What a streaming exchange has done so far (decides whether a retry is safe)."""
 
     def __init__(self) -> None:
-        self.pulled = False  # a batch beyond the first was taken from the input iterator
+        self.sent: list[pa.RecordBatch] = []  # batches after the first taken from the input, until a result came
         self.results = 0     # result batches yielded
 
 

@@ -269,6 +269,28 @@ def test_retry_succeeds_when_a_busy_server_frees_up():
         assert srv.stats.snapshot()["rejected_busy"] >= 1
 
 
+def test_a_stream_rejected_as_busy_is_sent_again_whole():
+    """The server says busy at a stream's first batch, after the writer may have taken more from the input
+    iterator: the retry sends every batch again, in order."""
+    slow = FakeModel("slow", delay_s=0.3)
+    limits = ServerLimits(max_concurrent_exchanges=1)
+    with EmbeddingServer({"slow": slow}, ServerConfig(port=0, limits=limits)) as srv:
+        location = f"grpc://127.0.0.1:{srv.port}"
+        with EmbeddingClient(location) as first, EmbeddingClient(location, retries=8, backoff_s=0.1) as second:
+            hold = threading.Thread(target=lambda: first.embed_stream(
+                iter([pa.record_batch({"text": ["a"]})] * 3), "text").__next__(), daemon=True)
+            hold.start()
+            while slow.calls == 0:
+                time.sleep(0.01)
+            batches = (pa.record_batch({"text": [f"b{i}", f"c{i}"]}) for i in range(5))
+            out = list(second.embed_stream(batches, "text"))
+            hold.join()
+        assert srv.stats.snapshot()["rejected_busy"] >= 1
+    texts = [t for i in range(5) for t in (f"b{i}", f"c{i}")]
+    np.testing.assert_array_equal(np.concatenate([embeddings_to_numpy(b.column("embedding")) for b in out]),
+                                  expected(texts))
+
+
 def test_token_and_tls(fake, tmp_path):
     cert, key = make_self_signed_cert(tmp_path)
     config = ServerConfig(port=0, auth_token="tok-123", tls_cert=cert, tls_key=key)
