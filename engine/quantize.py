@@ -85,7 +85,9 @@ class Int8Linear(nn.Module):
         hi = x.amax(dim=1, keepdim=True)  # (N, 1); aminmax is ~10x slower than the two reductions
         lo = x.amin(dim=1, keepdim=True)
         centre = (hi + lo).mul_(0.5)
-        s = (hi - lo).clamp_(min=1e-12).div_(254)
+        # s >= |centre| / 2**16: x * inv - centre * inv then loses < 2**-8 to rounding, so a constant row (or a
+        # narrow one far from 0) stays inside the fences instead of blowing up fbgemm's range for the batch
+        s = torch.maximum((hi - lo).div_(254), centre.abs().mul_(2.0 ** -16)).clamp_(min=1e-12)
         inv = s.reciprocal()
         scaled = torch.empty(n + 2, self.in_features, dtype=x.dtype, device=x.device)
         torch.addcmul(-centre * inv, x, inv, out=scaled[:n])  # (x - c) / s, in [-127, 127]

@@ -57,6 +57,21 @@ def test_int8_rows_do_not_depend_on_the_rows_beside_them(bias):
             assert torch.equal(q(x[:n]), together[:n]), n
 
 
+def test_constant_and_narrow_offset_rows_stay_in_range():
+    """A constant row (max == min) or a narrow row far from 0 must not leave the fixed range: it would widen
+    fbgemm's range for the whole batch (a neighbour's cosine to fp32 fell to 0.24 before the scale floor)."""
+    lin = nn.Linear(64, 16)
+    q = Int8Linear(lin)
+    g = torch.Generator().manual_seed(0)
+    good = torch.randn(1, 64, generator=g)
+    odd = torch.stack([torch.full((64,), 3.7), torch.full((64,), -2.2), 1e4 + 0.01 * torch.randn(64, generator=g)])
+    with torch.inference_mode():
+        together = q(torch.cat([good, odd]))
+        assert torch.equal(together[:1], q(good))
+        cos = nn.functional.cosine_similarity(together, lin(torch.cat([good, odd])), dim=1)
+    assert cos.min() > 0.999, cos
+
+
 def test_int8_linear_without_bias_and_zero_rows():
     lin = nn.Linear(16, 8, bias=False)
     q = Int8Linear(lin)
