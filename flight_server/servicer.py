@@ -158,12 +158,13 @@ class EmbeddingServer(flight.FlightServerBase):
         return [self._default] + [n for n in self._models if n != self._default]
 
     def warm_up(self) -> None:
-        """Run one real inference per model (text if it has text, else a tiny image); then ready."""
+        """Run one real inference per model (text if it can tokenize texts, else a tiny image); then ready."""
         for name, model in self._models.items():
             t0 = time.perf_counter()
+            tokenizer = getattr(model, "tokenizer", None)
             if hasattr(model, "warm_up"):
                 model.warm_up()
-            elif "text" in model.info.modalities:
+            elif "text" in model.info.modalities and (tokenizer is None or tokenizer.available):
                 model.embed_texts(pa.array(["warm up"]), normalize=True)
             else:
                 model.embed_images(pa.array([_tiny_png()], type=pa.binary()), normalize=True)

@@ -117,6 +117,14 @@ def test_checkpoint_layouts_that_transformers_loads(tiny_clip_source, tiny_clip_
     np.testing.assert_allclose(no_tok.encode_tokens(ids), base.encode_text(["a photo of a cat"]), atol=1e-6)
     with pytest.raises(InputError, match="tokenizer.json is missing.*token ids"):
         no_tok.encode_text(["a photo of a cat"])
+    import pyarrow.flight as flight
+
+    from flight_server.config import ServerConfig
+    from flight_server.servicer import EmbeddingServer
+    with EmbeddingServer({"clip": no_tok}, ServerConfig(port=0)) as server:
+        server.warm_up()  # with an image: a text warm-up would fail and leave the server never ready
+        ready = list(flight.connect(f"grpc://127.0.0.1:{server.port}").do_action(flight.Action("ready", b"")))
+        assert json.loads(ready[0].body.to_pybytes())["ready"] is True
 
     # tokenizer_config.json's model_max_length below the positions: texts are cut there, as HF's truncation=True
     def short_tokenizer(folder):
