@@ -257,9 +257,9 @@ def resolve_source(source: str | os.PathLike) -> Path:
 
 
 def safetensors_files(root: Path) -> list[Path]:
-    """The checkpoint's safetensors shards: from model.safetensors.index.json if present, else model.safetensors
-    (as transformers loads: a repo may ship others beside it, e.g. open_clip_model.safetensors or
-    model.fp16.safetensors), else every *.safetensors (a store-mode folder of several files)."""
+    """The checkpoint's safetensors shards: from model.safetensors.index.json if present; else, in a transformers
+    folder (one with config.json), model.safetensors alone, as transformers loads it (a repo may ship others
+    beside it, e.g. open_clip_model.safetensors or model.fp16.safetensors); else every *.safetensors."""
     indexes = _indexes(root)
     if indexes:
         weight_map = _read_index(indexes[0])
@@ -270,7 +270,7 @@ def safetensors_files(root: Path) -> list[Path]:
                                     "download the complete checkpoint")
         return [root / f for f in files]
     files = sorted(root.glob("*.safetensors"))
-    if (root / "model.safetensors").is_file() and len(files) > 1:
+    if (root / "model.safetensors").is_file() and len(files) > 1 and (root / "config.json").is_file():
         log.info("%s: converting model.safetensors; not the other weight files beside it: %s", root,
                  [f.name for f in files if f.name != "model.safetensors"])
         return [root / "model.safetensors"]

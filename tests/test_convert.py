@@ -318,6 +318,15 @@ def test_store_mode_pytorch_bin_fallback(tmp_path):
     assert all(torch.equal(sd[k], v) for k, v in ref.items())
 
 
+def test_store_mode_folder_without_config_keeps_every_safetensors_file(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    write_safetensors(src / "model.safetensors", {"a": torch.ones(2)})
+    write_safetensors(src / "head.safetensors", {"b": torch.zeros(3)})
+    convert_checkpoint(src, tmp_path / "out")
+    assert sorted(load_weights(tmp_path / "out")) == ["a", "b"]
+
+
 def test_broken_checkpoints_leave_nothing(tmp_path):
     src = tmp_path / "src"
     ref = sharded_checkpoint(src, {"model_type": "x"}, [{"a": torch.ones(4)}, {"b": torch.ones(4)}])
