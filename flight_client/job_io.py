@@ -197,9 +197,10 @@ def open_source(path: Path, kind: str, column: str, passthrough: Sequence[str],
                 output: Path | None = None) -> ParquetSource | ImageFolderSource:
     """Pick the source for INPUT: Parquet file/folder, or (``kind="image"``) a folder of images.
 
-    A folder that holds ``*.parquet`` files is a Parquet input, except for ``--kind image`` when it
-    also holds other files: then it is an image folder (its Parquet files become rows that fail as
-    "not an image"). A folder without any is an image folder (only for ``--kind image``).
+    A folder that holds ``*.parquet`` files is a Parquet input (a README or LICENSE beside them, as
+    in a hub dataset, changes nothing), except for ``--kind image`` when it also holds image files
+    (by suffix): then it is an image folder, and its Parquet files become rows that fail as "not an
+    image". A folder without any is an image folder (only for ``--kind image``).
     ``output`` must not lie inside the input folder.
     """
     path = Path(path)
@@ -211,7 +212,7 @@ def open_source(path: Path, kind: str, column: str, passthrough: Sequence[str],
     if path.is_file():
         return ParquetSource(path, [column, *passthrough])
     parquet = _parquet_files(path, required=False)
-    if parquet and not (kind == "image" and _holds_other_files(path)):
+    if parquet and not (kind == "image" and _holds_image_files(path)):
         return ParquetSource(path, [column, *passthrough])
     if parquet:
         log.info("%s holds image files and %d *.parquet file(s) (e.g. %s): read as an image folder; pass a "
@@ -226,11 +227,15 @@ def open_source(path: Path, kind: str, column: str, passthrough: Sequence[str],
     return ImageFolderSource(path)
 
 
-def _holds_other_files(root: Path) -> bool:
-    """Whether a folder holds a visible file that is not ``*.parquet`` (hidden and ``_`` names skipped)."""
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".jp2",
+                  ".avif", ".heic", ".ppm", ".pgm")
+
+
+def _holds_image_files(root: Path) -> bool:
+    """Whether a folder holds a visible file named like an image (hidden and ``_`` names skipped)."""
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if not d.startswith((".", "_"))]
-        if any(not f.startswith((".", "_")) and not f.endswith(".parquet") for f in filenames):
+        if any(not f.startswith((".", "_")) and f.lower().endswith(IMAGE_SUFFIXES) for f in filenames):
             return True
     return False
 

@@ -156,17 +156,19 @@ def test_image_folder_gives_paths_and_row_errors(tmp_path, clip, tiny_clip_dir):
     (folder / "meta").mkdir()  # a stray Parquet file does not turn a photo folder into Parquet input
     pq.write_table(pa.table({"text": ["x"]}), folder / "meta" / "index.parquet")
     assert isinstance(job_io.open_source(folder / "meta", "image", "text", []), ParquetSource)  # Parquet alone
+    (folder / "meta" / "README.md").write_text("a hub dataset's card")  # not an image: still Parquet
+    assert isinstance(job_io.open_source(folder / "meta", "image", "text", []), ParquetSource)
     summary = run_job(JobConfig(input=folder, output=tmp_path / "out", kind="image", model=str(tiny_clip_dir),
                                 batch_rows=4, shard_rows=4, progress=False))
     table = read_output(tmp_path / "out")
     paths = table.column("path").to_pylist()
     assert paths == sorted(paths) and "sub/rocket-copy.jpg" in paths and ".hidden.png" not in paths
-    assert len(paths) == 12
+    assert len(paths) == 13
     errors = dict(zip(paths, table.column("error").to_pylist()))
-    bad = {"broken.jpg", "notes.txt", "LICENSES.md", "gone.png", "meta/index.parquet"}
+    bad = {"broken.jpg", "notes.txt", "LICENSES.md", "gone.png", "meta/index.parquet", "meta/README.md"}
     assert {p for p, e in errors.items() if e} == bad
     assert errors["gone.png"].startswith("cannot read gone.png")
-    assert summary.errors == 5 and summary.rows == 12
+    assert summary.errors == 6 and summary.rows == 13
     valid = table.column("embedding").is_valid().to_pylist()
     assert [p for p, ok in zip(paths, valid) if not ok] == sorted(bad)
     vecs = embeddings(table)
