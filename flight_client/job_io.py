@@ -93,12 +93,14 @@ class ParquetSource:
             file_schemas.append(pa.schema([file_schema.field(c) for c in self.columns]))
         schema = file_schemas[0]
         for path, file_schema in zip(self.files[1:], file_schemas[1:]):
-            try:
-                schema = pa.unify_schemas([schema, file_schema], promote_options="permissive")
-            except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
+            clash = [f"{a.name}: {a.type} vs {b.type}" for a, b in zip(schema, file_schema)
+                     if not _widens(a.type, b.type)]
+            if clash:
                 raise JobInputError(f"{path}: columns ({_types(file_schema)}) do not fit the other files' "
-                                    f"({_types(schema)}): {exc}; every Parquet file of the input must have "
-                                    "compatible types for the selected columns") from exc
+                                    f"({_types(schema)}): {'; '.join(clash)}; the Parquet files of an input may "
+                                    "differ only in nullability, string vs large_string, binary vs "
+                                    "large_binary and integer or float width")
+            schema = pa.unify_schemas([schema, file_schema], promote_options="permissive")
         return schema
 
     def fingerprint(self) -> dict[str, Any]:
@@ -144,6 +146,23 @@ class ParquetSource:
                     piece = piece.slice(skip) if skip else piece
                     skip = 0
                     yield piece if piece.schema.equals(self.schema) else _cast(piece, self.schema)
+
+
+_FAMILIES = (lambda t: pa.types.is_string(t) or pa.types.is_large_string(t),
+             lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t),
+             pa.types.is_signed_integer, pa.types.is_unsigned_integer, pa.types.is_floating)
+
+
+def _widens(a: pa.DataType, b: pa.DataType) -> bool:
+    """Whether columns of types ``a`` and ``b`` can be read as one type without losing a value."""
+    if a.equals(b) or pa.types.is_null(a) or pa.types.is_null(b):
+        return True
+    if any(family(a) and family(b) for family in _FAMILIES):
+        return True
+    lists = (pa.types.is_list, pa.types.is_large_list)
+    if any(t(a) for t in lists) and any(t(b) for t in lists):
+        return _widens(a.value_type, b.value_type)
+    return False
 
 
 def _types(schema: pa.Schema) -> str:

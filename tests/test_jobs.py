@@ -111,6 +111,10 @@ def test_parquet_folder_is_read_in_sorted_order_and_schemas_must_agree(tmp_path)
     got = list(source.batches(0, 3))
     assert [b.data.column(1).to_pylist() for b in got] == [[1, 2, 3], [4, 5, 6]]
     assert all(b.data.schema == source.schema for b in got)
+    pq.write_table(pa.table({"id": [7.5], "text": ["e"]}), folder / "f.parquet")  # int64 ids read as floats: no
+    with pytest.raises(job_io.JobInputError, match="f.parquet: .* id: int64 vs double"):
+        job_io.open_source(folder, "text", "text", ["id"])
+    (folder / "f.parquet").unlink()
     pq.write_table(pa.table({"id": ["x"], "text": ["e"]}), folder / "c.parquet")
     with pytest.raises(job_io.JobInputError, match=r"c.parquet: columns \(text: string, id: string\) do not fit the other files. \(text: large_string, id: int64\)"):
         job_io.open_source(folder, "text", "text", ["id"])
