@@ -27,10 +27,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import pyarrow as pa
+import pyarrow.flight as flight
 
 from flight_client.job_io import (MANIFEST_NAME, PATH_COLUMN, IMAGE_COLUMN, ImageFolderSource, JobInputError,
                                   JobManifest, ShardWriter, clean_output, open_source)
-from flight_client.pool import AllEndpointsFailed, EndpointPool, FlightEmbedder, LocalEmbedder
+from flight_client.pool import FATAL_CODES, AllEndpointsFailed, EndpointPool, FlightEmbedder, LocalEmbedder
 from flight_server import protocol
 
 log = logging.getLogger("arrowengine.embed")
@@ -164,13 +165,14 @@ def run_job(config: JobConfig, embedders: Sequence[Any] | None = None) -> JobSum
         _embed_all(config, source, manifest, pool, output, dim, t0)
     except AllEndpointsFailed as exc:
         raise JobError(f"{exc} (output so far: {manifest.rows_done} of {source.num_rows} rows)") from exc
-    except Exception as exc:  # a request-level fault: the same on every endpoint
+    except Exception as exc:  # a request-level fault (the same on every endpoint), or this machine's (disk, memory)
         if not previous and manifest.rows_done == 0:  # nothing to resume: leave OUTPUT as it was
             (output / MANIFEST_NAME).unlink(missing_ok=True)
             if created and not any(output.iterdir()):
                 output.rmdir()
-            raise JobUsageError(f"the job stopped before any row was written: {type(exc).__name__}: {exc}; "
-                           f"nothing was kept in {output}: fix the cause and run the command again") from exc
+            error = JobUsageError if _is_request_fault(exc) else JobError
+            raise error(f"the job stopped before any row was written: {type(exc).__name__}: {exc}; "
+                        f"nothing was kept in {output}: fix the cause and run the command again") from exc
         raise JobError(f"the job stopped after {manifest.rows_done} of {source.num_rows} rows: "
                        f"{type(exc).__name__}: {exc}; fix the cause and rerun with --resume (the same "
                        f"settings), or delete {output} to start over with new ones") from exc
@@ -221,6 +223,16 @@ def _embed_all(config: JobConfig, source: Any, manifest: JobManifest, pool: Endp
     finally:
         if bar is not None:
             bar.close()
+
+
+def _is_request_fault(exc: BaseException) -> bool:
+    """Whether the job's own request is wrong (column type, model, limits): the same command fails again. A
+    full disk, memory or a crash is not: the same command may then succeed."""
+    from engine.errors import InputError  # no torch import
+
+    if isinstance(exc, flight.FlightError):
+        return protocol.error_code(exc) in FATAL_CODES
+    return isinstance(exc, (protocol.ProtocolError, InputError))
 
 
 def _progress(config: JobConfig, total: int, initial: int, errors: int) -> Any:

@@ -17,7 +17,7 @@ import pytest
 
 from flight_client import job_io
 from flight_client.job_io import JobManifest, ParquetSource, read_output
-from flight_client.jobs import JobConfig, JobError, run_job
+from flight_client.jobs import JobConfig, JobError, JobUsageError, run_job
 from flight_client.pool import AllEndpointsFailed, EndpointPool, LocalEmbedder
 from flight_server.config import ServerConfig
 from flight_server.servicer import EmbeddingServer
@@ -365,12 +365,25 @@ def test_request_level_fault_stops_at_once(tmp_path, clip):
     path = tmp_path / "ints.parquet"
     pq.write_table(pa.table({"id": [1, 2], "text": [1, 2]}), path)
     with serve(clip) as server:
-        with pytest.raises(JobError, match="column 'text' has type int64.*nothing was kept.*run the command again"):
+        with pytest.raises(JobUsageError, match="column 'text' has type int64.*nothing was kept.*run the command again"):
             run_job(job(path, tmp_path / "out", servers=(f"grpc://127.0.0.1:{server.port}",)))
         assert not (tmp_path / "out").exists()  # no half-started job blocks the fixed rerun
         pq.write_table(pa.table({"id": [1, 2], "text": ["a", "b"]}), path)
         summary = run_job(job(path, tmp_path / "out", servers=(f"grpc://127.0.0.1:{server.port}",)))
     assert summary.rows == 2 and summary.errors == 0
+
+
+def test_a_fault_of_this_machine_before_any_row_is_not_a_usage_error(tmp_path, clip):
+    """Memory or disk trouble before the first shard: nothing is kept, and the exit is 1 (the same command
+    may succeed later), not 2 (the arguments cannot work)."""
+    class OutOfMemory(LocalEmbedder):
+        def embed(self, column):
+            raise MemoryError("no room for the batch")
+
+    path = texts_parquet(tmp_path / "t.parquet", 4)
+    with pytest.raises(JobError, match="MemoryError: no room.*nothing was kept") as err:
+        run_job(job(path, tmp_path / "out"), [OutOfMemory(clip, "text")])
+    assert not isinstance(err.value, JobUsageError) and not (tmp_path / "out").exists()
 
 
 def test_unreachable_server_at_start_is_skipped_and_none_reachable_is_an_error(tmp_path, clip):
