@@ -380,7 +380,7 @@ def test_a_fault_of_this_machine_before_any_row_is_not_a_usage_error(tmp_path, c
         def embed(self, column):
             raise MemoryError("no room for the batch")
 
-    path = texts_parquet(tmp_path / "t.parquet", 4)
+    path = texts_parquet(tmp_path / "t.parquet", 8)
     with pytest.raises(JobError, match="MemoryError: no room.*nothing was kept") as err:
         run_job(job(path, tmp_path / "out"), [OutOfMemory(clip, "text")])
     assert not isinstance(err.value, JobUsageError) and not (tmp_path / "out").exists()
