@@ -24,10 +24,14 @@ one), ``input`` one of the protocol's input kinds.
 from __future__ import annotations
 
 import logging
+import socket
+import ssl
+import threading
+from socketserver import ThreadingMixIn
 from typing import Any, Callable, Mapping
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.exposition import start_wsgi_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +92,20 @@ class ServerMetrics:
             self.row_errors.labels(model, kind).inc(row_errors)
 
     def serve(self, host: str, port: int, tls_files: Mapping[str, str] | None = None) -> int:
-        """Serve ``/metrics`` on a daemon thread; returns the bound port (``port`` 0: any free one)."""
-        self._httpd, _ = start_wsgi_server(port, addr=host, registry=self.registry, **(tls_files or {}))
+        """Serve ``/metrics`` on a daemon thread; returns the bound port (``port`` 0: any free one).
+
+        ``tls_files``: ``{"certfile": ..., "keyfile": ...}`` for HTTPS. Each connection gets its own thread,
+        and its TLS handshake runs there with a timeout (prometheus_client's own server shakes hands inside
+        ``accept``: one silent connection blocked every scrape).
+        """
+        server_class = _MetricsServer6 if ":" in host else _MetricsServer
+        self._httpd = make_server(host, port, make_wsgi_app(self.registry), server_class, _MetricsHandler)
+        if tls_files:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(tls_files["certfile"], tls_files["keyfile"])
+            self._httpd.socket = context.wrap_socket(self._httpd.socket, server_side=True,
+                                                     do_handshake_on_connect=False)
+        threading.Thread(target=self._httpd.serve_forever, name="metrics-http", daemon=True).start()
         bound = int(self._httpd.server_port)
         log.info("metrics on %s://%s:%d/metrics", "https" if tls_files else "http", host, bound)
         return bound
@@ -100,6 +116,24 @@ class ServerMetrics:
             self._httpd.shutdown()
             self._httpd.server_close()
             self._httpd = None
+
+
+class _MetricsServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:  # a failed handshake, a dropped client
+        log.debug("metrics connection from %s failed", client_address, exc_info=True)
+
+
+class _MetricsServer6(_MetricsServer):
+    address_family = socket.AF_INET6
+
+
+class _MetricsHandler(WSGIRequestHandler):
+    timeout = 10  # seconds a connection may stay silent (TLS handshake included) before it is dropped
+
+    def log_message(self, format: str, *args: Any) -> None:  # no line per scrape on stderr
+        log.debug("metrics %s " + format, self.address_string(), *args)
 
 
 def _depth(model: Any, queue: str) -> Callable[[], float]:

@@ -71,3 +71,29 @@ def test_scheduler_batches_and_queue_depth_are_exported(minilm_model_dir):
     assert got[("arrowengine_batch_rows_sum", (("model", "minilm"), ("queue", "text")))] == 3
     assert got[("arrowengine_batch_seconds_count", (("model", "minilm"), ("queue", "text")))] == 1
     assert got[("arrowengine_queue_rows", (("model", "minilm"), ("queue", "text")))] == 0
+
+
+def test_https_metrics_answer_while_a_connection_stays_silent(tmp_path):
+    """With TLS, a client that connects and never shakes hands must not block other scrapes."""
+    import http.client
+    import socket
+    import ssl
+    import time
+
+    from flight_fakes import make_self_signed_cert
+
+    cert, key = make_self_signed_cert(tmp_path)
+    config = ServerConfig(port=0, metrics_port=0, tls_cert=cert, tls_key=key)
+    with EmbeddingServer({"fake": FakeModel("fake")}, config) as server:
+        silent = socket.create_connection(("127.0.0.1", server.metrics_port))
+        try:
+            context = ssl.create_default_context(cafile=str(cert))
+            t0 = time.perf_counter()
+            with urllib.request.urlopen(f"https://localhost:{server.metrics_port}/metrics", timeout=5,
+                                        context=context) as resp:
+                assert resp.status == 200 and b"arrowengine_active_exchanges" in resp.read()
+            assert time.perf_counter() - t0 < 2
+            with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):  # no plain HTTP
+                urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5)
+        finally:
+            silent.close()
