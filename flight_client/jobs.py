@@ -287,6 +287,9 @@ def _check_endpoints(config: JobConfig, embedders: list[Any], manifest: JobManif
     for embedder in embedders:
         try:
             meta = embedder.describe()
+        except (flight.FlightUnauthenticatedError, flight.FlightUnauthorizedError) as exc:
+            raise JobUsageError(f"{embedder.name} refused this job's credentials ({exc}); check --token-file "
+                                "(and --tls-root-certs)") from exc
         except (OSError, pa.ArrowException) as exc:
             problems.append(f"{embedder.name}: {type(exc).__name__}: {exc}")
             log.warning("endpoint %s is unreachable, going on without it: %s", embedder.name, exc)

@@ -54,4 +54,7 @@ def read_token_file(path: Path, flag: str) -> str:
         raise ValueError(f"cannot read {flag} {path}: {exc}") from exc
     if not token:
         raise ValueError(f"{flag} {path} is empty; put the token in it")
+    if any(c.isspace() for c in token):
+        raise ValueError(f"{flag} {path} holds more than one line, or spaces inside the token; a bearer token "
+                         "is one word: put it alone on the file's first line")
     return token

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import pyarrow as pa
 
 from flight_server.auth import read_token_file
-from flight_server.config import ServerConfig, ServerLimits
+from flight_server.config import ServerConfig, ServerLimits, is_loopback
 
 log = logging.getLogger("arrowengine.serve")
 
@@ -100,14 +100,30 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     for flag, path in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
         if path is not None and not path.is_file():
             raise ValueError(f"{flag} {path}: no such file")
+    if args.tls_cert is not None and args.tls_key is not None:
+        _check_tls_pair(args.tls_cert, args.tls_key)
     limits = ServerLimits(max_concurrent_exchanges=args.max_concurrent,
                           max_batch_rows=args.max_batch_rows, max_batch_bytes=args.max_batch_bytes,
                           max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
                           max_row_tokens=args.max_tokens_per_row)
+    if token is not None and args.tls_cert is None and not is_loopback(args.host):
+        log.warning("--auth-token-file without TLS on %s: the bearer token crosses the network in plain text; "
+                    "add --tls-cert and --tls-key", args.host)
     return ServerConfig(host=args.host, port=args.port, limits=limits, auth_token=token,
                         tls_cert=args.tls_cert, tls_key=args.tls_key, insecure=args.insecure,
                         shutdown_grace_s=args.shutdown_grace, batch_wait_ms=args.batch_wait_ms,
                         metrics_port=args.metrics_port, advertise=tuple(args.advertise))
+
+
+def _check_tls_pair(cert: Path, key: Path) -> None:
+    """Load the certificate and key as a TLS server would: gRPC reports a bad pair only as a failed bind."""
+    import ssl
+
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(str(cert), str(key))
+    except (ssl.SSLError, ValueError) as exc:
+        raise ValueError(f"--tls-cert {cert} / --tls-key {key}: not a PEM certificate and its private key "
+                         f"({exc}); give the server's certificate (chain) and the key it was issued for") from exc
 
 
 def parse_model_specs(specs: Sequence[str]) -> dict[str, Path]:

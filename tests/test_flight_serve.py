@@ -54,6 +54,16 @@ def test_config_from_args_reads_token_file_and_checks_files(tmp_path):
         serve.config_from_args(parse(["--auth-token-file", str(token)]))
     with pytest.raises(ValueError, match="--tls-cert .*: no such file"):
         serve.config_from_args(parse(["--tls-cert", str(tmp_path / "c"), "--tls-key", str(token)]))
+    # a key that is not the certificate's, or a file that is no certificate: said here, not as a failed bind
+    from flight_fakes import make_self_signed_cert
+
+    cert, key = make_self_signed_cert(tmp_path, "a")
+    _, other_key = make_self_signed_cert(tmp_path, "b")
+    assert serve.config_from_args(parse(["--tls-cert", str(cert), "--tls-key", str(key)])).tls_cert == cert
+    for bad in (["--tls-cert", str(cert), "--tls-key", str(other_key)],
+                ["--tls-cert", str(token), "--tls-key", str(key)]):
+        with pytest.raises(ValueError, match="not a PEM certificate and its private key"):
+            serve.config_from_args(parse(bad))
 
 
 def test_non_loopback_without_tls_needs_insecure(caplog):
@@ -187,6 +197,10 @@ def test_token_file_is_read_stripped_and_empty_or_missing_is_a_clear_error(tmp_p
         read_token_file(empty, "--auth-token-file")
     with pytest.raises(ValueError, match="cannot read --token-file"):
         read_token_file(tmp_path / "missing", "--token-file")
+    two = tmp_path / "two"
+    two.write_text("s3cret\nother\n")  # the server would demand both lines, which no client can send
+    with pytest.raises(ValueError, match="more than one line"):
+        read_token_file(two, "--auth-token-file")
 
 
 def test_pack_weights_flag_reaches_the_engine_and_a_bad_combination_is_logged(tiny_clip_dir, caplog):
