@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -63,7 +63,7 @@ class EmbedSpec:
     normalize: bool = True
     output_column: str = protocol.EMBEDDING_FIELD
     error_column: str = protocol.ERROR_FIELD
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)  # never in logs or Ray's task descriptions
     tls_root_certs: bytes | None = None
     timeout_s: float | None = None
     rounds: int = 3  # passes over the server list before a batch fails the job

@@ -232,7 +232,8 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     models = load_models(dirs, args.device, args.precision, config.limits, pack_weights=args.pack_weights)
     if not models:
-        log.error("no model could be loaded (tried %s); nothing to serve", list(dirs) or "none")
+        log.error("no model could be loaded (tried %s); nothing to serve: give --model NAME=DIR, or a writable "
+                  "--cache-dir for the default model", list(dirs) or "none")
         return 1
     schedulers = make_schedulers(models, config)
     try:

@@ -368,9 +368,14 @@ arrow::Result<Summary> Run(const Options& opt) {
   flight::FlightCallOptions call_options;
   if (opt.token_file) {
     ARROW_ASSIGN_OR_RAISE(std::string token, ReadFile(*opt.token_file));
+    const auto begin = token.find_first_not_of(" \t\r\n");
     const auto end = token.find_last_not_of(" \t\r\n");
-    token.erase(end == std::string::npos ? 0 : end + 1);
+    token = begin == std::string::npos ? std::string() : token.substr(begin, end - begin + 1);
     if (token.empty()) return UsageError("the token file '" + opt.token_file->string() + "' is empty");
+    if (token.find_first_of(" \t\r\n") != std::string::npos) {
+      return UsageError("the token file '" + opt.token_file->string() +
+                        "' holds more than one line or spaces inside the token; put the token alone on one line");
+    }
     call_options.headers.emplace_back("authorization", "Bearer " + token);
   }
 
