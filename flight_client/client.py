@@ -166,6 +166,7 @@ class EmbeddingClient:
             try:
                 return call()
             except flight.FlightUnavailableError as exc:
+                _raise_if_tls_setup(exc)
                 if attempt >= self.retries:
                     raise
                 self._wait_before_retry(attempt, exc)
@@ -283,6 +284,7 @@ class EmbeddingClient:
                 yield from self._exchange(command, first, source, state)
                 return
             except flight.FlightUnavailableError as exc:
+                _raise_if_tls_setup(exc)
                 if state.results or attempt >= self.retries:
                     raise
                 source = itertools.chain(state.sent, source)  # nothing came back: send them all again
@@ -374,6 +376,19 @@ class EmbeddingClient:
                 pass  # the read side already reported the failure, or the cancellation was ours
         if own_errors or transport_errors:
             raise (own_errors or transport_errors)[0]
+
+
+# gRPC reports a TLS set-up mistake on this side as "unavailable": retrying cannot help.
+_TLS_SETUP_FAILURES = ("Ssl handshake failed", "certificate verify failed", "is not in peer certificate")
+
+
+def _raise_if_tls_setup(exc: flight.FlightUnavailableError) -> None:
+    """Raise at once, saying what to check, when ``exc`` is a failed TLS handshake rather than a down server."""
+    if any(s in str(exc) for s in _TLS_SETUP_FAILURES):
+        raise flight.FlightUnavailableError(
+            f"TLS handshake with the server failed: check tls_root_certs (the CA that signed the server's "
+            f"certificate) and the host name in the URI (or override_hostname); gRPC said: "
+            f"{str(exc).split('. Detail:')[0]}") from exc
 
 
 def _fit_bytes(batch: pa.RecordBatch, limit: int) -> Iterator[pa.RecordBatch]:

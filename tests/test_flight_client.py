@@ -304,3 +304,11 @@ def test_token_and_tls(fake, tmp_path):
         with EmbeddingClient(location, tls_root_certs=str(cert), retries=0) as client:
             with pytest.raises(flight.FlightUnauthenticatedError):
                 client.health()
+        # the wrong CA: said at once (no retries: they cannot help), with what to check
+        other_ca, _ = make_self_signed_cert(tmp_path, "other")
+        with EmbeddingClient(location, token="tok-123", tls_root_certs=other_ca, retries=5, backoff_s=1.0) as client:
+            t0 = time.perf_counter()
+            with pytest.raises(flight.FlightUnavailableError, match="TLS handshake with the server failed: check "
+                                                                    "tls_root_certs"):
+                client.health()
+            assert time.perf_counter() - t0 < 1.0
