@@ -17,7 +17,7 @@ import pytest
 
 from flight_client import EmbeddingClient, embeddings_to_numpy
 from flight_fakes import make_self_signed_cert
-from flight_server.config import ServerConfig
+from flight_server.config import ServerConfig, ServerLimits
 from flight_server.servicer import EmbeddingServer
 
 CPP_DIR = Path(__file__).resolve().parent.parent / "flight_client" / "cpp"
@@ -147,6 +147,28 @@ def test_many_small_batches_stream_in_order(binary, server, tmp_path):
     assert np.array_equal(got, expected)
     assert not np.allclose(np.linalg.norm(got, axis=1), 1.0)  # --no-normalize reached the server
     assert "500 rows (0 failed) in 100 batches" in done.stdout
+
+
+def test_batches_fit_a_server_with_lower_limits(binary, models, tmp_path):
+    """The client reads the server's `limits` action: its default 256 rows / 64 MiB would be refused here."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    photos = sorted(PHOTOS.glob("*.png")) + sorted(PHOTOS.glob("*.jpg"))
+    for photo in photos:
+        shutil.copy(photo, folder / photo.name)
+    largest = max(p.stat().st_size for p in photos)
+    limits = ServerLimits(max_batch_rows=3, max_batch_bytes=largest + 4096)
+    out = tmp_path / "out.arrow"
+    with EmbeddingServer(models, ServerConfig(port=0, limits=limits)) as srv:
+        done = run(binary, "--server", f"grpc+tcp://127.0.0.1:{srv.port}", "--model", "clip", "--input", "image",
+                   "--source", str(folder), "--output", str(out))
+        assert done.returncode == 0, done.stderr
+        names = sorted(p.name for p in folder.iterdir())
+        with EmbeddingClient(f"grpc://127.0.0.1:{srv.port}", retries=0, batch_rows=1) as client:
+            expected = client.embed_images([(folder / n).read_bytes() for n in names], model="clip")
+    table = read_ipc(out)
+    assert table.column("name").to_pylist() == names and table.column("error").null_count == len(names)
+    np.testing.assert_allclose(embeddings_to_numpy(table.column("embedding")), expected, atol=1e-5)
 
 
 def test_tls_and_bearer_token(binary, models, tmp_path):

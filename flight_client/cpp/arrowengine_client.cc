@@ -226,8 +226,12 @@ class InputSource {
     arrow::StringBuilder names;
     arrow::BinaryBuilder images;
     int64_t rows = 0, bytes = 0;
-    while (next_file_ < files_.size() && rows < opt_.batch_rows && (rows == 0 || bytes < opt_.batch_bytes)) {
-      const fs::path& path = files_[next_file_++];
+    while (next_file_ < files_.size() && rows < opt_.batch_rows) {
+      const fs::path& path = files_[next_file_];
+      std::error_code ec;
+      const auto size = static_cast<int64_t>(fs::file_size(path, ec));
+      if (rows > 0 && !ec && bytes + size > opt_.batch_bytes) break;  // it starts the next batch
+      ++next_file_;
       ARROW_ASSIGN_OR_RAISE(std::string data, ReadFile(path));
       ARROW_RETURN_NOT_OK(names.Append(path.filename().string()));
       ARROW_RETURN_NOT_OK(images.Append(data));
@@ -352,10 +356,38 @@ arrow::Status CheckResultSchema(const arrow::Schema& schema, const std::string& 
   return arrow::Status::OK();
 }
 
-arrow::Result<Summary> Run(const Options& opt) {
+// The integer after "key": in the server's JSON answer to the `limits` action, if it is there.
+std::optional<int64_t> JsonInt(const std::string& json, const std::string& key) {
+  const auto at = json.find("\"" + key + "\":");
+  if (at == std::string::npos) return std::nullopt;
+  try {
+    return std::stoll(json.substr(at + key.size() + 3));
+  } catch (const std::exception&) {
+    return std::nullopt;
+  }
+}
+
+// Lowers --batch-rows / --batch-bytes to the server's own limits (its `limits` action), so that a server
+// started with smaller --max-batch-rows / --max-batch-bytes does not refuse the batches.
+void FitServerLimits(flight::FlightClient* client, const flight::FlightCallOptions& call_options,
+                     Options* opt) {
+  auto results = client->DoAction(call_options, flight::Action{"limits", nullptr});
+  if (!results.ok()) return;  // an older server: keep the options as given
+  auto result = (*results)->Next();
+  if (!result.ok() || *result == nullptr || (*result)->body == nullptr) return;
+  const std::string json = (*result)->body->ToString();
+  if (auto rows = JsonInt(json, "max_batch_rows"); rows && *rows > 0 && *rows < opt->batch_rows) {
+    opt->batch_rows = *rows;
+  }
+  if (auto bytes = JsonInt(json, "max_batch_bytes"); bytes && *bytes > 0 && *bytes < opt->batch_bytes) {
+    opt->batch_bytes = *bytes;
+  }
+}
+
+arrow::Result<Summary> Run(Options opt) {
   const std::string column = opt.column.value_or(opt.input);  // protocol default: "image" / "text"
   const std::string key = opt.input == "image" ? "name" : "line";
-  ARROW_ASSIGN_OR_RAISE(auto input, InputSource::Open(opt, column));
+  ARROW_ASSIGN_OR_RAISE(auto input, InputSource::Open(opt, column));  // reads opt's batch sizes as they are then
 
   ARROW_ASSIGN_OR_RAISE(auto location, flight::Location::Parse(opt.server));
   auto client_options = flight::FlightClientOptions::Defaults();
@@ -378,6 +410,7 @@ arrow::Result<Summary> Run(const Options& opt) {
     }
     call_options.headers.emplace_back("authorization", "Bearer " + token);
   }
+  FitServerLimits(client.get(), call_options, &opt);
 
   const auto descriptor = flight::FlightDescriptor::Command(CommandJson(opt, column, key));
   ARROW_ASSIGN_OR_RAISE(auto exchange, client->DoExchange(call_options, descriptor));
