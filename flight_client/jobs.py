@@ -304,7 +304,8 @@ def _check_endpoints(config: JobConfig, embedders: list[Any], manifest: JobManif
     if not usable:
         raise JobError(f"no endpoint could be reached ({'; '.join(problems)}); start a server or fix --server")
     if len(set(dims.values())) > 1:
-        raise JobUsageError(f"the endpoints serve models of different dimensions {dims}; they must serve the same model")
+        raise JobUsageError(f"the endpoints serve models of different dimensions {dims}; they must serve the "
+                            "same model")
     dim = next(iter(dims.values()))
     if manifest.dimension is not None and manifest.dimension != dim:
         raise JobUsageError(f"--resume: the job's embeddings have dimension {manifest.dimension}; the model now "

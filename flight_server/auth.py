@@ -8,7 +8,7 @@ from __future__ import annotations
 import hmac
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pyarrow.flight as flight
 
@@ -25,11 +25,12 @@ def bearer_header(token: str) -> tuple[bytes, bytes]:
 class BearerTokenMiddlewareFactory(flight.ServerMiddlewareFactory):
     """Rejects every call whose ``authorization`` header is not ``Bearer <token>``."""
 
-    def __init__(self, token: str) -> None:
+    def __init__(self, token: str, on_reject: Callable[[], None] | None = None) -> None:
         super().__init__()
         if not token:
             raise ValueError("the bearer token must be a non-empty string")
         self._expected = f"Bearer {token}".encode("utf-8")
+        self._on_reject = on_reject  # e.g. count the rejection in the server's stats and metrics
 
     def start_call(self, info: Any, headers: dict) -> None:
         """Accept the call (return None) or raise FlightUnauthenticatedError."""
@@ -40,6 +41,8 @@ class BearerTokenMiddlewareFactory(flight.ServerMiddlewareFactory):
                 return None
         log.warning("rejected a %s call: %s bearer token", info.method,
                     "wrong" if values else "missing")
+        if self._on_reject is not None:
+            self._on_reject()
         raise flight.FlightUnauthenticatedError(
             "this server needs a token: send the header 'authorization: Bearer <token>' "
             "(EmbeddingClient(..., token=...))" if not values else

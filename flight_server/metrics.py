@@ -8,7 +8,7 @@ server, so several servers in one process (tests) do not collide. Scrape
 name                            type       labels
 ==============================  =========  ==========================================
 requests_total                  counter    model, input, outcome (ok|failed|cancelled|busy)
-rejected_total                  counter    reason (busy|draining)
+rejected_total                  counter    reason (busy|draining|auth)
 rows_total                      counter    model, input
 row_errors_total                counter    model, input
 request_seconds                 histogram  model, input (whole exchange)
@@ -48,7 +48,7 @@ class ServerMetrics:
         r = self.registry
         self.requests = Counter("arrowengine_requests", "do_exchange calls by outcome",
                                 ["model", "input", "outcome"], registry=r)
-        self.rejected = Counter("arrowengine_rejected", "exchanges refused before any work",
+        self.rejected = Counter("arrowengine_rejected", "calls refused before any work (busy, draining, bad token)",
                                 ["reason"], registry=r)
         self.rows = Counter("arrowengine_rows", "rows embedded (including row errors)",
                             ["model", "input"], registry=r)

@@ -70,7 +70,7 @@ class Stats:
         self._lock = threading.Lock()
         self.started = time.monotonic()
         self.counters = {"requests": 0, "requests_failed": 0, "requests_cancelled": 0,
-                         "rejected_busy": 0, "active_exchanges": 0, "batches": 0, "rows": 0,
+                         "rejected_busy": 0, "rejected_auth": 0, "active_exchanges": 0, "batches": 0, "rows": 0,
                          "row_errors": 0, "input_bytes": 0}
 
     def add(self, **deltas: int) -> None:
@@ -115,7 +115,7 @@ class EmbeddingServer(flight.FlightServerBase):
             tls = [flight.CertKeyPair(cert=config.tls_cert.read_bytes(), key=config.tls_key.read_bytes())]
         middleware = {}
         if config.auth_token is not None:
-            middleware["auth"] = BearerTokenMiddlewareFactory(config.auth_token)
+            middleware["auth"] = BearerTokenMiddlewareFactory(config.auth_token, on_reject=self._rejected_token)
         super().__init__(config.location, tls_certificates=tls, middleware=middleware)
         self.metrics = None
         self.metrics_port: int | None = None
@@ -234,6 +234,10 @@ class EmbeddingServer(flight.FlightServerBase):
         self.stats.add(active_exchanges=1)
         if self.metrics is not None:
             self.metrics.active.inc()
+
+    def _rejected_token(self) -> None:
+        self.stats.add(rejected_auth=1)
+        self._count_rejected("auth")
 
     def _count_rejected(self, reason: str) -> None:
         if self.metrics is not None:

@@ -304,6 +304,7 @@ def test_token_and_tls(fake, tmp_path):
         with EmbeddingClient(location, tls_root_certs=str(cert), retries=0) as client:
             with pytest.raises(flight.FlightUnauthenticatedError):
                 client.health()
+        assert srv.stats.snapshot()["rejected_auth"] == 2  # counted (and in metrics: rejected_total{reason="auth"})
         # the wrong CA: said at once (no retries: they cannot help), with what to check
         other_ca, _ = make_self_signed_cert(tmp_path, "other")
         with EmbeddingClient(location, token="tok-123", tls_root_certs=other_ca, retries=5, backoff_s=1.0) as client:
