@@ -316,11 +316,27 @@ class EmbeddingClient:
     def _exchange(self, command: protocol.EmbedCommand, first: pa.RecordBatch,
                   rest: Iterator[pa.RecordBatch], state: "_StreamState | None" = None
                   ) -> Iterator[pa.RecordBatch]:
-        """One do_exchange: a thread writes ``first`` then ``rest``; this generator reads."""
+        """One do_exchange: a thread writes ``first`` then ``rest``; this generator reads.
+
+        The input is half-closed (``done_writing``) by whichever side sees last that every batch was sent
+        and answered: never while the read side may be finishing the call on a server error. pyarrow's
+        Flight client aborts the process when done_writing meets the reader's own close of the call
+        (gRPC "API misuse ... TOO_MANY_OPERATIONS"; seen about once in a few thousand failed calls). The
+        server answers every input batch as it goes, so all results arrive before the half-close.
+        """
         state = state or _StreamState()
         writer, reader = self._client.do_exchange(command.descriptor(), self._options)
         own_errors: list[BaseException] = []        # input faults: we cancel the call
         transport_errors: list[BaseException] = []  # the read side reports the server's reason
+        lock = threading.Lock()
+        progress = {"sent": 0, "answered": 0, "all_sent": False, "closed": False}
+
+        def take_close() -> bool:
+            """Under ``lock``: True for the one caller that should half-close the input now."""
+            if progress["all_sent"] and progress["answered"] == progress["sent"] and not progress["closed"]:
+                progress["closed"] = True
+                return True
+            return False
 
         def fail(exc: BaseException) -> None:
             own_errors.append(exc)
@@ -330,6 +346,8 @@ class EmbeddingClient:
             try:
                 writer.begin(first.schema)
                 writer.write_batch(first)
+                with lock:
+                    progress["sent"] += 1
                 for index in itertools.count(1):
                     try:
                         batch = next(rest, None)
@@ -345,7 +363,13 @@ class EmbeddingClient:
                         return fail(ValueError(f"every batch must have the first batch's schema "
                                                f"{first.schema}; got {batch.schema}"))
                     writer.write_batch(batch)
-                writer.done_writing()
+                    with lock:
+                        progress["sent"] += 1
+                with lock:
+                    progress["all_sent"] = True
+                    close = take_close()  # every answer is in: the reader waits for the end of the stream
+                if close:
+                    writer.done_writing()
             except BaseException as exc:
                 transport_errors.append(exc)
 
@@ -365,6 +389,11 @@ class EmbeddingClient:
                     raise
                 state.results += 1
                 state.sent.clear()
+                with lock:
+                    progress["answered"] += 1
+                    close = take_close()
+                if close:  # no read is in flight here
+                    writer.done_writing()
                 yield chunk.data
         finally:
             if not finished:  # an error, or the consumer stopped early: stop the server's work
