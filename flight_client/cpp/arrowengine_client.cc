@@ -28,6 +28,7 @@
 #include <fstream>
 #include <iostream>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <sstream>
 #include <string>
@@ -294,10 +295,32 @@ struct SenderResult {
   int64_t rows = 0;            // rows sent
 };
 
+// Who half-closes the input (DoneWriting): whichever thread last sees every batch sent and answered.
+// Never while the reading thread may be closing the call on a server error: Arrow's client then runs
+// two gRPC WritesDone at once and aborts the process ("API misuse ... TOO_MANY_OPERATIONS"). The
+// server answers every input batch as it goes, so all results arrive before the half-close.
+struct HalfClose {
+  std::mutex mutex;
+  int64_t sent = 0, answered = 0;
+  bool all_sent = false, closed = false;
+
+  // Under `mutex`: true for the one caller that should call DoneWriting now.
+  bool Take() {
+    if (all_sent && answered == sent && !closed) {
+      closed = true;
+      return true;
+    }
+    return false;
+  }
+  void BatchSent() { std::lock_guard<std::mutex> guard(mutex); ++sent; }
+  bool AllSent() { std::lock_guard<std::mutex> guard(mutex); all_sent = true; return Take(); }
+  bool Answered() { std::lock_guard<std::mutex> guard(mutex); ++answered; return Take(); }
+};
+
 // Sends every input batch, then half-closes; runs on its own thread so that results are
 // read while batches are still being sent (gRPC flow control bounds the memory).
 void SendAll(InputSource* input, flight::FlightStreamWriter* writer, flight::FlightStreamReader* reader,
-             SenderResult* result) {
+             HalfClose* half_close, SenderResult* result) {
   auto fail = [&](const arrow::Status& status, bool local) {
     result->status = status;
     result->local = local;
@@ -321,11 +344,14 @@ void SendAll(InputSource* input, flight::FlightStreamWriter* writer, flight::Fli
     }
     status = writer->WriteRecordBatch(*batch);
     if (!status.ok()) return fail(status, false);
+    half_close->BatchSent();
     result->rows += batch->num_rows();
     sent_any = true;
   }
-  status = writer->DoneWriting();
-  if (!status.ok()) return fail(status, false);
+  if (half_close->AllSent()) {  // every answer is in: the reader waits for the end of the stream
+    status = writer->DoneWriting();
+    if (!status.ok()) return fail(status, false);
+  }
 }
 
 void ReportRowErrors(const arrow::RecordBatch& batch, const std::string& key, int64_t* printed) {
@@ -416,7 +442,8 @@ arrow::Result<Summary> Run(Options opt) {
   ARROW_ASSIGN_OR_RAISE(auto exchange, client->DoExchange(call_options, descriptor));
 
   SenderResult sent;
-  std::thread sender(SendAll, input.get(), exchange.writer.get(), exchange.reader.get(), &sent);
+  HalfClose half_close;
+  std::thread sender(SendAll, input.get(), exchange.writer.get(), exchange.reader.get(), &half_close, &sent);
 
   // Written under OUTPUT.part, renamed to OUTPUT once complete: no half file on failure.
   const fs::path partial = fs::path(opt.output).concat(".part");
@@ -439,6 +466,7 @@ arrow::Result<Summary> Run(Options opt) {
       summary.rows += batch.num_rows();
       summary.failed += failed;
       summary.batches += 1;
+      if (half_close.Answered()) ARROW_RETURN_NOT_OK(exchange.writer->DoneWriting());  // no read in flight
     }
     if (file == nullptr) return arrow::Status::IOError("the server sent no result batch");
     return file->Close();
