@@ -5,6 +5,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -313,3 +314,30 @@ def test_token_and_tls(fake, tmp_path):
                                                                     "tls_root_certs"):
                 client.health()
             assert time.perf_counter() - t0 < 1.0
+
+
+def test_many_calls_failed_by_the_server_never_abort_the_process():
+    """A server error used to meet the writer thread's done_writing now and then, and pyarrow aborted the whole
+    process (gRPC "TOO_MANY_OPERATIONS"; about once in a few thousand failed calls). In a subprocess, so that an
+    abort fails this test instead of killing the test run."""
+    code = """
+import sys
+sys.path.insert(0, {tests!r})
+import pyarrow as pa, pyarrow.flight as flight
+from flight_fakes import FakeModel
+from flight_server.config import ServerConfig
+from flight_server.servicer import EmbeddingServer
+from flight_client import EmbeddingClient
+with EmbeddingServer({{"fake": FakeModel("fake")}}, ServerConfig(port=0)) as srv:
+    client = EmbeddingClient(f"grpc://127.0.0.1:{{srv.port}}", retries=0)
+    failed = 0
+    for _ in range(2500):
+        try:
+            client.embed_table(pa.table({{"text": [1, 2]}}), kind="text")  # refused at its first batch
+        except flight.FlightServerError:
+            failed += 1
+    print("failed calls:", failed)
+""".format(tests=str(Path(__file__).parent))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "failed calls: 2500" in done.stdout
