@@ -102,6 +102,7 @@ class EmbeddingClient:
         if override_hostname:
             kwargs["override_hostname"] = override_hostname
         self._client = flight.FlightClient(location, tls_root_certs=tls_root_certs, **kwargs)
+        self._plaintext = isinstance(location, tuple) or not str(location).lower().startswith("grpc+tls")
         headers = [(b"authorization", f"Bearer {token}".encode())] if token else None
         self._options = flight.FlightCallOptions(timeout=timeout_s, headers=headers,
                                                  read_options=_read_options())
@@ -168,8 +169,16 @@ class EmbeddingClient:
             except flight.FlightUnavailableError as exc:
                 _raise_if_tls_setup(exc)
                 if attempt >= self.retries:
-                    raise
+                    self._raise_with_hint(exc)
                 self._wait_before_retry(attempt, exc)
+
+    def _raise_with_hint(self, exc: flight.FlightUnavailableError) -> None:
+        """Re-raise ``exc``; a plaintext connection that the server closed at once may have met a TLS server."""
+        if self._plaintext and "Socket closed" in str(exc):
+            raise flight.FlightUnavailableError(
+                f"{str(exc).split('. Detail:')[0]}; if the server uses TLS, connect with grpc+tls://HOST:PORT "
+                "(and tls_root_certs)") from exc
+        raise exc
 
     def _wait_before_retry(self, attempt: int, exc: BaseException) -> None:
         """Sleep ``backoff_s * 2**attempt``, jittered to 50-100 % so that many clients do not retry at once."""
@@ -286,7 +295,7 @@ class EmbeddingClient:
             except flight.FlightUnavailableError as exc:
                 _raise_if_tls_setup(exc)
                 if state.results or attempt >= self.retries:
-                    raise
+                    self._raise_with_hint(exc)
                 source = itertools.chain(state.sent, source)  # nothing came back: send them all again
                 self._wait_before_retry(attempt, exc)
 

@@ -7,7 +7,7 @@ server, so several servers in one process (tests) do not collide. Scrape
 ==============================  =========  ==========================================
 name                            type       labels
 ==============================  =========  ==========================================
-requests_total                  counter    model, input, outcome (ok|failed|cancelled|busy)
+requests_total                  counter    model, input, outcome (ok|failed|cancelled|busy|shutdown)
 rejected_total                  counter    reason (busy|draining|auth)
 rows_total                      counter    model, input
 row_errors_total                counter    model, input

@@ -209,8 +209,11 @@ class EmbeddingServer(flight.FlightServerBase):
                 outcome = "cancelled"
                 self.stats.add(requests_cancelled=1)
                 return
-            self.stats.add(requests_failed=1)
             call.error = str(exc)
+            if self._abort.is_set():  # stopped by the server's shutdown, past its grace period: not a failure
+                outcome = "shutdown"
+                raise to_flight_error(exc) from exc
+            self.stats.add(requests_failed=1)
             raise to_flight_error(exc) from exc
         finally:
             if call.slot:

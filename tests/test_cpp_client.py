@@ -214,6 +214,9 @@ def test_failures_exit_1_or_2_with_a_clear_message_and_no_output(binary, server,
     assert not_utf8.returncode == 1 and "line 2 of" in not_utf8.stderr and "not valid UTF-8" in not_utf8.stderr
     usage = run(binary, "--input", "video", "--source", str(source), "--output", str(tmp_path / "e.arrow"))
     assert usage.returncode == 2 and "--input must be 'image' or 'text'; got 'video'" in usage.stderr
+    http = run(binary, "--server", f"http://127.0.0.1:{server.port}", "--input", "text", "--source", str(source),
+               "--output", str(tmp_path / "f.arrow"))
+    assert http.returncode == 2 and "--server must be a Flight URI" in http.stderr, http.stderr
     assert list(tmp_path.glob("*.arrow*")) == []
 
 

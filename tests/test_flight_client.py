@@ -314,6 +314,9 @@ def test_token_and_tls(fake, tmp_path):
                                                                     "tls_root_certs"):
                 client.health()
             assert time.perf_counter() - t0 < 1.0
+        with EmbeddingClient(f"grpc://localhost:{srv.port}", retries=0) as client:  # plaintext to a TLS server
+            with pytest.raises(flight.FlightUnavailableError, match="if the server uses TLS, connect with grpc"):
+                client.health()
 
 
 def test_many_calls_failed_by_the_server_never_abort_the_process():

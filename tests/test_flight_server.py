@@ -350,6 +350,7 @@ def test_drain_lets_exchanges_finish_within_grace_then_stops_them():
         long.join(timeout=10)
         assert isinstance(results["long"], flight.FlightUnavailableError)
         assert "shutting down" in str(results["long"]) and slow.calls < 50
+        assert server.stats.snapshot()["requests_failed"] == 0  # stopped by the shutdown, not a failure
 
 
 # ---- discovery and actions ----------------------------------------------------------------

@@ -132,6 +132,11 @@ arrow::Result<Options> ParseArgs(int argc, char** argv) {
   if (opt.input != "image" && opt.input != "text") {
     return UsageError("--input must be 'image' or 'text'; got '" + opt.input + "'");
   }
+  if (!(opt.server.starts_with("grpc://") || opt.server.starts_with("grpc+tcp://") ||
+        opt.server.starts_with("grpc+tls://") || opt.server.starts_with("grpc+unix://"))) {
+    return UsageError("--server must be a Flight URI: grpc://HOST:PORT, grpc+tcp://, grpc+tls:// or "
+                      "grpc+unix://; got '" + opt.server + "'");
+  }
   if (opt.source.empty()) return UsageError("--source is required (a folder of images or a text file)");
   if (opt.output.empty()) return UsageError("--output is required (the Arrow IPC file to write)");
   if (opt.model && opt.model->empty()) return UsageError("--model must not be empty");
