@@ -5,7 +5,6 @@ checked when it is read so a bad config fails at load, not mid-request.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,12 +94,16 @@ class BertConfig:
     @property
     def position_offset(self) -> int:
         """Index of the first position row: RoBERTa and XLM-R number positions from pad_token_id + 1."""
-        return self.pad_token_id + 1 if self.model_type in _POSITIONS_AFTER_PAD else 0
+        return _position_offset(self.model_type, self.pad_token_id)
 
     @property
     def positions(self) -> int:
         """The longest token row the position table can embed."""
         return self.max_positions - self.position_offset
+
+
+def _position_offset(model_type: str, pad_token_id: int) -> int:
+    return pad_token_id + 1 if model_type in _POSITIONS_AFTER_PAD else 0
 
 
 def st_module_names(modules: Any) -> list[str] | None:
@@ -120,6 +123,31 @@ def read_json(path: Path) -> dict[str, Any]:
         raise ModelConfigError(f"{path} is missing; re-run `arrowengine convert` on the source checkpoint") from exc
     except (OSError, ValueError) as exc:
         raise ModelConfigError(f"{path} is not valid JSON: {exc}") from exc
+
+
+def tokenizer_config(model_dir: Path) -> dict[str, Any]:
+    """tokenizer_config.json of a model directory as a dict ({} when there is none)."""
+    path = Path(model_dir) / "tokenizer_config.json"
+    if not path.exists():
+        return {}
+    cfg = read_json(path)
+    if not isinstance(cfg, dict):
+        raise ModelConfigError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
+    return cfg
+
+
+def model_max_length(model_dir: Path, positions: int) -> int:
+    """How many tokens HF's tokenizer keeps with ``truncation=True``: tokenizer_config.json's
+    ``model_max_length``, capped at the model's ``positions``."""
+    return _length_cap(tokenizer_config(model_dir).get("model_max_length"), positions)
+
+
+def _length_cap(value: Any, positions: int) -> int:
+    """A configured text length capped at ``positions``; unset, or the tokenizers' "no limit" sentinel
+    (1e30): the position table is the limit."""
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        return positions
+    return min(value, positions)
 
 
 def _dict(cfg: dict[str, Any], key: str, where: str) -> dict[str, Any]:
@@ -213,30 +241,28 @@ def bert_config(model_dir: Path) -> BertConfig:
     st_cfg = next((read_json(model_dir / n) for n in _ST_CONFIG_FILES if (model_dir / n).exists()), {})
     max_seq = st_cfg.get("max_seq_length")
     if max_seq is None:  # sentence-transformers 6.x keeps it as the tokenizer's model_max_length
-        tok_cfg_path = model_dir / "tokenizer_config.json"
-        max_seq = read_json(tok_cfg_path).get("model_max_length") if tok_cfg_path.exists() else None
+        max_seq = tokenizer_config(model_dir).get("model_max_length")
     lowercase = st_cfg.get("do_lower_case", False)
     if not isinstance(lowercase, bool):
         raise ModelConfigError(f"{model_dir}: do_lower_case should be true or false, got {lowercase!r}")
-    bert = BertConfig(
+    max_positions = _get(cfg, "max_position_embeddings", 512, int, where)
+    pad_token_id = _get(cfg, "pad_token_id", 1 if model_type in _POSITIONS_AFTER_PAD else 0, int, where)
+    offset = _position_offset(model_type, pad_token_id)
+    if max_positions - offset < 1:
+        raise ModelConfigError(f"{where}: max_position_embeddings {max_positions} leaves no position for "
+                               f"tokens after the offset {offset}")
+    return BertConfig(
         tower=_tower(cfg, where, "hidden_act", _BERT_DEFAULTS),
         vocab_size=_get(cfg, "vocab_size", 30522, int, where),
-        max_positions=_get(cfg, "max_position_embeddings", 512, int, where),
+        max_positions=max_positions,
         type_vocab_size=_get(cfg, "type_vocab_size", 2, int, where),
-        pad_token_id=_get(cfg, "pad_token_id", 1 if model_type in _POSITIONS_AFTER_PAD else 0, int, where),
-        max_seq_length=0,
+        pad_token_id=pad_token_id,
+        max_seq_length=_length_cap(max_seq, max_positions - offset),
         pooling=pooling,
         normalize="Normalize" in types,
         model_type=model_type,
         lowercase=lowercase,
     )
-    if bert.positions < 1:
-        raise ModelConfigError(f"{where}: max_position_embeddings {bert.max_positions} leaves no position for "
-                               f"tokens after the offset {bert.position_offset}")
-    # Unset or the tokenizers' "no limit" sentinel (1e30): the position table is the limit.
-    if not isinstance(max_seq, int) or isinstance(max_seq, bool) or max_seq <= 0:
-        max_seq = bert.positions
-    return dataclasses.replace(bert, max_seq_length=min(max_seq, bert.positions))
 
 
 def _pooling_mode(path: Path) -> str:

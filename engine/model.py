@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from engine import precision as prec
-from engine.config import BertConfig, ClipConfig, bert_config, clip_config
+from engine.config import BertConfig, ClipConfig, bert_config, clip_config, model_max_length
 from engine.errors import InputError, ModalityError, ModelConfigError, NotRunnableError, RowErrors
 
 log = logging.getLogger(__name__)
@@ -325,7 +325,7 @@ def load_model(path: str | Path, device: str = "cpu", precision: str = "fp32", n
     if manifest.kind == "clip":
         from engine.clip import CLIP
         from engine.image_processor import ArrowImageProcessor, ImageConfig
-        from engine.tokenizer import TextTokenizer, model_max_length
+        from engine.tokenizer import TextTokenizer
 
         cfg = clip_config(path)
         net = CLIP(cfg)

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 from tokenizers import Tokenizer, normalizers
 
+from engine.config import tokenizer_config
 from engine.errors import InputError, ModelConfigError
 
 log = logging.getLogger(__name__)
@@ -110,28 +111,6 @@ class TextTokenizer:
 def _missing(path: Path) -> str:
     return (f"{path} is missing: the model has no fast tokenizer; re-run `arrowengine convert` with transformers "
             "installed so it can build one")
-
-
-def tokenizer_config(model_dir: Path) -> dict:
-    """tokenizer_config.json of a model directory as a dict ({} when there is none)."""
-    from engine.config import read_json
-
-    path = Path(model_dir) / "tokenizer_config.json"
-    if not path.exists():
-        return {}
-    cfg = read_json(path)
-    if not isinstance(cfg, dict):
-        raise ModelConfigError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
-    return cfg
-
-
-def model_max_length(model_dir: Path, positions: int) -> int:
-    """How many tokens HF's tokenizer keeps with ``truncation=True``: tokenizer_config.json's
-    ``model_max_length``, capped at the model's ``positions`` (unset, or the "no limit" sentinel: positions)."""
-    value = tokenizer_config(model_dir).get("model_max_length")
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        return positions
-    return min(value, positions)
 
 
 def _text_values(texts) -> list:
