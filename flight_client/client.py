@@ -167,24 +167,25 @@ class EmbeddingClient:
             try:
                 return call()
             except flight.FlightUnavailableError as exc:
-                _raise_if_tls_setup(exc)
-                if attempt >= self.retries:
-                    self._raise_with_hint(exc)
-                self._wait_before_retry(attempt, exc)
+                self._back_off_or_raise(attempt, exc)
 
-    def _raise_with_hint(self, exc: flight.FlightUnavailableError) -> None:
-        """Re-raise ``exc``; a plaintext connection that the server closed at once may have met a TLS server."""
-        if self._plaintext and "Socket closed" in str(exc):
+    def _back_off_or_raise(self, attempt: int, exc: flight.FlightUnavailableError, replayable: bool = True) -> None:
+        """After an "unavailable" failure: sleep ``backoff_s * 2**attempt`` (jittered to 50-100 % so that many
+        clients do not retry at once) before the next try, or raise when retrying cannot help or may not."""
+        reason = str(exc).split(". Detail:")[0]  # gRPC repeats the message in its debug context
+        if any(s in reason for s in _TLS_SETUP_FAILURES):
             raise flight.FlightUnavailableError(
-                f"{str(exc).split('. Detail:')[0]}; if the server uses TLS, connect with grpc+tls://HOST:PORT "
-                "(and tls_root_certs)") from exc
-        raise exc
-
-    def _wait_before_retry(self, attempt: int, exc: BaseException) -> None:
-        """Sleep ``backoff_s * 2**attempt``, jittered to 50-100 % so that many clients do not retry at once."""
+                f"TLS handshake with the server failed: check tls_root_certs (the CA that signed the server's "
+                f"certificate) and the host name in the URI (or override_hostname); gRPC said: {reason}") from exc
+        if not replayable or attempt >= self.retries:
+            if self._plaintext and "Socket closed" in reason:  # a plaintext client a TLS server hung up on?
+                raise flight.FlightUnavailableError(
+                    f"{reason}; if the server uses TLS, connect with grpc+tls://HOST:PORT (and tls_root_certs)") \
+                    from exc
+            raise exc
         delay = self.backoff_s * 2 ** attempt * random.uniform(0.5, 1.0)
-        reason = str(exc).split(". Detail:")[0][:200]  # gRPC repeats the message in its debug context
-        log.warning("server unavailable (%s); retry %d of %d in %.2fs", reason, attempt + 1, self.retries, delay)
+        log.warning("server unavailable (%s); retry %d of %d in %.2fs", reason[:200], attempt + 1, self.retries,
+                    delay)
         time.sleep(delay)
 
     # ---- embedding --------------------------------------------------------------------
@@ -235,15 +236,18 @@ class EmbeddingClient:
         if missing:
             raise KeyError(f"column(s) {missing} not in the table; it has {table.column_names}")
         selected = table.select(names)
-        batches = list(self._split(selected))
+
+        def send() -> list[pa.RecordBatch]:
+            batches = list(self._split(selected))
+            return self._with_retries(lambda: list(self._exchange(command, batches[0], iter(batches[1:]))))
+
         try:
-            results = self._with_retries(lambda: list(self._exchange(command, batches[0], iter(batches[1:]))))
+            results = send()
         except flight.FlightServerError as exc:
             # A server started with lower batch limits than this client's: take its limits, send again.
             if protocol.error_code(exc) != protocol.CODE_LIMIT or not self._adopt_server_limits():
                 raise
-            batches = list(self._split(selected))
-            results = self._with_retries(lambda: list(self._exchange(command, batches[0], iter(batches[1:]))))
+            results = send()
         return pa.Table.from_batches(results, schema=results[0].schema)
 
     def _adopt_server_limits(self) -> bool:
@@ -293,11 +297,8 @@ class EmbeddingClient:
                 yield from self._exchange(command, first, source, state)
                 return
             except flight.FlightUnavailableError as exc:
-                _raise_if_tls_setup(exc)
-                if state.results or attempt >= self.retries:
-                    self._raise_with_hint(exc)
+                self._back_off_or_raise(attempt, exc, replayable=not state.results)
                 source = itertools.chain(state.sent, source)  # nothing came back: send them all again
-                self._wait_before_retry(attempt, exc)
 
     def _embed_array(self, array: pa.Array, kind: str, model: str | None, normalize: bool,
                      errors: str) -> Any:
@@ -337,12 +338,12 @@ class EmbeddingClient:
         writer, reader = self._client.do_exchange(command.descriptor(), self._options)
         own_errors: list[BaseException] = []        # input faults: we cancel the call
         transport_errors: list[BaseException] = []  # the read side reports the server's reason
-        lock = threading.Lock()
-        progress = {"sent": 0, "answered": 0, "all_sent": False, "closed": False}
+        lock = threading.Lock()  # guards progress and state.results
+        progress = {"sent": 0, "all_sent": False, "closed": False}
 
         def take_close() -> bool:
             """Under ``lock``: True for the one caller that should half-close the input now."""
-            if progress["all_sent"] and progress["answered"] == progress["sent"] and not progress["closed"]:
+            if progress["all_sent"] and state.results == progress["sent"] and not progress["closed"]:
                 progress["closed"] = True
                 return True
             return False
@@ -396,11 +397,10 @@ class EmbeddingClient:
                     if own_errors:
                         raise own_errors[0] from exc
                     raise
-                state.results += 1
-                state.sent.clear()
                 with lock:
-                    progress["answered"] += 1
+                    state.results += 1
                     close = take_close()
+                state.sent.clear()
                 if close:  # no read is in flight here
                     writer.done_writing()
                 yield chunk.data
@@ -418,15 +418,6 @@ class EmbeddingClient:
 
 # gRPC reports a TLS set-up mistake on this side as "unavailable": retrying cannot help.
 _TLS_SETUP_FAILURES = ("Ssl handshake failed", "certificate verify failed", "is not in peer certificate")
-
-
-def _raise_if_tls_setup(exc: flight.FlightUnavailableError) -> None:
-    """Raise at once, saying what to check, when ``exc`` is a failed TLS handshake rather than a down server."""
-    if any(s in str(exc) for s in _TLS_SETUP_FAILURES):
-        raise flight.FlightUnavailableError(
-            f"TLS handshake with the server failed: check tls_root_certs (the CA that signed the server's "
-            f"certificate) and the host name in the URI (or override_hostname); gRPC said: "
-            f"{str(exc).split('. Detail:')[0]}") from exc
 
 
 def _fit_bytes(batch: pa.RecordBatch, limit: int) -> Iterator[pa.RecordBatch]:
