@@ -1,11 +1,13 @@
 """EmbeddingClient against a real in-process server (FakeModel) on port 0."""
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -252,41 +254,43 @@ def test_retries_with_backoff_then_gives_up():
             client.embed_texts(["a"])
 
 
-def test_retry_succeeds_when_a_busy_server_frees_up():
-    slow = FakeModel("slow", delay_s=0.2)
+@contextlib.contextmanager
+def one_slot_held(delay_s: float, hold: Callable[[EmbeddingClient], Any], retries: int):
+    """A server with one exchange slot, taken by another client running ``hold``; yields (server, client)."""
+    slow = FakeModel("slow", delay_s=delay_s)
     limits = ServerLimits(max_concurrent_exchanges=1)
     with EmbeddingServer({"slow": slow}, ServerConfig(port=0, limits=limits)) as srv:
         location = f"grpc://127.0.0.1:{srv.port}"
-        with EmbeddingClient(location) as first, EmbeddingClient(location, retries=5, backoff_s=0.1) as second:
-            hold = threading.Thread(target=lambda: first.embed_table(
-                pa.table({"text": ["a"] * 3}), kind="text"), daemon=True)
-            first.batch_rows = 1
-            hold.start()
+        with EmbeddingClient(location, batch_rows=1) as first, \
+                EmbeddingClient(location, retries=retries, backoff_s=0.1) as second:
+            holder = threading.Thread(target=hold, args=(first,), daemon=True)
+            holder.start()
             while slow.calls == 0:
                 time.sleep(0.01)
-            vecs = second.embed_texts(["b"])  # busy at first, then retried
-            hold.join()
-        assert vecs.shape == (1, 8)
-        assert srv.stats.snapshot()["rejected_busy"] >= 1
+            yield srv, second
+            holder.join()
+
+
+def test_retry_succeeds_when_a_busy_server_frees_up():
+    def hold(client):
+        client.embed_table(pa.table({"text": ["a"] * 3}), kind="text")
+
+    with one_slot_held(0.2, hold, retries=5) as (srv, client):
+        vecs = client.embed_texts(["b"])  # busy at first, then retried
+    assert vecs.shape == (1, 8)
+    assert srv.stats.snapshot()["rejected_busy"] >= 1
 
 
 def test_a_stream_rejected_as_busy_is_sent_again_whole():
     """The server says busy at a stream's first batch, after the writer may have taken more from the input
     iterator: the retry sends every batch again, in order."""
-    slow = FakeModel("slow", delay_s=0.3)
-    limits = ServerLimits(max_concurrent_exchanges=1)
-    with EmbeddingServer({"slow": slow}, ServerConfig(port=0, limits=limits)) as srv:
-        location = f"grpc://127.0.0.1:{srv.port}"
-        with EmbeddingClient(location) as first, EmbeddingClient(location, retries=8, backoff_s=0.1) as second:
-            hold = threading.Thread(target=lambda: first.embed_stream(
-                iter([pa.record_batch({"text": ["a"]})] * 3), "text").__next__(), daemon=True)
-            hold.start()
-            while slow.calls == 0:
-                time.sleep(0.01)
-            batches = (pa.record_batch({"text": [f"b{i}", f"c{i}"]}) for i in range(5))
-            out = list(second.embed_stream(batches, "text"))
-            hold.join()
-        assert srv.stats.snapshot()["rejected_busy"] >= 1
+    def hold(client):
+        next(client.embed_stream(iter([pa.record_batch({"text": ["a"]})] * 3), "text"))
+
+    with one_slot_held(0.3, hold, retries=8) as (srv, client):
+        batches = (pa.record_batch({"text": [f"b{i}", f"c{i}"]}) for i in range(5))
+        out = list(client.embed_stream(batches, "text"))
+    assert srv.stats.snapshot()["rejected_busy"] >= 1
     texts = [t for i in range(5) for t in (f"b{i}", f"c{i}")]
     np.testing.assert_array_equal(np.concatenate([embeddings_to_numpy(b.column("embedding")) for b in out]),
                                   expected(texts))
