@@ -4,30 +4,48 @@ torch's eager dynamic quantization (fbgemm) quantizes a whole activation tensor
 with one scale. Transformer activations carry a few channels far larger than the
 rest (all-MiniLM-L6-v2 is a clear case), so one scale for a whole batch costs
 accuracy: on 512 captions MiniLM's cosine to fp32 fell to 0.85 (mean 0.94). Here
-every row is first mapped onto the same range [-127, 127] (its own min to max, so a
-row of one sign uses every level), fbgemm's one scale then fits every row, and the
-row's scale and centre are put back on the output:
+every row gets its own grid of 128 levels from its own minimum to its own maximum
+(both exactly on the grid: the extreme channels are the ones that matter), and the
+row's scale and offset are put back on the output:
 
-    y = (int8((x - c) / s) @ int8(W).T) * s + c * rowsum(W) + b,
-    c = (max x + min x) / 2 per row,  s = (max x - min x) / 254 per row
+    y = (q @ int8(W).T) * s + lo * rowsum(W) + b,   q = round((x - lo) / s) in [0, 127],
+    lo = min x per row,  s = (max x - lo) / 127 per row
 
-fbgemm takes its range from the min and max of the whole input, so two fence rows
-(+127.5 and -127.5 everywhere) go in with every call: the grid is the same whatever
-rows share the batch. (Before, a row's grid depended on the others': MiniLM's empty
-text alone vs among other texts, cosine 0.978; now only fp32 rounding upstream,
-where padding changes the order of sums, moves a value across a rounding edge:
-0.997 at worst on captions.) MiniLM, 512 captions, min / mean cosine to fp32: one
-symmetric scale per row (max |x|) 0.9905 / 0.9953 with the fence rows, 0.9933 /
-0.9962 without them; this affine form 0.9947 / 0.9972 (empty text 0.966 -> 0.979),
-for ~3 % of throughput.
+A row's result depends on that row alone, bit for bit, whatever rows share the batch
+(the server merges concurrent clients' rows). MiniLM, 512 captions, min / mean cosine
+to fp32: 0.9952 / 0.9974 (torch's per-tensor scale: 0.85 / 0.94; a grid centred on
+the row's midpoint, which misses the extremes by half a level: 0.9931 / 0.9965; the
+earlier fbgemm-only form, whose grid also missed them: 0.9947 / 0.9972). CLIP B/32:
+image 0.99974, text 0.99901.
+
+The GEMM: q stays within 7 bits because AVX2 without VNNI multiplies u8 x s8 pairs into
+int16 with saturation (up to 2 * 127 * 127 fits; a full 8-bit q does not: measured
+errors of ~10 %). Two kernels compute it, bit-identical on the same q:
+- fbgemm (``quantized::linear_with_input_q_dq_qweight_dq_output_fp32``, q given as exact
+  levels with scale 1) for calls of fewer than ONEDNN_MIN_ROWS rows, where it is faster
+  (one ViT-B q/k/v at 8 rows: 144 vs 327 us);
+- oneDNN (``onednn::qlinear_pointwise``, torch's x86 int8 path) from ONEDNN_MIN_ROWS rows
+  on, 10-25 % faster there (MiniLM shapes at 800 rows: 230-264 vs 195-215 GOP/s; CLIP
+  B/32 int8 at batch 32, A/B in one process: 21-25 -> 25-29 img/s; MiniLM texts/s +3-8 %).
+  Its copy of the weights is made by the first call that uses it (B/32: +123 MB), so a
+  process that only sees small calls never holds it.
+oneDNN builds and caches a primitive per row count, and first calls at many row counts
+leave holes in the malloc heap that later activations do not refill (900 row counts in a
+row: +3 GB resident; evicting from its 1024-entry cache: +11 GB). So its calls take at
+most ONEDNN_CHUNK rows, padded up to a multiple of ONEDNN_ROW_STEP (<= 61 shapes per
+weight shape, <= 31 padded rows per call), and the heap is trimmed after a shape's first
+call. Random text and image batches grow the process no more than the fbgemm-only form
+did (MiniLM, 200 calls of 1-300 texts: 812 vs 817 MB); the worst case, a ViT-B MLP fed
+every row count from 128 to 4,200 in order, leaves ~400 MB of free heap resident (fbgemm
+only: ~130 MB; glibc's malloc_trim returns both).
 
 Attention modules that name their q/k/v projections (``QKV``) get them as one Int8Linear: one row
 scale and one GEMM for all three (B/32 int8, 2 AVX2 cores: batch-1 latency 72 -> 61 ms; MiniLM
 texts/s +10-20 %). Weights are quantized per output channel; the fp32 pages each one was read from
 are dropped right after (engine.weights.release_pages), so peak RSS holds the int8
-copy, not both. Sentence-transformers keep the last block of their layer stack in
-fp32: it feeds the pooled embedding directly (MiniLM, 512 captions: min cosine
-0.9934 with it quantized, 0.9947 without; ~4 % slower). CLIP quantizes every block:
+copies, not the fp32 weights. Sentence-transformers keep the last block of their layer stack in
+fp32: it feeds the pooled embedding directly (MiniLM, 512 captions: min / mean cosine
+0.9938 / 0.9968 with it quantized, 0.9952 / 0.9974 without; 4-17 % slower). CLIP quantizes every block:
 keeping the last ones changed its min cosine by < 0.0001 and cost 8 % of batch-1
 latency. Very short texts stay the weak spot: MiniLM's empty text ([CLS] [SEP])
 reaches only ~0.98, because a few channels of those tokens dwarf the rest even
@@ -35,6 +53,9 @@ within one row.
 """
 from __future__ import annotations
 
+import functools
+import logging
+import threading
 import warnings
 
 import torch
@@ -43,9 +64,51 @@ from torch import nn
 from engine import allocator
 from engine.layers import swap_linears
 
+log = logging.getLogger(__name__)
+
+LEVELS = 127  # q in [0, LEVELS]: 7 bits, see above
+ONEDNN_MIN_ROWS = 128  # fbgemm below, oneDNN from here (measured crossover on 2 AVX2 cores: 77-128 rows)
+ONEDNN_CHUNK = 2048  # rows per oneDNN call at most (its rate is flat from ~512 rows on)
+ONEDNN_ROW_STEP = 32  # oneDNN calls are padded to a multiple of this many rows
+
+_shapes_seen: set[tuple[int, int, int]] = set()
+_lock = threading.Lock()  # guards _shapes_seen and the lazy oneDNN weights
+
+
+@functools.cache
+def onednn_int8_available() -> bool:
+    """True when torch's oneDNN int8 linear runs here and gives exact results on 7-bit inputs.
+
+    Checked once with the worst case for a saturating u8 x s8 kernel (every q 127, every weight +/-127)."""
+    try:
+        ops = torch.ops.onednn
+        if not (torch.backends.mkldnn.is_available() and hasattr(ops, "qlinear_pointwise")
+                and hasattr(ops, "qlinear_prepack")):
+            return False
+        k, n = 64, 8
+        w = torch.full((n, k), 127, dtype=torch.int8)
+        w[::2, ::3] = -127
+        q = torch.full((ONEDNN_MIN_ROWS, k), LEVELS, dtype=torch.uint8)
+        y = ops.qlinear_pointwise(q, 1.0, 0, ops.qlinear_prepack(w, None), torch.ones(n),
+                                  torch.zeros(n, dtype=torch.long), None, 1.0, 0, torch.float32, "none", [], "")
+        return bool(torch.equal(y, q.float() @ w.float().t()))
+    except (AttributeError, RuntimeError, NotImplementedError) as e:
+        log.debug("oneDNN int8 linear unavailable (%s): fbgemm for every call", e)
+        return False
+
+
+def _fbgemm_levels_op():
+    """fbgemm's linear on exact levels given in fp32 (scale 1, zero point 0), or None if this build lacks it."""
+    return getattr(torch.ops.quantized, "linear_with_input_q_dq_qweight_dq_output_fp32", None)
+
+
+def _as_uint8(q: torch.Tensor) -> torch.Tensor:
+    """The uint8 codes of a quint8 tensor, without copying them."""
+    return torch.empty(0, dtype=torch.uint8).set_(q.untyped_storage(), q.storage_offset(), q.shape, q.stride())
+
 
 class Int8Linear(nn.Module):
-    """A frozen Linear computed with fbgemm's int8 GEMM and per-row activation scales."""
+    """A frozen Linear computed with int8 GEMMs and per-row activation scales."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
@@ -72,10 +135,12 @@ class Int8Linear(nn.Module):
             qw = torch.quantize_per_channel(w, scale.double(), torch.zeros(w.shape[0], dtype=torch.long), 0,
                                             torch.qint8)
         self.out_features, self.in_features = w.shape
-        self._packed = torch.ops.quantized.linear_prepack(qw, None)
-        self._wsum = qw.dequantize().sum(dim=1)  # (out,) rowsum of the int8 weights as fbgemm sees them
-        # every scaled row lies in [-127, 127] (rounding can add ~1e-5); the fences fix fbgemm's range
-        self._fence = torch.tensor([[127.5], [-127.5]]).expand(2, self.in_features).contiguous()
+        self._packed = torch.ops.quantized.linear_prepack(qw, None)  # fbgemm's (or qnnpack's) layout
+        self._wsum = qw.dequantize().sum(dim=1)  # (out,) rowsum of the int8 weights as the kernels see them
+        self._use_onednn = onednn_int8_available()
+        self._onednn = None  # oneDNN's copy of the weights, made by the first call big enough to use it
+        self._wscale = qw.q_per_channel_scales().float()
+        self._wzero = torch.zeros(self.out_features, dtype=torch.long)
         self.bias = None if bias is None else bias.detach().float().clone()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -84,19 +149,70 @@ class Int8Linear(nn.Module):
         n = x.shape[0]
         hi = x.amax(dim=1, keepdim=True)  # (N, 1); aminmax is ~10x slower than the two reductions
         lo = x.amin(dim=1, keepdim=True)
-        centre = (hi + lo).mul_(0.5)
-        # s >= |centre| / 2**16: x * inv - centre * inv then loses < 2**-8 to rounding, so a constant row (or a
-        # narrow one far from 0) stays inside the fences instead of blowing up fbgemm's range for the batch
-        s = torch.maximum((hi - lo).div_(254), centre.abs().mul_(2.0 ** -16)).clamp_(min=1e-12)
-        inv = s.reciprocal()
-        scaled = torch.empty(n + 2, self.in_features, dtype=x.dtype, device=x.device)
-        torch.addcmul(-centre * inv, x, inv, out=scaled[:n])  # (x - c) / s, in [-127, 127]
-        scaled[n:] = self._fence
-        # reduce_range=True: 7-bit activations, so fbgemm's AVX2 u8*s8 pair sums cannot saturate int16
-        y = torch.ops.quantized.linear_dynamic(scaled, self._packed, True)[:n]  # (N, out), leading rows
-        y = y.mul_(s) if self.bias is None else torch.addcmul(self.bias, y, s, out=y)
-        y.addr_(centre.view(-1), self._wsum)  # + c * rowsum(W)
+        # s >= max|x| / 2**16: x * inv - lo * inv then loses < 2**-7 to rounding, so q stays in [0, 127] for a
+        # constant row or a narrow one far from 0
+        s = torch.maximum((hi - lo).div_(LEVELS), torch.maximum(hi.abs(), lo.abs()).mul_(2.0 ** -16))
+        inv = s.clamp_(min=1e-30).reciprocal()
+        plan = self._plan(n)
+        rows = max(stop for _, stop, _ in plan)  # the oneDNN calls read zero rows past N
+        levels = torch.empty(rows, self.in_features, dtype=x.dtype, device=x.device)
+        torch.addcmul(-lo * inv, x, inv, out=levels[:n])  # (x - lo) / s, in [0, 127]
+        levels[n:].zero_()
+        codes = _as_uint8(torch.quantize_per_tensor(levels, 1.0, 0, torch.quint8)) if plan[0][2] else None
+        # one call (the usual case) scales its own output in place; several write into one output
+        y = None if len(plan) == 1 else torch.empty(n, self.out_features, dtype=x.dtype, device=x.device)
+        for start, stop, on_onednn in plan:
+            acc = self._onednn_gemm(codes[start:stop]) if on_onednn else self._fbgemm_gemm(levels[start:stop])
+            end = min(stop, n)
+            acc = acc[:end - start]  # leading rows: still contiguous
+            out = acc if y is None else y[start:end]
+            if self.bias is None:
+                torch.mul(acc, s[start:end], out=out)
+            else:
+                torch.addcmul(self.bias, acc, s[start:end], out=out)
+            if y is None:
+                y = acc
+        y.addr_(lo.view(-1), self._wsum)  # + lo * rowsum(W)
         return y.reshape(*shape[:-1], self.out_features)
+
+    def _plan(self, n: int) -> list[tuple[int, int, bool]]:
+        """(start, stop, on oneDNN) row ranges of one call; a oneDNN range's stop may pass N (zero rows)."""
+        if not self._use_onednn:
+            return [(0, n, False)]
+        plan, start = [], 0
+        while n - start >= ONEDNN_MIN_ROWS:
+            m = min(ONEDNN_CHUNK, n - start)
+            plan.append((start, start + -(-m // ONEDNN_ROW_STEP) * ONEDNN_ROW_STEP, True))
+            start += m
+        if start < n:
+            plan.append((start, n, False))
+        return plan
+
+    def _fbgemm_gemm(self, levels: torch.Tensor) -> torch.Tensor:
+        op = _fbgemm_levels_op()
+        if op is not None:
+            return op(levels, 1.0, 0, self._packed)
+        # builds without it (qnnpack): the dynamic linear takes its range from the input, [0, 127] whenever a
+        # row is not constant, so its grid holds ours
+        return torch.ops.quantized.linear_dynamic(levels, self._packed, True)
+
+    def _onednn_gemm(self, codes: torch.Tensor) -> torch.Tensor:
+        if self._onednn is None:  # a process that only ever sees small calls never holds this second copy
+            with _lock:
+                if self._onednn is None:
+                    with allocator.long_lived_blocks_mapped():
+                        qw, _ = torch.ops.quantized.linear_unpack(self._packed)
+                        self._onednn = torch.ops.onednn.qlinear_prepack(qw.int_repr(), None)
+        key = (self.in_features, self.out_features, codes.shape[0])
+        y = torch.ops.onednn.qlinear_pointwise(codes, 1.0, 0, self._onednn, self._wscale, self._wzero, None, 1.0, 0,
+                                               torch.float32, "none", [], "")
+        if key not in _shapes_seen:
+            with _lock:
+                first = key not in _shapes_seen
+                _shapes_seen.add(key)
+            if first:
+                allocator.trim()
+        return y
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

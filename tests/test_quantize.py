@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from engine import quantize
 from engine.quantize import Int8Linear, quantize_int8
 
 
@@ -42,24 +44,58 @@ def test_int8_linear_is_close_to_fp32_row_by_row_and_keeps_shape():
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_int8_rows_do_not_depend_on_the_rows_beside_them(bias):
+def test_int8_rows_do_not_depend_on_the_rows_beside_them(bias, monkeypatch):
     # The server merges concurrent clients' rows into one batch: a row's result must be the same alone or
-    # among others, bit for bit, whatever their magnitudes and signs (fbgemm takes one range per call).
+    # among others, bit for bit, whatever their magnitudes and signs, on either kernel: fbgemm below
+    # ONEDNN_MIN_ROWS rows, oneDNN (padded, in chunks, with an fbgemm tail) from there on.
+    monkeypatch.setattr(quantize, "ONEDNN_CHUNK", 256)  # 600 rows: 256 + 256 on oneDNN, an 88-row tail on fbgemm
     q = Int8Linear(nn.Linear(96, 40, bias=bias))
-    x = _outlier_activations(70, 96, seed=3)
+    x = _outlier_activations(600, 96, seed=3)
     x[5] = x[5].abs()  # a row with no negative value
     x[9] = -x[9].abs()
+    x[530] = 3.7  # a constant row
     with torch.inference_mode():
         together = q(x)
-        for i in (0, 5, 9, 69):
+        assert together.shape == (600, 40)
+        for i in (0, 5, 9, 69, 530, 599):
             assert torch.equal(q(x[i:i + 1]), together[i:i + 1]), i
-        for n in (2, 16, 33):  # fbgemm's kernels block rows differently by count
+        for n in (2, 16, 33, 130, 300):  # kernels block rows differently by count; 130 and 300 are padded
             assert torch.equal(q(x[:n]), together[:n]), n
 
 
-def test_constant_and_narrow_offset_rows_stay_in_range():
-    """A constant row (max == min) or a narrow row far from 0 must not leave the fixed range: it would widen
-    fbgemm's range for the whole batch (a neighbour's cosine to fp32 fell to 0.24 before the scale floor)."""
+def test_onednn_is_used_on_x86_for_big_calls_and_only_then_holds_its_weight_copy():
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        assert quantize.onednn_int8_available()  # torch's x86 builds ship it; the speed of big batches rests on it
+    q = Int8Linear(nn.Linear(64, 32))
+    x = torch.randn(300, 64)
+    with torch.inference_mode():
+        small = q(x[:quantize.ONEDNN_MIN_ROWS - 1])
+        assert q._onednn is None  # a latency-only process never makes the second copy
+        big = q(x)
+    assert (q._onednn is not None) == quantize.onednn_int8_available()
+    assert q._plan(300) == ([(0, 320, True)] if q._use_onednn else [(0, 300, False)])
+    assert torch.equal(small, big[:quantize.ONEDNN_MIN_ROWS - 1])
+
+
+def test_levels_stay_within_7_bits_so_the_avx2_kernels_cannot_saturate():
+    """q = round((x - min) / s) must stay in [0, 127] for any row (constant, narrow far from 0, huge, tiny):
+    a u8 x s8 pair sum over 2 * 127 * 127 saturates int16 on AVX2 without VNNI (errors of ~10 %)."""
+    q = Int8Linear(nn.Linear(64, 16))
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.full((64,), 3.7), torch.full((64,), -2.2), 1e4 + 0.01 * torch.randn(64, generator=g),
+            -1e-30 * torch.rand(64, generator=g), 1e30 * torch.randn(64, generator=g), torch.randn(64, generator=g)]
+    seen = []
+    real = quantize.Int8Linear._fbgemm_gemm
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(quantize.Int8Linear, "_fbgemm_gemm", lambda self, lv: seen.append(lv.clone()) or real(self, lv))
+        with torch.inference_mode():
+            q(torch.stack(rows))
+    levels = seen[0].round()
+    assert levels.min() >= 0 and levels.max() <= quantize.LEVELS
+    assert (levels.amax(dim=1)[[4, 5]] == quantize.LEVELS).all()  # a spread-out row uses the whole grid
+
+
+def test_constant_and_narrow_offset_rows_stay_accurate():
     lin = nn.Linear(64, 16)
     q = Int8Linear(lin)
     g = torch.Generator().manual_seed(0)
@@ -70,6 +106,19 @@ def test_constant_and_narrow_offset_rows_stay_in_range():
         assert torch.equal(together[:1], q(good))
         cos = nn.functional.cosine_similarity(together, lin(torch.cat([good, odd])), dim=1)
     assert cos.min() > 0.999, cos
+
+
+def test_builds_without_fbgemms_levels_op_fall_back_to_the_dynamic_linear(monkeypatch):
+    """qnnpack builds (ARM) lack fbgemm's op for given levels: the dynamic linear takes the range [0, 127] from
+    the levels themselves, so the results stay those of the same grid."""
+    lin = nn.Linear(96, 40)
+    q = Int8Linear(lin)
+    x = _outlier_activations(50, 96, seed=5)
+    with torch.inference_mode():
+        want = q(x)
+        monkeypatch.setattr(quantize, "_fbgemm_levels_op", lambda: None)
+        got = q(x)
+    assert torch.allclose(got, want, rtol=1e-3, atol=1e-3 * want.abs().max().item())
 
 
 def test_int8_linear_without_bias_and_zero_rows():
