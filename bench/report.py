@@ -402,7 +402,8 @@ def markdown(r: dict, rows: list[Row]) -> str:
                   f"{c['gflop_per_image']} GFLOP per image: fp32 ≤ {mm['fp32_img_per_s']:.1f} img/s, "
                   f"bf16 ≤ {mm['bf16_img_per_s']:.1f} img/s."]
         if mm.get("int8_img_per_s"):
-            lines[-1] += (f" int8 GEMM (fbgemm dynamic linear, ViT-B MLP shapes at batch 32): {mm['int8_gops']:.0f} "
+            lines[-1] += (f" int8 GEMM ({mm.get('int8_kernel', 'fbgemm')}, as engine.quantize calls it, ViT-B MLP shapes "
+                          f"at batch 32): {mm['int8_gops']:.0f} "
                           f"GOP/s → int8 ≤ {mm['int8_img_per_s']:.1f} img/s.")
     if c.get("light_precisions"):
         lines += ["", f"**{', '.join(c['light_precisions'])} is not native on this CPU** (no AVX-512 BF16/AMX: torch falls "

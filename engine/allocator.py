@@ -50,28 +50,6 @@ def _mallopt():
     return mallopt
 
 
-@functools.cache
-def _malloc_trim():
-    """glibc's ``malloc_trim`` on Linux, else None."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        trim_ = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
-    trim_.argtypes, trim_.restype = (ctypes.c_size_t,), ctypes.c_int
-    return trim_
-
-
-def trim() -> None:
-    """Give the free pages inside the malloc heap back to the kernel (glibc's ``malloc_trim(0)``); for after a
-    step that leaves holes no later allocation will fill (engine.quantize: a new oneDNN shape). No-op off
-    glibc or with ``ARROWENGINE_MALLOC_TUNING=0``."""
-    fn = _malloc_trim() if os.environ.get("ARROWENGINE_MALLOC_TUNING", "1") != "0" else None
-    if fn is not None:
-        fn(0)
-
-
 @functools.cache  # two threads racing here would both call mallopt with the same values: harmless
 def tune() -> bool:
     """Apply the thresholds once per process (glibc on Linux only). Returns True if they are set."""

@@ -33,11 +33,12 @@ oneDNN builds and caches a primitive per row count, and first calls at many row 
 leave holes in the malloc heap that later activations do not refill (900 row counts in a
 row: +3 GB resident; evicting from its 1024-entry cache: +11 GB). So its calls take at
 most ONEDNN_CHUNK rows, padded up to a multiple of ONEDNN_ROW_STEP (<= 61 shapes per
-weight shape, <= 31 padded rows per call), and the heap is trimmed after a shape's first
-call. Random text and image batches grow the process no more than the fbgemm-only form
+weight shape, <= 31 padded rows per call), and a single call scales its output in place.
+Random text and image batches then grow the process no more than the fbgemm-only form
 did (MiniLM, 200 calls of 1-300 texts: 812 vs 817 MB); the worst case, a ViT-B MLP fed
-every row count from 128 to 4,200 in order, leaves ~400 MB of free heap resident (fbgemm
-only: ~130 MB; glibc's malloc_trim returns both).
+every row count from 128 to 4,200 in order, leaves ~450 MB of free heap resident (fbgemm
+only: ~130 MB; glibc's malloc_trim returns both, and trimming after each new shape did not
+lower it).
 
 Attention modules that name their q/k/v projections (``QKV``) get them as one Int8Linear: one row
 scale and one GEMM for all three (B/32 int8, 2 AVX2 cores: batch-1 latency 72 -> 61 ms; MiniLM
@@ -71,8 +72,7 @@ ONEDNN_MIN_ROWS = 128  # fbgemm below, oneDNN from here (measured crossover on 2
 ONEDNN_CHUNK = 2048  # rows per oneDNN call at most (its rate is flat from ~512 rows on)
 ONEDNN_ROW_STEP = 32  # oneDNN calls are padded to a multiple of this many rows
 
-_shapes_seen: set[tuple[int, int, int]] = set()
-_lock = threading.Lock()  # guards _shapes_seen and the lazy oneDNN weights
+_lock = threading.Lock()  # guards the lazy oneDNN weights
 
 
 @functools.cache
@@ -203,16 +203,8 @@ class Int8Linear(nn.Module):
                     with allocator.long_lived_blocks_mapped():
                         qw, _ = torch.ops.quantized.linear_unpack(self._packed)
                         self._onednn = torch.ops.onednn.qlinear_prepack(qw.int_repr(), None)
-        key = (self.in_features, self.out_features, codes.shape[0])
-        y = torch.ops.onednn.qlinear_pointwise(codes, 1.0, 0, self._onednn, self._wscale, self._wzero, None, 1.0, 0,
-                                               torch.float32, "none", [], "")
-        if key not in _shapes_seen:
-            with _lock:
-                first = key not in _shapes_seen
-                _shapes_seen.add(key)
-            if first:
-                allocator.trim()
-        return y
+        return torch.ops.onednn.qlinear_pointwise(codes, 1.0, 0, self._onednn, self._wscale, self._wzero, None, 1.0,
+                                                  0, torch.float32, "none", [], "")
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
