@@ -175,13 +175,20 @@ def _cast(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
                                       schema=schema)
 
 
+MAX_IMAGE_FILE_BYTES = 512 * 1024 ** 2  # far above any server's per-image limit (default 32 MiB)
+
+
 class ImageFolderSource:
-    """Every non-hidden file under ``path`` (recursive, sorted by relative POSIX path)."""
+    """Every non-hidden file under ``path`` (recursive, sorted by relative POSIX path).
+
+    A file over ``max_file_bytes`` (a video among the photos) becomes an error row without being read: read whole
+    it could exhaust memory, and Arrow's binary column holds at most 2 GiB."""
 
     kind = "images"
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, max_file_bytes: int = MAX_IMAGE_FILE_BYTES) -> None:
         self.root = Path(path)
+        self.max_file_bytes = max_file_bytes
         files = []
         for dirpath, dirnames, filenames in os.walk(self.root):
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
@@ -203,6 +210,13 @@ class ImageFolderSource:
             read_errors: dict[int, str] = {}
             for i, path in enumerate(chunk):
                 try:
+                    size = path.stat().st_size
+                    if size > self.max_file_bytes:
+                        blobs.append(None)
+                        read_errors[i] = (f"{_rel(path, self.root)} is {size / 2 ** 20:.0f} MiB, over the "
+                                          f"{self.max_file_bytes / 2 ** 20:.0f} MiB a bulk job reads per image "
+                                          "file: not read (not an image this server would take)")
+                        continue
                     blobs.append(path.read_bytes())
                 except OSError as exc:
                     blobs.append(None)

@@ -148,6 +148,21 @@ def test_texts_in_process_and_through_a_server_are_bit_identical(tmp_path, minil
     assert pq.read_table(tmp_path / "local").num_rows == 100  # temp files and _job.json are ignored
 
 
+def test_a_huge_file_among_the_images_is_an_error_row_and_is_never_read(tmp_path):
+    """A 3 GiB file (a video among the photos) would exhaust memory read whole and cannot fit one Arrow binary
+    value (2 GiB): it is a row error, and the photos beside it are read."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    shutil.copy(PHOTOS / "rocket.jpg", folder / "a.jpg")
+    with open(folder / "b-video.mp4", "wb") as f:  # sparse: no disk space, no time to write
+        f.truncate(3 * 1024 ** 3)
+    source = job_io.open_source(folder, "image", "image", [])
+    (batch,) = source.batches(0, 8)
+    assert batch.data.column("image").to_pylist()[0] == (PHOTOS / "rocket.jpg").read_bytes()
+    assert batch.data.column("image").to_pylist()[1] is None
+    assert set(batch.read_errors) == {1} and "b-video.mp4 is 3072 MiB, over the 512 MiB" in batch.read_errors[1]
+
+
 def test_image_folder_gives_paths_and_row_errors(tmp_path, clip, tiny_clip_dir):
     folder = tmp_path / "images"
     shutil.copytree(PHOTOS, folder)
