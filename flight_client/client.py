@@ -473,12 +473,26 @@ def _as_array(values: Any, kind: str) -> pa.Array:
                 raise TypeError(f"{name}[{i}]: expected the bytes of an encoded image, got str {row[:60]!r}; "
                                 "for a file, send its contents: Path(path).read_bytes()")
     try:
-        return pa.array(rows, type=type_)
-    except (pa.ArrowTypeError, pa.ArrowInvalid) as exc:  # find the row only now: the fast path stays fast
+        if kind == "image":
+            return pa.array(rows, type=type_)
+        # inferred first: converting straight to the target type would take a bytes row as text and 2.0 as an id
+        inferred = pa.array(rows)
+        if not _inferred_fits(inferred.type, kind):
+            raise TypeError(f"{name}: expected {expected}, got Arrow type {inferred.type} from the rows")
+        return inferred.cast(type_)
+    except (pa.ArrowTypeError, pa.ArrowInvalid, TypeError) as exc:  # find the row only now: the fast path stays fast
         bad = _bad_row(rows, kind)
         if bad is None:
             raise
         raise bad from exc
+
+
+def _inferred_fits(type_: pa.DataType, kind: str) -> bool:
+    if pa.types.is_null(type_):  # no rows, or only None
+        return True
+    if kind == "text":
+        return pa.types.is_string(type_) or pa.types.is_large_string(type_)
+    return pa.types.is_list(type_) and (pa.types.is_integer(type_.value_type) or pa.types.is_null(type_.value_type))
 
 
 def _bad_row(rows: list, kind: str) -> TypeError | ValueError | None:

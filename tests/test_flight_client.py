@@ -198,7 +198,12 @@ def test_a_bare_str_or_bytes_is_rejected_not_split_into_rows(client, fake, call,
      r"^tokens\[0\]: expected a sequence of int or None, got int 101; .* embed_tokens\(\[ids\]\)"),
     (lambda c: c.embed_tokens([[101, 2 ** 40]]), ValueError, r"^tokens\[0\]\[1\]: 1099511627776 is outside int32"),
     (lambda c: c.embed_images([b"x", "cat.jpg"]), TypeError, r"^images\[1\]: expected the bytes .*\.read_bytes\(\)$"),
-], ids=["text-int", "text-bad-utf8", "image-int", "token-str", "tokens-flat", "token-overflow", "image-path"])
+    # pyarrow alone would take valid UTF-8 bytes as a text and a whole float as an id
+    (lambda c: c.embed_texts(["a", b"utf-8 bytes"]), TypeError, r"^texts\[1\]: expected str or None, got bytes"),
+    (lambda c: c.embed_tokens([[101, 102], [101, 2.0]]), TypeError, r"^tokens\[1\]\[1\]: expected int, got float 2.0$"),
+    (lambda c: c.embed_tokens([[101], np.array([101.0, 102.0])]), TypeError, r"^tokens\[1\]\[0\]: expected int, got float"),
+], ids=["text-int", "text-bad-utf8", "image-int", "token-str", "tokens-flat", "token-overflow", "image-path",
+        "text-bytes", "token-float", "token-float-array"])
 def test_a_row_of_the_wrong_type_is_named(client, fake, call, error, message):
     with pytest.raises(error, match=message) as err:
         call(client)
