@@ -276,12 +276,21 @@ def run(args: argparse.Namespace) -> dict:
         if st_dir is not None:
             mini_prec = [p for p in cfg["precisions"] if p not in slow]
             emb = str(tmp / "minilm-{precision}.npy")
-            st, _ = runner("minilm", "minilm st", system="st", device=cfg["device"], st_dir=str(st_dir),
-                           captions=captions, emb=emb)
-            ours, _ = runner("minilm", "minilm ours", system="ours", device=cfg["device"], model_dir=str(mini_dir),
-                             precisions=mini_prec, captions=captions, emb=emb)
-            if st and ours:
-                r["minilm"] = {"ours": ours, "st": st}
+            best: dict[str, dict] = {"st": {}, "ours": {}}
+            for rnd in range(cfg["rounds"]):  # alternating, best of each kept, as for the suites
+                order = ("st", "ours") if rnd % 2 == 0 else ("ours", "st")
+                for side in order:
+                    if side == "st":
+                        res, _ = runner("minilm", f"minilm st r{rnd + 1}", system="st", device=cfg["device"],
+                                        st_dir=str(st_dir), captions=captions, emb=emb)
+                    else:
+                        res, _ = runner("minilm", f"minilm ours r{rnd + 1}", system="ours", device=cfg["device"],
+                                        model_dir=str(mini_dir), precisions=mini_prec, captions=captions, emb=emb)
+                    for prec, fig in (res or {}).items():
+                        if fig["per_s"] > best[side].get(prec, {"per_s": 0})["per_s"]:
+                            best[side][prec] = fig
+            if best["st"] and best["ours"]:
+                r["minilm"] = best
         mm2, _ = runner("matmul", "matmul again", device=cfg["device"], seconds=cfg["matmul_seconds"],
                         tower=tower)
         if mm and mm2:  # the limit is the best the machine did during the run
