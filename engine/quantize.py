@@ -147,6 +147,8 @@ class Int8Linear(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (N, in)
         n = x.shape[0]
+        if n == 0:
+            return x.new_empty(*shape[:-1], self.out_features)
         hi = x.amax(dim=1, keepdim=True)  # (N, 1); aminmax is ~10x slower than the two reductions
         lo = x.amin(dim=1, keepdim=True)
         # s >= max|x| / 2**16: x * inv - lo * inv then loses < 2**-7 to rounding, so q stays in [0, 127] for a

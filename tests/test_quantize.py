@@ -129,6 +129,8 @@ def test_int8_linear_without_bias_and_zero_rows():
     with torch.inference_mode():
         y = q(x)
     assert torch.equal(y[0], torch.zeros(8)) and torch.isfinite(y).all()
+    with torch.inference_mode():
+        assert q(torch.zeros(2, 0, 16)).shape == (2, 0, 8)  # no rows at all
     assert torch.allclose(y[1], lin(x[1]).detach(), atol=0.05 * lin(x[1]).abs().max().item())
 
 
