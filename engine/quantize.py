@@ -97,9 +97,26 @@ def onednn_int8_available() -> bool:
         return False
 
 
+@functools.cache
 def _fbgemm_levels_op():
-    """fbgemm's linear on exact levels given in fp32 (scale 1, zero point 0), or None if this build lacks it."""
-    return getattr(torch.ops.quantized, "linear_with_input_q_dq_qweight_dq_output_fp32", None)
+    """fbgemm's linear on exact levels given in fp32 (scale 1, zero point 0), or None where this build or its
+    quantized engine (qnnpack on ARM) lacks it or gets it wrong; checked once on a small layer."""
+    op = getattr(torch.ops.quantized, "linear_with_input_q_dq_qweight_dq_output_fp32", None)
+    if op is None:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            w = torch.quantize_per_channel(torch.full((4, 16), 127.0), torch.ones(4, dtype=torch.double),
+                                           torch.zeros(4, dtype=torch.long), 0, torch.qint8)
+            levels = torch.arange(32, dtype=torch.float32).reshape(2, 16) * 4  # 0 .. 124
+            y = op(levels, 1.0, 0, torch.ops.quantized.linear_prepack(w, None))
+        if torch.equal(y, levels @ w.dequantize().t()):
+            return op
+        log.debug("fbgemm's levels linear gave wrong results here: the dynamic linear for small calls")
+    except (RuntimeError, NotImplementedError) as e:
+        log.debug("fbgemm's levels linear unavailable (%s): the dynamic linear for small calls", e)
+    return None
 
 
 def _as_uint8(q: torch.Tensor) -> torch.Tensor:
@@ -194,9 +211,9 @@ class Int8Linear(nn.Module):
         op = _fbgemm_levels_op()
         if op is not None:
             return op(levels, 1.0, 0, self._packed)
-        # builds without it (qnnpack): the dynamic linear takes its range from the input, [0, 127] whenever a
-        # row is not constant, so its grid holds ours
-        return torch.ops.quantized.linear_dynamic(levels, self._packed, True)
+        # builds without it (qnnpack): the dynamic linear takes its range from the input, exactly [0, 127] once the
+        # levels are whole numbers and a row is not constant, so a row's result still depends on that row alone
+        return torch.ops.quantized.linear_dynamic(levels.round(), self._packed, True)
 
     def _onednn_gemm(self, codes: torch.Tensor) -> torch.Tensor:
         if self._onednn is None:  # a process that only ever sees small calls never holds this second copy

@@ -111,6 +111,8 @@ def test_constant_and_narrow_offset_rows_stay_accurate():
 def test_builds_without_fbgemms_levels_op_fall_back_to_the_dynamic_linear(monkeypatch):
     """qnnpack builds (ARM) lack fbgemm's op for given levels: the dynamic linear takes the range [0, 127] from
     the levels themselves, so the results stay those of the same grid."""
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        assert quantize._fbgemm_levels_op() is not None  # fbgemm's builds have it, and it passes the check
     lin = nn.Linear(96, 40)
     q = Int8Linear(lin)
     x = _outlier_activations(50, 96, seed=5)
@@ -118,6 +120,7 @@ def test_builds_without_fbgemms_levels_op_fall_back_to_the_dynamic_linear(monkey
         want = q(x)
         monkeypatch.setattr(quantize, "_fbgemm_levels_op", lambda: None)
         got = q(x)
+        assert all(torch.equal(q(x[i:i + 1]), got[i:i + 1]) for i in (0, 7, 49))  # still row by row
     assert torch.allclose(got, want, rtol=1e-3, atol=1e-3 * want.abs().max().item())
 
 
