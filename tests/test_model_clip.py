@@ -248,6 +248,24 @@ def test_bf16_and_int8_modes_run_and_stay_close(tiny_clip_dir):
         assert _cos(got, ref).min() >= floor, precision
 
 
+def test_int8_images_batched_on_onednn_match_each_image_alone_on_fbgemm(tiny_clip_dir):
+    """A batch big enough for oneDNN's int8 GEMM (>= engine.quantize.ONEDNN_MIN_ROWS rows) gives each image the
+    embedding it gets alone (fewer rows: fbgemm): same int8 levels, bit-identical GEMMs; only the fp32 parts
+    sum in another order, which can move a value across a rounding edge (cosine 0.99993 at worst here)."""
+    from engine import quantize
+
+    model = engine.load_model(tiny_clip_dir, precision="int8")
+    size = model.config.vision.image_size
+    rng = np.random.default_rng(7)
+    pixels = rng.standard_normal((24, 3, size, size), dtype=np.float32)
+    batched = model.encode_pixels(pixels)
+    alone = np.stack([model.encode_pixels(pixels[i:i + 1])[0] for i in range(len(pixels))])
+    int8 = [m for m in model.net.modules() if isinstance(m, quantize.Int8Linear)]
+    assert int8 and any(m._onednn is not None for m in int8) == quantize.onednn_int8_available()
+    assert _cos(batched, alone).min() >= 0.999
+    assert _cos(batched, engine.load_model(tiny_clip_dir).encode_pixels(pixels)).min() >= 0.99
+
+
 def test_bad_precision_and_device_are_clear_errors(tiny_clip_dir):
     with pytest.raises(PrecisionError, match="expected one of"):
         engine.load_model(tiny_clip_dir, precision="fp8")
