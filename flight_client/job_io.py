@@ -215,7 +215,7 @@ class ImageFolderSource:
                         blobs.append(None)
                         read_errors[i] = (f"{_rel(path, self.root)} is {size / 2 ** 20:.0f} MiB, over the "
                                           f"{self.max_file_bytes / 2 ** 20:.0f} MiB a bulk job reads per image "
-                                          "file: not read (not an image this server would take)")
+                                          "file: not read")
                         continue
                     blobs.append(path.read_bytes())
                 except OSError as exc:
