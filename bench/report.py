@@ -222,16 +222,20 @@ def build_figures(r: dict) -> list[Row]:
                          note="; ".join(x for x in ("light run (load + 4 images + 16 texts): bf16 is not native on "
                                                     "this CPU" if light else "", _rss_floor(s["ours/bf16"], hf)) if x)))
 
+    return rows + flight_rows(r) + accuracy_rows(r)
+
+
+def flight_rows(r: dict) -> list[Row]:
+    """Flight end to end (bench/serving.py) against the in-process engine in the same run."""
     fl = r.get("flight")
     if fl and fl.get("ratio") is not None:
-        rows.append(_row("flight", "Flight end to end vs in-process engine (throughput)", fl.get("ours", "–"),
-                         fl.get("in_process", "–"), fl["ratio"], ratio_text=f"{100 * fl['ratio']:.0f}%",
-                         note="HF column = in-process engine"))
-    else:
-        rows.append(Row("flight", "Flight end to end vs in-process engine", "not measured", "–", None, "–",
-                        GOALS["flight"][2], None, (fl or {}).get("note", "bench/serving.py not available")))
-
-    return rows + accuracy_rows(r)
+        raw = fl.get("raw", {})
+        what = f", {raw['precision']}, batches of {raw['rows']}" if raw.get("device", "cpu") != "cpu" else ""
+        return [_row("flight", f"Flight end to end vs in-process engine (throughput{what})", fl.get("ours", "–"),
+                     fl.get("in_process", "–"), fl["ratio"], ratio_text=f"{100 * fl['ratio']:.0f}%",
+                     note="HF column = in-process engine")]
+    return [Row("flight", "Flight end to end vs in-process engine", "not measured", "–", None, "–",
+                GOALS["flight"][2], None, (fl or {}).get("note", "bench/serving.py not available"))]
 
 
 def accuracy_rows(r: dict) -> list[Row]:
@@ -319,6 +323,8 @@ def gpu_figures(r: dict) -> list[Row]:
                          + f"{r['config'].get('cpu_count')} threads; HF: its CLIPProcessor"))
     rows.append(_row("gpu_rss", "peak host RSS (MB), fp32", f"{ours['peak_rss_mb']:.0f}", f"{hf['peak_rss_mb']:.0f}",
                      ours["peak_rss_mb"] / hf["peak_rss_mb"]))
+    if r.get("flight", {}).get("ratio") is not None:  # "skipped" on a GPU run says nothing worth a row
+        rows += flight_rows(r)
     return rows + accuracy_rows(r)
 
 

@@ -1,7 +1,7 @@
 """Serving throughput: Arrow Flight end to end vs the in-process engine, and many small
 clients vs one big one, on the same JPEGs in one run.
 
-Makes a random-weight CLIP (``--geometry tiny`` for a quick run, ``b32`` for ViT-B/32),
+Makes a random-weight CLIP (``--geometry tiny`` for a quick run, ``b32`` for ViT-B/32, ``b16`` for a GPU),
 converts it, re-encodes ``--images`` JPEGs of 256-1024 px from tests/data/photos, starts
 ``arrowengine serve`` (``python -m flight_server.serve``) as a subprocess, and measures
 (images/s, best of ``--repeat``):
@@ -13,7 +13,8 @@ converts it, re-encodes ``--images`` JPEGs of 256-1024 px from tests/data/photos
 
 Prints one table and writes ``bench/results/serving-<hostname>.json``.
 
-    python bench/serving.py [--geometry tiny|b32] [--images 96] [--repeat 3]
+    python bench/serving.py [--geometry tiny|b32|b16] [--images 96] [--repeat 3]
+    python bench/serving.py --device cuda --precision bf16 --geometry b16 --images 2048 --rows 128
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,18 +58,20 @@ def make_images(count: int) -> list[bytes]:
     photos = [cv2.imread(str(p), cv2.IMREAD_COLOR) for p in sorted(PHOTOS.iterdir())
               if p.suffix in (".png", ".jpg")]
     rng = np.random.default_rng(0)
-    out = []
-    for i in range(count):
-        pic = photos[i % len(photos)]
+    cuts = [(i % len(photos), rng.integers(0, 1 << 30, 2), int(rng.integers(256, 1025))) for i in range(count)]
+
+    def cut(spec) -> bytes:
+        k, (ry, rx), side = spec
+        pic = photos[k]
         h, w = pic.shape[:2]
-        y, x = rng.integers(0, h // 4), rng.integers(0, w // 4)
-        crop = pic[y:, x:]
-        side = int(rng.integers(256, 1025))
+        crop = pic[ry % max(1, h // 4):, rx % max(1, w // 4):]
         scale = side / max(crop.shape[:2])
         size = (max(1, round(crop.shape[1] * scale)), max(1, round(crop.shape[0] * scale)))
         crop = cv2.resize(crop, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC)
-        out.append(cv2.imencode(".jpg", crop, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes())
-    return out
+        return cv2.imencode(".jpg", crop, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
+
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # OpenCV releases the GIL
+        return list(pool.map(cut, cuts))
 
 
 def command() -> flight.FlightDescriptor:
@@ -139,22 +143,27 @@ def best_rate(fn, count: int, repeat: int) -> tuple[float, np.ndarray]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--geometry", choices=["b32", "tiny"], default="tiny")
-    ap.add_argument("--images", type=int, default=None, help="default: 128 (tiny) or 64 (b32)")
+    ap.add_argument("--geometry", choices=["b32", "b16", "tiny"], default="tiny")
+    ap.add_argument("--images", type=int, default=None, help="default: 128 (tiny) or 64 (b32, b16)")
+    ap.add_argument("--model", type=Path, help="a converted CLIP directory (default: make a random one)")
+    ap.add_argument("--rows", type=int, default=32, help="images per Flight batch the streaming client sends")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:n], for the server and the in-process engine")
+    ap.add_argument("--precision", default="fp32")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--batch-wait-ms", type=float, default=50.0)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     count = args.images or (128 if args.geometry == "tiny" else 64)
-    count -= count % 32
+    count -= count % args.rows
     import engine
 
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = make_model(Path(tmp), args.geometry)
+        model_dir = args.model or make_model(Path(tmp), args.geometry)
         images = pa.array(make_images(count), pa.binary())
-        model = engine.load_model(model_dir)
+        model = engine.load_model(model_dir, device=args.device, precision=args.precision)
         server = ServerProcess(model_dir, "clip", ("--batch-wait-ms", str(args.batch_wait_ms),
-                                                   "--max-concurrent", "16"))
+                                                   "--max-concurrent", "16", "--device", args.device,
+                                                   "--precision", args.precision))
         port = server.port
         try:
             # (a) alternates in-process and Flight runs, so both see the machine's slow and fast moments
@@ -162,7 +171,7 @@ def main() -> None:
                 return m.embed_images(images).embeddings
 
             def via_server() -> np.ndarray:
-                return stream(port, images, 32)
+                return stream(port, images, args.rows)
 
             local, via_flight = in_process(), via_server()  # untimed first runs
             local_rate = flight_rate = 0.0
@@ -183,10 +192,11 @@ def main() -> None:
             server.stop()
     diff = max(float(np.abs(x - local).max()) for x in (via_flight, one, many))
     rows = [("in-process engine, embed_images(all)", local_rate, None),
-            ("Flight, 1 client streaming 32/batch", flight_rate, flight_rate / local_rate),
+            (f"Flight, 1 client streaming {args.rows}/batch", flight_rate, flight_rate / local_rate),
             ("Flight, 1 client 32 at a time (lockstep)", one_rate, None),
             ("Flight, 8 clients 4 at a time (lockstep)", many_rate, many_rate / one_rate)]
-    print(f"\nCLIP {args.geometry}, {count} JPEGs 256-1024 px, {os.cpu_count()} CPUs, best of {args.repeat}")
+    print(f"\nCLIP {args.geometry} {args.precision} on {args.device}, {count} JPEGs 256-1024 px, "
+          f"{os.cpu_count()} CPUs, best of {args.repeat}")
     print(f"{'case':44s} {'img/s':>8s} {'ratio':>7s}")
     for name, rate, ratio in rows:
         print(f"{name:44s} {rate:8.1f} {'' if ratio is None else f'{ratio:6.1%}':>7s}")
@@ -195,8 +205,9 @@ def main() -> None:
     print(f"max |embedding - in-process| over all Flight runs: {diff:.2e}")
     result = {
         "host": socket.gethostname(), "python": platform.python_version(), "cpus": os.cpu_count(),
-        "geometry": args.geometry, "images": count, "repeat": args.repeat, "batch_wait_ms": args.batch_wait_ms,
-        "images_per_s": {"in_process": local_rate, "flight_stream_32": flight_rate,
+        "geometry": str(args.model) if args.model else args.geometry, "device": args.device, "precision": args.precision, "rows": args.rows,
+        "images": count, "repeat": args.repeat, "batch_wait_ms": args.batch_wait_ms,
+        "images_per_s": {"in_process": local_rate, "flight_stream": flight_rate,
                          "flight_1_client_32": one_rate, "flight_8_clients_4": many_rate},
         "flight_vs_in_process": flight_rate / local_rate, "8x4_vs_1x32": many_rate / one_rate,
         "max_abs_diff_vs_in_process": diff,
