@@ -187,6 +187,11 @@ class Scheduler:
             self._maybe_finish(request)
         return request.future
 
+    @property
+    def decode_ahead(self) -> int:
+        """How many image submits are worth preparing at once (the model's ``decode_ahead``)."""
+        return self.model.decode_ahead
+
     def queue_depth(self) -> dict[str, int]:
         """Rows waiting for the device, per queue ("image", "text")."""
         with self._cv:

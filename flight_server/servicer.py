@@ -10,8 +10,10 @@ Models are duck-typed (``engine.model`` API): ``.info`` (``dim``, ``modalities``
 ``embeddings`` (N, D) float32 C-contiguous and ``errors`` (list of str | None). A model
 that also has ``submit(kind, array, normalize, cancelled) -> Future[EmbedResult]`` (an
 ``engine.scheduler.Scheduler``, which ``arrowengine serve`` puts in front of every model)
-is pipelined: while the rows of input batch k are on the device, the exchange already
-reads and decodes batch k+1, and a writer thread sends each result as soon as it is ready
+is pipelined: the exchange thread only reads batches and hands each to a submit thread,
+which decodes (or tokenizes) it and queues its rows, so receiving batch k+1 overlaps
+decoding batch k, and decoding overlaps the device; the model's ``decode_ahead`` batches
+(2 on CUDA) are decoded at once. A writer thread sends each result as soon as it is ready
 (in input order), so a client that waits for a result before writing more never stalls.
 The scheduler coalesces rows of concurrent exchanges into device batches.
 """
@@ -25,7 +27,7 @@ import struct
 import threading
 import time
 import zlib
-from concurrent.futures import CancelledError, Future
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
@@ -287,6 +289,12 @@ class EmbeddingServer(flight.FlightServerBase):
         embed = _submitter(model, command.input, cancelled)
         dim = int(model.info.dim)
         results = _ResultWriter(writer, stop, lambda rows, failed: self._batch_written(call, rows, failed))
+        # Submits run off this thread, so reading the next batch overlaps decoding this one. A plain
+        # model (no scheduler) embeds inside submit: one thread keeps its calls one at a time.
+        ahead = 1
+        if callable(getattr(model, "submit", None)) and command.input == "image":
+            ahead = max(1, int(getattr(model, "decode_ahead", 1)))
+        submits = ThreadPoolExecutor(ahead, thread_name_prefix="flight-submit")
         try:
             for chunk in reader:
                 if context.is_cancelled():
@@ -305,7 +313,7 @@ class EmbeddingServer(flight.FlightServerBase):
                 if too_big:  # one row alone over the byte limit: an error for that row, not the call
                     results.put(_failed_batch(command, batch, out_schema, dim, too_big))
                 else:
-                    results.put(self._embed_batch(embed, command, batch, out_schema, dim))
+                    results.put(self._embed_batch(submits, embed, command, batch, out_schema, dim))
                 call.submitted += 1
             if context.is_cancelled():  # a cancel can also end the input stream early
                 raise _Cancelled()
@@ -317,7 +325,8 @@ class EmbeddingServer(flight.FlightServerBase):
                     extra_info=protocol.error_info(protocol.CODE_BUSY)) from exc
             raise _Cancelled() from exc
         finally:
-            results.stop()
+            results.stop()  # sets stop first: queued submits see cancelled() and drop their rows
+            submits.shutdown(wait=True, cancel_futures=True)
 
     def _batch_written(self, call: "_Call", rows: int, failed: int) -> None:
         call.batches += 1
@@ -327,17 +336,20 @@ class EmbeddingServer(flight.FlightServerBase):
         if self.metrics is not None:
             self.metrics.batch_done(call.model, call.input, rows, failed)
 
-    def _embed_batch(self, embed, command: protocol.EmbedCommand, batch: pa.RecordBatch,
-                     out_schema: pa.Schema, dim: int) -> Callable[[], tuple[pa.RecordBatch, int]]:
-        """Submit one input batch; returns ``collect()`` -> (output batch, row errors), which waits."""
+    def _embed_batch(self, submits: ThreadPoolExecutor, embed, command: protocol.EmbedCommand,
+                     batch: pa.RecordBatch, out_schema: pa.Schema,
+                     dim: int) -> Callable[[], tuple[pa.RecordBatch, int]]:
+        """Submit one input batch on ``submits``; returns ``collect()`` -> (output batch, row errors), which
+        waits. A request-level fault raised by the submit comes out of ``collect()``."""
         passthrough = [batch.column(p) for p in command.passthrough]
         n = batch.num_rows
         if n == 0:
             return lambda: (embedding_batch(passthrough, out_schema, np.zeros((0, dim), np.float32), []), 0)
-        future = embed(protocol.engine_column(command.input, batch.column(command.column)), command.normalize)
+        submitted = submits.submit(embed, protocol.engine_column(command.input, batch.column(command.column)),
+                                   command.normalize)
 
         def collect() -> tuple[pa.RecordBatch, int]:
-            result = future.result()
+            result = submitted.result().result()
             embeddings, errors = result.embeddings, list(result.errors)
             if (not isinstance(embeddings, np.ndarray) or embeddings.shape != (n, dim)
                     or embeddings.dtype != np.float32 or len(errors) != n):

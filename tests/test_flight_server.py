@@ -118,9 +118,9 @@ def test_input_column_is_a_view_of_the_received_batch(served, fake, monkeypatch)
     seen = []
     original = servicer.EmbeddingServer._embed_batch
 
-    def spy(self, embed, command, batch, out_schema, dim):
+    def spy(self, submits, embed, command, batch, out_schema, dim):
         seen.append(batch)
-        return original(self, embed, command, batch, out_schema, dim)
+        return original(self, submits, embed, command, batch, out_schema, dim)
 
     monkeypatch.setattr(servicer.EmbeddingServer, "_embed_batch", spy)
     server, client = served
@@ -618,3 +618,63 @@ def test_view_and_fixed_size_columns_are_embedded_like_the_plain_ones(served, fa
         (want,) = exchange(client, cmd(input=kind), [pa.record_batch({column: plain})])
         (got,) = exchange(client, cmd(input=kind), [pa.record_batch({column: plain.cast(other)})])
         assert got.equals(want), kind
+
+
+class _SubmittingFake(FakeModel):
+    """A FakeModel with a scheduler's ``submit``: each submit holds for ``hold_s`` (a decode), and the
+    fake records how many submits ran at once and whether the next batch arrived during one."""
+
+    def __init__(self, decode_ahead: int, hold_s: float = 0.3) -> None:
+        super().__init__("submitting", dim=8, modalities=("text", "image"))
+        self.decode_ahead = decode_ahead
+        self.hold_s = hold_s
+        self.running = self.most_at_once = 0
+        self.lock = threading.Lock()
+
+    def submit(self, kind, values, normalize=True, cancelled=None):
+        from concurrent.futures import Future
+
+        with self.lock:
+            self.running += 1
+            self.most_at_once = max(self.most_at_once, self.running)
+        time.sleep(self.hold_s)
+        with self.lock:
+            self.running -= 1
+        future = Future()
+        future.set_result(getattr(self, servicer.EMBED_METHODS[kind])(values, normalize=normalize))
+        return future
+
+
+@pytest.mark.parametrize("ahead", [1, 2])
+def test_image_submits_run_off_the_reading_thread_decode_ahead_at_once(ahead, monkeypatch):
+    model = _SubmittingFake(decode_ahead=ahead)
+    received: list[float] = []
+    original = servicer.EmbeddingServer._check_limits
+
+    def spy(self, batch, index):  # called by the exchange thread as each batch is read
+        received.append(time.monotonic())
+        return original(self, batch, index)
+
+    monkeypatch.setattr(servicer.EmbeddingServer, "_check_limits", spy)
+    values = [f"img{i}".encode() for i in range(12)]
+    batches = [pa.record_batch({"image": pa.array(values[i:i + 2], pa.binary())}) for i in range(0, 12, 2)]
+    with EmbeddingServer({"m": model}, ServerConfig(port=0)) as server, \
+            flight.connect(f"grpc://127.0.0.1:{server.port}") as client:
+        out = exchange(client, cmd(model="m", input="image"), batches)
+    # Every row back, in order, whatever ran at once.
+    assert [b.num_rows for b in out] == [2] * 6
+    for batch, start in zip(out, range(0, 12, 2)):
+        check_rows(batch, values[start:start + 2])
+    assert model.most_at_once == ahead
+    # The second batch was read while the first submit still held (it had not returned).
+    assert received[1] - received[0] < model.hold_s
+
+
+def test_text_submits_and_plain_models_run_one_at_a_time():
+    model = _SubmittingFake(decode_ahead=2)
+    with EmbeddingServer({"m": model}, ServerConfig(port=0)) as server, \
+            flight.connect(f"grpc://127.0.0.1:{server.port}") as client:
+        batches = [pa.record_batch({"text": [f"t{i}", f"u{i}"]}) for i in range(4)]
+        out = exchange(client, cmd(model="m", input="text"), batches)
+    assert [b.num_rows for b in out] == [2] * 4
+    assert model.most_at_once == 1  # tokenizing is cheap: one submit thread overlaps the reading
