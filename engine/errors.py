@@ -52,3 +52,7 @@ class RowErrors(ArrowEngineError):
         head = "; ".join(f"row {i}: {e}" for i, e in failed[:5])
         more = f" (and {len(failed) - 5} more)" if len(failed) > 5 else ""
         super().__init__(f"{len(failed)} of {len(errors)} rows failed: {head}{more}")
+
+
+class SchedulerClosed(ArrowEngineError):
+    """The scheduler was closed before the call's rows were embedded."""

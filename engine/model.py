@@ -108,11 +108,6 @@ class Model:
         return f"Model({i.name!r}, {i.architecture}, dim={i.dim}, {i.precision} on {i.device})"
 
     # ------------------------------------------------------------------ public surface
-    @property
-    def decode_ahead(self) -> int:
-        """Image batches decoded at once ahead of the device (``BatchLimits.prefetch``, resolved)."""
-        return self._ahead
-
     def encode_text(self, texts: Sequence[str], normalize: bool = True) -> np.ndarray:
         """Embed texts -> (N, D) float32. Raises RowErrors if any row fails."""
         return self.embed_texts(texts, normalize).raise_for_errors()

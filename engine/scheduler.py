@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.errors import ArrowEngineError
+from engine.errors import SchedulerClosed
 from engine.model import EmbedResult, Model
 from engine.tokenizer import length_buckets
 
@@ -68,10 +68,6 @@ class SchedulerConfig:
                 raise ValueError(f"{name} must be a positive integer; got {getattr(self, name)}")
         if self.max_row_tokens is not None and self.max_row_tokens < 1:
             raise ValueError(f"max_row_tokens must be a positive integer or None; got {self.max_row_tokens}")
-
-
-class SchedulerClosed(ArrowEngineError):
-    """The scheduler was closed before the call's rows were embedded."""
 
 
 class _Request:
@@ -186,11 +182,6 @@ class Scheduler:
             request.sealed = True
             self._maybe_finish(request)
         return request.future
-
-    @property
-    def decode_ahead(self) -> int:
-        """How many image submits are worth preparing at once (the model's ``decode_ahead``)."""
-        return self.model.decode_ahead
 
     def queue_depth(self) -> dict[str, int]:
         """Rows waiting for the device, per queue ("image", "text")."""

@@ -10,10 +10,8 @@ Models are duck-typed (``engine.model`` API): ``.info`` (``dim``, ``modalities``
 ``embeddings`` (N, D) float32 C-contiguous and ``errors`` (list of str | None). A model
 that also has ``submit(kind, array, normalize, cancelled) -> Future[EmbedResult]`` (an
 ``engine.scheduler.Scheduler``, which ``arrowengine serve`` puts in front of every model)
-is pipelined: the exchange thread only reads batches and hands each to a submit thread,
-which decodes (or tokenizes) it and queues its rows, so receiving batch k+1 overlaps
-decoding batch k, and decoding overlaps the device; the model's ``decode_ahead`` batches
-(2 on CUDA) are decoded at once. A writer thread sends each result as soon as it is ready
+is pipelined: while the rows of input batch k are on the device, the exchange already
+reads and decodes batch k+1, and a writer thread sends each result as soon as it is ready
 (in input order), so a client that waits for a result before writing more never stalls.
 The scheduler coalesces rows of concurrent exchanges into device batches.
 """
@@ -27,13 +25,14 @@ import struct
 import threading
 import time
 import zlib
-from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future
 from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.flight as flight
 
+from engine.errors import ArrowEngineError, SchedulerClosed
 from flight_server import protocol
 from flight_server.auth import BearerTokenMiddlewareFactory
 from flight_server.config import ServerConfig
@@ -289,12 +288,6 @@ class EmbeddingServer(flight.FlightServerBase):
         embed = _submitter(model, command.input, cancelled)
         dim = int(model.info.dim)
         results = _ResultWriter(writer, stop, lambda rows, failed: self._batch_written(call, rows, failed))
-        # Submits run off this thread, so reading the next batch overlaps decoding this one. A plain
-        # model (no scheduler) embeds inside submit: one thread keeps its calls one at a time.
-        ahead = 1
-        if callable(getattr(model, "submit", None)) and command.input == "image":
-            ahead = max(1, int(getattr(model, "decode_ahead", 1)))
-        submits = ThreadPoolExecutor(ahead, thread_name_prefix="flight-submit")
         try:
             for chunk in reader:
                 if context.is_cancelled():
@@ -313,7 +306,7 @@ class EmbeddingServer(flight.FlightServerBase):
                 if too_big:  # one row alone over the byte limit: an error for that row, not the call
                     results.put(_failed_batch(command, batch, out_schema, dim, too_big))
                 else:
-                    results.put(self._embed_batch(submits, embed, command, batch, out_schema, dim))
+                    results.put(self._embed_batch(embed, command, batch, out_schema, dim))
                 call.submitted += 1
             if context.is_cancelled():  # a cancel can also end the input stream early
                 raise _Cancelled()
@@ -325,8 +318,7 @@ class EmbeddingServer(flight.FlightServerBase):
                     extra_info=protocol.error_info(protocol.CODE_BUSY)) from exc
             raise _Cancelled() from exc
         finally:
-            results.stop()  # sets stop first: queued submits see cancelled() and drop their rows
-            submits.shutdown(wait=True, cancel_futures=True)
+            results.stop()
 
     def _batch_written(self, call: "_Call", rows: int, failed: int) -> None:
         call.batches += 1
@@ -336,26 +328,36 @@ class EmbeddingServer(flight.FlightServerBase):
         if self.metrics is not None:
             self.metrics.batch_done(call.model, call.input, rows, failed)
 
-    def _embed_batch(self, submits: ThreadPoolExecutor, embed, command: protocol.EmbedCommand,
-                     batch: pa.RecordBatch, out_schema: pa.Schema,
-                     dim: int) -> Callable[[], tuple[pa.RecordBatch, int]]:
-        """Submit one input batch on ``submits``; returns ``collect()`` -> (output batch, row errors), which
-        waits. A request-level fault raised by the submit comes out of ``collect()``."""
+    def _embed_batch(self, embed, command: protocol.EmbedCommand, batch: pa.RecordBatch,
+                     out_schema: pa.Schema, dim: int) -> Callable[[], tuple[pa.RecordBatch, int]]:
+        """Submit one input batch; returns ``collect()`` -> (output batch, row errors), which waits."""
         passthrough = [batch.column(p) for p in command.passthrough]
         n = batch.num_rows
         if n == 0:
             return lambda: (embedding_batch(passthrough, out_schema, np.zeros((0, dim), np.float32), []), 0)
-        submitted = submits.submit(embed, protocol.engine_column(command.input, batch.column(command.column)),
-                                   command.normalize)
+        future = embed(protocol.engine_column(command.input, batch.column(command.column)), command.normalize)
 
         def collect() -> tuple[pa.RecordBatch, int]:
-            result = submitted.result().result()
-            embeddings, errors = result.embeddings, list(result.errors)
-            if (not isinstance(embeddings, np.ndarray) or embeddings.shape != (n, dim)
-                    or embeddings.dtype != np.float32 or len(errors) != n):
-                raise RuntimeError(f"the model returned embeddings {getattr(embeddings, 'shape', None)} "
-                                   f"{getattr(embeddings, 'dtype', None)} and {len(errors)} errors; "
-                                   f"expected ({n}, {dim}) float32 and {n} errors")
+            try:
+                result = future.result()
+                embeddings, errors = result.embeddings, list(result.errors)
+                if (not isinstance(embeddings, np.ndarray) or embeddings.shape != (n, dim)
+                        or embeddings.dtype != np.float32 or len(errors) != n):
+                    raise RuntimeError(f"the model returned embeddings {getattr(embeddings, 'shape', None)} "
+                                       f"{getattr(embeddings, 'dtype', None)} and {len(errors)} errors; "
+                                       f"expected ({n}, {dim}) float32 and {n} errors")
+            except (CancelledError, SchedulerClosed):
+                raise  # the exchange is ending (client cancel, shutdown): nothing more to write
+            except Exception as exc:
+                # This batch failed after it was queued (a device fault, say). The exchange thread may be
+                # waiting for the client's next batch while the client waits for this result, so the call
+                # cannot end here: the batch's rows come back as errors and the stream goes on.
+                log.error("a batch of %d rows failed in the engine; its rows are returned as errors", n,
+                          exc_info=exc)
+                what = f"{type(exc).__name__}: {exc}" if isinstance(exc, ArrowEngineError) else type(exc).__name__
+                reason = (f"internal error while embedding this batch ({what}); these rows were not embedded: "
+                          "send them again, and see the server log if it persists")
+                return embedding_batch(passthrough, out_schema, np.zeros((n, dim), np.float32), [reason] * n), n
             if not embeddings.flags.c_contiguous:
                 embeddings = np.ascontiguousarray(embeddings)  # the engine promises C order; be safe
             out = embedding_batch(passthrough, out_schema, embeddings, errors)

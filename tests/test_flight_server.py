@@ -118,9 +118,9 @@ def test_input_column_is_a_view_of_the_received_batch(served, fake, monkeypatch)
     seen = []
     original = servicer.EmbeddingServer._embed_batch
 
-    def spy(self, submits, embed, command, batch, out_schema, dim):
+    def spy(self, embed, command, batch, out_schema, dim):
         seen.append(batch)
-        return original(self, submits, embed, command, batch, out_schema, dim)
+        return original(self, embed, command, batch, out_schema, dim)
 
     monkeypatch.setattr(servicer.EmbeddingServer, "_embed_batch", spy)
     server, client = served
@@ -620,61 +620,49 @@ def test_view_and_fixed_size_columns_are_embedded_like_the_plain_ones(served, fa
         assert got.equals(want), kind
 
 
-class _SubmittingFake(FakeModel):
-    """A FakeModel with a scheduler's ``submit``: each submit holds for ``hold_s`` (a decode), and the
-    fake records how many submits ran at once and whether the next batch arrived during one."""
+def test_a_device_fault_after_queueing_is_a_row_error_and_a_waiting_client_goes_on(tiny_clip_dir):
+    """A batch that fails on the device after submit returned: a client that waits for each result before
+    sending more (lockstep) gets that batch's rows back as errors and the next batch embedded, not a hang."""
+    import engine
+    from engine.scheduler import Scheduler
 
-    def __init__(self, decode_ahead: int, hold_s: float = 0.3) -> None:
-        super().__init__("submitting", dim=8, modalities=("text", "image"))
-        self.decode_ahead = decode_ahead
-        self.hold_s = hold_s
-        self.running = self.most_at_once = 0
-        self.lock = threading.Lock()
+    clip = engine.load_model(tiny_clip_dir)
+    real = clip.encode_pixels
+    calls = []
 
-    def submit(self, kind, values, normalize=True, cancelled=None):
-        from concurrent.futures import Future
+    def flaky(pixels, normalize=True):
+        calls.append(len(pixels))
+        if len(calls) == 2:
+            raise RuntimeError("CUDA error: an illegal memory access (simulated)")
+        return real(pixels, normalize)
 
-        with self.lock:
-            self.running += 1
-            self.most_at_once = max(self.most_at_once, self.running)
-        time.sleep(self.hold_s)
-        with self.lock:
-            self.running -= 1
-        future = Future()
-        future.set_result(getattr(self, servicer.EMBED_METHODS[kind])(values, normalize=normalize))
-        return future
-
-
-@pytest.mark.parametrize("ahead", [1, 2])
-def test_image_submits_run_off_the_reading_thread_decode_ahead_at_once(ahead, monkeypatch):
-    model = _SubmittingFake(decode_ahead=ahead)
-    received: list[float] = []
-    original = servicer.EmbeddingServer._check_limits
-
-    def spy(self, batch, index):  # called by the exchange thread as each batch is read
-        received.append(time.monotonic())
-        return original(self, batch, index)
-
-    monkeypatch.setattr(servicer.EmbeddingServer, "_check_limits", spy)
-    values = [f"img{i}".encode() for i in range(12)]
-    batches = [pa.record_batch({"image": pa.array(values[i:i + 2], pa.binary())}) for i in range(0, 12, 2)]
-    with EmbeddingServer({"m": model}, ServerConfig(port=0)) as server, \
+    clip.encode_pixels = flaky
+    images = [_jpeg(96 + 8 * i, i) for i in range(6)]
+    want = real(clip.prepare_images(images).pixels)
+    with Scheduler(clip) as sched, EmbeddingServer({"clip": sched}, ServerConfig(port=0)) as server, \
             flight.connect(f"grpc://127.0.0.1:{server.port}") as client:
-        out = exchange(client, cmd(model="m", input="image"), batches)
-    # Every row back, in order, whatever ran at once.
-    assert [b.num_rows for b in out] == [2] * 6
-    for batch, start in zip(out, range(0, 12, 2)):
-        check_rows(batch, values[start:start + 2])
-    assert model.most_at_once == ahead
-    # The second batch was read while the first submit still held (it had not returned).
-    assert received[1] - received[0] < model.hold_s
-
-
-def test_text_submits_and_plain_models_run_one_at_a_time():
-    model = _SubmittingFake(decode_ahead=2)
-    with EmbeddingServer({"m": model}, ServerConfig(port=0)) as server, \
-            flight.connect(f"grpc://127.0.0.1:{server.port}") as client:
-        batches = [pa.record_batch({"text": [f"t{i}", f"u{i}"]}) for i in range(4)]
-        out = exchange(client, cmd(model="m", input="text"), batches)
-    assert [b.num_rows for b in out] == [2] * 4
-    assert model.most_at_once == 1  # tokenizing is cheap: one submit thread overlaps the reading
+        writer, reader = client.do_exchange(cmd(input="image"))
+        writer.begin(pa.schema([("image", pa.binary())]))
+        got = []
+        for k in range(3):
+            writer.write_batch(pa.record_batch({"image": pa.array(images[2 * k:2 * k + 2], pa.binary())}))
+            box = {}
+            t = threading.Thread(target=lambda: box.setdefault("chunk", reader.read_chunk()), daemon=True)
+            t.start()
+            t.join(20)
+            assert "chunk" in box, f"no result for batch {k}: the server hung"
+            got.append(box["chunk"].data)
+        writer.done_writing()
+        assert list(reader) == []
+        writer.close()
+        stats = server.stats.snapshot()
+    errors = [b.column("error").to_pylist() for b in got]
+    assert errors[0] == [None, None] and errors[2] == [None, None]
+    assert all("internal error while embedding this batch (RuntimeError)" in e and "send them again" in e
+               for e in errors[1])
+    assert "illegal memory" not in errors[1][0]  # a non-engine exception's text stays in the server log
+    assert got[1].column("embedding").null_count == 2
+    for k in (0, 2):
+        np.testing.assert_allclose(got[k].column("embedding").values.to_numpy().reshape(2, -1),
+                                   want[2 * k:2 * k + 2], atol=1e-5, rtol=0)
+    assert stats["row_errors"] == 2 and stats["requests_failed"] == 0
