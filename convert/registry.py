@@ -161,7 +161,7 @@ register(Architecture(
     kind="sentence-transformer",
     detect=_is_sentence_transformer,
     known_prefixes=("embeddings.", "encoder.", "pooler."),
-    strip_prefixes=("bert.", "roberta.", "model."),
-    drop_prefixes=("cls.", "lm_head."),  # BertForMaskedLM / BertForPreTraining / RobertaForMaskedLM heads
+    strip_prefixes=("bert.", "roberta.", "mpnet.", "model."),
+    drop_prefixes=("cls.", "lm_head."),  # BertForMaskedLM / BertForPreTraining / RobertaForMaskedLM / MPNetForMaskedLM heads
 ))
 _STORE_ARCH = Architecture(kind=STORE, detect=lambda c, r: True, known_prefixes=(), drop_suffixes=())

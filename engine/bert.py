@@ -1,15 +1,19 @@
-"""A BERT-family encoder as used by sentence-transformers (e.g. all-MiniLM-L6-v2).
+"""A BERT-family encoder as used by sentence-transformers (e.g. all-MiniLM-L6-v2, all-mpnet-base-v2).
 
-Reference: HF transformers ``models/bert/modeling_bert.py`` (BertModel) and
-sentence-transformers' Pooling / Normalize modules. Post-LayerNorm blocks;
-module names equal the checkpoint keys (``encoder.layer.0.attention.self.query``).
+Reference: HF transformers ``models/bert/modeling_bert.py`` (BertModel), ``models/mpnet/modeling_mpnet.py``
+(MPNetModel) and sentence-transformers' Pooling / Normalize modules. Post-LayerNorm blocks; module names
+equal the checkpoint keys (BERT ``encoder.layer.0.attention.self.query``, MPNet
+``encoder.layer.0.attention.attn.q``). MPNet adds a learned bias per head and relative-position bucket to
+every attention score, shared by all layers.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
 
-from engine.config import BertConfig, TowerConfig
+from engine.config import MPNET_BUCKETS, BertConfig, TowerConfig
 from engine.layers import Embedding, LayerNorm, Linear, activation, attention, project_qkv
 
 
@@ -63,10 +67,52 @@ class BertLayer(nn.Module):
         return self.output.LayerNorm(x + self.output.dense(h))  # (B, T, C)
 
 
-class _Encoder(nn.Module):
+class _MPNetSelfAttention(nn.Module):
+    QKV = ("q", "k", "v")  # engine.quantize may replace these by one fused ``qkv``
+
     def __init__(self, cfg: TowerConfig) -> None:
         super().__init__()
-        self.layer = nn.ModuleList(BertLayer(cfg) for _ in range(cfg.layers))
+        self.q = Linear(cfg.width, cfg.width)
+        self.k = Linear(cfg.width, cfg.width)
+        self.v = Linear(cfg.width, cfg.width)
+        self.o = Linear(cfg.width, cfg.width)
+        self.qkv: nn.Module | None = None
+
+
+class _MPNetAttention(nn.Module):
+    def __init__(self, cfg: TowerConfig) -> None:
+        super().__init__()
+        self.attn = _MPNetSelfAttention(cfg)
+        self.LayerNorm = LayerNorm(cfg.width, cfg.eps)
+
+
+class MPNetLayer(nn.Module):
+    """BertLayer with MPNet's module names; ``mask`` is additive and carries the relative-position bias."""
+
+    def __init__(self, cfg: TowerConfig) -> None:
+        super().__init__()
+        self.heads = cfg.heads
+        self.act = activation(cfg.act)
+        self.attention = _MPNetAttention(cfg)
+        self.intermediate = _Intermediate(cfg)
+        self.output = _DenseNorm(cfg.mlp_width, cfg)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        a = self.attention
+        q, k, v = project_qkv(a.attn, x)  # (B, T, C) each
+        y = attention(q, k, v, self.heads, mask=mask)  # (B, T, C)
+        x = a.LayerNorm(x + a.attn.o(y))  # (B, T, C)
+        h = self.act(self.intermediate.dense(x))  # (B, T, M)
+        return self.output.LayerNorm(x + self.output.dense(h))  # (B, T, C)
+
+
+class _Encoder(nn.Module):
+    def __init__(self, cfg: BertConfig) -> None:
+        super().__init__()
+        block = MPNetLayer if cfg.model_type == "mpnet" else BertLayer
+        self.layer = nn.ModuleList(block(cfg.tower) for _ in range(cfg.tower.layers))
+        if cfg.relative_buckets:
+            self.relative_attention_bias = Embedding(cfg.relative_buckets, cfg.tower.heads)
 
 
 class _Embeddings(nn.Module):
@@ -74,7 +120,8 @@ class _Embeddings(nn.Module):
         super().__init__()
         self.word_embeddings = Embedding(cfg.vocab_size, cfg.tower.width)
         self.position_embeddings = Embedding(cfg.max_positions, cfg.tower.width)
-        self.token_type_embeddings = Embedding(cfg.type_vocab_size, cfg.tower.width)
+        if cfg.type_vocab_size:  # MPNet has none
+            self.token_type_embeddings = Embedding(cfg.type_vocab_size, cfg.tower.width)
         self.LayerNorm = LayerNorm(cfg.tower.width, cfg.tower.eps)
 
 
@@ -87,19 +134,33 @@ class SentenceBert(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embeddings = _Embeddings(cfg)
-        self.encoder = _Encoder(cfg.tower)
+        self.encoder = _Encoder(cfg)
 
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """ids (B, T) right-padded; lengths (B,) real token counts. Returns (B, C)."""
         B, T = ids.shape
         e = self.embeddings
-        x = e.word_embeddings(ids) + self._positions(ids) + e.token_type_embeddings.weight[0]  # (B, T, C)
+        x = e.word_embeddings(ids) + self._positions(ids)  # (B, T, C)
+        if self.cfg.type_vocab_size:
+            x = x + e.token_type_embeddings.weight[0]
         x = e.LayerNorm(x)
         keep = torch.arange(T, device=ids.device)[None, :] < lengths[:, None]  # (B, T) True = real token
         mask = None if bool(keep.all()) else keep[:, None, None, :]  # (B, 1, 1, T)
+        if self.cfg.relative_buckets:  # MPNet: bias (1, h, T, T), padded keys pushed to the dtype's minimum
+            bias = self._relative_bias(T, x.dtype)
+            mask = bias if mask is None else bias.masked_fill(~mask, torch.finfo(x.dtype).min)  # (B, h, T, T)
         for layer in self.encoder.layer:
             x = layer(x, mask)
         return self._pool(x, keep)
+
+    def _relative_bias(self, T: int, dtype: torch.dtype) -> torch.Tensor:
+        """MPNet's attention bias (1, heads, T, T): one learned value per head and bucket of key - query
+        offset (transformers' ``MPNetEncoder.compute_position_bias``: 32 buckets, exact up to 8 positions
+        each way, log-spaced to 128)."""
+        table = self.encoder.relative_attention_bias.weight  # (buckets, heads)
+        pos = torch.arange(T, device=table.device)
+        bucket = _relative_bucket(pos[None, :] - pos[:, None])  # (T, T)
+        return table[bucket].permute(2, 0, 1).unsqueeze(0).to(dtype)  # (1, h, T, T)
 
     def _positions(self, ids: torch.Tensor) -> torch.Tensor:
         """Position embeddings, (T, C) or (B, T, C). BERT: rows 0..T-1. RoBERTa / XLM-R (HF's
@@ -108,7 +169,7 @@ class SentenceBert(nn.Module):
         table = self.embeddings.position_embeddings.weight
         if not self.cfg.position_offset:
             return table[: ids.shape[1]]
-        pad = self.cfg.pad_token_id
+        pad = self.cfg.position_pad_id
         real = (ids != pad).long()
         return table[real.cumsum(dim=1) * real + pad]
 
@@ -127,3 +188,18 @@ class SentenceBert(nn.Module):
         total = (x * k).sum(dim=1)  # (B, C)
         count = k.sum(dim=1).clamp(min=1e-9)  # (B, 1)
         return total / (count.sqrt() if mode == "mean_sqrt_len_tokens" else count)
+
+
+def _relative_bucket(offset: torch.Tensor, max_distance: int = 128) -> torch.Tensor:
+    """Bucket of each key - query ``offset`` (int64): half the buckets for keys before the query, half
+    after; within a half, distances under 8 get one bucket each, larger ones log-spaced buckets up to
+    ``max_distance``, the rest the last (transformers' ``MPNetEncoder.relative_position_bucket``)."""
+    half = MPNET_BUCKETS // 2
+    n = -offset
+    out = (n < 0).long() * half
+    n = n.abs()
+    exact = half // 2
+    # clamp only keeps log() finite where n < exact: those entries take n itself below
+    far = exact + (torch.log(n.clamp(min=1).float() / exact) / math.log(max_distance / exact)
+                   * (half - exact)).long()
+    return out + torch.where(n < exact, n, far.clamp(max=half - 1))

@@ -69,9 +69,13 @@ _LEGACY_POOLING_KEYS = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_to
 # The sentence-transformers modules the engine runs, by class name: before 6.x they are
 # ``sentence_transformers.models.Transformer``; 6.x writes e.g. ``sentence_transformers.base.modules.transformer.Transformer``.
 ST_RUNNABLE_MODULES = ("Transformer", "Pooling", "Normalize")
-# Encoders laid out as BERT (same module names); RoBERTa's count positions from pad_token_id + 1.
-BERT_FAMILY = ("bert", "roberta", "xlm-roberta")
+# Encoders the engine runs under a sentence-transformer: BERT and RoBERTa / XLM-R (BERT's module names;
+# positions counted from pad_token_id + 1), and MPNet (its own module names, relative position buckets,
+# positions counted from 2 as transformers' MPNetEmbeddings does, whatever pad_token_id says).
+BERT_FAMILY = ("bert", "roberta", "xlm-roberta", "mpnet")
 _POSITIONS_AFTER_PAD = ("roberta", "xlm-roberta")
+MPNET_PAD_POSITION = 1  # transformers' MPNetEmbeddings.padding_idx (fixed, not read from config.json)
+MPNET_BUCKETS = 32  # the relative-position buckets transformers' MPNetEncoder computes (fixed)
 # Module config file names sentence-transformers tries, in its order (the BERT-family ones).
 _ST_CONFIG_FILES = ("sentence_bert_config.json", "sentence_roberta_config.json", "sentence_xlm-roberta_config.json")
 
@@ -90,11 +94,18 @@ class BertConfig:
     normalize: bool  # a Normalize module follows pooling
     model_type: str = "bert"  # one of BERT_FAMILY
     lowercase: bool = False  # sentence-transformers' do_lower_case: texts are lowercased before tokenizing
+    relative_buckets: int = 0  # MPNet: rows of encoder.relative_attention_bias; 0 for the others
 
     @property
     def position_offset(self) -> int:
-        """Index of the first position row: RoBERTa and XLM-R number positions from pad_token_id + 1."""
+        """Index of the first position row: RoBERTa and XLM-R number positions from pad_token_id + 1, MPNet
+        from 2."""
         return _position_offset(self.model_type, self.pad_token_id)
+
+    @property
+    def position_pad_id(self) -> int:
+        """The token id that position numbering skips (RoBERTa / XLM-R: pad_token_id; MPNet: 1)."""
+        return MPNET_PAD_POSITION if self.model_type == "mpnet" else self.pad_token_id
 
     @property
     def positions(self) -> int:
@@ -103,6 +114,8 @@ class BertConfig:
 
 
 def _position_offset(model_type: str, pad_token_id: int) -> int:
+    if model_type == "mpnet":
+        return MPNET_PAD_POSITION + 1
     return pad_token_id + 1 if model_type in _POSITIONS_AFTER_PAD else 0
 
 
@@ -246,7 +259,11 @@ def bert_config(model_dir: Path) -> BertConfig:
     if not isinstance(lowercase, bool):
         raise ModelConfigError(f"{model_dir}: do_lower_case should be true or false, got {lowercase!r}")
     max_positions = _get(cfg, "max_position_embeddings", 512, int, where)
-    pad_token_id = _get(cfg, "pad_token_id", 1 if model_type in _POSITIONS_AFTER_PAD else 0, int, where)
+    pad_token_id = _get(cfg, "pad_token_id", 1 if model_type in (*_POSITIONS_AFTER_PAD, "mpnet") else 0, int, where)
+    buckets = _get(cfg, "relative_attention_num_buckets", 32, int, where) if model_type == "mpnet" else 0
+    if model_type == "mpnet" and buckets < MPNET_BUCKETS:
+        raise ModelConfigError(f"{where}: relative_attention_num_buckets {buckets} is under {MPNET_BUCKETS}, the "
+                               "buckets transformers' MPNet computes (it always uses 32); the checkpoint cannot run")
     offset = _position_offset(model_type, pad_token_id)
     if max_positions - offset < 1:
         raise ModelConfigError(f"{where}: max_position_embeddings {max_positions} leaves no position for "
@@ -255,13 +272,14 @@ def bert_config(model_dir: Path) -> BertConfig:
         tower=_tower(cfg, where, "hidden_act", _BERT_DEFAULTS),
         vocab_size=_get(cfg, "vocab_size", 30522, int, where),
         max_positions=max_positions,
-        type_vocab_size=_get(cfg, "type_vocab_size", 2, int, where),
+        type_vocab_size=0 if model_type == "mpnet" else _get(cfg, "type_vocab_size", 2, int, where),
         pad_token_id=pad_token_id,
         max_seq_length=_length_cap(max_seq, max_positions - offset),
         pooling=pooling,
         normalize="Normalize" in types,
         model_type=model_type,
         lowercase=lowercase,
+        relative_buckets=buckets,
     )
 
 

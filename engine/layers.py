@@ -40,7 +40,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
               mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
     """Multi-head scaled dot-product attention: queries (B, Tq, C) over keys and values (B, T, C).
 
-    ``mask`` is a boolean key mask (True = attend), (B, 1, 1, T) or (B, 1, Tq, T), or None.
+    ``mask`` is a boolean key mask (True = attend), (B, 1, 1, T) or (B, 1, Tq, T), an additive float mask
+    broadcastable to (B, heads, Tq, T) in q's dtype (MPNet's position bias), or None.
     """
     B, Tq, C = q.shape
     T = k.shape[1]

@@ -1,4 +1,4 @@
-"""Sentence-transformers beyond all-MiniLM-L6-v2: BERT, RoBERTa and XLM-R encoders, every pooling mode,
+"""Sentence-transformers beyond all-MiniLM-L6-v2: BERT, RoBERTa, XLM-R and MPNet encoders, every pooling mode,
 do_lower_case, and the checkpoint layouts of sentence-transformers before 6.x and since.
 
 Each checkpoint is tiny (random weights, fixed seed), saved by the installed sentence-transformers, converted,
@@ -32,15 +32,26 @@ _CORPUS = [t.lower() for t in TEXTS[:5]] + ["the quick brown fox jumps over the 
 
 
 def _hf_encoder(out: Path, arch: str) -> Path:
-    """A random-weight HF encoder of ``arch`` (bert, roberta, xlm-roberta) with a tokenizer, saved to ``out``."""
-    from transformers import (BertConfig, BertModel, BertTokenizerFast, RobertaConfig, RobertaModel,
-                              RobertaTokenizerFast, XLMRobertaConfig, XLMRobertaModel)
+    """A random-weight HF encoder of ``arch`` (bert, roberta, xlm-roberta, mpnet) with a tokenizer, saved to
+    ``out``."""
+    from transformers import (BertConfig, BertModel, BertTokenizerFast, MPNetConfig, MPNetModel, RobertaConfig,
+                              RobertaModel, RobertaTokenizerFast, XLMRobertaConfig, XLMRobertaModel)
 
     geometry = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
     torch.manual_seed(0)
     if arch == "bert":
         tok = BertTokenizerFast.from_pretrained(str(minilm_dir()))
         model = BertModel(BertConfig(vocab_size=len(tok), max_position_embeddings=64, **geometry))
+    elif arch == "mpnet":
+        # 160 rows of positions, so bias buckets past 8 and past 128 tokens both occur
+        tok = _mpnet_tokenizer(out / "vocab")
+        model = MPNetModel(MPNetConfig(vocab_size=len(tok), max_position_embeddings=160, pad_token_id=1,
+                                       **geometry))
+        with torch.no_grad():  # attention and a bias that matter: a wrong bucket or mask must show in the cosine
+            model.encoder.relative_attention_bias.weight.normal_(0, 2.0)
+            for layer in model.encoder.layer:
+                for proj in (layer.attention.attn.v, layer.attention.attn.o):
+                    proj.weight.normal_(0, 0.3)
     else:
         from tokenizers import ByteLevelBPETokenizer
 
@@ -59,6 +70,21 @@ def _hf_encoder(out: Path, arch: str) -> Path:
     model.save_pretrained(str(out / "hf"))
     tok.save_pretrained(str(out / "hf"))
     return out / "hf"
+
+
+def _mpnet_tokenizer(out: Path):
+    """MPNet's tokenizer as all-mpnet-base-v2 has it: BERT's WordPiece vocabulary behind <s> <pad> </s> <unk>
+    (pad is id 1) and <mask> last, 30,527 entries."""
+    from transformers import MPNetTokenizerFast
+
+    vocab = (minilm_dir() / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    specials = ["<s>", "<pad>", "</s>", "<unk>"]
+    out.mkdir(parents=True)
+    (out / "vocab.txt").write_text("\n".join(specials + [w for w in vocab if w not in specials]) + "\n<mask>\n",
+                                   encoding="utf-8")
+    tok = MPNetTokenizerFast.from_pretrained(str(out), unk_token="<unk>")
+    assert tok.pad_token_id == 1
+    return tok
 
 
 def _sentence_transformer(hf_dir: Path, out: Path, pooling: str, normalize: bool, max_seq: int,
@@ -104,7 +130,7 @@ def _legacy_layout(src: Path, out: Path) -> Path:
 @pytest.fixture(scope="module")
 def encoders(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("st-encoders")
-    return {arch: _hf_encoder(root / arch, arch) for arch in ("bert", "roberta", "xlm-roberta")}
+    return {arch: _hf_encoder(root / arch, arch) for arch in ("bert", "roberta", "xlm-roberta", "mpnet")}
 
 
 def _check(src: Path, tmp: Path, precision: str = "fp32") -> engine.Model:
@@ -124,7 +150,8 @@ def _check(src: Path, tmp: Path, precision: str = "fp32") -> engine.Model:
 @pytest.mark.parametrize("arch,pooling,normalize", [
     ("bert", "mean", True), ("bert", "cls", False), ("bert", "max", True),
     ("bert", "mean_sqrt_len_tokens", False), ("bert", "weightedmean", True), ("bert", "lasttoken", False),
-    ("roberta", "mean", True), ("roberta", "cls", False), ("xlm-roberta", "mean", True)])
+    ("roberta", "mean", True), ("roberta", "cls", False), ("xlm-roberta", "mean", True), ("mpnet", "mean", True),
+    ("mpnet", "cls", False)])
 @pytest.mark.parametrize("layout", ["current", "legacy"])
 def test_matches_sentence_transformers(encoders, tmp_path, arch, pooling, normalize, layout):
     src = _sentence_transformer(encoders[arch], tmp_path / "st", pooling, normalize, max_seq=24)
@@ -218,3 +245,51 @@ def test_sentence_transformer_over_an_encoder_the_engine_does_not_run_is_stored_
     manifest = convert_checkpoint(src, tmp_path / "out", progress=False).manifest
     assert manifest.kind == "store"
     assert any("distilbert" in r.getMessage() and "store mode" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8", "bf16"])
+def test_mpnet_position_bias_over_long_texts_and_padded_batches(encoders, tmp_path, precision):
+    """MPNet's relative-position bias in every bucket range (exact < 8, log-spaced, capped past 128) and with
+    padded keys: texts up to 150 tokens against sentence-transformers, and a row batched with a shorter one
+    equal to the row alone."""
+    from sentence_transformers import SentenceTransformer
+
+    src = _sentence_transformer(encoders["mpnet"], tmp_path / "st", "mean", True, max_seq=150)
+    convert_checkpoint(src, tmp_path / "converted", progress=False)
+    model = engine.load_model(tmp_path / "converted", precision=precision)
+    assert model.config.model_type == "mpnet" and model.config.position_offset == 2
+    texts = ["the quick brown fox " * 40, "a cat " * 60, "a photo of a dog on the beach", ""]
+    want = SentenceTransformer(str(src), device="cpu").encode(texts, convert_to_numpy=True, normalize_embeddings=True)
+    got = model.encode_text(texts)
+    assert (want * got).sum(1).min() >= (0.99999 if precision == "fp32" else 0.99)
+    a, b = "one two three four five six seven eight nine ten " * 10, "one two three four five six " * 15
+    rows, _ = model.prepare_texts([a, b])
+    assert len(rows[0]) > len(rows[1]) and len(model.text_groups([len(r) for r in rows])) == 1  # b is padded
+    together = model.encode_text([a, b])
+    alone = np.concatenate([model.encode_text([a]), model.encode_text([b])])
+    np.testing.assert_allclose(together, alone, atol=1e-5 if precision == "fp32" else 2e-2, rtol=0)
+
+
+@pytest.mark.slow
+def test_mpnet_at_the_geometry_of_all_mpnet_base_v2(tmp_path):
+    """MPNetConfig's defaults are all-mpnet-base-v2's geometry (768 wide, 12 layers and heads, 514 positions);
+    random weights (seed 0), max_seq_length 384, mean pooling and Normalize as that model has."""
+    from sentence_transformers import SentenceTransformer
+    from transformers import MPNetConfig, MPNetModel
+
+    tok = _mpnet_tokenizer(tmp_path / "vocab")
+    torch.manual_seed(0)
+    model = MPNetModel(MPNetConfig(vocab_size=len(tok)))
+    model.save_pretrained(str(tmp_path / "hf"))
+    tok.save_pretrained(str(tmp_path / "hf"))
+    del model
+    src = _sentence_transformer(tmp_path / "hf", tmp_path / "st", "mean", True, max_seq=384)
+    convert_checkpoint(src, tmp_path / "converted", progress=False)
+    ours = engine.load_model(tmp_path / "converted")
+    assert ours.info.dim == 768 and ours.config.max_seq_length == 384
+    texts = TEXTS + ["a long caption about a photo " * 80]  # past 384 tokens: truncated
+    want = SentenceTransformer(str(src), device="cpu").encode(texts, convert_to_numpy=True,
+                                                              normalize_embeddings=True)
+    got = ours.encode_text(texts)
+    assert (want * got).sum(1).min() >= 0.99999
+    assert np.abs(want - got).max() <= 1e-4
