@@ -160,8 +160,9 @@ register(Architecture(
 register(Architecture(
     kind="sentence-transformer",
     detect=_is_sentence_transformer,
-    known_prefixes=("embeddings.", "encoder.", "pooler."),
-    strip_prefixes=("bert.", "roberta.", "mpnet.", "model."),
-    drop_prefixes=("cls.", "lm_head."),  # BertForMaskedLM / BertForPreTraining / RobertaForMaskedLM / MPNetForMaskedLM heads
+    known_prefixes=("embeddings.", "encoder.", "transformer.", "pooler."),  # transformer.: DistilBERT's blocks
+    strip_prefixes=("bert.", "roberta.", "mpnet.", "distilbert.", "model."),
+    # heads of BertForMaskedLM / BertForPreTraining / RobertaForMaskedLM / MPNetForMaskedLM / DistilBertForMaskedLM
+    drop_prefixes=("cls.", "lm_head.", "vocab_transform.", "vocab_layer_norm.", "vocab_projector."),
 ))
 _STORE_ARCH = Architecture(kind=STORE, detect=lambda c, r: True, known_prefixes=(), drop_suffixes=())

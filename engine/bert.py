@@ -4,7 +4,8 @@ Reference: HF transformers ``models/bert/modeling_bert.py`` (BertModel), ``model
 (MPNetModel) and sentence-transformers' Pooling / Normalize modules. Post-LayerNorm blocks; module names
 equal the checkpoint keys (BERT ``encoder.layer.0.attention.self.query``, MPNet
 ``encoder.layer.0.attention.attn.q``). MPNet adds a learned bias per head and relative-position bucket to
-every attention score, shared by all layers.
+every attention score, shared by all layers. DistilBERT (``models/distilbert/modeling_distilbert.py``) is
+BERT's block under other names (``transformer.layer.0.attention.q_lin``), with no token types.
 """
 from __future__ import annotations
 
@@ -106,10 +107,52 @@ class MPNetLayer(nn.Module):
         return self.output.LayerNorm(x + self.output.dense(h))  # (B, T, C)
 
 
+class _DistilAttention(nn.Module):
+    QKV = ("q_lin", "k_lin", "v_lin")  # engine.quantize may replace these by one fused ``qkv``
+
+    def __init__(self, cfg: TowerConfig) -> None:
+        super().__init__()
+        self.q_lin = Linear(cfg.width, cfg.width)
+        self.k_lin = Linear(cfg.width, cfg.width)
+        self.v_lin = Linear(cfg.width, cfg.width)
+        self.out_lin = Linear(cfg.width, cfg.width)
+        self.qkv: nn.Module | None = None
+
+
+class _DistilFFN(nn.Module):
+    def __init__(self, cfg: TowerConfig) -> None:
+        super().__init__()
+        self.lin1 = Linear(cfg.width, cfg.mlp_width)
+        self.lin2 = Linear(cfg.mlp_width, cfg.width)
+
+
+class DistilBertLayer(nn.Module):
+    """BertLayer with DistilBERT's module names."""
+
+    def __init__(self, cfg: TowerConfig) -> None:
+        super().__init__()
+        self.heads = cfg.heads
+        self.act = activation(cfg.act)
+        self.attention = _DistilAttention(cfg)
+        self.sa_layer_norm = LayerNorm(cfg.width, cfg.eps)
+        self.ffn = _DistilFFN(cfg)
+        self.output_layer_norm = LayerNorm(cfg.width, cfg.eps)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        q, k, v = project_qkv(self.attention, x)  # (B, T, C) each
+        y = attention(q, k, v, self.heads, mask=mask)  # (B, T, C)
+        x = self.sa_layer_norm(x + self.attention.out_lin(y))  # (B, T, C)
+        h = self.act(self.ffn.lin1(x))  # (B, T, M)
+        return self.output_layer_norm(x + self.ffn.lin2(h))  # (B, T, C)
+
+
+_BLOCKS = {"mpnet": MPNetLayer, "distilbert": DistilBertLayer}
+
+
 class _Encoder(nn.Module):
     def __init__(self, cfg: BertConfig) -> None:
         super().__init__()
-        block = MPNetLayer if cfg.model_type == "mpnet" else BertLayer
+        block = _BLOCKS.get(cfg.model_type, BertLayer)
         self.layer = nn.ModuleList(block(cfg.tower) for _ in range(cfg.tower.layers))
         if cfg.relative_buckets:
             self.relative_attention_bias = Embedding(cfg.relative_buckets, cfg.tower.heads)
@@ -134,7 +177,13 @@ class SentenceBert(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embeddings = _Embeddings(cfg)
-        self.encoder = _Encoder(cfg)
+        # the checkpoint's name for the blocks: DistilBERT's ``transformer.layer.N``, the others' ``encoder.layer.N``
+        self.add_module("transformer" if cfg.model_type == "distilbert" else "encoder", _Encoder(cfg))
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The transformer blocks, whatever the checkpoint calls their container."""
+        return (self.transformer if self.cfg.model_type == "distilbert" else self.encoder).layer
 
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """ids (B, T) right-padded; lengths (B,) real token counts. Returns (B, C)."""
@@ -149,7 +198,7 @@ class SentenceBert(nn.Module):
         if self.cfg.relative_buckets:  # MPNet: bias (1, h, T, T), padded keys pushed to the dtype's minimum
             bias = self._relative_bias(T, x.dtype)
             mask = bias if mask is None else bias.masked_fill(~mask, torch.finfo(x.dtype).min)  # (B, h, T, T)
-        for layer in self.encoder.layer:
+        for layer in self.blocks:
             x = layer(x, mask)
         return self._pool(x, keep)
 

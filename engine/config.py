@@ -70,9 +70,10 @@ _LEGACY_POOLING_KEYS = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_to
 # ``sentence_transformers.models.Transformer``; 6.x writes e.g. ``sentence_transformers.base.modules.transformer.Transformer``.
 ST_RUNNABLE_MODULES = ("Transformer", "Pooling", "Normalize")
 # Encoders the engine runs under a sentence-transformer: BERT and RoBERTa / XLM-R (BERT's module names;
-# positions counted from pad_token_id + 1), and MPNet (its own module names, relative position buckets,
-# positions counted from 2 as transformers' MPNetEmbeddings does, whatever pad_token_id says).
-BERT_FAMILY = ("bert", "roberta", "xlm-roberta", "mpnet")
+# positions counted from pad_token_id + 1), MPNet (its own module names, relative position buckets,
+# positions counted from 2 as transformers' MPNetEmbeddings does, whatever pad_token_id says) and DistilBERT
+# (its own module and config key names, no token types).
+BERT_FAMILY = ("bert", "roberta", "xlm-roberta", "mpnet", "distilbert")
 _POSITIONS_AFTER_PAD = ("roberta", "xlm-roberta")
 MPNET_PAD_POSITION = 1  # transformers' MPNetEmbeddings.padding_idx (fixed, not read from config.json)
 MPNET_BUCKETS = 32  # the relative-position buckets transformers' MPNetEncoder computes (fixed)
@@ -268,11 +269,15 @@ def bert_config(model_dir: Path) -> BertConfig:
     if max_positions - offset < 1:
         raise ModelConfigError(f"{where}: max_position_embeddings {max_positions} leaves no position for "
                                f"tokens after the offset {offset}")
+    if model_type == "distilbert":  # DistilBertConfig's own key names; its LayerNorms' eps is fixed at 1e-12
+        cfg = {**cfg, "hidden_size": cfg.get("dim", 768), "num_hidden_layers": cfg.get("n_layers", 6),
+               "num_attention_heads": cfg.get("n_heads", 12), "intermediate_size": cfg.get("hidden_dim", 3072),
+               "hidden_act": cfg.get("activation", "gelu"), "layer_norm_eps": 1e-12}
     return BertConfig(
         tower=_tower(cfg, where, "hidden_act", _BERT_DEFAULTS),
         vocab_size=_get(cfg, "vocab_size", 30522, int, where),
         max_positions=max_positions,
-        type_vocab_size=0 if model_type == "mpnet" else _get(cfg, "type_vocab_size", 2, int, where),
+        type_vocab_size=0 if model_type in ("mpnet", "distilbert") else _get(cfg, "type_vocab_size", 2, int, where),
         pad_token_id=pad_token_id,
         max_seq_length=_length_cap(max_seq, max_positions - offset),
         pooling=pooling,

@@ -1,5 +1,5 @@
-"""Sentence-transformers beyond all-MiniLM-L6-v2: BERT, RoBERTa, XLM-R and MPNet encoders, every pooling mode,
-do_lower_case, and the checkpoint layouts of sentence-transformers before 6.x and since.
+"""Sentence-transformers beyond all-MiniLM-L6-v2: BERT, RoBERTa, XLM-R, MPNet and DistilBERT encoders, every
+pooling mode, do_lower_case, and the checkpoint layouts of sentence-transformers before 6.x and since.
 
 Each checkpoint is tiny (random weights, fixed seed), saved by the installed sentence-transformers, converted,
 and compared with sentence-transformers' own ``encode`` on the same directory.
@@ -31,10 +31,11 @@ TEXTS = [
 _CORPUS = [t.lower() for t in TEXTS[:5]] + ["the quick brown fox jumps over the lazy dog"] * 20
 
 
-def _hf_encoder(out: Path, arch: str) -> Path:
-    """A random-weight HF encoder of ``arch`` (bert, roberta, xlm-roberta, mpnet) with a tokenizer, saved to
-    ``out``."""
-    from transformers import (BertConfig, BertModel, BertTokenizerFast, MPNetConfig, MPNetModel, RobertaConfig,
+def _hf_encoder(out: Path, arch: str, masked_lm: bool = False) -> Path:
+    """A random-weight HF encoder of ``arch`` (bert, roberta, xlm-roberta, mpnet, distilbert) with a tokenizer,
+    saved to ``out``; with ``masked_lm``, saved from the masked-LM model (base weights under a prefix, a head)."""
+    import transformers
+    from transformers import (BertConfig, BertModel, BertTokenizerFast, DistilBertConfig, MPNetConfig, RobertaConfig,
                               RobertaModel, RobertaTokenizerFast, XLMRobertaConfig, XLMRobertaModel)
 
     geometry = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
@@ -42,16 +43,29 @@ def _hf_encoder(out: Path, arch: str) -> Path:
     if arch == "bert":
         tok = BertTokenizerFast.from_pretrained(str(minilm_dir()))
         model = BertModel(BertConfig(vocab_size=len(tok), max_position_embeddings=64, **geometry))
-    elif arch == "mpnet":
-        # 160 rows of positions, so bias buckets past 8 and past 128 tokens both occur
-        tok = _mpnet_tokenizer(out / "vocab")
-        model = MPNetModel(MPNetConfig(vocab_size=len(tok), max_position_embeddings=160, pad_token_id=1,
-                                       **geometry))
-        with torch.no_grad():  # attention and a bias that matter: a wrong bucket or mask must show in the cosine
-            model.encoder.relative_attention_bias.weight.normal_(0, 2.0)
-            for layer in model.encoder.layer:
-                for proj in (layer.attention.attn.v, layer.attention.attn.o):
+    elif arch in ("mpnet", "distilbert"):
+        if arch == "mpnet":  # 160 rows of positions, so bias buckets past 8 and past 128 tokens both occur
+            tok = _mpnet_tokenizer(out / "vocab")
+            config = MPNetConfig(vocab_size=len(tok), max_position_embeddings=160, pad_token_id=1, **geometry)
+        else:
+            tok = BertTokenizerFast.from_pretrained(str(minilm_dir()))
+            config = DistilBertConfig(vocab_size=len(tok), max_position_embeddings=64, dim=32, n_layers=2, n_heads=4,
+                                      hidden_dim=64)
+        name = {"mpnet": "MPNet", "distilbert": "DistilBert"}[arch]
+        full = getattr(transformers, f"{name}ForMaskedLM" if masked_lm else f"{name}Model")(config)
+        model = getattr(full, arch, full)  # the base model inside a masked-LM one
+        with torch.no_grad():  # attention that matters: a wrong bias, bucket or mask must show in the cosine
+            blocks = model.transformer.layer if arch == "distilbert" else model.encoder.layer
+            for layer in blocks:
+                a = layer.attention
+                for proj in (a.v_lin, a.out_lin) if arch == "distilbert" else (a.attn.v, a.attn.o):
                     proj.weight.normal_(0, 0.3)
+            if arch == "mpnet":
+                model.encoder.relative_attention_bias.weight.normal_(0, 2.0)
+            model.embeddings.position_embeddings.weight.normal_(0, 1.0)
+        full.save_pretrained(str(out / "hf"))
+        tok.save_pretrained(str(out / "hf"))
+        return out / "hf"
     else:
         from tokenizers import ByteLevelBPETokenizer
 
@@ -130,7 +144,7 @@ def _legacy_layout(src: Path, out: Path) -> Path:
 @pytest.fixture(scope="module")
 def encoders(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("st-encoders")
-    return {arch: _hf_encoder(root / arch, arch) for arch in ("bert", "roberta", "xlm-roberta", "mpnet")}
+    return {arch: _hf_encoder(root / arch, arch) for arch in ("bert", "roberta", "xlm-roberta", "mpnet", "distilbert")}
 
 
 def _check(src: Path, tmp: Path, precision: str = "fp32") -> engine.Model:
@@ -151,7 +165,7 @@ def _check(src: Path, tmp: Path, precision: str = "fp32") -> engine.Model:
     ("bert", "mean", True), ("bert", "cls", False), ("bert", "max", True),
     ("bert", "mean_sqrt_len_tokens", False), ("bert", "weightedmean", True), ("bert", "lasttoken", False),
     ("roberta", "mean", True), ("roberta", "cls", False), ("xlm-roberta", "mean", True), ("mpnet", "mean", True),
-    ("mpnet", "cls", False)])
+    ("mpnet", "cls", False), ("distilbert", "mean", True), ("distilbert", "cls", False)])
 @pytest.mark.parametrize("layout", ["current", "legacy"])
 def test_matches_sentence_transformers(encoders, tmp_path, arch, pooling, normalize, layout):
     src = _sentence_transformer(encoders[arch], tmp_path / "st", pooling, normalize, max_seq=24)
@@ -241,10 +255,10 @@ def test_sentence_transformer_over_an_encoder_the_engine_does_not_run_is_stored_
                                                                                                caplog):
     src = _sentence_transformer(encoders["bert"], tmp_path / "st", "mean", True, max_seq=24)
     config = json.loads((src / "config.json").read_text())
-    (src / "config.json").write_text(json.dumps(dict(config, model_type="distilbert")))
+    (src / "config.json").write_text(json.dumps(dict(config, model_type="albert")))
     manifest = convert_checkpoint(src, tmp_path / "out", progress=False).manifest
     assert manifest.kind == "store"
-    assert any("distilbert" in r.getMessage() and "store mode" in r.getMessage() for r in caplog.records)
+    assert any("albert" in r.getMessage() and "store mode" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int8", "bf16"])
@@ -271,25 +285,47 @@ def test_mpnet_position_bias_over_long_texts_and_padded_batches(encoders, tmp_pa
 
 
 @pytest.mark.slow
-def test_mpnet_at_the_geometry_of_all_mpnet_base_v2(tmp_path):
-    """MPNetConfig's defaults are all-mpnet-base-v2's geometry (768 wide, 12 layers and heads, 514 positions);
-    random weights (seed 0), max_seq_length 384, mean pooling and Normalize as that model has."""
+@pytest.mark.parametrize("arch,max_seq", [("mpnet", 384), ("distilbert", 512)])
+def test_full_geometry_of_all_mpnet_base_v2_and_multi_qa_distilbert(tmp_path, arch, max_seq):
+    """MPNetConfig's and DistilBertConfig's defaults are all-mpnet-base-v2's and multi-qa-distilbert-cos-v1's
+    geometry (768 wide; 12 or 6 layers; 514 or 512 positions); random weights (seed 0), their max_seq_length,
+    mean pooling and Normalize as those models have."""
     from sentence_transformers import SentenceTransformer
-    from transformers import MPNetConfig, MPNetModel
+    from transformers import BertTokenizerFast, DistilBertConfig, DistilBertModel, MPNetConfig, MPNetModel
 
-    tok = _mpnet_tokenizer(tmp_path / "vocab")
+    if arch == "mpnet":
+        tok = _mpnet_tokenizer(tmp_path / "vocab")
+        make = lambda: MPNetModel(MPNetConfig(vocab_size=len(tok)))  # noqa: E731
+    else:
+        tok = BertTokenizerFast.from_pretrained(str(minilm_dir()))
+        make = lambda: DistilBertModel(DistilBertConfig(vocab_size=len(tok)))  # noqa: E731
     torch.manual_seed(0)
-    model = MPNetModel(MPNetConfig(vocab_size=len(tok)))
+    model = make()
     model.save_pretrained(str(tmp_path / "hf"))
     tok.save_pretrained(str(tmp_path / "hf"))
     del model
-    src = _sentence_transformer(tmp_path / "hf", tmp_path / "st", "mean", True, max_seq=384)
+    src = _sentence_transformer(tmp_path / "hf", tmp_path / "st", "mean", True, max_seq=max_seq)
     convert_checkpoint(src, tmp_path / "converted", progress=False)
     ours = engine.load_model(tmp_path / "converted")
-    assert ours.info.dim == 768 and ours.config.max_seq_length == 384
-    texts = TEXTS + ["a long caption about a photo " * 80]  # past 384 tokens: truncated
+    assert ours.info.dim == 768 and ours.config.max_seq_length == max_seq
+    texts = TEXTS + ["a long caption about a photo " * 120]  # past max_seq_length: truncated
     want = SentenceTransformer(str(src), device="cpu").encode(texts, convert_to_numpy=True,
                                                               normalize_embeddings=True)
     got = ours.encode_text(texts)
     assert (want * got).sum(1).min() >= 0.99999
     assert np.abs(want - got).max() <= 1e-4
+
+
+@pytest.mark.parametrize("arch", ["mpnet", "distilbert"])
+def test_weights_saved_from_a_masked_lm_model_convert_with_the_head_dropped(tmp_path, arch):
+    hf = _hf_encoder(tmp_path / "enc", arch, masked_lm=True)
+    src = _sentence_transformer(hf, tmp_path / "st", "mean", True, max_seq=24)
+    shutil.copy(hf / "model.safetensors", src / "model.safetensors")  # ST saves the base model: put the MLM file back
+    from safetensors import safe_open
+
+    with safe_open(str(src / "model.safetensors"), "pt") as f:
+        names = list(f.keys())
+    assert all(n.startswith((f"{arch}.", "lm_head.", "vocab_")) for n in names) and not any(
+        n.startswith(("embeddings.", "encoder.", "transformer.")) for n in names)
+    model = _check(src, tmp_path)
+    assert model.config.model_type == arch
