@@ -13,6 +13,8 @@ memory bounded by the largest tensor rather than the checkpoint.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import logging
 import mmap
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import ModelConfigError, WeightFormatError
+from engine.config import ST_MODULE_PREFIX
 from engine.format import SAFETENSORS_DTYPES, tensor_nbytes
 
 log = logging.getLogger(__name__)
@@ -47,6 +50,7 @@ class TensorRef:
     nbytes: int
     file: Path
     begin: int = 0  # absolute byte offset in a safetensors file (unused for .bin)
+    key: str | None = None  # the tensor's name inside ``file`` when ``name`` differs (module-folder weights)
 
 
 @dataclass
@@ -84,6 +88,23 @@ class Checkpoint:
         return ckpt
 
     def _index(self) -> None:
+        self._index_model()
+        self._index_module_folders()
+
+    def _index_module_folders(self) -> None:
+        """sentence-transformers modules with weights of their own (``2_Dense/model.safetensors``, or
+        ``pytorch_model.bin`` as sentence-transformers 2.x saved them): their tensors join the checkpoint
+        as ``st_modules.<folder>.<name>``."""
+        for rel in st_module_folders(self.root):
+            folder = self.root / rel
+            files = ([folder / "model.safetensors"] if (folder / "model.safetensors").is_file()
+                     else sorted(folder.glob("pytorch_model*.bin")))
+            for f in files:
+                refs = read_safetensors_header(f) if f.suffix == ".safetensors" else _bin_refs([f])
+                self.tensors += [dataclasses.replace(r, name=f"{ST_MODULE_PREFIX}{rel}.{r.name}", key=r.name)
+                                 for r in refs]
+
+    def _index_model(self) -> None:
         shards = safetensors_files(self.root)
         if shards:
             seen: dict[str, Path] = {}
@@ -188,7 +209,7 @@ def _bin_bytes(reader: TensorReader, ref: TensorRef) -> Iterator[memoryview]:
         reader._bin = _torch_load(ref.file)
         reader._bin_file = ref.file
     assert reader._bin is not None
-    t = reader._bin[ref.name].contiguous()
+    t = reader._bin[ref.key or ref.name].contiguous()
     view = memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
     yield view
 
@@ -227,6 +248,21 @@ def _bin_refs(files: list[Path]) -> Iterator[TensorRef]:
         del state
 
 
+def st_module_folders(root: Path) -> list[str]:
+    """The sub-folders that a sentence-transformers ``modules.json`` names (``1_Pooling``, ``2_Dense``, ...),
+    where they exist; none for a folder without modules.json."""
+    try:
+        modules = json.loads((root / "modules.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    out = []
+    for m in modules if isinstance(modules, list) else []:
+        rel = m.get("path") if isinstance(m, dict) else None
+        if isinstance(rel, str) and rel and Path(rel).name == rel and "." not in rel and (root / rel).is_dir():
+            out.append(rel)
+    return out
+
+
 def resolve_source(source: str | os.PathLike) -> Path:
     """A local checkpoint directory for ``source``: itself if it is a directory, else a hub download.
 
@@ -249,6 +285,10 @@ def resolve_source(source: str | os.PathLike) -> Path:
         root = Path(snapshot_download(text, ignore_patterns=_HUB_IGNORE + ["*.bin", "*.pt", "*.pth"]))
         if not any(root.glob("*.safetensors")):
             root = Path(snapshot_download(text, allow_patterns=["pytorch_model*.bin", "*.bin.index.json"]))
+        old_modules = [f"{rel}/pytorch_model.bin" for rel in st_module_folders(root)
+                       if not (root / rel / "model.safetensors").exists()]
+        if old_modules:  # e.g. a 2_Dense saved by sentence-transformers 2.x (no safetensors there)
+            root = Path(snapshot_download(text, allow_patterns=old_modules))
         return root
     except Exception as exc:  # noqa: BLE001 -- the hub raises many types (offline, 404, auth)
         raise ModelConfigError(

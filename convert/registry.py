@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.config import BERT_FAMILY, ST_RUNNABLE_MODULES, st_module_names
+from engine.config import BERT_FAMILY, ST_MODULE_PREFIX, ST_RUNNABLE_MODULES, st_module_names
 from engine.errors import UnsupportedArchitectureError, WeightFormatError
 
 log = logging.getLogger(__name__)
@@ -144,10 +144,17 @@ def _is_sentence_transformer(config: dict[str, Any], root: Path) -> bool:
                     "in store mode", root, model_type, ", ".join(BERT_FAMILY))
         return False
     extra = [n for n in names if n not in ST_RUNNABLE_MODULES]
-    if extra:  # e.g. a Dense head whose weights live elsewhere: converting would lose them
+    if extra:
         log.warning("%s: sentence-transformers modules %s are not supported; converting in store mode",
                     root, extra)
         return False
+    for m, name in zip(modules, names):  # a Dense module needs its folder: config.json and weights
+        folder = root / str(m.get("path", "")) if name == "Dense" else None
+        if folder is not None and not ((folder / "config.json").is_file() and (
+                (folder / "model.safetensors").is_file() or any(folder.glob("pytorch_model*.bin")))):
+            log.warning("%s: the Dense module's folder %r lacks config.json or its weights; converting in store "
+                        "mode", root, m.get("path"))
+            return False
     return True
 
 
@@ -160,7 +167,8 @@ register(Architecture(
 register(Architecture(
     kind="sentence-transformer",
     detect=_is_sentence_transformer,
-    known_prefixes=("embeddings.", "encoder.", "transformer.", "pooler."),  # transformer.: DistilBERT's blocks
+    # transformer.: DistilBERT's blocks; st_modules.: weights of module folders (2_Dense), see hf_checkpoint
+    known_prefixes=("embeddings.", "encoder.", "transformer.", "pooler.", ST_MODULE_PREFIX),
     strip_prefixes=("bert.", "roberta.", "mpnet.", "distilbert.", "model."),
     # heads of BertForMaskedLM / BertForPreTraining / RobertaForMaskedLM / MPNetForMaskedLM / DistilBertForMaskedLM
     drop_prefixes=("cls.", "lm_head.", "vocab_transform.", "vocab_layer_norm.", "vocab_projector."),

@@ -14,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from engine.config import MPNET_BUCKETS, BertConfig, TowerConfig
+from engine.config import MPNET_BUCKETS, BertConfig, DenseConfig, TowerConfig
 from engine.layers import Embedding, LayerNorm, Linear, activation, attention, project_qkv
 
 
@@ -148,6 +148,21 @@ class DistilBertLayer(nn.Module):
 
 _BLOCKS = {"mpnet": MPNetLayer, "distilbert": DistilBertLayer}
 
+_DENSE_ACTS = {"Identity": lambda x: x, "Tanh": torch.tanh, "ReLU": torch.relu, "GELU": nn.functional.gelu,
+               "Sigmoid": torch.sigmoid}
+
+
+class _Dense(nn.Module):
+    """A sentence-transformers Dense module (its folder's ``linear.weight`` / ``linear.bias``)."""
+
+    def __init__(self, cfg: DenseConfig) -> None:
+        super().__init__()
+        self.linear = Linear(cfg.n_in, cfg.n_out, bias=cfg.bias)
+        self.act = _DENSE_ACTS[cfg.act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.linear(x))
+
 
 class _Encoder(nn.Module):
     def __init__(self, cfg: BertConfig) -> None:
@@ -169,7 +184,7 @@ class _Embeddings(nn.Module):
 
 
 class SentenceBert(nn.Module):
-    """BertModel + sentence-transformers pooling. ``forward`` returns pooled (B, C), not normalized."""
+    """BertModel + sentence-transformers pooling and Dense modules. ``forward`` returns (B, dim), not normalized."""
 
     INT8_KEEP_LAST_BLOCK = True  # see engine/quantize.py: MiniLM min cosine 0.9938 -> 0.9952
 
@@ -179,6 +194,8 @@ class SentenceBert(nn.Module):
         self.embeddings = _Embeddings(cfg)
         # the checkpoint's name for the blocks: DistilBERT's ``transformer.layer.N``, the others' ``encoder.layer.N``
         self.add_module("transformer" if cfg.model_type == "distilbert" else "encoder", _Encoder(cfg))
+        if cfg.dense:  # parameter names st_modules.<folder>.linear.*, as the converter stores them
+            self.st_modules = nn.ModuleDict({d.path: _Dense(d) for d in cfg.dense})
 
     @property
     def blocks(self) -> nn.ModuleList:
@@ -200,7 +217,10 @@ class SentenceBert(nn.Module):
             mask = bias if mask is None else bias.masked_fill(~mask, torch.finfo(x.dtype).min)  # (B, h, T, T)
         for layer in self.blocks:
             x = layer(x, mask)
-        return self._pool(x, keep)
+        y = self._pool(x, keep)  # (B, C)
+        for d in self.cfg.dense:
+            y = self.st_modules[d.path](y)  # (B, D)
+        return y
 
     def _relative_bias(self, T: int, dtype: torch.dtype) -> torch.Tensor:
         """MPNet's attention bias (1, heads, T, T): one learned value per head and bucket of key - query

@@ -68,7 +68,12 @@ _LEGACY_POOLING_KEYS = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_to
                         "pooling_mode_weightedmean_tokens": "weightedmean", "pooling_mode_lasttoken": "lasttoken"}
 # The sentence-transformers modules the engine runs, by class name: before 6.x they are
 # ``sentence_transformers.models.Transformer``; 6.x writes e.g. ``sentence_transformers.base.modules.transformer.Transformer``.
-ST_RUNNABLE_MODULES = ("Transformer", "Pooling", "Normalize")
+ST_RUNNABLE_MODULES = ("Transformer", "Pooling", "Dense", "Normalize")
+# Weights of a sentence-transformers module folder (2_Dense/model.safetensors: linear.weight) are stored in
+# weights.arrow as ``st_modules.2_Dense.linear.weight``.
+ST_MODULE_PREFIX = "st_modules."
+# Dense activations sentence-transformers writes (``activation_function``), by class name.
+DENSE_ACTIVATIONS = ("Identity", "Tanh", "ReLU", "GELU", "Sigmoid")
 # Encoders the engine runs under a sentence-transformer: BERT and RoBERTa / XLM-R (BERT's module names;
 # positions counted from pad_token_id + 1), MPNet (its own module names, relative position buckets,
 # positions counted from 2 as transformers' MPNetEmbeddings does, whatever pad_token_id says) and DistilBERT
@@ -79,6 +84,17 @@ MPNET_PAD_POSITION = 1  # transformers' MPNetEmbeddings.padding_idx (fixed, not 
 MPNET_BUCKETS = 32  # the relative-position buckets transformers' MPNetEncoder computes (fixed)
 # Module config file names sentence-transformers tries, in its order (the BERT-family ones).
 _ST_CONFIG_FILES = ("sentence_bert_config.json", "sentence_roberta_config.json", "sentence_xlm-roberta_config.json")
+
+
+@dataclass(frozen=True)
+class DenseConfig:
+    """A sentence-transformers Dense module after pooling: y = act(x @ W.T + b)."""
+
+    path: str  # its folder, e.g. "2_Dense"; its weights are st_modules.<path>.linear.*
+    n_in: int
+    n_out: int
+    bias: bool
+    act: str  # one of DENSE_ACTIVATIONS
 
 
 @dataclass(frozen=True)
@@ -96,6 +112,12 @@ class BertConfig:
     model_type: str = "bert"  # one of BERT_FAMILY
     lowercase: bool = False  # sentence-transformers' do_lower_case: texts are lowercased before tokenizing
     relative_buckets: int = 0  # MPNet: rows of encoder.relative_attention_bias; 0 for the others
+    dense: tuple[DenseConfig, ...] = ()  # Dense modules after pooling, in order
+
+    @property
+    def dim(self) -> int:
+        """Width of the sentence embedding: the last Dense module's output, else the encoder's."""
+        return self.dense[-1].n_out if self.dense else self.tower.width
 
     @property
     def position_offset(self) -> int:
@@ -242,10 +264,13 @@ def bert_config(model_dir: Path) -> BertConfig:
     modules = read_json(model_dir / "modules.json")
     types = st_module_names(modules) or []
     unknown = [t for t in types if t not in ST_RUNNABLE_MODULES]
-    if unknown or not types or types[0] != "Transformer":
+    order = [t for t in types if t != "Dense"]
+    if (unknown or order not in (["Transformer", "Pooling"], ["Transformer", "Pooling", "Normalize"])
+            or types.index("Pooling") > min((i for i, t in enumerate(types) if t == "Dense"), default=len(types))
+            or ("Normalize" in types and types[-1] != "Normalize")):
         raise ModelConfigError(
-            f"{model_dir}/modules.json: expected Transformer -> Pooling -> optional Normalize, got {types}; "
-            "other sentence-transformers modules (Dense, ...) are not supported yet"
+            f"{model_dir}/modules.json: expected Transformer -> Pooling -> any Dense -> optional Normalize, got "
+            f"{types}; other sentence-transformers modules or orders are not supported yet"
         )
     pools = [m for m, t in zip(modules, types) if t == "Pooling"]
     if len(pools) != 1:
@@ -285,7 +310,31 @@ def bert_config(model_dir: Path) -> BertConfig:
         model_type=model_type,
         lowercase=lowercase,
         relative_buckets=buckets,
+        dense=_dense_modules(model_dir, modules, types, _get(cfg, "hidden_size", 768, int, where)),
     )
+
+
+def _dense_modules(model_dir: Path, modules: list, types: list[str], width: int) -> tuple[DenseConfig, ...]:
+    """The Dense modules' configs (``<path>/config.json``), checked to chain from the encoder's width."""
+    out = []
+    for m, t in zip(modules, types):
+        if t != "Dense":
+            continue
+        path = str(m.get("path", ""))
+        where = f"{model_dir}/{path}/config.json"
+        d = read_json(model_dir / path / "config.json")
+        act = str(d.get("activation_function", "torch.nn.modules.activation.Tanh")).rsplit(".", 1)[-1]
+        if act not in DENSE_ACTIVATIONS:
+            raise ModelConfigError(f"{where}: activation_function {d.get('activation_function')!r} is not supported; "
+                                   f"expected one of torch.nn's {DENSE_ACTIVATIONS}")
+        dense = DenseConfig(path=path, n_in=_get(d, "in_features", None, int, where),
+                            n_out=_get(d, "out_features", None, int, where), bias=bool(d.get("bias", True)), act=act)
+        expected = out[-1].n_out if out else width
+        if dense.n_in != expected:
+            raise ModelConfigError(f"{where}: in_features {dense.n_in}, but the module before it gives {expected} "
+                                   "values per text")
+        out.append(dense)
+    return tuple(out)
 
 
 def _pooling_mode(path: Path) -> str:

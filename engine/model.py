@@ -346,7 +346,7 @@ def load_model(path: str | Path, device: str = "cpu", precision: str = "fp32", n
 
         cfg = bert_config(path)
         net = SentenceBert(cfg)
-        dim, modalities, max_tokens = cfg.tower.width, ("text",), cfg.positions
+        dim, modalities, max_tokens = cfg.dim, ("text",), cfg.positions
         tokenizer = TextTokenizer.from_dir(path, cfg.max_seq_length, lazy=True, lowercase=cfg.lowercase)
         image_processor = None
     prec.assign_weights(net, state, path)

@@ -102,17 +102,25 @@ def _mpnet_tokenizer(out: Path):
 
 
 def _sentence_transformer(hf_dir: Path, out: Path, pooling: str, normalize: bool, max_seq: int,
-                          lowercase: bool = False) -> Path:
+                          lowercase: bool = False, dense: tuple = ()) -> Path:
+    """``dense``: (out_features, torch.nn activation class name, bias) of each Dense module after pooling."""
     from sentence_transformers import SentenceTransformer
     try:  # sentence-transformers >= 6
-        from sentence_transformers.base.modules import Normalize, Transformer
+        from sentence_transformers.base.modules import Dense, Normalize, Transformer
         from sentence_transformers.sentence_transformer.modules import Pooling
     except ImportError:
-        from sentence_transformers.models import Normalize, Pooling, Transformer
+        from sentence_transformers.models import Dense, Normalize, Pooling, Transformer
 
     modules = [Transformer(str(hf_dir), max_seq_length=max_seq, do_lower_case=lowercase)]
     dim = getattr(modules[0], "get_embedding_dimension", None) or modules[0].get_word_embedding_dimension
     modules.append(Pooling(dim(), pooling_mode=pooling))
+    width = dim()
+    torch.manual_seed(1)
+    for n_out, act, bias in dense:
+        modules.append(Dense(width, n_out, bias=bias, activation_function=getattr(torch.nn, act)()))
+        with torch.no_grad():  # weights that matter (Dense's default init is small)
+            modules[-1].linear.weight.normal_(0, 0.5)
+        width = n_out
     if normalize:
         modules.append(Normalize())
     SentenceTransformer(modules=modules, device="cpu").save(str(out))
@@ -134,6 +142,13 @@ def _legacy_layout(src: Path, out: Path) -> Path:
         ("pooling_mode_mean_sqrt_len_tokens", "mean_sqrt_len_tokens"),
         ("pooling_mode_weightedmean_tokens", "weightedmean"), ("pooling_mode_lasttoken", "lasttoken"))})
     (out / "1_Pooling" / "config.json").write_text(json.dumps(legacy))
+    for m in modules:  # sentence-transformers 2.x saved a Dense module's weights as pytorch_model.bin
+        weights = out / m["path"] / "model.safetensors"
+        if m["type"].endswith(".Dense") and weights.exists():
+            from safetensors.torch import load_file
+
+            torch.save(load_file(str(weights)), out / m["path"] / "pytorch_model.bin")
+            weights.unlink()
     st_cfg = json.loads((out / "sentence_bert_config.json").read_text())
     max_seq = json.loads((out / "tokenizer_config.json").read_text())["model_max_length"]
     (out / "sentence_bert_config.json").write_text(json.dumps(
@@ -329,3 +344,45 @@ def test_weights_saved_from_a_masked_lm_model_convert_with_the_head_dropped(tmp_
         n.startswith(("embeddings.", "encoder.", "transformer.")) for n in names)
     model = _check(src, tmp_path)
     assert model.config.model_type == arch
+
+
+@pytest.mark.parametrize("arch,dense,normalize", [
+    ("bert", ((16, "Tanh", True),), True),
+    ("distilbert", ((24, "Tanh", True), (16, "Identity", False)), False),
+    ("mpnet", ((48, "ReLU", True),), True)])
+@pytest.mark.parametrize("layout", ["current", "legacy"])
+def test_dense_modules_after_pooling(encoders, tmp_path, arch, dense, normalize, layout):
+    """Dense heads (LaBSE, distiluse-base-multilingual-cased's layout): their weights move into weights.arrow
+    from the module folder (model.safetensors, or pytorch_model.bin as sentence-transformers 2.x saved it)."""
+    src = _sentence_transformer(encoders[arch], tmp_path / "st", "mean", normalize, max_seq=24, dense=dense)
+    if layout == "legacy":
+        src = _legacy_layout(src, tmp_path / "legacy")
+        assert (src / "2_Dense" / "pytorch_model.bin").exists() and not (src / "2_Dense" / "model.safetensors").exists()
+    model = _check(src, tmp_path)
+    assert model.info.dim == dense[-1][0] and [d.act for d in model.config.dense] == [d[1] for d in dense]
+    assert not list((tmp_path / "converted").rglob("*.bin")) and not list((tmp_path / "converted").rglob(
+        "model.safetensors"))  # the Dense weights live in weights.arrow only
+
+
+@pytest.mark.parametrize("precision", ["int8", "bf16"])
+def test_dense_modules_in_every_cpu_precision(encoders, tmp_path, precision):
+    src = _sentence_transformer(encoders["bert"], tmp_path / "st", "cls", True, max_seq=24,
+                                dense=((24, "Tanh", True),))
+    _check(src, tmp_path, precision)
+
+
+def test_dense_module_faults_are_clear(encoders, tmp_path, caplog):
+    src = _sentence_transformer(encoders["bert"], tmp_path / "st", "mean", True, max_seq=24,
+                                dense=((16, "Tanh", True),))
+    convert_checkpoint(src, tmp_path / "ok", progress=False)
+    cfg_path = tmp_path / "ok" / "2_Dense" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps(dict(cfg, activation_function="torch.nn.modules.activation.Softplus")))
+    with pytest.raises(ModelConfigError, match="Softplus"):
+        engine.load_model(tmp_path / "ok")
+    cfg_path.write_text(json.dumps(dict(cfg, in_features=99)))
+    with pytest.raises(ModelConfigError, match="in_features 99"):
+        engine.load_model(tmp_path / "ok")
+    (src / "2_Dense" / "model.safetensors").unlink()  # weights gone: stored, with a warning, not half-converted
+    assert convert_checkpoint(src, tmp_path / "store", progress=False).manifest.kind == "store"
+    assert any("Dense" in r.getMessage() and "store mode" in r.getMessage() for r in caplog.records)
