@@ -72,6 +72,10 @@ class Checkpoint:
             WeightFormatError: a safetensors header or the shard index is inconsistent.
         """
         root = resolve_source(source)
+        inner = st_wrapped_model(root)
+        if inner is not None:
+            log.info("%s: a sentence-transformers folder around a CLIP model; converting %s", root, inner)
+            root = inner
         config_path = root / "config.json"
         config: dict[str, Any] = {}
         if config_path.exists():
@@ -246,6 +250,23 @@ def _bin_refs(files: list[Path]) -> Iterator[TensorRef]:
             shape = tuple(t.shape)
             yield TensorRef(name, dtype, shape, tensor_nbytes(shape, dtype), path)
         del state
+
+
+def st_wrapped_model(root: Path) -> Path | None:
+    """The model folder of a sentence-transformers checkpoint that keeps its one module in a sub-folder, as
+    sentence-transformers before 3.x saved CLIP (``modules.json`` + ``0_CLIPModel/`` holding a transformers
+    CLIPModel, e.g. sentence-transformers/clip-ViT-B-32); None for any other folder."""
+    if (root / "config.json").exists():
+        return None
+    try:
+        modules = json.loads((root / "modules.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not (isinstance(modules, list) and len(modules) == 1 and isinstance(modules[0], dict)
+            and str(modules[0].get("type", "")).endswith("CLIPModel")):
+        return None
+    folders = st_module_folders(root)
+    return root / folders[0] if folders and (root / folders[0] / "config.json").is_file() else None
 
 
 def st_module_folders(root: Path) -> list[str]:

@@ -386,3 +386,41 @@ def test_dense_module_faults_are_clear(encoders, tmp_path, caplog):
     (src / "2_Dense" / "model.safetensors").unlink()  # weights gone: stored, with a warning, not half-converted
     assert convert_checkpoint(src, tmp_path / "store", progress=False).manifest.kind == "store"
     assert any("Dense" in r.getMessage() and "store mode" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("layout", ["current", "before-3.x"])
+def test_sentence_transformers_clip_folders_convert_as_clip(tmp_path, layout):
+    """sentence-transformers' CLIP checkpoints: 6.x saves the transformers CLIPModel at the folder's root;
+    before 3.x it sat in ``0_CLIPModel/`` beside modules.json (sentence-transformers/clip-ViT-B-32 on the hub).
+    Both convert as CLIP and embed texts and images as sentence-transformers does."""
+    from PIL import Image
+    from sentence_transformers import SentenceTransformer
+    try:
+        from sentence_transformers.sentence_transformer.modules import CLIPModel
+    except ImportError:
+        from sentence_transformers.models import CLIPModel
+
+    from checkpoints import make_clip_checkpoint
+
+    st = SentenceTransformer(modules=[CLIPModel(str(make_clip_checkpoint(tmp_path / "clip")))], device="cpu")
+    st.save(str(tmp_path / "st"))
+    src = tmp_path / "st"
+    if layout == "before-3.x":
+        src = tmp_path / "old"
+        (src / "0_CLIPModel").mkdir(parents=True)
+        for f in (tmp_path / "st").iterdir():
+            top = f.name in ("modules.json", "README.md", "config_sentence_transformers.json")
+            shutil.copy(f, src / f.name if top else src / "0_CLIPModel" / f.name)
+        modules = json.loads((src / "modules.json").read_text())
+        modules[0].update(path="0_CLIPModel", type="sentence_transformers.models.CLIPModel")
+        (src / "modules.json").write_text(json.dumps(modules))
+    manifest = convert_checkpoint(src, tmp_path / "converted", progress=False).manifest
+    assert (manifest.kind, manifest.architecture) == ("clip", "CLIPModel")
+    model = engine.load_model(tmp_path / "converted")
+    texts = ["a photo of a cat", "two dogs on a beach", ""]
+    want = st.encode(texts, convert_to_numpy=True, normalize_embeddings=True)
+    assert (model.encode_text(texts) * want).sum(1).min() >= 0.99999
+    photo = sorted((Path(__file__).parent / "data" / "photos").glob("*.jpg"))[0]
+    want = st.encode([Image.open(photo).convert("RGB")], convert_to_numpy=True, normalize_embeddings=True)
+    got = model.encode_image([photo.read_bytes()])
+    assert float((got * want).sum()) >= 0.999  # our resampling differs from PIL's bicubic by design (README)
