@@ -1,7 +1,7 @@
 """A BERT-family encoder as used by sentence-transformers (e.g. all-MiniLM-L6-v2, all-mpnet-base-v2).
 
 Reference: HF transformers ``models/bert/modeling_bert.py`` (BertModel), ``models/mpnet/modeling_mpnet.py``
-(MPNetModel) and sentence-transformers' Pooling / Normalize modules. Post-LayerNorm blocks; module names
+(MPNetModel) and sentence-transformers' Pooling / Dense / Normalize modules. Post-LayerNorm blocks; module names
 equal the checkpoint keys (BERT ``encoder.layer.0.attention.self.query``, MPNet
 ``encoder.layer.0.attention.attn.q``). MPNet adds a learned bias per head and relative-position bucket to
 every attention score, shared by all layers. DistilBERT (``models/distilbert/modeling_distilbert.py``) is
@@ -18,14 +18,15 @@ from engine.config import MPNET_BUCKETS, BertConfig, DenseConfig, TowerConfig
 from engine.layers import Embedding, LayerNorm, Linear, activation, attention, project_qkv
 
 
-class _SelfAttention(nn.Module):
-    QKV = ("query", "key", "value")  # engine.quantize may replace these by one fused ``qkv``
+class _Projections(nn.Module):
+    """Square Linears under the checkpoint's ``names``; the first three are q, k, v (``QKV``, which
+    engine.quantize may replace by one fused ``qkv``), a fourth, if any, the attention output."""
 
-    def __init__(self, cfg: TowerConfig) -> None:
+    def __init__(self, cfg: TowerConfig, names: tuple[str, ...]) -> None:
         super().__init__()
-        self.query = Linear(cfg.width, cfg.width)
-        self.key = Linear(cfg.width, cfg.width)
-        self.value = Linear(cfg.width, cfg.width)
+        self.QKV = names[:3]
+        for name in names:
+            setattr(self, name, Linear(cfg.width, cfg.width))
         self.qkv: nn.Module | None = None
 
 
@@ -39,7 +40,7 @@ class _DenseNorm(nn.Module):
 class _Attention(nn.Module):
     def __init__(self, cfg: TowerConfig) -> None:
         super().__init__()
-        self.self = _SelfAttention(cfg)
+        self.self = _Projections(cfg, ("query", "key", "value"))
         self.output = _DenseNorm(cfg.width, cfg)
 
 
@@ -49,74 +50,64 @@ class _Intermediate(nn.Module):
         self.dense = Linear(cfg.width, cfg.mlp_width)
 
 
-class BertLayer(nn.Module):
-    """Post-LayerNorm block: x = ln(x + attn(x)); x = ln(x + mlp(x))."""
+class _PostNormBlock(nn.Module):
+    """Post-LayerNorm block: x = ln1(x + out(attn(x))); x = ln2(x + fc2(act(fc1(x)))). Subclasses hold the
+    modules under their checkpoint's names and say which is which in :meth:`parts` (looked up on every call:
+    engine.quantize and engine.packing replace Linears in place)."""
 
     def __init__(self, cfg: TowerConfig) -> None:
         super().__init__()
         self.heads = cfg.heads
         self.act = activation(cfg.act)
+
+    def parts(self) -> tuple[nn.Module, ...]:
+        """(q/k/v holder, attention out, ln1, fc1, fc2, ln2)."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        qkv, out, ln1, fc1, fc2, ln2 = self.parts()
+        q, k, v = project_qkv(qkv, x)  # (B, T, C) each
+        y = attention(q, k, v, self.heads, mask=mask)  # (B, T, C)
+        x = ln1(x + out(y))  # (B, T, C)
+        h = self.act(fc1(x))  # (B, T, M)
+        return ln2(x + fc2(h))  # (B, T, C)
+
+
+class BertLayer(_PostNormBlock):
+    """BERT / RoBERTa / XLM-R: ``attention.self.query``, ``attention.output.dense``, ``intermediate.dense`` ..."""
+
+    def __init__(self, cfg: TowerConfig) -> None:
+        super().__init__(cfg)
         self.attention = _Attention(cfg)
         self.intermediate = _Intermediate(cfg)
         self.output = _DenseNorm(cfg.mlp_width, cfg)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        q, k, v = project_qkv(self.attention.self, x)  # (B, T, C) each
-        y = attention(q, k, v, self.heads, mask=mask)  # (B, T, C)
-        x = self.attention.output.LayerNorm(x + self.attention.output.dense(y))  # (B, T, C)
-        h = self.act(self.intermediate.dense(x))  # (B, T, M)
-        return self.output.LayerNorm(x + self.output.dense(h))  # (B, T, C)
-
-
-class _MPNetSelfAttention(nn.Module):
-    QKV = ("q", "k", "v")  # engine.quantize may replace these by one fused ``qkv``
-
-    def __init__(self, cfg: TowerConfig) -> None:
-        super().__init__()
-        self.q = Linear(cfg.width, cfg.width)
-        self.k = Linear(cfg.width, cfg.width)
-        self.v = Linear(cfg.width, cfg.width)
-        self.o = Linear(cfg.width, cfg.width)
-        self.qkv: nn.Module | None = None
+    def parts(self) -> tuple[nn.Module, ...]:
+        a = self.attention
+        return a.self, a.output.dense, a.output.LayerNorm, self.intermediate.dense, self.output.dense, \
+            self.output.LayerNorm
 
 
 class _MPNetAttention(nn.Module):
     def __init__(self, cfg: TowerConfig) -> None:
         super().__init__()
-        self.attn = _MPNetSelfAttention(cfg)
+        self.attn = _Projections(cfg, ("q", "k", "v", "o"))
         self.LayerNorm = LayerNorm(cfg.width, cfg.eps)
 
 
-class MPNetLayer(nn.Module):
-    """BertLayer with MPNet's module names; ``mask`` is additive and carries the relative-position bias."""
+class MPNetLayer(_PostNormBlock):
+    """MPNet: ``attention.attn.q`` ... ``attention.attn.o``, ``attention.LayerNorm``; its ``mask`` is additive
+    and carries the relative-position bias."""
 
     def __init__(self, cfg: TowerConfig) -> None:
-        super().__init__()
-        self.heads = cfg.heads
-        self.act = activation(cfg.act)
+        super().__init__(cfg)
         self.attention = _MPNetAttention(cfg)
         self.intermediate = _Intermediate(cfg)
         self.output = _DenseNorm(cfg.mlp_width, cfg)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def parts(self) -> tuple[nn.Module, ...]:
         a = self.attention
-        q, k, v = project_qkv(a.attn, x)  # (B, T, C) each
-        y = attention(q, k, v, self.heads, mask=mask)  # (B, T, C)
-        x = a.LayerNorm(x + a.attn.o(y))  # (B, T, C)
-        h = self.act(self.intermediate.dense(x))  # (B, T, M)
-        return self.output.LayerNorm(x + self.output.dense(h))  # (B, T, C)
-
-
-class _DistilAttention(nn.Module):
-    QKV = ("q_lin", "k_lin", "v_lin")  # engine.quantize may replace these by one fused ``qkv``
-
-    def __init__(self, cfg: TowerConfig) -> None:
-        super().__init__()
-        self.q_lin = Linear(cfg.width, cfg.width)
-        self.k_lin = Linear(cfg.width, cfg.width)
-        self.v_lin = Linear(cfg.width, cfg.width)
-        self.out_lin = Linear(cfg.width, cfg.width)
-        self.qkv: nn.Module | None = None
+        return a.attn, a.attn.o, a.LayerNorm, self.intermediate.dense, self.output.dense, self.output.LayerNorm
 
 
 class _DistilFFN(nn.Module):
@@ -126,24 +117,19 @@ class _DistilFFN(nn.Module):
         self.lin2 = Linear(cfg.mlp_width, cfg.width)
 
 
-class DistilBertLayer(nn.Module):
-    """BertLayer with DistilBERT's module names."""
+class DistilBertLayer(_PostNormBlock):
+    """DistilBERT: ``attention.q_lin`` ... ``out_lin``, ``sa_layer_norm``, ``ffn.lin1/lin2``, ``output_layer_norm``."""
 
     def __init__(self, cfg: TowerConfig) -> None:
-        super().__init__()
-        self.heads = cfg.heads
-        self.act = activation(cfg.act)
-        self.attention = _DistilAttention(cfg)
+        super().__init__(cfg)
+        self.attention = _Projections(cfg, ("q_lin", "k_lin", "v_lin", "out_lin"))
         self.sa_layer_norm = LayerNorm(cfg.width, cfg.eps)
         self.ffn = _DistilFFN(cfg)
         self.output_layer_norm = LayerNorm(cfg.width, cfg.eps)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        q, k, v = project_qkv(self.attention, x)  # (B, T, C) each
-        y = attention(q, k, v, self.heads, mask=mask)  # (B, T, C)
-        x = self.sa_layer_norm(x + self.attention.out_lin(y))  # (B, T, C)
-        h = self.act(self.ffn.lin1(x))  # (B, T, M)
-        return self.output_layer_norm(x + self.ffn.lin2(h))  # (B, T, C)
+    def parts(self) -> tuple[nn.Module, ...]:
+        return self.attention, self.attention.out_lin, self.sa_layer_norm, self.ffn.lin1, self.ffn.lin2, \
+            self.output_layer_norm
 
 
 _BLOCKS = {"mpnet": MPNetLayer, "distilbert": DistilBertLayer}
