@@ -14,7 +14,6 @@ memory bounded by the largest tensor rather than the checkpoint.
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import logging
 import mmap
@@ -26,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.errors import ModelConfigError, WeightFormatError
 from engine.config import ST_MODULE_PREFIX
+from engine.errors import ModelConfigError, WeightFormatError
 from engine.format import SAFETENSORS_DTYPES, tensor_nbytes
 
 log = logging.getLogger(__name__)
