@@ -113,6 +113,7 @@ class BertConfig:
     lowercase: bool = False  # sentence-transformers' do_lower_case: texts are lowercased before tokenizing
     relative_buckets: int = 0  # MPNet: rows of encoder.relative_attention_bias; 0 for the others
     dense: tuple[DenseConfig, ...] = ()  # Dense modules after pooling, in order
+    prompt: str = ""  # config_sentence_transformers.json's default prompt, put before every text
 
     @property
     def dim(self) -> int:
@@ -276,7 +277,13 @@ def bert_config(model_dir: Path) -> BertConfig:
     if len(pools) != 1:
         raise ModelConfigError(f"{model_dir}/modules.json: expected one Pooling module, got {len(pools)}; without "
                                "one sentence-transformers gives token embeddings, not one vector per text")
-    pooling = _pooling_mode(model_dir / str(pools[0].get("path", "1_Pooling")) / "config.json")
+    pool_config = model_dir / str(pools[0].get("path", "1_Pooling")) / "config.json"
+    pooling = _pooling_mode(pool_config)
+    prompt = _default_prompt(model_dir)
+    if prompt and read_json(pool_config).get("include_prompt", True) is False:
+        raise ModelConfigError(f"{pool_config}: include_prompt false (pooling leaves out the default prompt's "
+                               f"tokens, {prompt!r}) is not supported; remove default_prompt_name from "
+                               "config_sentence_transformers.json and put the prompt in your texts")
     st_cfg = next((read_json(model_dir / n) for n in _ST_CONFIG_FILES if (model_dir / n).exists()), {})
     max_seq = st_cfg.get("max_seq_length")
     if max_seq is None:  # sentence-transformers 6.x keeps it as the tokenizer's model_max_length
@@ -311,7 +318,25 @@ def bert_config(model_dir: Path) -> BertConfig:
         lowercase=lowercase,
         relative_buckets=buckets,
         dense=_dense_modules(model_dir, modules, types, _get(cfg, "hidden_size", 768, int, where)),
+        prompt=prompt,
     )
+
+
+def _default_prompt(model_dir: Path) -> str:
+    """The prompt sentence-transformers puts before every text it encodes: ``prompts[default_prompt_name]``
+    of config_sentence_transformers.json, or "" when it names none."""
+    path = model_dir / "config_sentence_transformers.json"
+    if not path.exists():
+        return ""
+    st = read_json(path)
+    name = st.get("default_prompt_name")
+    if not name:
+        return ""
+    prompts = st.get("prompts") or {}
+    if not isinstance(prompts, dict) or not isinstance(prompts.get(name), str):
+        raise ModelConfigError(f"{path}: default_prompt_name {name!r} is not one of its prompts "
+                               f"({sorted(prompts) if isinstance(prompts, dict) else prompts!r})")
+    return prompts[name]
 
 
 def _dense_modules(model_dir: Path, modules: list, types: list[str], width: int) -> tuple[DenseConfig, ...]:

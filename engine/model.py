@@ -347,7 +347,11 @@ def load_model(path: str | Path, device: str = "cpu", precision: str = "fp32", n
         cfg = bert_config(path)
         net = SentenceBert(cfg)
         dim, modalities, max_tokens = cfg.dim, ("text",), cfg.positions
-        tokenizer = TextTokenizer.from_dir(path, cfg.max_seq_length, lazy=True, lowercase=cfg.lowercase)
+        tokenizer = TextTokenizer.from_dir(path, cfg.max_seq_length, lazy=True, lowercase=cfg.lowercase,
+                                           prefix=cfg.prompt)
+        if cfg.prompt:
+            log.info("%s: every text is embedded after the default prompt %r (config_sentence_transformers.json)",
+                     path, cfg.prompt)
         image_processor = None
     prec.assign_weights(net, state, path)
     net = prec.apply(net, precision, dev, pack_weights=pack_weights)

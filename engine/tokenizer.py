@@ -30,31 +30,34 @@ class TextTokenizer:
     defers it to the first text call, or to :meth:`load`. An image-only user never pays it.
     """
 
-    def __init__(self, source: Path, max_length: int, lowercase: bool = False, truncation_side: str = "right") -> None:
+    def __init__(self, source: Path, max_length: int, lowercase: bool = False, truncation_side: str = "right",
+                 prefix: str = "") -> None:
         if truncation_side not in ("right", "left"):
             raise ModelConfigError(f"truncation_side should be 'right' or 'left', got {truncation_side!r}")
         self.source = source  # tokenizer.json
         self.max_length = max_length
         self.lowercase = lowercase  # lowercase texts first (sentence-transformers' do_lower_case)
         self.truncation_side = truncation_side  # which end of a long text is cut (HF's truncation_side)
+        self.prefix = prefix  # put before every text (a sentence-transformer's default prompt)
         self._lock = threading.Lock()
         self._tok: Tokenizer | None = None
 
     @classmethod
     def from_dir(cls, model_dir: Path, max_length: int, lazy: bool = False, lowercase: bool = False,
-                 required: bool = True) -> "TextTokenizer":
+                 required: bool = True, prefix: str = "") -> "TextTokenizer":
         """The tokenizer of a model directory, cutting texts at ``max_length`` tokens on the side that
         tokenizer_config.json's ``truncation_side`` names (right by default, as HF).
 
         ``lazy`` parses tokenizer.json on first use; ``lowercase`` puts a Lowercase normalizer before the
-        file's own, as sentence-transformers' do_lower_case. A missing tokenizer.json is an error here when
+        file's own, as sentence-transformers' do_lower_case; ``prefix`` goes before every text (a default
+        prompt). A missing tokenizer.json is an error here when
         ``required``, else on the first text call (a CLIP model without one still embeds images and token ids).
         """
         path = Path(model_dir) / "tokenizer.json"
         if not path.exists() and (required or not lazy):
             raise ModelConfigError(_missing(path))
         side = tokenizer_config(model_dir).get("truncation_side", "right")
-        tok = cls(path, max_length, lowercase, side)
+        tok = cls(path, max_length, lowercase, side, prefix)
         return tok if lazy else tok.load()
 
     @property
@@ -103,7 +106,8 @@ class TextTokenizer:
         if good and not self.available:
             raise InputError(f"this model cannot tokenize texts: {_missing(self.source)}; or send token ids "
                              "(input kind 'tokens')")
-        for i, enc in zip(good, self.load()._tok.encode_batch([values[i] for i in good], add_special_tokens=True)):
+        batch = [self.prefix + values[i] for i in good] if self.prefix else [values[i] for i in good]
+        for i, enc in zip(good, self.load()._tok.encode_batch(batch, add_special_tokens=True)):
             rows[i] = np.asarray(enc.ids, dtype=np.int64)
         return rows, errors
 

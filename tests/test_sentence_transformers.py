@@ -424,3 +424,25 @@ def test_sentence_transformers_clip_folders_convert_as_clip(tmp_path, layout):
     want = st.encode([Image.open(photo).convert("RGB")], convert_to_numpy=True, normalize_embeddings=True)
     got = model.encode_image([photo.read_bytes()])
     assert float((got * want).sum()) >= 0.999  # our resampling differs from PIL's bicubic by design (README)
+
+
+def test_a_default_prompt_goes_before_every_text_as_sentence_transformers_puts_it(encoders, tmp_path):
+    """config_sentence_transformers.json's default_prompt_name: sentence-transformers' encode puts that prompt
+    before every text; so do we (token-id rows are taken as they are)."""
+    src = _sentence_transformer(encoders["bert"], tmp_path / "st", "mean", True, max_seq=24)
+    st_cfg = json.loads((src / "config_sentence_transformers.json").read_text())
+    st_cfg.update(prompts={"query": "query: ", "passage": "passage: "}, default_prompt_name="query")
+    (src / "config_sentence_transformers.json").write_text(json.dumps(st_cfg))
+    model = _check(src, tmp_path)
+    assert model.config.prompt == "query: "
+    rows, _ = model.prepare_texts(["a cat"])
+    assert model.tokenizer.load()._tok.encode("query: a cat").ids == rows[0].tolist()  # the raw tokenizer
+    # Pooling that leaves the prompt out is not supported: a clear error, not different embeddings
+    pool_cfg = tmp_path / "converted" / "1_Pooling" / "config.json"
+    pool_cfg.write_text(json.dumps(dict(json.loads(pool_cfg.read_text()), include_prompt=False)))
+    with pytest.raises(ModelConfigError, match="include_prompt"):
+        engine.load_model(tmp_path / "converted")
+    st_cfg["default_prompt_name"] = "nope"
+    (tmp_path / "converted" / "config_sentence_transformers.json").write_text(json.dumps(st_cfg))
+    with pytest.raises(ModelConfigError, match="nope"):
+        engine.load_model(tmp_path / "converted")
