@@ -169,8 +169,10 @@ register(Architecture(
     detect=_is_sentence_transformer,
     # transformer.: DistilBERT's blocks; st_modules.: weights of module folders (2_Dense), see hf_checkpoint
     known_prefixes=("embeddings.", "encoder.", "transformer.", "pooler.", ST_MODULE_PREFIX),
-    strip_prefixes=("bert.", "roberta.", "mpnet.", "distilbert.", "model."),
-    # heads of BertForMaskedLM / BertForPreTraining / RobertaForMaskedLM / MPNetForMaskedLM / DistilBertForMaskedLM
-    drop_prefixes=("cls.", "lm_head.", "vocab_transform.", "vocab_layer_norm.", "vocab_projector."),
+    strip_prefixes=("bert.", "roberta.", "mpnet.", "distilbert.", "albert.", "model."),
+    # heads of BertForMaskedLM / BertForPreTraining / RobertaForMaskedLM / MPNetForMaskedLM / DistilBertForMaskedLM /
+    # AlbertForMaskedLM / AlbertForPreTraining
+    drop_prefixes=("cls.", "lm_head.", "vocab_transform.", "vocab_layer_norm.", "vocab_projector.", "predictions.",
+                   "sop_classifier."),
 ))
 _STORE_ARCH = Architecture(kind=STORE, detect=lambda c, r: True, known_prefixes=(), drop_suffixes=())

@@ -5,7 +5,10 @@ Reference: HF transformers ``models/bert/modeling_bert.py`` (BertModel), ``model
 equal the checkpoint keys (BERT ``encoder.layer.0.attention.self.query``, MPNet
 ``encoder.layer.0.attention.attn.q``). MPNet adds a learned bias per head and relative-position bucket to
 every attention score, shared by all layers. DistilBERT (``models/distilbert/modeling_distilbert.py``) is
-BERT's block under other names (``transformer.layer.0.attention.q_lin``), with no token types.
+BERT's block under other names (``transformer.layer.0.attention.q_lin``), with no token types. ALBERT
+(``models/albert/modeling_albert.py``) embeds at a narrower width, maps it up
+(``encoder.embedding_hidden_mapping_in``), and reuses its blocks: layer i runs group
+``int(i / (num_hidden_layers / num_hidden_groups))`` of ``encoder.albert_layer_groups``.
 """
 from __future__ import annotations
 
@@ -132,6 +135,34 @@ class DistilBertLayer(_PostNormBlock):
             self.output_layer_norm
 
 
+class _AlbertAttention(_Projections):
+    def __init__(self, cfg: TowerConfig) -> None:
+        super().__init__(cfg, ("query", "key", "value", "dense"))
+        self.LayerNorm = LayerNorm(cfg.width, cfg.eps)
+
+
+class AlbertLayer(_PostNormBlock):
+    """ALBERT: ``attention.query`` ... ``attention.dense``, ``attention.LayerNorm``, ``ffn``, ``ffn_output``,
+    ``full_layer_layer_norm``."""
+
+    def __init__(self, cfg: TowerConfig) -> None:
+        super().__init__(cfg)
+        self.attention = _AlbertAttention(cfg)
+        self.ffn = Linear(cfg.width, cfg.mlp_width)
+        self.ffn_output = Linear(cfg.mlp_width, cfg.width)
+        self.full_layer_layer_norm = LayerNorm(cfg.width, cfg.eps)
+
+    def parts(self) -> tuple[nn.Module, ...]:
+        a = self.attention
+        return a, a.dense, a.LayerNorm, self.ffn, self.ffn_output, self.full_layer_layer_norm
+
+
+class _AlbertGroup(nn.Module):
+    def __init__(self, cfg: BertConfig) -> None:
+        super().__init__()
+        self.albert_layers = nn.ModuleList(AlbertLayer(cfg.tower) for _ in range(cfg.inner_layers))
+
+
 _BLOCKS = {"mpnet": MPNetLayer, "distilbert": DistilBertLayer}
 
 _DENSE_ACTS = {"Identity": lambda x: x, "Tanh": torch.tanh, "ReLU": torch.relu, "GELU": nn.functional.gelu,
@@ -153,8 +184,12 @@ class _Dense(nn.Module):
 class _Encoder(nn.Module):
     def __init__(self, cfg: BertConfig) -> None:
         super().__init__()
-        block = _BLOCKS.get(cfg.model_type, BertLayer)
-        self.layer = nn.ModuleList(block(cfg.tower) for _ in range(cfg.tower.layers))
+        if cfg.model_type == "albert":
+            self.embedding_hidden_mapping_in = Linear(cfg.embed_width, cfg.tower.width)
+            self.albert_layer_groups = nn.ModuleList(_AlbertGroup(cfg) for _ in range(cfg.layer_groups))
+        else:
+            block = _BLOCKS.get(cfg.model_type, BertLayer)
+            self.layer = nn.ModuleList(block(cfg.tower) for _ in range(cfg.tower.layers))
         if cfg.relative_buckets:
             self.relative_attention_bias = Embedding(cfg.relative_buckets, cfg.tower.heads)
 
@@ -162,11 +197,12 @@ class _Encoder(nn.Module):
 class _Embeddings(nn.Module):
     def __init__(self, cfg: BertConfig) -> None:
         super().__init__()
-        self.word_embeddings = Embedding(cfg.vocab_size, cfg.tower.width)
-        self.position_embeddings = Embedding(cfg.max_positions, cfg.tower.width)
-        if cfg.type_vocab_size:  # MPNet has none
-            self.token_type_embeddings = Embedding(cfg.type_vocab_size, cfg.tower.width)
-        self.LayerNorm = LayerNorm(cfg.tower.width, cfg.tower.eps)
+        width = cfg.embed_width or cfg.tower.width  # ALBERT embeds narrower
+        self.word_embeddings = Embedding(cfg.vocab_size, width)
+        self.position_embeddings = Embedding(cfg.max_positions, width)
+        if cfg.type_vocab_size:  # MPNet and DistilBERT have none
+            self.token_type_embeddings = Embedding(cfg.type_vocab_size, width)
+        self.LayerNorm = LayerNorm(width, cfg.tower.eps)
 
 
 class SentenceBert(nn.Module):
@@ -184,9 +220,13 @@ class SentenceBert(nn.Module):
             self.st_modules = nn.ModuleDict({d.path: _Dense(d) for d in cfg.dense})
 
     @property
-    def blocks(self) -> nn.ModuleList:
-        """The transformer blocks, whatever the checkpoint calls their container."""
-        return (self.transformer if self.cfg.model_type == "distilbert" else self.encoder).layer
+    def blocks(self) -> list[nn.Module]:
+        """The blocks in the order they run, whatever the checkpoint calls their container (ALBERT's repeat)."""
+        cfg = self.cfg
+        if cfg.model_type == "albert":
+            groups, per_group = self.encoder.albert_layer_groups, cfg.tower.layers / cfg.layer_groups
+            return [block for i in range(cfg.tower.layers) for block in groups[int(i / per_group)].albert_layers]
+        return list((self.transformer if cfg.model_type == "distilbert" else self.encoder).layer)
 
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """ids (B, T) right-padded; lengths (B,) real token counts. Returns (B, C)."""
@@ -196,6 +236,8 @@ class SentenceBert(nn.Module):
         if self.cfg.type_vocab_size:
             x = x + e.token_type_embeddings.weight[0]
         x = e.LayerNorm(x)
+        if self.cfg.model_type == "albert":
+            x = self.encoder.embedding_hidden_mapping_in(x)  # (B, T, E) -> (B, T, C)
         keep = torch.arange(T, device=ids.device)[None, :] < lengths[:, None]  # (B, T) True = real token
         mask = None if bool(keep.all()) else keep[:, None, None, :]  # (B, 1, 1, T)
         if self.cfg.relative_buckets:  # MPNet: bias (1, h, T, T), padded keys pushed to the dtype's minimum

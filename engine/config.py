@@ -76,9 +76,10 @@ ST_MODULE_PREFIX = "st_modules."
 DENSE_ACTIVATIONS = ("Identity", "Tanh", "ReLU", "GELU", "Sigmoid")
 # Encoders the engine runs under a sentence-transformer: BERT and RoBERTa / XLM-R (BERT's module names;
 # positions counted from pad_token_id + 1), MPNet (its own module names, relative position buckets,
-# positions counted from 2 as transformers' MPNetEmbeddings does, whatever pad_token_id says) and DistilBERT
-# (its own module and config key names, no token types).
-BERT_FAMILY = ("bert", "roberta", "xlm-roberta", "mpnet", "distilbert")
+# positions counted from 2 as transformers' MPNetEmbeddings does, whatever pad_token_id says), DistilBERT
+# (its own module and config key names, no token types) and ALBERT (narrow embeddings mapped up to the
+# encoder's width, blocks shared across layers in groups).
+BERT_FAMILY = ("bert", "roberta", "xlm-roberta", "mpnet", "distilbert", "albert")
 _POSITIONS_AFTER_PAD = ("roberta", "xlm-roberta")
 MPNET_PAD_POSITION = 1  # transformers' MPNetEmbeddings.padding_idx (fixed, not read from config.json)
 MPNET_BUCKETS = 32  # the relative-position buckets transformers' MPNetEncoder computes (fixed)
@@ -114,6 +115,9 @@ class BertConfig:
     relative_buckets: int = 0  # MPNet: rows of encoder.relative_attention_bias; 0 for the others
     dense: tuple[DenseConfig, ...] = ()  # Dense modules after pooling, in order
     prompt: str = ""  # config_sentence_transformers.json's default prompt, put before every text
+    embed_width: int = 0  # ALBERT: width of the embeddings before embedding_hidden_mapping_in; 0: tower.width
+    layer_groups: int = 1  # ALBERT: num_hidden_groups (layer i runs group int(i / (layers / groups)), as HF)
+    inner_layers: int = 1  # ALBERT: inner_group_num, blocks per group
 
     @property
     def dim(self) -> int:
@@ -319,7 +323,19 @@ def bert_config(model_dir: Path) -> BertConfig:
         relative_buckets=buckets,
         dense=_dense_modules(model_dir, modules, types, _get(cfg, "hidden_size", 768, int, where)),
         prompt=prompt,
+        **(_albert_shape(cfg, where) if model_type == "albert" else {}),
     )
+
+
+def _albert_shape(cfg: dict[str, Any], where: str) -> dict[str, int]:
+    """ALBERT's embedding width and layer sharing (AlbertConfig's defaults where config.json omits them)."""
+    shape = dict(embed_width=_get(cfg, "embedding_size", 128, int, where),
+                 layer_groups=_get(cfg, "num_hidden_groups", 1, int, where),
+                 inner_layers=_get(cfg, "inner_group_num", 1, int, where))
+    if min(shape.values()) < 1 or shape["layer_groups"] > _get(cfg, "num_hidden_layers", 12, int, where):
+        raise ModelConfigError(f"{where}: embedding_size, num_hidden_groups and inner_group_num must be >= 1 and "
+                               f"num_hidden_groups at most num_hidden_layers; got {shape}")
+    return shape
 
 
 def _default_prompt(model_dir: Path) -> str:

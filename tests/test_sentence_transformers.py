@@ -1,4 +1,4 @@
-"""Sentence-transformers beyond all-MiniLM-L6-v2: BERT, RoBERTa, XLM-R, MPNet and DistilBERT encoders, every
+"""Sentence-transformers beyond all-MiniLM-L6-v2: BERT, RoBERTa, XLM-R, MPNet, DistilBERT and ALBERT encoders, every
 pooling mode, do_lower_case, and the checkpoint layouts of sentence-transformers before 6.x and since.
 
 Each checkpoint is tiny (random weights, fixed seed), saved by the installed sentence-transformers, converted,
@@ -35,30 +35,38 @@ def _hf_encoder(out: Path, arch: str, masked_lm: bool = False) -> Path:
     """A random-weight HF encoder of ``arch`` (bert, roberta, xlm-roberta, mpnet, distilbert) with a tokenizer,
     saved to ``out``; with ``masked_lm``, saved from the masked-LM model (base weights under a prefix, a head)."""
     import transformers
-    from transformers import (BertConfig, BertModel, BertTokenizerFast, DistilBertConfig, MPNetConfig, RobertaConfig,
-                              RobertaModel, RobertaTokenizerFast, XLMRobertaConfig, XLMRobertaModel)
+    from transformers import (AlbertConfig, BertConfig, BertModel, BertTokenizerFast, DistilBertConfig, MPNetConfig,
+                              RobertaConfig, RobertaModel, RobertaTokenizerFast, XLMRobertaConfig, XLMRobertaModel)
 
     geometry = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
     torch.manual_seed(0)
     if arch == "bert":
         tok = BertTokenizerFast.from_pretrained(str(minilm_dir()))
         model = BertModel(BertConfig(vocab_size=len(tok), max_position_embeddings=64, **geometry))
-    elif arch in ("mpnet", "distilbert"):
+    elif arch in ("mpnet", "distilbert", "albert"):
         if arch == "mpnet":  # 160 rows of positions, so bias buckets past 8 and past 128 tokens both occur
             tok = _mpnet_tokenizer(out / "vocab")
             config = MPNetConfig(vocab_size=len(tok), max_position_embeddings=160, pad_token_id=1, **geometry)
-        else:
+        elif arch == "distilbert":
             tok = BertTokenizerFast.from_pretrained(str(minilm_dir()))
             config = DistilBertConfig(vocab_size=len(tok), max_position_embeddings=64, dim=32, n_layers=2, n_heads=4,
                                       hidden_dim=64)
-        name = {"mpnet": "MPNet", "distilbert": "DistilBert"}[arch]
+        else:  # ALBERT: 16-wide embeddings mapped to 32; 5 layers over 2 groups of 2 blocks (HF: 0,0,0,1,1)
+            tok = BertTokenizerFast.from_pretrained(str(minilm_dir()))
+            config = AlbertConfig(vocab_size=len(tok), max_position_embeddings=64, embedding_size=16, hidden_size=32,
+                                  num_hidden_layers=5, num_hidden_groups=2, inner_group_num=2, num_attention_heads=4,
+                                  intermediate_size=64)
+        name = {"mpnet": "MPNet", "distilbert": "DistilBert", "albert": "Albert"}[arch]
         full = getattr(transformers, f"{name}ForMaskedLM" if masked_lm else f"{name}Model")(config)
         model = getattr(full, arch, full)  # the base model inside a masked-LM one
         with torch.no_grad():  # attention that matters: a wrong bias, bucket or mask must show in the cosine
-            blocks = model.transformer.layer if arch == "distilbert" else model.encoder.layer
+            blocks = {"distilbert": lambda: model.transformer.layer, "mpnet": lambda: model.encoder.layer,
+                      "albert": lambda: [b for g in model.encoder.albert_layer_groups for b in g.albert_layers]}[arch]()
             for layer in blocks:
                 a = layer.attention
-                for proj in (a.v_lin, a.out_lin) if arch == "distilbert" else (a.attn.v, a.attn.o):
+                projections = {"distilbert": lambda: (a.v_lin, a.out_lin), "mpnet": lambda: (a.attn.v, a.attn.o),
+                               "albert": lambda: (a.value, a.dense)}[arch]()
+                for proj in projections:
                     proj.weight.normal_(0, 0.3)
             if arch == "mpnet":
                 model.encoder.relative_attention_bias.weight.normal_(0, 2.0)
@@ -159,7 +167,8 @@ def _legacy_layout(src: Path, out: Path) -> Path:
 @pytest.fixture(scope="module")
 def encoders(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("st-encoders")
-    return {arch: _hf_encoder(root / arch, arch) for arch in ("bert", "roberta", "xlm-roberta", "mpnet", "distilbert")}
+    return {arch: _hf_encoder(root / arch, arch)
+            for arch in ("bert", "roberta", "xlm-roberta", "mpnet", "distilbert", "albert")}
 
 
 def _check(src: Path, tmp: Path, precision: str = "fp32") -> engine.Model:
@@ -180,7 +189,8 @@ def _check(src: Path, tmp: Path, precision: str = "fp32") -> engine.Model:
     ("bert", "mean", True), ("bert", "cls", False), ("bert", "max", True),
     ("bert", "mean_sqrt_len_tokens", False), ("bert", "weightedmean", True), ("bert", "lasttoken", False),
     ("roberta", "mean", True), ("roberta", "cls", False), ("xlm-roberta", "mean", True), ("mpnet", "mean", True),
-    ("mpnet", "cls", False), ("distilbert", "mean", True), ("distilbert", "cls", False)])
+    ("mpnet", "cls", False), ("distilbert", "mean", True), ("distilbert", "cls", False), ("albert", "mean", True),
+    ("albert", "cls", False)])
 @pytest.mark.parametrize("layout", ["current", "legacy"])
 def test_matches_sentence_transformers(encoders, tmp_path, arch, pooling, normalize, layout):
     src = _sentence_transformer(encoders[arch], tmp_path / "st", pooling, normalize, max_seq=24)
@@ -270,10 +280,10 @@ def test_sentence_transformer_over_an_encoder_the_engine_does_not_run_is_stored_
                                                                                                caplog):
     src = _sentence_transformer(encoders["bert"], tmp_path / "st", "mean", True, max_seq=24)
     config = json.loads((src / "config.json").read_text())
-    (src / "config.json").write_text(json.dumps(dict(config, model_type="albert")))
+    (src / "config.json").write_text(json.dumps(dict(config, model_type="t5")))
     manifest = convert_checkpoint(src, tmp_path / "out", progress=False).manifest
     assert manifest.kind == "store"
-    assert any("albert" in r.getMessage() and "store mode" in r.getMessage() for r in caplog.records)
+    assert any("t5" in r.getMessage() and "store mode" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int8", "bf16"])
@@ -331,7 +341,7 @@ def test_full_geometry_of_all_mpnet_base_v2_and_multi_qa_distilbert(tmp_path, ar
     assert np.abs(want - got).max() <= 1e-4
 
 
-@pytest.mark.parametrize("arch", ["mpnet", "distilbert"])
+@pytest.mark.parametrize("arch", ["mpnet", "distilbert", "albert"])
 def test_weights_saved_from_a_masked_lm_model_convert_with_the_head_dropped(tmp_path, arch):
     hf = _hf_encoder(tmp_path / "enc", arch, masked_lm=True)
     src = _sentence_transformer(hf, tmp_path / "st", "mean", True, max_seq=24)
@@ -340,7 +350,7 @@ def test_weights_saved_from_a_masked_lm_model_convert_with_the_head_dropped(tmp_
 
     with safe_open(str(src / "model.safetensors"), "pt") as f:
         names = list(f.keys())
-    assert all(n.startswith((f"{arch}.", "lm_head.", "vocab_")) for n in names) and not any(
+    assert all(n.startswith((f"{arch}.", "lm_head.", "vocab_", "predictions.")) for n in names) and not any(
         n.startswith(("embeddings.", "encoder.", "transformer.")) for n in names)
     model = _check(src, tmp_path)
     assert model.config.model_type == arch
@@ -446,3 +456,10 @@ def test_a_default_prompt_goes_before_every_text_as_sentence_transformers_puts_i
     (tmp_path / "converted" / "config_sentence_transformers.json").write_text(json.dumps(st_cfg))
     with pytest.raises(ModelConfigError, match="nope"):
         engine.load_model(tmp_path / "converted")
+
+
+@pytest.mark.parametrize("precision", ["int8", "bf16"])
+def test_albert_shared_blocks_in_every_cpu_precision(encoders, tmp_path, precision):
+    src = _sentence_transformer(encoders["albert"], tmp_path / "st", "mean", True, max_seq=24)
+    model = _check(src, tmp_path, precision)
+    assert len(model.net.blocks) == 10  # 5 layers x 2 blocks per group, 4 distinct blocks
