@@ -229,7 +229,7 @@ class SentenceBert(nn.Module):
         return list((self.transformer if cfg.model_type == "distilbert" else self.encoder).layer)
 
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """ids (B, T) right-padded; lengths (B,) real token counts. Returns (B, C)."""
+        """ids (B, T) right-padded; lengths (B,) real token counts. Returns (B, dim): pooled, then Dense."""
         B, T = ids.shape
         e = self.embeddings
         x = e.word_embeddings(ids) + self._positions(ids)  # (B, T, C)
