@@ -282,9 +282,10 @@ def bert_config(model_dir: Path) -> BertConfig:
         raise ModelConfigError(f"{model_dir}/modules.json: expected one Pooling module, got {len(pools)}; without "
                                "one sentence-transformers gives token embeddings, not one vector per text")
     pool_config = model_dir / str(pools[0].get("path", "1_Pooling")) / "config.json"
-    pooling = _pooling_mode(pool_config)
+    pool = read_json(pool_config)
+    pooling = _pooling_mode(pool, pool_config)
     prompt = _default_prompt(model_dir)
-    if prompt and read_json(pool_config).get("include_prompt", True) is False:
+    if prompt and pool.get("include_prompt", True) is False:
         raise ModelConfigError(f"{pool_config}: include_prompt false (pooling leaves out the default prompt's "
                                f"tokens, {prompt!r}) is not supported; remove default_prompt_name from "
                                "config_sentence_transformers.json and put the prompt in your texts")
@@ -378,9 +379,9 @@ def _dense_modules(model_dir: Path, modules: list, types: list[str], width: int)
     return tuple(out)
 
 
-def _pooling_mode(path: Path) -> str:
-    """The one pooling mode of a sentence-transformers Pooling config (either layout)."""
-    pool = read_json(path)
+def _pooling_mode(pool: dict[str, Any], path: Path) -> str:
+    """The one pooling mode of a sentence-transformers Pooling config ``pool``, read from ``path`` (either
+    layout)."""
     mode = pool.get("pooling_mode")
     modes = ([mode] if isinstance(mode, str) else list(mode) if isinstance(mode, list) else
              [name for key, name in _LEGACY_POOLING_KEYS.items() if pool.get(key)])
