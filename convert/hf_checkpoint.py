@@ -99,10 +99,7 @@ class Checkpoint:
         ``pytorch_model.bin`` as sentence-transformers 2.x saved them): their tensors join the checkpoint
         as ``st_modules.<folder>.<name>``."""
         for rel in st_module_folders(self.root):
-            folder = self.root / rel
-            files = ([folder / "model.safetensors"] if (folder / "model.safetensors").is_file()
-                     else sorted(folder.glob("pytorch_model*.bin")))
-            for f in files:
+            for f in module_weight_files(self.root / rel):
                 refs = read_safetensors_header(f) if f.suffix == ".safetensors" else _bin_refs([f])
                 self.tensors += [dataclasses.replace(r, name=f"{ST_MODULE_PREFIX}{rel}.{r.name}", key=r.name)
                                  for r in refs]
@@ -266,6 +263,14 @@ def st_wrapped_model(root: Path) -> Path | None:
         return None
     folders = st_module_folders(root)
     return root / folders[0] if folders and (root / folders[0] / "config.json").is_file() else None
+
+
+def module_weight_files(folder: Path) -> list[Path]:
+    """A sentence-transformers module folder's weight files: model.safetensors, else pytorch_model*.bin (how
+    sentence-transformers 2.x saved them); none for a module without weights (Pooling, Normalize)."""
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    return sorted(folder.glob("pytorch_model*.bin"))
 
 
 def st_module_folders(root: Path) -> list[str]:

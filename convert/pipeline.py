@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from convert import registry
-from convert.hf_checkpoint import Checkpoint, TensorReader, TensorRef
+from convert.hf_checkpoint import Checkpoint, TensorReader, TensorRef, st_module_folders
 from convert.writer import Tensor, cast_tensor, check_little_endian, write_tensors
 from engine.errors import ArrowEngineError, WeightFormatError
 from engine.format import DTYPE_CHOICES, MANIFEST_FILE, WEIGHT_FILES, Manifest
@@ -132,14 +132,8 @@ def _stream(reader: TensorReader, plan: list[tuple[TensorRef, str]], dtype: str,
 
 def _copy_small_files(ckpt: Checkpoint, dest: Path) -> list[str]:
     copied = []
-    try:  # sentence-transformers module folders may hold no files (2_Normalize/): keep them
-        modules = json.loads((ckpt.root / "modules.json").read_text(encoding="utf-8"))
-        for m in modules if isinstance(modules, list) else []:
-            rel = m.get("path") if isinstance(m, dict) else None
-            if isinstance(rel, str) and rel and Path(rel).name == rel and (ckpt.root / rel).is_dir():
-                (dest / rel).mkdir(exist_ok=True)
-    except (OSError, ValueError):
-        pass
+    for rel in st_module_folders(ckpt.root):  # sentence-transformers module folders may hold no files (2_Normalize/)
+        (dest / rel).mkdir(exist_ok=True)
     for rel in ckpt.small_files():
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(ckpt.root / rel, dest / rel)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from convert.hf_checkpoint import module_weight_files
 from engine.config import BERT_FAMILY, ST_MODULE_PREFIX, ST_RUNNABLE_MODULES, st_module_names
 from engine.errors import UnsupportedArchitectureError, WeightFormatError
 
@@ -150,8 +151,7 @@ def _is_sentence_transformer(config: dict[str, Any], root: Path) -> bool:
         return False
     for m, name in zip(modules, names):  # a Dense module needs its folder: config.json and weights
         folder = root / str(m.get("path", "")) if name == "Dense" else None
-        if folder is not None and not ((folder / "config.json").is_file() and (
-                (folder / "model.safetensors").is_file() or any(folder.glob("pytorch_model*.bin")))):
+        if folder is not None and not ((folder / "config.json").is_file() and module_weight_files(folder)):
             log.warning("%s: the Dense module's folder %r lacks config.json or its weights; converting in store "
                         "mode", root, m.get("path"))
             return False
