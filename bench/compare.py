@@ -167,12 +167,12 @@ def flight(cfg: dict, host: str, model_dir: Path) -> dict:
     before = out.stat().st_mtime if out.exists() else None
     saved = out.read_bytes() if out.exists() else None  # put serving.py's own result file back afterwards
     quick = cfg["mode"] == "quick"
-    cmd = [sys.executable, str(serving), "--geometry", "b32", "--images", "32" if quick else "64",
-           "--repeat", "1" if quick else "2"]
     if cfg["device"].startswith("cuda"):
-        cmd = [sys.executable, str(serving), "--geometry", "b16", "--device", cfg["device"], "--precision", "bf16",
-               "--images", "512" if quick else "2048", "--rows", "128", "--repeat", "2" if quick else "3",
-               "--model", str(model_dir)]
+        args = ["--geometry", "b16", "--device", cfg["device"], "--precision", "bf16", "--images",
+                "512" if quick else "2048", "--rows", "128", "--repeat", "2" if quick else "3", "--model", str(model_dir)]
+    else:
+        args = ["--geometry", "b32", "--images", "32" if quick else "64", "--repeat", "1" if quick else "2"]
+    cmd = [sys.executable, str(serving), *args]
     log.info("%-14s %s", "flight", " ".join(cmd[1:]))
     try:
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
