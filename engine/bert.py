@@ -208,7 +208,7 @@ class _Embeddings(nn.Module):
 class SentenceBert(nn.Module):
     """BertModel + sentence-transformers pooling and Dense modules. ``forward`` returns (B, dim), not normalized."""
 
-    INT8_KEEP_LAST_BLOCK = True  # see engine/quantize.py: MiniLM min cosine 0.9938 -> 0.9952
+    INT8_KEEP_LAST_BLOCK = True  # 7-bit grid only (engine/quantize.py): MiniLM min cosine 0.9938 -> 0.9952
 
     def __init__(self, cfg: BertConfig) -> None:
         super().__init__()

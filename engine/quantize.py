@@ -4,23 +4,30 @@ torch's eager dynamic quantization (fbgemm) quantizes a whole activation tensor
 with one scale. Transformer activations carry a few channels far larger than the
 rest (all-MiniLM-L6-v2 is a clear case), so one scale for a whole batch costs
 accuracy: on 512 captions MiniLM's cosine to fp32 fell to 0.85 (mean 0.94). Here
-every row gets its own grid of 128 levels from its own minimum to its own maximum
-(both exactly on the grid: the extreme channels are the ones that matter), and the
-row's scale and offset are put back on the output:
+every row gets its own grid of L + 1 levels (L = 255 or 127, below) from its own minimum
+to its own maximum (both exactly on the grid: the extreme channels are the ones that
+matter), and the row's scale and offset are put back on the output:
 
-    y = (q @ int8(W).T) * s + lo * rowsum(W) + b,   q = round((x - lo) / s) in [0, 127],
-    lo = min x per row,  s = (max x - lo) / 127 per row
+    y = (q @ int8(W).T) * s + lo * rowsum(W) + b,   q = round((x - lo) / s) in [0, L],
+    lo = min x per row,  s = (max x - lo) / L per row
 
 A row's result depends on that row alone, bit for bit, whatever rows share the batch
 (the server merges concurrent clients' rows). MiniLM, 512 captions, min / mean cosine
-to fp32: 0.9952 / 0.9974 (torch's per-tensor scale: 0.85 / 0.94; a grid centred on
-the row's midpoint, which misses the extremes by half a level: 0.9931 / 0.9965; the
-earlier fbgemm-only form, whose grid also missed them: 0.9947 / 0.9972). CLIP B/32:
-image 0.99974, text 0.99901.
+to fp32 at L = 127: 0.9952 / 0.9974 (torch's per-tensor scale: 0.85 / 0.94; a grid
+centred on the row's midpoint, which misses the extremes by half a level: 0.9931 /
+0.9965; the earlier fbgemm-only form, whose grid also missed them: 0.9947 / 0.9972).
+CLIP B/32: image 0.99974, text 0.99901.
 
-The GEMM: q stays within 7 bits because AVX2 without VNNI multiplies u8 x s8 pairs into
-int16 with saturation (up to 2 * 127 * 127 fits; a full 8-bit q does not: measured
-errors of ~10 %). Two kernels compute it, bit-identical on the same q:
+The grid: a GEMM kernel multiplies u8 x s8 pairs. With VNNI (AVX-512 VNNI, AVX-VNNI, AMX) the
+products go straight into int32, so q takes all 8 bits: 256 levels, LEVELS_VNNI. AVX2 without VNNI sums
+each pair into int16 with saturation (up to 2 * 127 * 127 fits; a full 8-bit q does not: measured errors
+of ~10 %), so there q keeps 7 bits: 128 levels, LEVELS. ``activation_levels()`` tells which, checked once
+on the kernels themselves with the worst case. 8 bits halve the rounding of every activation: MiniLM, 512
+captions, min / mean cosine 0.9954 / 0.9974 -> 0.9979 / 0.9990 (empty text 0.984 -> 0.994), so there every
+block is quantized (last paragraph; then 0.9977 / 0.9988, and 35-45 % more texts/s than with the last
+block in fp32, on 2 Zen 5 cores with AVX-512 VNNI).
+
+Two kernels compute it, bit-identical on the same q:
 - fbgemm (``quantized::linear_with_input_q_dq_qweight_dq_output_fp32``, q given as exact
   levels with scale 1) for calls of fewer than ONEDNN_MIN_ROWS rows, where it is faster
   (one ViT-B q/k/v at 8 rows: 144 vs 327 us);
@@ -45,12 +52,12 @@ scale and one GEMM for all three (B/32 int8, 2 AVX2 cores: batch-1 latency 72 ->
 texts/s +10-20 %). Weights are quantized per output channel; the fp32 pages each one was read from
 are dropped right after (engine.weights.release_pages), so peak RSS holds the int8
 copies, not the fp32 weights. Sentence-transformers keep the last block of their layer stack in
-fp32: it feeds the pooled embedding directly (MiniLM, 512 captions: min / mean cosine
-0.9938 / 0.9968 with it quantized, 0.9952 / 0.9974 without; 4-17 % slower). CLIP quantizes every block:
+fp32 where activations get 7 bits: it feeds the pooled embedding directly (MiniLM, 512 captions: min / mean
+cosine 0.9938 / 0.9968 with it quantized, 0.9952 / 0.9974 without; 4-17 % slower on AVX2). CLIP quantizes every block:
 keeping the last ones changed its min cosine by < 0.0001 and cost 8 % of batch-1
 latency. Very short texts stay the weak spot: MiniLM's empty text ([CLS] [SEP])
-reaches only ~0.98, because a few channels of those tokens dwarf the rest even
-within one row.
+reaches only ~0.98 at 7 bits (~0.99 at 8), because a few channels of those tokens
+dwarf the rest even within one row.
 """
 from __future__ import annotations
 
@@ -67,12 +74,43 @@ from engine.layers import swap_linears
 
 log = logging.getLogger(__name__)
 
-LEVELS = 127  # q in [0, LEVELS]: 7 bits, see above
+LEVELS = 127  # q in [0, LEVELS]: 7 bits where the kernels saturate in int16 (AVX2), see above
+LEVELS_VNNI = 255  # q in [0, LEVELS_VNNI]: 8 bits where they accumulate u8 x s8 in int32
 ONEDNN_MIN_ROWS = 128  # fbgemm below, oneDNN from here (measured crossover on 2 AVX2 cores: 77-128 rows)
 ONEDNN_CHUNK = 2048  # rows per oneDNN call at most (its rate is flat from ~512 rows on)
 ONEDNN_ROW_STEP = 32  # oneDNN calls are padded to a multiple of this many rows
 
 _lock = threading.Lock()  # guards the lazy oneDNN weights
+
+
+def _worst_case(rows: int, q_max: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, int8 weights) whose pair sums overflow int16 at q_max 255: every q at q_max, weights +/-127."""
+    k, n = 72, 8
+    w = torch.full((n, k), 127, dtype=torch.int8)
+    w[::2, ::3] = -127
+    return torch.full((rows, k), q_max, dtype=torch.uint8), w
+
+
+def _onednn_exact(q_max: int) -> bool:
+    ops = torch.ops.onednn
+    q, w = _worst_case(ONEDNN_MIN_ROWS, q_max)
+    n = w.shape[0]
+    y = ops.qlinear_pointwise(q, 1.0, 0, ops.qlinear_prepack(w, None), torch.ones(n),
+                              torch.zeros(n, dtype=torch.long), None, 1.0, 0, torch.float32, "none", [], "")
+    return bool(torch.equal(y, q.float() @ w.float().t()))
+
+
+def _fbgemm_exact(op, q_max: int) -> bool:
+    for rows in (1, ONEDNN_MIN_ROWS - 1):  # kernels may differ by row count
+        q, w = _worst_case(rows, q_max)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            qw = torch.quantize_per_channel(w.float(), torch.ones(w.shape[0], dtype=torch.double),
+                                            torch.zeros(w.shape[0], dtype=torch.long), 0, torch.qint8)
+            y = op(q.float(), 1.0, 0, torch.ops.quantized.linear_prepack(qw, None))
+        if not torch.equal(y, q.float() @ w.float().t()):
+            return False
+    return True
 
 
 @functools.cache
@@ -85,16 +123,26 @@ def onednn_int8_available() -> bool:
         if not (torch.backends.mkldnn.is_available() and hasattr(ops, "qlinear_pointwise")
                 and hasattr(ops, "qlinear_prepack")):
             return False
-        k, n = 64, 8
-        w = torch.full((n, k), 127, dtype=torch.int8)
-        w[::2, ::3] = -127
-        q = torch.full((ONEDNN_MIN_ROWS, k), LEVELS, dtype=torch.uint8)
-        y = ops.qlinear_pointwise(q, 1.0, 0, ops.qlinear_prepack(w, None), torch.ones(n),
-                                  torch.zeros(n, dtype=torch.long), None, 1.0, 0, torch.float32, "none", [], "")
-        return bool(torch.equal(y, q.float() @ w.float().t()))
+        return _onednn_exact(LEVELS)
     except (AttributeError, RuntimeError, NotImplementedError) as e:
         log.debug("oneDNN int8 linear unavailable (%s): fbgemm for every call", e)
         return False
+
+
+@functools.cache
+def activation_levels() -> int:
+    """LEVELS_VNNI (8-bit activations) where every int8 kernel the engine calls here is exact on u8 x s8 pairs
+    at full range (VNNI), else LEVELS (7 bits). Checked once, on the kernels, with the worst case."""
+    op = _fbgemm_levels_op()
+    try:
+        exact = op is not None and _fbgemm_exact(op, LEVELS_VNNI) and (
+            not onednn_int8_available() or _onednn_exact(LEVELS_VNNI))
+    except (RuntimeError, NotImplementedError) as e:
+        log.debug("8-bit activation check failed (%s): 7 bits", e)
+        exact = False
+    levels = LEVELS_VNNI if exact else LEVELS
+    log.debug("int8 activations: %d levels per row", levels + 1)
+    return levels
 
 
 @functools.cache
@@ -155,6 +203,7 @@ class Int8Linear(nn.Module):
         self._packed = torch.ops.quantized.linear_prepack(qw, None)  # fbgemm's (or qnnpack's) layout
         self._wsum = qw.dequantize().sum(dim=1)  # (out,) rowsum of the int8 weights as the kernels see them
         self._use_onednn = onednn_int8_available()
+        self._levels = activation_levels()  # q in [0, self._levels]
         self._onednn = None  # oneDNN's copy of the weights, made by the first call big enough to use it
         self._wscale = qw.q_per_channel_scales().float()
         self._wzero = torch.zeros(self.out_features, dtype=torch.long)
@@ -168,14 +217,14 @@ class Int8Linear(nn.Module):
             return x.new_empty(*shape[:-1], self.out_features)
         hi = x.amax(dim=1, keepdim=True)  # (N, 1); aminmax is ~10x slower than the two reductions
         lo = x.amin(dim=1, keepdim=True)
-        # s >= max|x| / 2**16: x * inv - lo * inv then loses < 2**-7 to rounding, so q stays in [0, 127] for a
+        # s >= max|x| / 2**16: x * inv - lo * inv then loses < 2**-7 to rounding, so q stays in [0, levels] for a
         # constant row or a narrow one far from 0
-        s = torch.maximum((hi - lo).div_(LEVELS), torch.maximum(hi.abs(), lo.abs()).mul_(2.0 ** -16))
+        s = torch.maximum((hi - lo).div_(self._levels), torch.maximum(hi.abs(), lo.abs()).mul_(2.0 ** -16))
         inv = s.clamp_(min=1e-30).reciprocal()
         plan = self._plan(n)
         rows = max(stop for _, stop, _ in plan)  # the oneDNN calls read zero rows past N
         levels = torch.empty(rows, self.in_features, dtype=x.dtype, device=x.device)
-        torch.addcmul(-lo * inv, x, inv, out=levels[:n])  # (x - lo) / s, in [0, 127]
+        torch.addcmul(-lo * inv, x, inv, out=levels[:n])  # (x - lo) / s, in [0, self._levels]
         levels[n:].zero_()
         codes = _as_uint8(torch.quantize_per_tensor(levels, 1.0, 0, torch.quint8)) if plan[0][2] else None
         # one call (the usual case) scales its own output in place; several write into one output
@@ -211,8 +260,8 @@ class Int8Linear(nn.Module):
         op = _fbgemm_levels_op()
         if op is not None:
             return op(levels, 1.0, 0, self._packed)
-        # builds without it (qnnpack): the dynamic linear takes its range from the input, exactly [0, 127] once the
-        # levels are whole numbers and a row is not constant, so a row's result still depends on that row alone
+        # builds without it (qnnpack, 7-bit grid): the dynamic linear takes its range from the input, exactly [0, 127]
+        # once the levels are whole numbers and a row is not constant, so a row's result still depends on it alone
         return torch.ops.quantized.linear_dynamic(levels.round(), self._packed, True)
 
     def _onednn_gemm(self, codes: torch.Tensor) -> torch.Tensor:
@@ -231,15 +280,15 @@ class Int8Linear(nn.Module):
 
 def quantize_int8(net: nn.Module, keep_last_block: bool | None = None) -> nn.Module:
     """Replace every Linear of ``net`` by an :class:`Int8Linear`; with ``keep_last_block``, not those in the
-    last block of each ``nn.ModuleList`` of blocks (default: the net's ``INT8_KEEP_LAST_BLOCK``, else True).
-    Returns ``net`` (changed in place)."""
+    last block of each ``nn.ModuleList`` of blocks (default: where activations get 7 bits, the net's
+    ``INT8_KEEP_LAST_BLOCK``, else True; with 8-bit activations, False). Returns ``net`` (changed in place)."""
     if torch.backends.quantized.engine == "none":
         from engine.errors import PrecisionError
 
         raise PrecisionError("precision 'int8' needs torch's quantized CPU kernels (fbgemm/x86 or qnnpack); "
                              "this torch build has none: use 'fp32' or 'bf16'")
-    if keep_last_block is None:
-        keep_last_block = getattr(net, "INT8_KEEP_LAST_BLOCK", True)
+    if keep_last_block is None:  # 8-bit activations are accurate enough in every block (see above)
+        keep_last_block = activation_levels() == LEVELS and getattr(net, "INT8_KEEP_LAST_BLOCK", True)
     keep = set()
     for mod in net.modules() if keep_last_block else ():
         if isinstance(mod, nn.ModuleList) and len(mod) > 1:

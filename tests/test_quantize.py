@@ -77,22 +77,55 @@ def test_onednn_is_used_on_x86_for_big_calls_and_only_then_holds_its_weight_copy
     assert torch.equal(small, big[:quantize.ONEDNN_MIN_ROWS - 1])
 
 
-def test_levels_stay_within_7_bits_so_the_avx2_kernels_cannot_saturate():
-    """q = round((x - min) / s) must stay in [0, 127] for any row (constant, narrow far from 0, huge, tiny):
-    a u8 x s8 pair sum over 2 * 127 * 127 saturates int16 on AVX2 without VNNI (errors of ~10 %)."""
+@pytest.mark.parametrize("grid", ["7-bit", "this machine's"])
+def test_levels_stay_within_the_grid_so_the_kernels_cannot_saturate(grid, monkeypatch):
+    """q = round((x - min) / s) must stay in [0, L] for any row (constant, narrow far from 0, huge, tiny): at
+    L = 127 a u8 x s8 pair sum cannot saturate int16 (AVX2 without VNNI: errors of ~10 %); L = 255 only where
+    activation_levels() found the kernels exact at full range."""
+    if grid == "7-bit":
+        monkeypatch.setattr(quantize, "activation_levels", lambda: quantize.LEVELS)
+    top = quantize.activation_levels()
     q = Int8Linear(nn.Linear(64, 16))
     g = torch.Generator().manual_seed(0)
     rows = [torch.full((64,), 3.7), torch.full((64,), -2.2), 1e4 + 0.01 * torch.randn(64, generator=g),
             -1e-30 * torch.rand(64, generator=g), 1e30 * torch.randn(64, generator=g), torch.randn(64, generator=g)]
     seen = []
     real = quantize.Int8Linear._fbgemm_gemm
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(quantize.Int8Linear, "_fbgemm_gemm", lambda self, lv: seen.append(lv.clone()) or real(self, lv))
-        with torch.inference_mode():
-            q(torch.stack(rows))
+    monkeypatch.setattr(quantize.Int8Linear, "_fbgemm_gemm", lambda self, lv: seen.append(lv.clone()) or real(self, lv))
+    with torch.inference_mode():
+        q(torch.stack(rows))
     levels = seen[0].round()
-    assert levels.min() >= 0 and levels.max() <= quantize.LEVELS
-    assert (levels.amax(dim=1)[[4, 5]] == quantize.LEVELS).all()  # a spread-out row uses the whole grid
+    assert levels.min() >= 0 and levels.max() <= top
+    assert (levels.amax(dim=1)[[4, 5]] == top).all()  # a spread-out row uses the whole grid
+
+
+@pytest.mark.parametrize("rows", [1, 40, quantize.ONEDNN_MIN_ROWS, 300])  # fbgemm below 128 rows, oneDNN above
+def test_the_worst_case_for_saturation_is_exact_on_this_machines_grid(rows):
+    """Every q at the grid's top and every weight at +/-127: the pair sums that overflow int16 at 8 bits. At
+    the levels activation_levels() chose (255 with VNNI, else 127), both kernels must give the exact product,
+    so a machine where they saturate never gets the 8-bit grid."""
+    k, n = 96, 24
+    lin = nn.Linear(k, n, bias=False)
+    with torch.no_grad():
+        lin.weight.fill_(0.5)
+        lin.weight[::2, ::3] = -0.5  # quantized to exactly +/-127 per channel
+    q = Int8Linear(lin)
+    x = torch.ones(rows, k)
+    x[:, 0] = 0.0  # the row minimum: every other channel sits at q = L
+    with torch.inference_mode():
+        got, want = q(x), lin(x)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-4), (q._levels, (got - want).abs().max())
+    assert q._levels == quantize.activation_levels() in (quantize.LEVELS, quantize.LEVELS_VNNI)
+
+
+def test_vnni_cpus_get_8_bit_activations():
+    """The 8-bit grid is the point of VNNI: where the CPU has it and torch's kernels use it, the engine must not
+    fall back to 7 bits (that costs MiniLM's min cosine 0.9979 -> 0.9954 and the fp32 last block)."""
+    flags = open("/proc/cpuinfo").read().split() if os.path.exists("/proc/cpuinfo") else []
+    if "avx512_vnni" in flags and torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16", "AMX"):
+        assert quantize.activation_levels() == quantize.LEVELS_VNNI
+    if platform.machine().lower() in ("x86_64", "amd64") and not {"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags):
+        assert quantize.activation_levels() == quantize.LEVELS  # AVX2 only: pair sums saturate int16
 
 
 def test_constant_and_narrow_offset_rows_stay_accurate():
@@ -110,9 +143,10 @@ def test_constant_and_narrow_offset_rows_stay_accurate():
 
 def test_builds_without_fbgemms_levels_op_fall_back_to_the_dynamic_linear(monkeypatch):
     """qnnpack builds (ARM) lack fbgemm's op for given levels: the dynamic linear takes the range [0, 127] from
-    the levels themselves, so the results stay those of the same grid."""
+    the levels themselves (such builds get the 7-bit grid), so the results stay those of the same grid."""
     if platform.machine().lower() in ("x86_64", "amd64"):
         assert quantize._fbgemm_levels_op() is not None  # fbgemm's builds have it, and it passes the check
+    monkeypatch.setattr(quantize, "activation_levels", lambda: quantize.LEVELS)
     lin = nn.Linear(96, 40)
     q = Int8Linear(lin)
     x = _outlier_activations(50, 96, seed=5)
@@ -137,22 +171,27 @@ def test_int8_linear_without_bias_and_zero_rows():
     assert torch.allclose(y[1], lin(x[1]).detach(), atol=0.05 * lin(x[1]).abs().max().item())
 
 
-def test_quantize_int8_keeps_the_last_block_of_each_stack_in_fp32_unless_the_net_says_not():
+def test_quantize_int8_keeps_the_last_block_in_fp32_only_on_the_7_bit_grid_unless_the_net_says_not(monkeypatch):
     class Block(nn.Module):
         def __init__(self):
             super().__init__()
             self.fc = nn.Linear(8, 8)
 
-    net = nn.Module()
-    net.blocks = nn.ModuleList(Block() for _ in range(3))
-    net.head = nn.Linear(8, 4)
-    quantize_int8(net)
-    assert [type(b.fc) for b in net.blocks] == [Int8Linear, Int8Linear, nn.Linear]
-    assert isinstance(net.head, Int8Linear)
-    net.blocks[2].fc = nn.Linear(8, 8)
-    net.INT8_KEEP_LAST_BLOCK = False  # the architecture's own choice (CLIP: every block)
-    quantize_int8(net)
-    assert isinstance(net.blocks[2].fc, Int8Linear)
+    def quantized(levels: int, keep_attr: bool | None = None) -> list[type]:
+        monkeypatch.setattr(quantize, "activation_levels", lambda: levels)
+        net = nn.Module()
+        net.blocks = nn.ModuleList(Block() for _ in range(3))
+        net.head = nn.Linear(8, 4)
+        if keep_attr is not None:
+            net.INT8_KEEP_LAST_BLOCK = keep_attr  # the architecture's own choice (CLIP: every block)
+        quantize_int8(net)
+        assert isinstance(net.head, Int8Linear)
+        return [type(b.fc) for b in net.blocks]
+
+    assert quantized(quantize.LEVELS) == [Int8Linear, Int8Linear, nn.Linear]
+    assert quantized(quantize.LEVELS, keep_attr=False) == [Int8Linear] * 3
+    assert quantized(quantize.LEVELS_VNNI) == [Int8Linear] * 3  # 8-bit activations: accurate in every block
+    assert quantized(quantize.LEVELS_VNNI, keep_attr=True) == [Int8Linear] * 3
 
 
 def test_q_k_v_of_an_attention_module_share_one_int8_gemm():
@@ -177,7 +216,7 @@ def test_q_k_v_of_an_attention_module_share_one_int8_gemm():
     x = _outlier_activations(24, 32)
     with torch.inference_mode():
         want = torch.cat([lin(x) for lin in separate], dim=-1)
-        quantize_int8(net)  # keeps the last block in fp32 (the default for a plain module)
+        quantize_int8(net, keep_last_block=True)
         got = net.blocks[0].qkv(x)
     assert isinstance(net.blocks[0].qkv, Int8Linear) and not hasattr(net.blocks[0], "q")
     assert net.blocks[1].qkv is None and isinstance(net.blocks[1].q, nn.Linear)
