@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from engine.config import ClipConfig, ClipTextConfig, ClipVisionConfig, TowerConfig
-from engine.layers import (Embedding, LayerNorm, Linear, activation, attention, linear, meta_parameter,
+from engine.layers import (Embedding, LayerNorm, Linear, PatchLinear, activation, attention, meta_parameter,
                            project_qkv)
 
 
@@ -126,19 +126,17 @@ class _VisionEmbeddings(nn.Module):
         super().__init__()
         self.patch, self.grid = cfg.patch_size, cfg.grid
         self.class_embedding = meta_parameter(cfg.tower.width)
-        self.patch_embedding = nn.Module()
-        self.patch_embedding.weight = meta_parameter(cfg.tower.width, cfg.channels, cfg.patch_size, cfg.patch_size)
+        self.patch_embedding = PatchLinear(cfg.channels, cfg.tower.width, cfg.patch_size)
         self.position_embedding = Embedding(cfg.grid * cfg.grid + 1, cfg.tower.width)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         B, ch = pixels.shape[:2]
         g, p = self.grid, self.patch
-        w = self.patch_embedding.weight  # (C, ch, p, p)
         # A conv with stride == kernel is a matmul over non-overlapping patches; as one it is 2-5x faster than
         # the CPU conv kernel at batch 1. Pixels past g*p (a size not divisible by p) are dropped, as conv does.
-        x = pixels[:, :, :g * p, :g * p].to(w.dtype).reshape(B, ch, g, p, g, p)
+        x = pixels[:, :, :g * p, :g * p].to(self.class_embedding.dtype).reshape(B, ch, g, p, g, p)
         x = x.permute(0, 2, 4, 1, 3, 5).reshape(B, g * g, ch * p * p)  # (B, g*g, ch*p*p), patch-major
-        x = linear(x, w.reshape(w.shape[0], -1))  # (B, g*g, C)
+        x = self.patch_embedding(x)  # (B, g*g, C)
         cls = self.class_embedding.to(x.dtype).expand(B, 1, -1)  # (B, 1, C)
         return torch.cat([cls, x], dim=1) + self.position_embedding.weight  # (B, 1+g*g, C)
 

@@ -44,7 +44,7 @@ class PackedLinear(nn.Module):
 
     def __init__(self, linear_: nn.Linear) -> None:
         super().__init__()
-        weight = linear_.weight.detach()
+        weight = linear_.weight.detach().flatten(1)  # (out, in); engine.layers.PatchLinear keeps a conv's shape
         if weight.dtype != torch.float32 or weight.device.type != "cpu":
             raise PrecisionError(f"pack_weights packs fp32 CPU weights; got {weight.dtype} on {weight.device}")
         self.out_features, self.in_features = weight.shape

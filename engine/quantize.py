@@ -141,7 +141,9 @@ def activation_levels() -> int:
         log.debug("8-bit activation check failed (%s): 7 bits", e)
         exact = False
     levels = LEVELS_VNNI if exact else LEVELS
-    log.debug("int8 activations: %d levels per row", levels + 1)
+    log.info("int8: activations on a grid of %d levels per row (%s)", levels + 1,
+             "the kernels here are exact on 8-bit pairs (VNNI)" if exact else "7 bits: the kernels here are not "
+             "exact on 8-bit pairs (AVX2 without VNNI adds them in saturating int16)")
     return levels
 
 
@@ -193,7 +195,7 @@ class Int8Linear(nn.Module):
         return self
 
     def _setup(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        w = weight.detach().float()
+        w = weight.detach().float().flatten(1)  # (out, in); engine.layers.PatchLinear keeps a conv's shape
         scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127  # (out,)
         with warnings.catch_warnings():  # quantized tensors are deprecated in torch, still its fastest CPU int8 GEMM
             warnings.simplefilter("ignore")
