@@ -45,6 +45,8 @@ def add_parsers(subparsers: Any) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``serve``."""
     defaults = ServerLimits()
+    parser.add_argument("models", nargs="*", default=[], metavar="[NAME=]DIR",
+                        help="converted model directories to serve, as --model takes them")
     parser.add_argument("--model", action="append", default=[], metavar="NAME=DIR",
                         help="serve the converted model directory DIR as NAME (repeatable; "
                              "DIR alone: named after the directory)")
@@ -219,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
     _setup_logging()
     try:
         config = config_from_args(args)
-        dirs = parse_model_specs(args.model)
+        dirs = parse_model_specs(args.models + args.model)
     except ValueError as exc:
         log.error("%s", exc)
         return 2

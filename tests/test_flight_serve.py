@@ -32,9 +32,13 @@ def test_add_parsers_registers_serve_with_func():
     parser = argparse.ArgumentParser(prog="arrowengine")
     serve.add_parsers(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["serve", "--model", "m=/x", "--port", "0", "--max-concurrent", "2"])
-    assert args.func is serve.run and args.model == ["m=/x"] and args.port == 0
+    assert args.func is serve.run and args.model == ["m=/x"] and args.port == 0 and args.models == []
     config = serve.config_from_args(args)
     assert config.limits.max_concurrent_exchanges == 2 and config.host == "127.0.0.1"
+    # directories may also come without --model, as users type them first
+    args = parser.parse_args(["serve", "/m/clip", "b=/m/other", "--port", "0", "--model", "m=/x"])
+    assert serve.parse_model_specs(args.models + args.model) == {
+        "clip": Path("/m/clip"), "b": Path("/m/other"), "m": Path("/x")}
 
 
 def test_parse_model_specs():
@@ -126,7 +130,7 @@ def test_serve_subprocess_end_to_end(tmp_path, minilm_model_dir):
     model_dir = minilm_model_dir
     token_file = tmp_path / "token"
     token_file.write_text("let-me-in")
-    cmd = [sys.executable, "-m", "flight_server.serve", "--port", "0", "--model", f"minilm={model_dir}",
+    cmd = [sys.executable, "-m", "flight_server.serve", f"minilm={model_dir}", "--port", "0",
            "--model", f"broken={tmp_path / 'nope'}", "--auth-token-file", str(token_file)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
