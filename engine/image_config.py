@@ -163,7 +163,7 @@ class ImageLimits:
 
     max_bytes: int = 32 * 1024 * 1024  # encoded size of one image
     max_pixels: int = 50_000_000  # width x height from the header, and after the resize (before the crop)
-    formats: frozenset[str] = frozenset({"jpeg", "png", "webp"})  # allow-list
+    formats: frozenset[str] = frozenset({"jpeg", "png", "webp", "gif", "bmp"})  # allow-list
 
     def __post_init__(self) -> None:
         unknown = set(self.formats) - PARSED_FORMATS

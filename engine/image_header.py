@@ -17,6 +17,12 @@ Header layouts (from the format specifications):
 * WebP (RIFF container): ``VP8 `` (lossy; 14-bit sizes after the start code
   ``9D 01 2A``), ``VP8L`` (lossless; signature ``2F`` then two 14-bit
   sizes minus one) or ``VP8X`` (extended; 24-bit canvas sizes minus one).
+* GIF (GIF89a specification): ``GIF87a``/``GIF89a``, then the logical screen
+  width and height as little-endian uint16 (the canvas every frame is drawn on).
+* BMP (Windows bitmap): a 14-byte file header, then the DIB header, whose first
+  uint32 is its own size: 40 and up (int32 width and height; a negative height
+  stores rows top-down). The 12-byte OS/2 core header is refused: OpenCV
+  misreads it.
 """
 from __future__ import annotations
 
@@ -26,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 # Formats whose headers this module parses; the processor can only allow these.
-PARSED_FORMATS = frozenset({"jpeg", "png", "webp"})
+PARSED_FORMATS = frozenset({"jpeg", "png", "webp", "gif", "bmp"})
 
 # JPEG start-of-frame markers (SOF0-3, 5-7, 9-11, 13-15); C4, C8 and CC are not frames.
 _JPEG_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
@@ -58,9 +64,9 @@ def sniff_format(data: np.ndarray) -> str | None:
         data: the encoded image as a 1-D uint8 array (a view is fine).
 
     Returns:
-        "jpeg", "png" or "webp" for the formats this module parses; an upper-case
-        name ("GIF", "BMP", "TIFF", ...) for other recognised formats; None when the
-        bytes match no known signature.
+        "jpeg", "png", "webp", "gif" or "bmp" for the formats this module parses; an
+        upper-case name ("TIFF", "HEIC", ...) for other recognised formats; None when
+        the bytes match no known signature.
     """
     head = bytes(data[:16])
     if head[:3] == b"\xff\xd8\xff":
@@ -70,9 +76,9 @@ def sniff_format(data: np.ndarray) -> str | None:
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "webp"
     if head[:6] in (b"GIF87a", b"GIF89a"):
-        return "GIF"
+        return "gif"
     if head[:2] == b"BM":
-        return "BMP"
+        return "bmp"
     if head[:4] in (b"II*\x00", b"MM\x00*"):
         return "TIFF"
     if head[4:8] == b"ftyp" and head[8:12] in _ISO_BMFF_BRANDS:
@@ -91,7 +97,7 @@ def sniff_format(data: np.ndarray) -> str | None:
 
 
 def read_header(data: np.ndarray, fmt: str) -> ImageHeader:
-    """Parse width and height from the header of a JPEG, PNG or WebP image.
+    """Parse width and height from the header of a JPEG, PNG, WebP, GIF or BMP image.
 
     Args:
         data: the encoded image as a 1-D uint8 array (a view is fine; nothing is copied).
@@ -103,7 +109,8 @@ def read_header(data: np.ndarray, fmt: str) -> ImageHeader:
     Raises:
         HeaderError: the header is truncated, corrupt, or declares a zero size.
     """
-    parsers = {"jpeg": _jpeg_header, "png": _png_header, "webp": _webp_header}
+    parsers = {"jpeg": _jpeg_header, "png": _png_header, "webp": _webp_header, "gif": _gif_header,
+               "bmp": _bmp_header}
     if fmt not in parsers:
         raise HeaderError(f"no header parser for format {fmt!r}; expected one of {sorted(PARSED_FORMATS)}")
     try:
@@ -206,3 +213,27 @@ def _webp_header(mv: memoryview) -> ImageHeader:
     if width == 0 or height == 0:
         raise HeaderError(f"corrupt WebP: declares size {width}x{height}")
     return ImageHeader("webp", width, height, 0)
+
+
+def _gif_header(mv: memoryview) -> ImageHeader:
+    if len(mv) < 13:
+        raise HeaderError(f"truncated GIF: {len(mv)} bytes, the logical screen descriptor needs 13")
+    width, height = struct.unpack_from("<HH", mv, 6)
+    if width == 0 or height == 0:
+        raise HeaderError(f"corrupt GIF: the logical screen is {width}x{height}")
+    return ImageHeader("gif", width, height, 0)
+
+
+def _bmp_header(mv: memoryview) -> ImageHeader:
+    if len(mv) < 26:
+        raise HeaderError(f"truncated BMP: {len(mv)} bytes, the file and DIB headers need at least 26")
+    (dib,) = struct.unpack_from("<I", mv, 14)
+    if dib == 12:  # OS/2 BITMAPCOREHEADER: OpenCV 5.0 misreads it (a 24-bit one came out as 1 channel)
+        raise HeaderError("OS/2 BMP (12-byte core header): not supported; re-encode it as PNG")
+    if dib < 40:
+        raise HeaderError(f"corrupt BMP: DIB header of {dib} bytes, expected at least 40")
+    width, height = struct.unpack_from("<ii", mv, 18)  # BITMAPINFOHEADER and its successors (V4, V5)
+    height = abs(height)  # negative: rows stored top-down
+    if width <= 0 or height == 0:
+        raise HeaderError(f"corrupt BMP: declares size {width}x{height}")
+    return ImageHeader("bmp", width, height, 0)

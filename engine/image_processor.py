@@ -28,9 +28,10 @@ How it differs from the reference, on purpose:
   thread so that ``threads`` is the whole CPU budget of preprocessing.
 * EXIF orientation: JPEGs are turned upright by default, so the model sees
   what a person sees. transformers/PIL do NOT apply it (they embed the stored
-  pixel grid); pass ``apply_exif_orientation=False`` to match them. PNG and
-  WebP are decoded with ``IMREAD_UNCHANGED`` (to keep alpha and 16 bits), which
-  ignores their (rare) EXIF orientation.
+  pixel grid); pass ``apply_exif_orientation=False`` to match them. PNG,
+  WebP, GIF and BMP are decoded with ``IMREAD_UNCHANGED`` (to keep alpha and 16
+  bits), which ignores their (rare) EXIF orientation. A GIF gives its first
+  frame (as PIL does); a 32-bit BMP's fourth byte is not read as alpha (as PIL).
 * Transparency is composited onto white, as transformers 5's
   ``convert_to_rgb`` does (transformers 4 dropped the alpha channel instead).
 * 16-bit PNGs are scaled to 8 bits (``v >> 8``). PIL does the same for 16-bit
@@ -75,7 +76,7 @@ __all__ = [
 ]
 
 _REDUCED_COLOR = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
-_FORMAT_NAMES = {"jpeg": "JPEG", "png": "PNG", "webp": "WebP"}
+_FORMAT_NAMES = {"jpeg": "JPEG", "png": "PNG", "webp": "WebP", "gif": "GIF", "bmp": "BMP"}
 _REDUCED_GREY = {
     2: cv2.IMREAD_REDUCED_GRAYSCALE_2, 4: cv2.IMREAD_REDUCED_GRAYSCALE_4, 8: cv2.IMREAD_REDUCED_GRAYSCALE_8,
 }
@@ -332,7 +333,8 @@ class ArrowImageProcessor:
             raise _RowFault(f"not an image: unrecognised leading bytes {bytes(view[:8]).hex(' ')}")
         if fmt not in self.limits.formats:
             allowed = ", ".join(sorted(self.limits.formats))
-            raise _RowFault(f"{fmt} image: format not in the allow-list ({allowed}); re-encode it as one of those")
+            raise _RowFault(f"{_FORMAT_NAMES.get(fmt, fmt)} image: format not in the allow-list ({allowed}); "
+                            "re-encode it as one of those")
         header = read_header(view, fmt)
         pixels = header.width * header.height
         if pixels > self.limits.max_pixels:

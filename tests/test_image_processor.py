@@ -233,7 +233,7 @@ def test_config_from_dir_missing_or_broken(tmp_path):
     with pytest.raises(ModelConfigError, match="JSON"):
         ImageConfig.from_dir(tmp_path)
     with pytest.raises(ModelConfigError, match="formats"):
-        ImageLimits(formats=frozenset({"jpeg", "gif"}))
+        ImageLimits(formats=frozenset({"jpeg", "tiff"}))
 
 
 # ---------------------------------------------------------------- zero copy and input containers
@@ -322,8 +322,8 @@ def test_bad_rows_get_reasons_and_good_rows_still_come_out(variants, monkeypatch
         rng.integers(0, 256, 5000, dtype=np.uint8).tobytes(),
         jpeg[: int(len(jpeg) * 0.4)],
         png[: int(len(png) * 0.4)],
-        cv2.imencode(".gif", noise[:50, :50])[1].tobytes(),
-        cv2.imencode(".bmp", noise[:50, :50])[1].tobytes(),
+        cv2.imencode(".tiff", noise[:50, :50])[1].tobytes(),
+        cv2.imencode(".gif", noise[:50, :50])[1].tobytes()[:10],  # a GIF cut inside its screen descriptor
         good[1],
         huge_png,
         bytes(huge_jpeg),
@@ -334,8 +334,8 @@ def test_bad_rows_get_reasons_and_good_rows_still_come_out(variants, monkeypatch
     ]
     reasons = {
         1: "empty", 2: "null", 3: "not an image", 4: "truncated or corrupt JPEG: decoder returned nothing",
-        5: "truncated or corrupt PNG: decoder returned nothing", 6: "GIF image: format not in the allow-list",
-        7: "BMP image: format not in the allow-list", 9: "too many pixels: 100000x100000",
+        5: "truncated or corrupt PNG: decoder returned nothing", 6: "TIFF image: format not in the allow-list",
+        7: "truncated GIF: 10 bytes", 9: "too many pixels: 100000x100000",
         10: "too many pixels: 60000x60000", 11: "too large", 12: "truncated JPEG",
         14: "extreme aspect ratio: 20000x1 resizes to 4480000x224",
     }
@@ -393,6 +393,81 @@ def test_header_sizes_match_the_decoder(variants):
         assert (header.height, header.width) == decoded.shape[:2], name
         seen.add(fmt if fmt != "webp" else bytes(view[12:16]).decode())
     assert seen == {"jpeg", "png", "VP8 ", "VP8L", "VP8X"}
+
+
+def _pil_bytes(image: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def _bmp_by_hand(rgb: np.ndarray, core_header: bool = False, top_down: bool = False) -> bytes:
+    """A 24-bit BMP written field by field: with the 12-byte OS/2 core header, or rows stored top-down (a
+    negative height), two layouts PIL does not write."""
+    h, w = rgb.shape[:2]
+    stride = (3 * w + 3) // 4 * 4
+    rows = rgb[:, :, ::-1] if top_down else rgb[::-1, :, ::-1]  # BGR, bottom-up unless top_down
+    pixels = b"".join(r.tobytes().ljust(stride, b"\0") for r in rows)
+    dib = (struct.pack("<IHHHH", 12, w, h, 1, 24) if core_header
+           else struct.pack("<IiiHHIIiiII", 40, w, -h if top_down else h, 1, 24, 0, len(pixels), 2835, 2835, 0, 0))
+    offset = 14 + len(dib)
+    return struct.pack("<2sIHHI", b"BM", offset + len(pixels), 0, 0, offset) + dib + pixels
+
+
+def test_gif_and_bmp_give_the_pixels_pil_decodes():
+    """Each GIF/BMP layout gives exactly the pixels of a PNG holding what PIL decodes from it (first frame of an
+    animation, transparency composited on white like a PNG's alpha, a 32-bit BMP's 4th byte not read as alpha,
+    1-bit and palette images, top-down rows), and its header the size PIL reads."""
+    rng = np.random.default_rng(5)
+    rgb = cv2.cvtColor(crop_to(load_photo("coffee.png"), 150, 110, rng), cv2.COLOR_BGR2RGB)
+    photo = Image.fromarray(rgb)
+    other = Image.fromarray(255 - rgb).convert("P")
+    blobs = {
+        "gif": _pil_bytes(photo.convert("P"), "GIF"),
+        "grey gif": _pil_bytes(photo.convert("L"), "GIF"),
+        "transparent-index gif": _pil_bytes(photo.convert("P"), "GIF", transparency=0),
+        "animated gif": _pil_bytes(photo.convert("P"), "GIF", save_all=True, append_images=[other]),
+        "bmp": _pil_bytes(photo, "BMP"),
+        "32-bit bmp": _pil_bytes(photo.convert("RGBA"), "BMP"),
+        "grey bmp": _pil_bytes(photo.convert("L"), "BMP"),
+        "1-bit bmp": _pil_bytes(photo.convert("1"), "BMP"),
+        "palette bmp": _pil_bytes(photo.convert("P"), "BMP"),
+        "top-down bmp": _bmp_by_hand(rgb, top_down=True),
+    }
+    references = [_pil_bytes(Image.open(io.BytesIO(b)).convert("RGBA"), "PNG") for b in blobs.values()]
+    with ArrowImageProcessor(ImageConfig(), threads=2) as proc:
+        got, want = proc(list(blobs.values())), proc(references)
+    assert got.errors == [None] * len(blobs) and want.errors == [None] * len(blobs), got.errors
+    for k, name in enumerate(blobs):
+        view = np.frombuffer(blobs[name], np.uint8)
+        header = read_header(view, sniff_format(view))
+        assert (header.format, header.width, header.height) == (name.split()[-1].lower(), *photo.size), name
+        assert np.array_equal(got.pixels[k], want.pixels[k]), name
+    assert not np.array_equal(got.pixels[0], got.pixels[2])  # the transparent index did become white
+
+
+@pytest.mark.parametrize("blob, reason", [
+    (b"GIF89a\x00\x00\x10\x00" + bytes(20), "corrupt GIF: the logical screen is 0x16"),
+    (b"GIF87a\x10\x00", "truncated GIF"),
+    (b"BM" + bytes(12) + struct.pack("<Iii", 20, 8, 8) + bytes(8), "corrupt BMP: DIB header of 20 bytes"),
+    (_bmp_by_hand(np.zeros((6, 8, 3), np.uint8), core_header=True), "OS/2 BMP (12-byte core header): not supported"),
+    (b"BM" + bytes(12) + struct.pack("<Iii", 40, -8, 8) + bytes(8), "corrupt BMP: declares size -8x8"),
+    (b"BM" + bytes(12) + struct.pack("<I", 40), "truncated BMP"),
+    (b"BM" + bytes(12) + struct.pack("<Iii", 40, 100_000, -100_000) + bytes(30), "too many pixels: 100000x100000"),
+    (b"GIF89a\x10\x00\x10\x00" + bytes(40), "truncated or corrupt GIF: decoder returned nothing"),
+])
+def test_broken_gif_and_bmp_rows_get_their_reason(blob, reason):
+    with ArrowImageProcessor(ImageConfig(), threads=1) as proc:
+        batch = proc([blob, _pil_bytes(Image.new("RGB", (40, 30), (9, 99, 199)), "BMP")])
+    assert batch.errors[0] is not None and batch.errors[0].startswith(reason), batch.errors[0]
+    assert batch.errors[1] is None and batch.index.tolist() == [1]
+
+
+def test_gif_and_bmp_can_be_left_out_of_the_allow_list():
+    gif = _pil_bytes(Image.new("P", (40, 30)), "GIF")
+    with ArrowImageProcessor(ImageConfig(), limits=ImageLimits(formats=frozenset({"jpeg", "png"})), threads=1) as p:
+        assert p([gif]).errors[0] == ("GIF image: format not in the allow-list (jpeg, png); re-encode it as one of "
+                                      "those")
 
 
 # ---------------------------------------------------------------- colour, depth, orientation
