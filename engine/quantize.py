@@ -219,14 +219,16 @@ class Int8Linear(nn.Module):
             return x.new_empty(*shape[:-1], self.out_features)
         hi = x.amax(dim=1, keepdim=True)  # (N, 1); aminmax is ~10x slower than the two reductions
         lo = x.amin(dim=1, keepdim=True)
-        # s >= max|x| / 2**16: x * inv - lo * inv then loses < 2**-7 to rounding, so q stays in [0, levels] for a
-        # constant row or a narrow one far from 0
+        # s >= max|x| / 2**16: a constant row gets a finite scale (its q are all 0), a narrow one far from 0 a grid
+        # no finer than fp32 can resolve
         s = torch.maximum((hi - lo).div_(self._levels), torch.maximum(hi.abs(), lo.abs()).mul_(2.0 ** -16))
         inv = s.clamp_(min=1e-30).reciprocal()
         plan = self._plan(n)
         rows = max(stop for _, stop, _ in plan)  # the oneDNN calls read zero rows past N
         levels = torch.empty(rows, self.in_features, dtype=x.dtype, device=x.device)
-        torch.addcmul(-lo * inv, x, inv, out=levels[:n])  # (x - lo) / s, in [0, self._levels]
+        # (x - lo) / s in [0, self._levels]: x - lo >= 0 exactly, 0 at the minimum. Two broadcast ops beat one
+        # addcmul(-lo * inv, x, inv) (B/32 int8 model at batch 32, alternating in one process: 119 -> 124 img/s)
+        torch.sub(x, lo, out=levels[:n]).mul_(inv)
         levels[n:].zero_()
         codes = _as_uint8(torch.quantize_per_tensor(levels, 1.0, 0, torch.quint8)) if plan[0][2] else None
         # one call (the usual case) scales its own output in place; several write into one output
