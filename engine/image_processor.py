@@ -184,6 +184,8 @@ class ArrowImageProcessor:
                 OpenCV's own thread pool is set to 1 thread (``cv2.setNumThreads(1)``, process-wide),
                 so ``threads`` bounds the cores preprocessing takes from the model, and nested
                 pools do not oversubscribe the CPU (measured: as fast or faster with 2 threads).
+                OpenCV's log level is raised to errors (process-wide too): its decoders warn on stderr
+                about every truncated file, which here is already the row's error.
             apply_exif_orientation: turn JPEGs upright per their EXIF tag (transformers does not).
             device: where the model runs. On a CUDA device, JPEGs are decoded and resized there
                 (engine.device_jpeg, nvJPEG through torchvision, when it is installed) and ``pixels``
@@ -198,6 +200,7 @@ class ArrowImageProcessor:
         self._luts = _channel_luts(config)  # (3, 256) float32: uint8 value -> normalized R, G, B
         self._luts_bgr = np.ascontiguousarray(self._luts[::-1].T[None])  # (1, 256, 3) for cv2.LUT on BGR
         cv2.setNumThreads(1)
+        _quiet_opencv()
         self._pool = (
             ThreadPoolExecutor(self.threads, thread_name_prefix="arrowengine-image") if self.threads > 1 else None
         )
@@ -411,6 +414,16 @@ class ArrowImageProcessor:
         short, long = (width, height) if width <= height else (height, width)
         new_long = int(size * long / short)
         return (new_long, size) if width <= height else (size, new_long)
+
+
+def _quiet_opencv() -> None:
+    """OpenCV logs errors only: a truncated PNG would otherwise print a warning per file (a bulk job over a
+    folder of broken files filled the terminal around its progress bar)."""
+    try:
+        if cv2.utils.logging.getLogLevel() > cv2.utils.logging.LOG_LEVEL_ERROR:
+            cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+    except AttributeError:  # an OpenCV build without its logging module
+        pass
 
 
 def _channel_luts(config: ImageConfig) -> np.ndarray:

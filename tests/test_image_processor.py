@@ -533,3 +533,13 @@ def test_reduced_jpeg_decode_only_at_twice_the_target(width, height, scale, monk
     assert batch.errors == [None]
     grey_128 = ((128 / 255 - np.array(OPENAI_CLIP_MEAN)) / np.array(OPENAI_CLIP_STD)).astype(np.float32)
     assert np.allclose(batch.pixels[0], grey_128[:, None, None], atol=0.02)
+
+
+def test_truncated_files_do_not_make_opencv_print_warnings(capfd):
+    """The row error says it; OpenCV's own stderr warning per broken file would bury a bulk job's progress bar."""
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_WARNING)  # as a fresh process has it
+    png = cv2.imencode(".png", np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))[1].tobytes()
+    with ArrowImageProcessor(ImageConfig(), threads=1) as proc:
+        batch = proc([png[: len(png) // 2]])
+    assert batch.errors[0].startswith("truncated or corrupt PNG")
+    assert "WARN" not in capfd.readouterr().err
