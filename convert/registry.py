@@ -122,9 +122,16 @@ def architecture_name(config: dict[str, Any]) -> str:
 
 
 # -- CLIP --------------------------------------------------------------------------------------
+CLIP_ARCHITECTURES = ("CLIPModel", "CLIPTextModelWithProjection", "CLIPVisionModelWithProjection")
+
+
 def _is_clip(config: dict[str, Any], root: Path) -> bool:
+    """CLIPModel, or one tower with its projection (a diffusers text encoder, an IP-Adapter image encoder).
+    CLIPTextModel / CLIPVisionModel (no projection) share the tower model_types, so those go by architectures."""
     archs = config.get("architectures") or []
-    return "CLIPModel" in archs or config.get("model_type") == "clip"
+    if any(a in CLIP_ARCHITECTURES for a in archs):
+        return True
+    return not archs and config.get("model_type") == "clip"
 
 
 # -- sentence-transformers over a BERT-family encoder -------------------------------------------

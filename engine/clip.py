@@ -161,18 +161,23 @@ class CLIPVisionTransformer(nn.Module):
 
 
 class CLIP(nn.Module):
-    """CLIPModel without the training-only parts; ``logit_scale`` is kept for similarity."""
+    """CLIPModel without the training-only parts; ``logit_scale`` is kept for similarity. With one tower in
+    ``cfg`` (the other None), CLIPTextModelWithProjection or CLIPVisionModelWithProjection: same module names,
+    no logit_scale."""
 
     INT8_KEEP_LAST_BLOCK = False  # see engine/quantize.py: no accuracy gain for CLIP, 8 % slower
 
     def __init__(self, cfg: ClipConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.text_model = CLIPTextTransformer(cfg.text)
-        self.vision_model = CLIPVisionTransformer(cfg.vision)
-        self.text_projection = Linear(cfg.text.tower.width, cfg.projection_dim, bias=False)
-        self.visual_projection = Linear(cfg.vision.tower.width, cfg.projection_dim, bias=False)
-        self.logit_scale = meta_parameter()
+        if cfg.text is not None:
+            self.text_model = CLIPTextTransformer(cfg.text)
+            self.text_projection = Linear(cfg.text.tower.width, cfg.projection_dim, bias=False)
+        if cfg.vision is not None:
+            self.vision_model = CLIPVisionTransformer(cfg.vision)
+            self.visual_projection = Linear(cfg.vision.tower.width, cfg.projection_dim, bias=False)
+        if cfg.text is not None and cfg.vision is not None:
+            self.logit_scale = meta_parameter()
 
     def encode_text(self, ids: torch.Tensor, eos_pos: torch.Tensor) -> torch.Tensor:
         return self.text_projection(self.text_model(ids, eos_pos))  # (B, D)

@@ -56,9 +56,16 @@ class ClipVisionConfig:
 
 @dataclass(frozen=True)
 class ClipConfig:
-    text: ClipTextConfig
-    vision: ClipVisionConfig
+    """A CLIPModel (both towers), or one tower with its projection: CLIPTextModelWithProjection (vision None) or
+    CLIPVisionModelWithProjection (text None), as diffusers pipelines and IP-Adapter image encoders ship them."""
+
+    text: ClipTextConfig | None
+    vision: ClipVisionConfig | None
     projection_dim: int
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return ("text",) * (self.text is not None) + ("image",) * (self.vision is not None)
 
 
 POOLING_MODES = ("mean", "cls", "max", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
@@ -225,19 +232,38 @@ _CLIP_VISION_DEFAULTS = dict(hidden_size=768, num_hidden_layers=12, num_attentio
                              hidden_act="quick_gelu", layer_norm_eps=1e-5)
 
 
+# config.json model_type of a single CLIP tower (CLIPTextConfig / CLIPVisionConfig saved on their own)
+CLIP_TEXT_TOWER, CLIP_VISION_TOWER = "clip_text_model", "clip_vision_model"
+
+
 def clip_config(model_dir: Path) -> ClipConfig:
-    """Read a CLIPModel config.json."""
+    """Read the config.json of a CLIPModel, or of a CLIPTextModelWithProjection / CLIPVisionModelWithProjection
+    (the tower's own config at the top level, projection_dim beside it)."""
     cfg = read_json(Path(model_dir) / "config.json")
     where = f"{model_dir}/config.json"
-    # Older CLIP configs also carry text_config_dict / vision_config_dict; transformers lets them override.
-    text, vision = ({**_dict(cfg, key, where), **_dict(cfg, key + "_dict", where)}
-                    for key in ("text_config", "vision_config"))
-    text_cfg = ClipTextConfig(
+    tower_type = cfg.get("model_type")
+    if tower_type in (CLIP_TEXT_TOWER, CLIP_VISION_TOWER):
+        text = cfg if tower_type == CLIP_TEXT_TOWER else None
+        vision = cfg if tower_type == CLIP_VISION_TOWER else None
+    else:
+        # Older CLIP configs also carry text_config_dict / vision_config_dict; transformers lets them override.
+        text, vision = ({**_dict(cfg, key, where), **_dict(cfg, key + "_dict", where)}
+                        for key in ("text_config", "vision_config"))
+    return ClipConfig(text=None if text is None else _clip_text(text, where),
+                      vision=None if vision is None else _clip_vision(vision, where),
+                      projection_dim=_get(cfg, "projection_dim", 512, int, where))
+
+
+def _clip_text(text: dict[str, Any], where: str) -> ClipTextConfig:
+    return ClipTextConfig(
         tower=_tower(text, where + " text_config", "hidden_act", _CLIP_TEXT_DEFAULTS),
         vocab_size=_get(text, "vocab_size", 49408, int, where),
         max_positions=_get(text, "max_position_embeddings", 77, int, where),
         eos_token_id=_get(text, "eos_token_id", 49407, int, where),
     )
+
+
+def _clip_vision(vision: dict[str, Any], where: str) -> ClipVisionConfig:
     vision_cfg = ClipVisionConfig(
         tower=_tower(vision, where + " vision_config", "hidden_act", _CLIP_VISION_DEFAULTS),
         image_size=_get(vision, "image_size", 224, int, where),
@@ -247,7 +273,7 @@ def clip_config(model_dir: Path) -> ClipConfig:
     if vision_cfg.grid < 1:
         raise ModelConfigError(f"{where}: image_size {vision_cfg.image_size} is smaller than patch_size "
                                f"{vision_cfg.patch_size}")
-    return ClipConfig(text=text_cfg, vision=vision_cfg, projection_dim=_get(cfg, "projection_dim", 512, int, where))
+    return vision_cfg
 
 
 _BERT_DEFAULTS = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,

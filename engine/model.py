@@ -34,11 +34,11 @@ class ModelInfo:
     name: str
     architecture: str
     kind: str  # "clip" | "sentence-transformer"
-    modalities: tuple[str, ...]  # ("text", "image") or ("text",)
+    modalities: tuple[str, ...]  # ("text", "image"), ("text",) or ("image",)
     dim: int
     precision: str
     device: str
-    max_tokens: int  # longest token row accepted (model positions)
+    max_tokens: int  # longest token row accepted (model positions); 0 without a text encoder
 
 
 @dataclass(frozen=True)
@@ -315,8 +315,8 @@ def load_model(path: str | Path, device: str = "cpu", precision: str = "fp32", n
     if manifest.kind not in RUNNABLE_KINDS:
         raise NotRunnableError(
             f"{path} holds a {manifest.architecture!r} checkpoint converted in store mode: stored, not runnable. "
-            "Runnable architectures: CLIPModel (any geometry) and BERT-family sentence-transformers "
-            "(Transformer -> Pooling -> Normalize)."
+            "Runnable architectures: CLIPModel (any geometry), CLIPTextModelWithProjection, "
+            "CLIPVisionModelWithProjection and BERT-family sentence-transformers (Transformer -> Pooling -> Normalize)."
         )
     dev = prec.check_device(device)
     prec.check_precision(precision, dev)
@@ -329,17 +329,21 @@ def load_model(path: str | Path, device: str = "cpu", precision: str = "fp32", n
 
         cfg = clip_config(path)
         net = CLIP(cfg)
-        dim, modalities, max_tokens = cfg.projection_dim, ("text", "image"), cfg.text.max_positions
-        tokenizer = TextTokenizer.from_dir(path, model_max_length(path, cfg.text.max_positions), lazy=True,
-                                           required=False)
-        side = cfg.vision.image_size
-        image_cfg = ImageConfig.from_dir(path, image_size=side)
-        if image_cfg.output_hw != (side, side):
-            raise ModelConfigError(f"{path}: the image processor config (preprocessor_config.json) makes "
-                                   f"{image_cfg.output_hw} images but the vision tower expects ({side}, {side}); "
-                                   "fix crop_size/size in that file")
-        img_kwargs = {} if image_limits is None else {"limits": image_limits}
-        image_processor = ArrowImageProcessor(image_cfg, threads=threads, device=dev, **img_kwargs)
+        dim, modalities = cfg.projection_dim, cfg.modalities
+        max_tokens = cfg.text.max_positions if cfg.text is not None else 0
+        tokenizer = image_processor = None
+        if cfg.text is not None:
+            tokenizer = TextTokenizer.from_dir(path, model_max_length(path, cfg.text.max_positions), lazy=True,
+                                               required=False)
+        if cfg.vision is not None:
+            side = cfg.vision.image_size
+            image_cfg = ImageConfig.from_dir(path, image_size=side)
+            if image_cfg.output_hw != (side, side):
+                raise ModelConfigError(f"{path}: the image processor config (preprocessor_config.json) makes "
+                                       f"{image_cfg.output_hw} images but the vision tower expects ({side}, {side}); "
+                                       "fix crop_size/size in that file")
+            img_kwargs = {} if image_limits is None else {"limits": image_limits}
+            image_processor = ArrowImageProcessor(image_cfg, threads=threads, device=dev, **img_kwargs)
     else:
         from engine.bert import SentenceBert
         from engine.tokenizer import TextTokenizer

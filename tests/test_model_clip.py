@@ -355,3 +355,97 @@ def test_activations_match_hf(name):
     want = ACT2FN[name](x.clone())
     y = activation(name)(x)  # may overwrite x: the MLPs give it the fresh output of fc1
     torch.testing.assert_close(y, want, rtol=1e-6, atol=2e-6)
+
+
+# ---------------------------------------------------------------- one tower with its projection
+
+
+def _single_tower(root, kind: str, projection: bool = True):
+    """A random-weight CLIPVisionModelWithProjection (gelu, patch 12 on 60 px) or CLIPTextModelWithProjection
+    (40 positions) saved as diffusers and IP-Adapter ship them; ``projection=False``: the bare tower."""
+    import transformers
+    from checkpoints import write_clip_tokenizer, write_preprocessor_config
+
+    small = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, projection_dim=24)
+    if kind == "vision":
+        config = transformers.CLIPVisionConfig(image_size=60, patch_size=12, hidden_act="gelu", **small)
+        cls = transformers.CLIPVisionModelWithProjection if projection else transformers.CLIPVisionModel
+    else:
+        config = transformers.CLIPTextConfig(max_position_embeddings=40, **small)
+        cls = transformers.CLIPTextModelWithProjection if projection else transformers.CLIPTextModel
+    torch.manual_seed(3)
+    src = root / f"{kind}-{'proj' if projection else 'bare'}"
+    cls(config).eval().save_pretrained(str(src))
+    if kind == "vision":
+        write_preprocessor_config(src, 60, 60)
+    else:
+        write_clip_tokenizer(src)
+    return src
+
+
+@pytest.mark.parametrize("kind", ["vision", "text"])
+def test_one_clip_tower_with_its_projection_runs_as_hf_runs_it(tmp_path, kind):
+    """CLIPVisionModelWithProjection (IP-Adapter's image encoders) and CLIPTextModelWithProjection (diffusers'
+    text encoders) convert to runnable models of one modality, equal to HF's image_embeds / text_embeds."""
+    import transformers
+
+    from convert.pipeline import convert_checkpoint
+    from engine.errors import ModalityError
+
+    src = _single_tower(tmp_path, kind)
+    out = convert_checkpoint(src, tmp_path / "model", progress=False).out_dir
+    model = engine.load_model(out)
+    other = "text" if kind == "vision" else "image"
+    assert model.info.modalities == (("image",) if kind == "vision" else ("text",)) and model.info.dim == 24
+    if kind == "vision":
+        hf = transformers.CLIPVisionModelWithProjection.from_pretrained(str(src)).eval()
+        px = torch.randn(3, 3, 60, 60, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            ref = hf(pixel_values=px).image_embeds.numpy()
+        ours = model.encode_pixels(px.numpy(), normalize=False)
+        embed = lambda m: m.encode_pixels(px.numpy())  # noqa: E731
+        assert model.info.max_tokens == 0
+    else:
+        hf = transformers.CLIPTextModelWithProjection.from_pretrained(str(src)).eval()
+        tok = transformers.AutoTokenizer.from_pretrained(str(src))
+        enc = tok(TEXTS, padding=True, truncation=True, max_length=40, return_tensors="pt")
+        with torch.no_grad():
+            ref = hf(**enc).text_embeds.numpy()
+        ours = model.encode_text(TEXTS, normalize=False)
+        embed = lambda m: m.encode_text(TEXTS)  # noqa: E731
+        assert model.info.max_tokens == 40
+    assert _cos(ours, ref).min() >= 0.99999 and np.abs(ours - ref).max() <= 1e-4
+    with pytest.raises(ModalityError, match=f"has no {other} encoder"):
+        model.encode_text(["a cat"]) if kind == "vision" else model.encode_image([b"\x89PNG"])
+    fp32 = embed(model)
+    for precision, floor in (("bf16", 0.999), ("int8", 0.99)):
+        assert _cos(embed(engine.load_model(out, precision=precision)), fp32).min() >= floor, precision
+
+
+def test_a_clip_tower_without_its_projection_is_stored_not_run(tmp_path):
+    """CLIPVisionModel / CLIPTextModel have the towers' model_type but no projection: store mode, a clear error."""
+    from convert.pipeline import convert_checkpoint
+    from engine.errors import NotRunnableError
+
+    out = convert_checkpoint(_single_tower(tmp_path, "vision", projection=False), tmp_path / "m",
+                             progress=False).out_dir
+    with pytest.raises(NotRunnableError, match="'CLIPVisionModel' checkpoint converted in store mode"):
+        engine.load_model(out)
+
+
+def test_an_image_only_clip_serves_images_over_flight(tmp_path):
+    from convert.pipeline import convert_checkpoint
+    from flight_client import EmbeddingClient
+    from flight_server.config import ServerConfig
+    from flight_server.servicer import EmbeddingServer
+
+    out = convert_checkpoint(_single_tower(tmp_path, "vision"), tmp_path / "m", progress=False).out_dir
+    model = engine.load_model(out)
+    png = __import__("cv2").imencode(".png", np.full((80, 90, 3), 120, np.uint8))[1].tobytes()
+    with EmbeddingServer({"encoder": model}, ServerConfig(port=0)) as server:
+        server.warm_up()
+        with EmbeddingClient(f"grpc://127.0.0.1:{server.port}") as client:
+            assert client.models()[0]["modalities"] == ["image"]
+            assert np.array_equal(client.embed_images([png]), model.encode_image([png]))
+            with pytest.raises(Exception, match=r"model 'encoder' embeds \['image'\], not 'text' input"):
+                client.embed_texts(["a cat"])
