@@ -98,7 +98,8 @@ def row_views(images: object) -> list[np.ndarray | None]:
 
     Args:
         images: pa.BinaryArray, pa.LargeBinaryArray, a pa.ChunkedArray of those, or a
-            sequence of bytes / bytearray / memoryview / None.
+            sequence of bytes / bytearray / memoryview / None. A binary_view array (Polars)
+            is copied once into a large_binary one first.
 
     Raises:
         InputError: the input is none of those.
@@ -130,12 +131,14 @@ def row_views(images: object) -> list[np.ndarray | None]:
 
 
 def _arrow_views(arr: pa.Array) -> list[np.ndarray | None]:
+    if getattr(pa.types, "is_binary_view", lambda t: False)(arr.type):  # Polars' binary: one copy, then views
+        arr = arr.cast(pa.large_binary())
     if pa.types.is_binary(arr.type):
         offset_type = np.dtype(np.int32)
     elif pa.types.is_large_binary(arr.type):
         offset_type = np.dtype(np.int64)
     else:
-        raise InputError(f"images: expected an Arrow binary or large_binary array, got {arr.type}")
+        raise InputError(f"images: expected an Arrow binary, large_binary or binary_view array, got {arr.type}")
     n = len(arr)
     if n == 0:
         return []

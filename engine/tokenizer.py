@@ -123,8 +123,10 @@ def _text_values(texts) -> list:
     if isinstance(texts, pa.DictionaryArray):  # e.g. a pandas categorical column: its values, row by row
         texts = texts.dictionary_decode()
     if isinstance(texts, pa.Array):
+        if getattr(pa.types, "is_string_view", lambda t: False)(texts.type):  # Polars' strings: one copy
+            texts = texts.cast(pa.large_string())
         if not (pa.types.is_string(texts.type) or pa.types.is_large_string(texts.type)):
-            raise InputError(f"texts: expected an Arrow string or large_string array, got {texts.type}")
+            raise InputError(f"texts: expected an Arrow string, large_string or string_view array, got {texts.type}")
         try:
             return texts.to_pylist()
         except UnicodeDecodeError:  # a client sent bytes that are not UTF-8 in a string column

@@ -269,6 +269,7 @@ def test_every_input_container_gives_the_same_pixels(variants):
             pa.array(blobs, pa.binary()),
             pa.array(blobs, pa.large_binary()),
             pa.chunked_array([pa.array(blobs[:2], pa.binary()), pa.array(blobs[2:], pa.binary())]),
+            pa.array(blobs, pa.binary_view()),  # what Polars hands over: copied once, then read like the others
         ):
             got = proc(images)
             assert np.array_equal(got.pixels, want.pixels) and np.array_equal(got.index, want.index)

@@ -41,6 +41,16 @@ def test_null_and_non_string_rows_are_row_errors(clip_tok):
     assert rows[1] is None and "string" in errors[1]
 
 
+def test_every_arrow_string_layout_gives_the_same_ids(clip_tok):
+    texts = ["a photo of a cat", None, "", "Ünïcode café"]
+    want = clip_tok.encode(pa.array(texts, pa.string()))
+    for array in (pa.array(texts, pa.large_string()), pa.array(texts, pa.string_view()),  # Polars: string_view
+                  pa.array(texts, pa.string()).dictionary_encode()):
+        rows, errors = clip_tok.encode(array)
+        assert errors == want[1] and all((a is None and b is None) or a.tolist() == b.tolist()
+                                         for a, b in zip(rows, want[0])), array.type
+
+
 def test_wrong_arrow_type_is_request_error(clip_tok):
     with pytest.raises(InputError, match="string"):
         clip_tok.encode(pa.array([1, 2]))
