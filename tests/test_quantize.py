@@ -118,11 +118,36 @@ def test_the_worst_case_for_saturation_is_exact_on_this_machines_grid(rows):
     assert q._levels == quantize.activation_levels() in (quantize.LEVELS, quantize.LEVELS_VNNI)
 
 
-def test_vnni_cpus_get_8_bit_activations():
-    """The 8-bit grid is the point of VNNI: where the CPU has it and torch's kernels use it, the engine must not
-    fall back to 7 bits (that costs MiniLM's min cosine 0.9979 -> 0.9954 and the fp32 last block)."""
+def test_the_8_bit_grid_is_used_exactly_where_every_kernel_is_exact_at_full_range():
+    """Probed here with other shapes than activation_levels() uses: q = 255 everywhere, weights +/-127 in
+    same-sign pairs (what saturates int16). VNNI machines must get the 8-bit grid (7 bits cost MiniLM's min
+    cosine 0.9979 -> 0.9954 and the fp32 last block), others must not."""
+    import warnings
+
+    k, n = 200, 16
+    w = torch.full((n, k), 127, dtype=torch.int8)
+    w[1::2] = -127
+    want = lambda q: q.double() @ w.double().t()  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qw = torch.quantize_per_channel(w.float(), torch.ones(n, dtype=torch.double), torch.zeros(n, dtype=torch.long),
+                                        0, torch.qint8)
+        packed = torch.ops.quantized.linear_prepack(qw, None)
+        op = quantize._fbgemm_levels_op()
+        exact = op is not None and all(
+            torch.equal(op(torch.full((rows, k), 255.0), 1.0, 0, packed).double(), want(torch.full((rows, k), 255)))
+            for rows in (1, 100))
+    if exact and quantize.onednn_int8_available():
+        ops = torch.ops.onednn
+        q = torch.full((256, k), 255, dtype=torch.uint8)
+        y = ops.qlinear_pointwise(q, 1.0, 0, ops.qlinear_prepack(w, None), torch.ones(n),
+                                  torch.zeros(n, dtype=torch.long), None, 1.0, 0, torch.float32, "none", [], "")
+        exact = torch.equal(y.double(), want(q))
+    assert quantize.activation_levels() == (quantize.LEVELS_VNNI if exact else quantize.LEVELS)
+    # where the CPU has VNNI (and oneDNN was not told to use less of it), that is the 8-bit grid
     flags = open("/proc/cpuinfo").read().split() if os.path.exists("/proc/cpuinfo") else []
-    if "avx512_vnni" in flags and torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16", "AMX"):
+    if ("avx512_vnni" in flags and torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16", "AMX")
+            and "ONEDNN_MAX_CPU_ISA" not in os.environ and "DNNL_MAX_CPU_ISA" not in os.environ):
         assert quantize.activation_levels() == quantize.LEVELS_VNNI
     if platform.machine().lower() in ("x86_64", "amd64") and not {"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags):
         assert quantize.activation_levels() == quantize.LEVELS  # AVX2 only: pair sums saturate int16
