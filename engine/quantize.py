@@ -100,14 +100,22 @@ def _onednn_exact(q_max: int) -> bool:
     return bool(torch.equal(y, q.float() @ w.float().t()))
 
 
+def _fbgemm_unit_weight(w: torch.Tensor) -> torch.Tensor:
+    """fbgemm's packed form of int8 weights ``w`` (out, in) at scale 1: a kernel check's layer."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qw = torch.quantize_per_channel(w.float(), torch.ones(w.shape[0], dtype=torch.double),
+                                        torch.zeros(w.shape[0], dtype=torch.long), 0, torch.qint8)
+        return torch.ops.quantized.linear_prepack(qw, None)
+
+
 def _fbgemm_exact(op, q_max: int) -> bool:
+    packed = _fbgemm_unit_weight(_worst_case(1, q_max)[1])
     for rows in (1, ONEDNN_MIN_ROWS - 1):  # kernels may differ by row count
         q, w = _worst_case(rows, q_max)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            qw = torch.quantize_per_channel(w.float(), torch.ones(w.shape[0], dtype=torch.double),
-                                            torch.zeros(w.shape[0], dtype=torch.long), 0, torch.qint8)
-            y = op(q.float(), 1.0, 0, torch.ops.quantized.linear_prepack(qw, None))
+            y = op(q.float(), 1.0, 0, packed)
         if not torch.equal(y, q.float() @ w.float().t()):
             return False
     return True
@@ -155,13 +163,12 @@ def _fbgemm_levels_op():
     if op is None:
         return None
     try:
+        w = torch.full((4, 16), 127, dtype=torch.int8)
+        levels = torch.arange(32, dtype=torch.float32).reshape(2, 16) * 4  # 0 .. 124
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            w = torch.quantize_per_channel(torch.full((4, 16), 127.0), torch.ones(4, dtype=torch.double),
-                                           torch.zeros(4, dtype=torch.long), 0, torch.qint8)
-            levels = torch.arange(32, dtype=torch.float32).reshape(2, 16) * 4  # 0 .. 124
-            y = op(levels, 1.0, 0, torch.ops.quantized.linear_prepack(w, None))
-        if torch.equal(y, levels @ w.dequantize().t()):
+            y = op(levels, 1.0, 0, _fbgemm_unit_weight(w))
+        if torch.equal(y, levels @ w.float().t()):
             return op
         log.debug("fbgemm's levels linear gave wrong results here: the dynamic linear for small calls")
     except (RuntimeError, NotImplementedError) as e:
