@@ -216,13 +216,10 @@ def is_accepted_type(kind: str, type_: pa.DataType) -> bool:
 
 
 def engine_column(kind: str, column: pa.Array) -> pa.Array:
-    """An accepted input column in the layout the engine reads: view and fixed-size types (Polars and
-    recent pandas write string_view) are converted, with one copy; the usual types pass as they are."""
+    """An accepted input column in the layout the engine reads: fixed-size token lists become lists, with one
+    copy; everything else passes as it is (the engine itself copies string_view / binary_view columns, which
+    Polars and recent pandas write, once into large_string / large_binary)."""
     type_ = column.type
-    if kind == "text" and _is_view(type_, "is_string_view"):
-        return column.cast(pa.large_string())
-    if kind == "image" and _is_view(type_, "is_binary_view"):
-        return column.cast(pa.large_binary())
     if kind == "tokens" and pa.types.is_fixed_size_list(type_):
         return column.cast(pa.list_(type_.value_type))
     return column

@@ -620,6 +620,23 @@ def test_view_and_fixed_size_columns_are_embedded_like_the_plain_ones(served, fa
         assert got.equals(want), kind
 
 
+def test_view_columns_reach_a_real_model_and_embed_like_the_plain_ones(tiny_clip_dir):
+    """The engine, not the Flight layer, copies string_view / binary_view columns into the types it reads."""
+    import engine
+    from engine.scheduler import Scheduler
+
+    with Scheduler(engine.load_model(tiny_clip_dir)) as sched, \
+            EmbeddingServer({"tiny": sched}, ServerConfig(port=0)) as server:
+        client = flight.connect(f"grpc://127.0.0.1:{server.port}")
+        cases = [("text", pa.array(["a cat", None, "a cup of coffee"], pa.string()), pa.string_view()),
+                 ("image", pa.array([_jpeg(64), None, _jpeg(80, 1)], pa.binary()), pa.binary_view())]
+        for kind, plain, view in cases:
+            column = protocol.DEFAULT_COLUMNS[kind]
+            (want,) = exchange(client, cmd(input=kind), [pa.record_batch({column: plain})])
+            (got,) = exchange(client, cmd(input=kind), [pa.record_batch({column: plain.cast(view)})])
+            assert got.equals(want) and want.column("error").null_count == 2, kind
+
+
 def test_a_device_fault_after_queueing_is_a_row_error_and_a_waiting_client_goes_on(tiny_clip_dir):
     """A batch that fails on the device after submit returned: a client that waits for each result before
     sending more (lockstep) gets that batch's rows back as errors and the next batch embedded, not a hang."""
