@@ -128,7 +128,8 @@ class EmbeddingClient:
         return self._action(protocol.ACTION_HEALTH)
 
     def ready(self) -> dict[str, Any]:
-        """Readiness: ``{"ready": bool, "models": [...]}``."""
+        """Readiness: ``{"ready": bool, "models": [...], "active_exchanges": n, ...}`` (with a ``"reason"`` when
+        not ready: warming up, shutting down, or every exchange slot taken)."""
         return self._action(protocol.ACTION_READY)
 
     def models(self) -> list[dict[str, Any]]:

@@ -1,10 +1,13 @@
 """Bearer-token authentication for every Flight call, as server middleware.
 
-Clients send the header ``authorization: Bearer <token>``. Tokens are compared in
-constant time and never logged.
+Clients send the header ``authorization: Bearer <token>`` (the scheme name in any case, as RFC 7235 allows).
+The check costs the same whatever the caller sent: the SHA-256 digests of the sent and the expected token
+are compared in constant time, so neither the token's bytes nor its length leak through timing. Tokens are
+never logged, and rejections are logged at a bounded rate.
 """
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 from pathlib import Path
@@ -12,14 +15,21 @@ from typing import Any, Callable
 
 import pyarrow.flight as flight
 
+from engine.ratelog import RateLimitedLog
+
 log = logging.getLogger(__name__)
 
 AUTH_HEADER = "authorization"
+SCHEME = b"bearer"
 
 
 def bearer_header(token: str) -> tuple[bytes, bytes]:
     """The (name, value) header a client sends for ``token``."""
     return AUTH_HEADER.encode(), f"Bearer {token}".encode()
+
+
+def _digest(token: bytes) -> bytes:
+    return hashlib.sha256(token).digest()
 
 
 class BearerTokenMiddlewareFactory(flight.ServerMiddlewareFactory):
@@ -29,18 +39,23 @@ class BearerTokenMiddlewareFactory(flight.ServerMiddlewareFactory):
         super().__init__()
         if not token:
             raise ValueError("the bearer token must be a non-empty string")
-        self._expected = f"Bearer {token}".encode("utf-8")
+        self._expected = _digest(token.encode("utf-8"))
         self._on_reject = on_reject  # e.g. count the rejection in the server's stats and metrics
+        self._log = RateLimitedLog(log)
 
     def start_call(self, info: Any, headers: dict) -> None:
         """Accept the call (return None) or raise FlightUnauthenticatedError."""
         values = headers.get(AUTH_HEADER) or headers.get(AUTH_HEADER.title()) or []
-        for value in values:
+        accepted = False
+        for value in values:  # every value is checked: no early exit
             raw = value if isinstance(value, bytes) else str(value).encode("utf-8")
-            if hmac.compare_digest(raw, self._expected):
-                return None
-        log.warning("rejected a %s call: %s bearer token", info.method,
-                    "wrong" if values else "missing")
+            scheme, _, credentials = raw.strip().partition(b" ")
+            match = hmac.compare_digest(_digest(credentials.strip()), self._expected)
+            accepted |= match and scheme.lower() == SCHEME
+        if accepted:
+            return None
+        self._log.log(logging.WARNING, "auth", "rejected a %s call: %s bearer token", info.method,
+                      "wrong" if values else "missing")
         if self._on_reject is not None:
             self._on_reject()
         raise flight.FlightUnauthenticatedError(

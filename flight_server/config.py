@@ -5,6 +5,8 @@ import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from flight_server.protocol import MAX_COMMAND_BYTES
+
 LOOPBACK_NAMES = ("localhost", "ip6-localhost")
 
 
@@ -12,24 +14,26 @@ LOOPBACK_NAMES = ("localhost", "ip6-localhost")
 class ServerLimits:
     """Request limits. Defaults protect a 24 GiB machine; every one is configurable."""
 
-    # Worst case with the defaults: 8 exchanges x 2 batches read ahead x 256 MiB = 4 GiB of
-    # input, plus decoding (one 50 MP image is 150 MB of BGR pixels per decode thread) and
-    # the scheduler's bounded queue (128 decoded images, ~77 MB): well inside 24 GiB.
+    # The memory these defaults allow is worked out in the README (Limits and security).
     max_concurrent_exchanges: int = 8       # exchanges sending batches; excess ones get a fast FlightUnavailableError
     max_batch_rows: int = 8192              # rows per input batch
     max_batch_bytes: int = 256 * 1024 ** 2  # Arrow bytes per input batch (all columns); one row over it: a row error
     max_image_bytes: int = 32 * 1024 ** 2   # encoded bytes per image; larger rows are row errors
     max_image_pixels: int = 50_000_000      # width x height per image, from the header and after the resize
     max_row_tokens: int | None = None       # token ids per token-id row; None: the model's positions
+    max_command_bytes: int = MAX_COMMAND_BYTES  # the do_exchange command JSON, checked before it is parsed
+    idle_timeout_s: float = 60.0            # an exchange that neither reads nor writes this long is cancelled
 
     def __post_init__(self) -> None:
         for name in ("max_concurrent_exchanges", "max_batch_rows", "max_batch_bytes", "max_image_bytes",
-                     "max_image_pixels", "max_row_tokens"):
+                     "max_image_pixels", "max_row_tokens", "max_command_bytes"):
             value = getattr(self, name)
             if value is None and name == "max_row_tokens":
                 continue
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer; got {value!r}")
+        if not isinstance(self.idle_timeout_s, (int, float)) or not 0 < self.idle_timeout_s <= 86_400:
+            raise ValueError(f"idle_timeout_s must be a number of seconds in (0, 86400]; got {self.idle_timeout_s!r}")
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 def to_flight_error(exc: BaseException) -> flight.FlightError:
     """Map any exception raised while serving a call to the Flight error the client gets.
 
-    - Flight errors pass through unchanged.
+    - Flight errors pass through unchanged (the server builds them from quoted input only).
+    - Every other message is cut to ``protocol.MAX_ERROR_CHARS``.
     - ``protocol.ProtocolError`` (bad command, unknown model, missing/wrong column, limit)
       and the engine's ``InputError`` (incl. ``ModalityError``) -> ``FlightServerError``
       with the original message and code ``invalid_argument`` / ``not_found`` /
@@ -30,13 +31,14 @@ def to_flight_error(exc: BaseException) -> flight.FlightError:
     """
     if isinstance(exc, flight.FlightError):
         return exc
+    message = protocol.cut_message(str(exc))  # gRPC carries it in trailers of a few KB; logs stay readable too
     if isinstance(exc, protocol.ProtocolError):
-        return flight.FlightServerError(str(exc), extra_info=protocol.error_info(exc.code))
+        return flight.FlightServerError(message, extra_info=protocol.error_info(exc.code))
     if isinstance(exc, InputError):
-        return flight.FlightServerError(str(exc), extra_info=protocol.error_info(protocol.CODE_INVALID))
+        return flight.FlightServerError(message, extra_info=protocol.error_info(protocol.CODE_INVALID))
     if isinstance(exc, ArrowEngineError):
-        log.error("engine error while serving a call: %s: %s", type(exc).__name__, exc)
-        return flight.FlightInternalError(f"{type(exc).__name__}: {exc}",
+        log.error("engine error while serving a call: %s: %s", type(exc).__name__, message)
+        return flight.FlightInternalError(f"{type(exc).__name__}: {message}",
                                           extra_info=protocol.error_info(protocol.CODE_INTERNAL))
     log.error("unexpected error while serving a call", exc_info=exc)
     return flight.FlightInternalError(

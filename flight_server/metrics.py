@@ -7,7 +7,7 @@ server, so several servers in one process (tests) do not collide. Scrape
 ==============================  =========  ==========================================
 name                            type       labels
 ==============================  =========  ==========================================
-requests_total                  counter    model, input, outcome (ok|failed|cancelled|busy|shutdown)
+requests_total                  counter    model, input, outcome (ok|failed|cancelled|busy|shutdown|idle)
 rejected_total                  counter    reason (busy|draining|auth)
 rows_total                      counter    model, input
 row_errors_total                counter    model, input
@@ -16,6 +16,7 @@ batch_rows                      histogram  model, queue (image|text; device batc
 batch_seconds                   histogram  model, queue (device compute per batch)
 queue_rows                      gauge      model, queue (rows waiting for the device)
 active_exchanges                gauge      -
+stalled_exchanges               gauge      - (cancelled as idle, their call still blocked on the client)
 ==============================  =========  ==========================================
 
 Label values are bounded: ``model`` is a served name (or ``-`` before the command named
@@ -63,6 +64,8 @@ class ServerMetrics:
         self.queue_rows = Gauge("arrowengine_queue_rows", "rows waiting for the device",
                                 ["model", "queue"], registry=r)
         self.active = Gauge("arrowengine_active_exchanges", "exchanges in progress", registry=r)
+        self.stalled = Gauge("arrowengine_stalled_exchanges",
+                             "exchanges cancelled as idle whose call still waits on its client", registry=r)
         self._httpd = None
 
     def watch_model(self, name: str, model: Any) -> None:

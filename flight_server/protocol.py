@@ -29,6 +29,7 @@ Discovery: ``list_flights`` gives one FlightInfo per model (descriptor
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -73,7 +74,33 @@ CODE_INVALID = "invalid_argument"
 CODE_NOT_FOUND = "not_found"
 CODE_LIMIT = "limit_exceeded"
 CODE_BUSY = "busy"
+CODE_IDLE = "idle_timeout"
 CODE_INTERNAL = "internal"
+
+# What the server echoes of a client's input is cut (a 10 MB column name must not become a 10 MB error, which
+# gRPC cannot even carry in its trailers, nor a 10 MB log line).
+QUOTE_CHARS = 80       # one quoted value
+QUOTE_ITEMS = 20       # values of a quoted list
+MAX_ERROR_CHARS = 2000  # a whole error message
+MAX_COMMAND_BYTES = 64 * 1024  # default limit on the command JSON (ServerLimits.max_command_bytes)
+
+
+def quote(value: Any, limit: int = QUOTE_CHARS) -> str:
+    """``repr(value)`` cut to about ``limit`` characters, saying how long it was; lists and tuples show at
+    most QUOTE_ITEMS values, each cut. For anything a client sent that goes into an error or a log line."""
+    if isinstance(value, (list, tuple)):
+        items = [quote(v, limit) for v in value[:QUOTE_ITEMS]]
+        more = f", ... ({len(value) - QUOTE_ITEMS} more)" if len(value) > QUOTE_ITEMS else ""
+        return "[" + ", ".join(items) + more + "]"
+    if isinstance(value, (str, bytes)) and len(value) > limit:
+        return f"{value[:limit]!r}... ({len(value)} {'characters' if isinstance(value, str) else 'bytes'})"
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def cut_message(message: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """An error message cut to ``limit`` characters (the last line of defence behind :func:`quote`)."""
+    return message if len(message) <= limit else f"{message[:limit]}... (message cut: {len(message)} characters)"
 
 
 class ProtocolError(ValueError):
@@ -131,12 +158,17 @@ class EmbedCommand:
         return flight.FlightDescriptor.for_command(self.to_json())
 
 
-def parse_command(raw: bytes | str) -> EmbedCommand:
-    """Parse and validate the command JSON of a ``do_exchange`` call.
+def parse_command(raw: bytes | str, max_bytes: int = MAX_COMMAND_BYTES) -> EmbedCommand:
+    """Parse and validate the command JSON of a ``do_exchange`` call (in time linear in its size).
 
     Raises:
+        LimitExceededError: the command is longer than ``max_bytes`` (checked before anything else).
         ProtocolError: not UTF-8 JSON, not an object, unknown keys, wrong types or values.
     """
+    size = len(raw) if isinstance(raw, bytes) else len(raw.encode("utf-8", "surrogatepass"))
+    if size > max_bytes:
+        raise LimitExceededError(f"the command is {size} bytes; the limit is {max_bytes} bytes: a command names a "
+                                 "model, an input kind, a column and a few passthrough columns")
     if isinstance(raw, bytes):
         try:
             raw = raw.decode("utf-8")
@@ -147,7 +179,10 @@ def parse_command(raw: bytes | str) -> EmbedCommand:
     try:
         doc = json.loads(raw)
     except json.JSONDecodeError as exc:
-        raise ProtocolError(f"the command is not valid JSON ({exc}); got {raw[:200]!r}") from exc
+        raise ProtocolError(f"the command is not valid JSON ({exc}); got {quote(raw, 200)}") from exc
+    except RecursionError as exc:  # e.g. [[[[...]]]] thousands deep
+        raise ProtocolError("the command nests JSON too deeply; expected a flat object like "
+                            '{"input": "text", "model": "NAME"}') from exc
     if not isinstance(doc, dict):
         raise ProtocolError(f"the command must be a JSON object; got {type(doc).__name__}")
     return _from_mapping(doc)
@@ -156,29 +191,29 @@ def parse_command(raw: bytes | str) -> EmbedCommand:
 def _from_mapping(doc: Mapping[str, Any]) -> EmbedCommand:
     unknown = sorted(set(doc) - set(COMMAND_KEYS))
     if unknown:
-        raise ProtocolError(f"unknown command key(s) {unknown}; expected only {list(COMMAND_KEYS)}")
+        raise ProtocolError(f"unknown command key(s) {quote(unknown)}; expected only {list(COMMAND_KEYS)}")
     kind = doc.get("input")
     if kind not in INPUT_KINDS:
-        raise ProtocolError(f'"input" must be one of {list(INPUT_KINDS)}; got {kind!r}')
+        raise ProtocolError(f'"input" must be one of {list(INPUT_KINDS)}; got {quote(kind)}')
     model = doc.get("model")
     if model is not None and (not isinstance(model, str) or not model):
-        raise ProtocolError(f'"model" must be a non-empty string or null; got {model!r}')
+        raise ProtocolError(f'"model" must be a non-empty string or null; got {quote(model)}')
     column = doc.get("column")
     if column is None:
         column = DEFAULT_COLUMNS[kind]
     elif not isinstance(column, str) or not column:
-        raise ProtocolError(f'"column" must be a non-empty string; got {column!r}')
+        raise ProtocolError(f'"column" must be a non-empty string; got {quote(column)}')
     normalize = doc.get("normalize", True)
     if not isinstance(normalize, bool):
-        raise ProtocolError(f'"normalize" must be true or false; got {normalize!r}')
+        raise ProtocolError(f'"normalize" must be true or false; got {quote(normalize)}')
     passthrough = doc.get("passthrough")
     if passthrough is None:
         passthrough = []
     if not isinstance(passthrough, (list, tuple)) or not all(isinstance(p, str) for p in passthrough):
-        raise ProtocolError(f'"passthrough" must be a list of column names; got {passthrough!r}')
-    duplicates = sorted({p for p in passthrough if list(passthrough).count(p) > 1})
+        raise ProtocolError(f'"passthrough" must be a list of column names; got {quote(passthrough)}')
+    duplicates = sorted(p for p, n in Counter(passthrough).items() if n > 1)
     if duplicates:
-        raise ProtocolError(f'"passthrough" names each column once; got duplicates {duplicates}')
+        raise ProtocolError(f'"passthrough" names each column once; got duplicates {quote(duplicates)}')
     reserved = sorted(set(passthrough) & set(RESERVED_FIELDS))
     if reserved:
         raise ProtocolError(f'"passthrough" cannot contain {reserved}: the output adds those columns; '
@@ -212,7 +247,7 @@ def is_accepted_type(kind: str, type_: pa.DataType) -> bool:
     if kind == "tokens":
         return ((pa.types.is_list(type_) or pa.types.is_large_list(type_) or pa.types.is_fixed_size_list(type_))
                 and type_.value_type in (pa.int32(), pa.int64()))
-    raise ProtocolError(f"unknown input kind {kind!r}; expected one of {list(INPUT_KINDS)}")
+    raise ProtocolError(f"unknown input kind {quote(kind)}; expected one of {list(INPUT_KINDS)}")
 
 
 def engine_column(kind: str, column: pa.Array) -> pa.Array:
@@ -234,21 +269,22 @@ def check_input_schema(command: EmbedCommand, schema: pa.Schema) -> list[pa.Fiel
             ``command.input`` rows.
     """
     names = schema.names
-    if len(set(names)) != len(names):  # first: schema.field(name) raises KeyError on a duplicate
-        duplicated = sorted({n for n in names if names.count(n) > 1})
-        raise ProtocolError(f"the input schema has duplicate column names {duplicated}; rename them "
-                            f"so that each column name is unique (the columns that came are {names})")
-    if command.column not in names:
-        raise ProtocolError(f"input column {command.column!r} (for {command.input!r} input) is not in "
-                            f"the batches; the columns that came are {names}; set \"column\" in the command")
+    counts = Counter(names)
+    if len(counts) != len(names):  # first: schema.field(name) raises KeyError on a duplicate
+        duplicated = sorted(n for n, k in counts.items() if k > 1)
+        raise ProtocolError(f"the input schema has duplicate column names {quote(duplicated)}; rename them "
+                            f"so that each column name is unique (the columns that came are {quote(names)})")
+    if command.column not in counts:
+        raise ProtocolError(f"input column {quote(command.column)} (for {command.input!r} input) is not in "
+                            f"the batches; the columns that came are {quote(names)}; set \"column\" in the command")
     type_ = schema.field(command.column).type
     if not is_accepted_type(command.input, type_):
-        raise ProtocolError(f"column {command.column!r} has type {type_}; {command.input!r} input needs "
-                            f"{ACCEPTED_TYPES[command.input]}")
-    missing = [p for p in command.passthrough if p not in names]
+        raise ProtocolError(f"column {quote(command.column)} has type {cut_message(str(type_), QUOTE_CHARS)}; {command.input!r} "
+                            f"input needs {ACCEPTED_TYPES[command.input]}")
+    missing = [p for p in command.passthrough if p not in counts]
     if missing:
-        raise ProtocolError(f"passthrough column(s) {missing} are not in the batches; the columns "
-                            f"that came are {names}")
+        raise ProtocolError(f"passthrough column(s) {quote(missing)} are not in the batches; the columns "
+                            f"that came are {quote(names)}")
     return [schema.field(p) for p in command.passthrough]
 
 

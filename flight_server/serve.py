@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -83,6 +84,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="token ids per row of token-id input; a longer row is a row error (default: "
                              "the model's positions, e.g. 77 for CLIP). Texts are truncated by the model's "
                              "tokenizer as usual")
+    parser.add_argument("--max-command-bytes", type=int, default=defaults.max_command_bytes,
+                        help="bytes of a do_exchange command (JSON), checked before it is parsed "
+                             "(default %(default)s)")
+    parser.add_argument("--idle-timeout", type=float, default=defaults.idle_timeout_s,
+                        help="seconds an exchange may wait on its client (nothing read from it, nothing written "
+                             "to it) before it is cancelled and its slot freed (default %(default)s)")
     parser.add_argument("--batch-wait-ms", type=float, default=50.0,
                         help="how long a partial device batch waits for rows of other clients before it "
                              "runs; more: fuller batches, less: lower latency (default %(default)s)")
@@ -107,7 +114,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     limits = ServerLimits(max_concurrent_exchanges=args.max_concurrent,
                           max_batch_rows=args.max_batch_rows, max_batch_bytes=args.max_batch_bytes,
                           max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
-                          max_row_tokens=args.max_tokens_per_row)
+                          max_row_tokens=args.max_tokens_per_row, max_command_bytes=args.max_command_bytes,
+                          idle_timeout_s=args.idle_timeout)
     if token is not None and args.tls_cert is None and not is_loopback(args.host):
         log.warning("--auth-token-file without TLS on %s: the bearer token crosses the network in plain text; "
                     "add --tls-cert and --tls-key", args.host)
@@ -266,12 +274,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _stop(server: Any, grace_s: float) -> None:
+    """Drain and shut down within ``grace_s``; a call still blocked on its client then ends the process."""
+    deadline = time.monotonic() + grace_s
     server.drain(grace_s)
     closer = threading.Thread(target=server.shutdown, name="flight-shutdown", daemon=True)
     closer.start()
-    closer.join(timeout=5.0)
-    if closer.is_alive():  # an idle client keeps a call open: do not hang on it
-        log.warning("calls still open after the grace period; exiting without waiting")
+    closer.join(timeout=max(0.5, deadline - time.monotonic()))
+    if closer.is_alive():  # a stalled client keeps a call open: do not hang on it
+        log.warning("calls still open at the end of the grace period (clients that stopped reading or sending); "
+                    "exiting without waiting")
         logging.shutdown()
         os._exit(0)
     log.info("stopped")

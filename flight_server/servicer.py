@@ -14,6 +14,11 @@ is pipelined: while the rows of input batch k are on the device, the exchange al
 reads and decodes batch k+1, and a writer thread sends each result as soon as it is ready
 (in input order), so a client that waits for a result before writing more never stalls.
 The scheduler coalesces rows of concurrent exchanges into device batches.
+
+An exchange that makes no progress for ``ServerLimits.idle_timeout_s`` (nothing read from the client, nothing
+written to it, no rows of it in the engine) is cancelled by a watchdog: its slot and its queued work are freed
+at once, and it ends with a ``FlightTimedOutError`` at its next read or write. (pyarrow's server cannot abort a
+stream call blocked on the network; such a call keeps its thread until the client reads, writes or goes.)
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 
 from engine.errors import ArrowEngineError, SchedulerClosed
+from engine.ratelog import RateLimitedLog
 from flight_server import protocol
 from flight_server.auth import BearerTokenMiddlewareFactory
 from flight_server.config import ServerConfig
@@ -43,6 +49,7 @@ log = logging.getLogger(__name__)
 EMBED_METHODS: Mapping[str, str] = {"image": "embed_images", "text": "embed_texts",
                                     "tokens": "embed_tokens"}
 PIPELINE_DEPTH = 2  # input batches submitted ahead of the one being written
+SHUTDOWN_MARGIN_S = 3.0  # drain() stops streaming exchanges this long before the grace period ends
 
 
 def embedding_batch(passthrough: list[pa.Array], schema: pa.Schema, embeddings: np.ndarray,
@@ -64,15 +71,19 @@ class _Cancelled(Exception):
     """The client cancelled or went away: stop quietly."""
 
 
+class _Stopped(Exception):
+    """The exchange was told to stop (idle, shutdown, client gone) while it waited to queue a batch."""
+
+
 class Stats:
     """Thread-safe counters for the ``stats`` action."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.started = time.monotonic()
-        self.counters = {"requests": 0, "requests_failed": 0, "requests_cancelled": 0,
-                         "rejected_busy": 0, "rejected_auth": 0, "active_exchanges": 0, "batches": 0, "rows": 0,
-                         "row_errors": 0, "input_bytes": 0}
+        self.counters = {"requests": 0, "requests_failed": 0, "requests_cancelled": 0, "idle_cancelled": 0,
+                         "rejected_busy": 0, "rejected_auth": 0, "active_exchanges": 0, "stalled_exchanges": 0,
+                         "batches": 0, "rows": 0, "row_errors": 0, "input_bytes": 0}
 
     def add(self, **deltas: int) -> None:
         with self._lock:
@@ -108,9 +119,14 @@ class EmbeddingServer(flight.FlightServerBase):
         self.config = config
         self.stats = Stats()
         self._slots = threading.BoundedSemaphore(config.limits.max_concurrent_exchanges)
+        self._slot_lock = threading.Lock()   # a slot is given back once, by the exchange or by the watchdog
+        self._calls: set[_Call] = set()      # every exchange in progress (for the idle watchdog)
+        self._calls_lock = threading.Lock()
         self._draining = threading.Event()   # new exchanges are refused
         self._abort = threading.Event()      # running exchanges stop at the next batch
+        self._closed = threading.Event()     # the server is shut down: the watchdog ends
         self._warm = threading.Event()
+        self._log = RateLimitedLog(log)
         tls = None
         if config.tls:
             tls = [flight.CertKeyPair(cert=config.tls_cert.read_bytes(), key=config.tls_key.read_bytes())]
@@ -122,6 +138,7 @@ class EmbeddingServer(flight.FlightServerBase):
         self.metrics_port: int | None = None
         if config.metrics_port is not None:
             self._start_metrics()
+        threading.Thread(target=self._watch_idle, name="flight-idle-watchdog", daemon=True).start()
 
     def _start_metrics(self) -> None:
         from flight_server.metrics import ServerMetrics  # prometheus_client only when asked for
@@ -129,17 +146,20 @@ class EmbeddingServer(flight.FlightServerBase):
         self.metrics = ServerMetrics()
         for name, model in self._models.items():
             self.metrics.watch_model(name, model)
+        self.metrics.stalled.set_function(lambda: float(self.stats.snapshot()["stalled_exchanges"]))
         tls_files = None
         if self.config.tls:
             tls_files = {"certfile": str(self.config.tls_cert), "keyfile": str(self.config.tls_key)}
         try:
             self.metrics_port = self.metrics.serve(self.config.host, self.config.metrics_port, tls_files)
         except OSError:
+            self._closed.set()
             super().shutdown()
             raise
 
     def shutdown(self) -> None:
         """Stop serving (blocks until running calls end) and stop the metrics endpoint."""
+        self._closed.set()
         try:
             super().shutdown()
         finally:
@@ -147,6 +167,7 @@ class EmbeddingServer(flight.FlightServerBase):
                 self.metrics.close()
 
     def __exit__(self, *exc_info: Any) -> None:
+        self._closed.set()
         super().__exit__(*exc_info)
         if self.metrics is not None:
             self.metrics.close()
@@ -173,20 +194,27 @@ class EmbeddingServer(flight.FlightServerBase):
         self._warm.set()
 
     def drain(self, grace_s: float) -> bool:
-        """Refuse new exchanges, wait up to ``grace_s`` for running ones, then make them stop.
+        """Refuse new exchanges and let running ones finish; those still running ``SHUTDOWN_MARGIN_S`` before
+        the end of ``grace_s`` (at the latest half-way) are stopped at their next batch with "server is shutting
+        down; resend the remaining batches", so the error reaches their clients, and the server can stop,
+        within the grace period.
 
-        Returns True when every exchange finished within the grace period.
+        Returns True when every exchange finished on its own.
         """
         self._draining.set()
-        deadline = time.monotonic() + grace_s
-        while self.stats.snapshot()["active_exchanges"] > 0 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        start = time.monotonic()
+        self._wait_idle(start + max(grace_s / 2, grace_s - SHUTDOWN_MARGIN_S))
         clean = self.stats.snapshot()["active_exchanges"] == 0
         if not clean:
-            log.warning("grace period of %.1fs over; stopping %d exchange(s) at their next batch",
-                        grace_s, self.stats.snapshot()["active_exchanges"])
+            log.warning("shutting down: stopping %d running exchange(s) at their next batch",
+                        self.stats.snapshot()["active_exchanges"])
         self._abort.set()
+        self._wait_idle(start + grace_s)
         return clean
+
+    def _wait_idle(self, deadline: float) -> None:
+        while self.stats.snapshot()["active_exchanges"] > 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
 
     # ---- do_exchange ------------------------------------------------------------------
 
@@ -198,6 +226,8 @@ class EmbeddingServer(flight.FlightServerBase):
                                                 extra_info=protocol.error_info(protocol.CODE_BUSY))
         self.stats.add(requests=1)
         call = _Call(peer=context.peer())
+        with self._calls_lock:
+            self._calls.add(call)
         outcome = "failed"
         try:
             self._exchange(context, descriptor, reader, writer, call)
@@ -206,23 +236,28 @@ class EmbeddingServer(flight.FlightServerBase):
             outcome = "busy"
             raise busy.error from None
         except Exception as exc:
+            if call.expired is not None:  # cancelled by the idle watchdog
+                outcome = "idle"
+                call.error = call.expired
+                raise flight.FlightTimedOutError(call.expired, extra_info=protocol.error_info(protocol.CODE_IDLE)) \
+                    from None
             if isinstance(exc, (_Cancelled, CancelledError)) or context.is_cancelled():
                 outcome = "cancelled"
                 self.stats.add(requests_cancelled=1)
                 return
-            call.error = str(exc)
-            if self._abort.is_set():  # stopped by the server's shutdown, past its grace period: not a failure
+            error = to_flight_error(exc)
+            call.error = str(error)
+            if self._abort.is_set():  # stopped by the server's shutdown: not a failure
                 outcome = "shutdown"
-                raise to_flight_error(exc) from exc
+                raise error from exc
             self.stats.add(requests_failed=1)
-            raise to_flight_error(exc) from exc
+            raise error from exc
         finally:
-            if call.slot:
-                call.slot = False
-                self.stats.add(active_exchanges=-1)
-                self._slots.release()
-                if self.metrics is not None:
-                    self.metrics.active.dec()
+            self._release_slot(call)
+            with self._calls_lock:
+                self._calls.discard(call)
+            if call.expired is not None:
+                self.stats.add(stalled_exchanges=-1)
             self._call_done(call, outcome)
 
     def _claim_slot(self, call: "_Call") -> None:
@@ -238,6 +273,38 @@ class EmbeddingServer(flight.FlightServerBase):
         self.stats.add(active_exchanges=1)
         if self.metrics is not None:
             self.metrics.active.inc()
+
+    def _release_slot(self, call: "_Call") -> None:
+        """Give the exchange's slot back (once, whoever asks first: the exchange or the idle watchdog)."""
+        with self._slot_lock:
+            if not call.slot:
+                return
+            call.slot = False
+        self.stats.add(active_exchanges=-1)
+        self._slots.release()
+        if self.metrics is not None:
+            self.metrics.active.dec()
+
+    def _watch_idle(self) -> None:
+        """Cancel exchanges that made no progress for ``idle_timeout_s`` (runs until the server shuts down)."""
+        timeout = self.config.limits.idle_timeout_s
+        while not self._closed.wait(min(1.0, timeout / 4)):
+            now = time.monotonic()
+            with self._calls_lock:
+                calls = list(self._calls)
+            for call in calls:
+                if call.expired is None and call.idle_for(now) > timeout:
+                    self._expire(call, timeout)
+
+    def _expire(self, call: "_Call", timeout: float) -> None:
+        call.expired = (f"exchange cancelled: no progress for {timeout:g} s (the server had nothing to read from "
+                        "the client and could not write to it); keep reading results while sending batches, and "
+                        "close the stream when done (the server's limit: serve --idle-timeout)")
+        call.stop.set()  # the scheduler drops this exchange's queued rows; the exchange ends at its next step
+        self._release_slot(call)
+        self.stats.add(idle_cancelled=1, stalled_exchanges=1)
+        self._log.log(logging.WARNING, "idle", "cancelled an idle exchange peer=%s model=%s input=%s after %g s "
+                      "without progress; its slot is free", call.peer, call.model, call.input, timeout)
 
     def _rejected_token(self) -> None:
         self.stats.add(rejected_auth=1)
@@ -260,42 +327,41 @@ class EmbeddingServer(flight.FlightServerBase):
         if descriptor.descriptor_type != flight.DescriptorType.CMD:
             raise protocol.ProtocolError("do_exchange needs FlightDescriptor.for_command(<JSON command>); "
                                          f"got a {descriptor.descriptor_type} descriptor")
-        command = protocol.parse_command(descriptor.command)
+        command = protocol.parse_command(descriptor.command, self.config.limits.max_command_bytes)
         name, model = self._resolve(command.model)
         call.input = command.input
         call.model = name
         self._check_modality(name, model, command.input)
         try:
             schema = reader.schema  # waits for the client's first message
+            call.reading_since = None
         except OSError as exc:
             raise protocol.ProtocolError("no input schema came: the client must call writer.begin(schema) "
                                          "before writing batches (an empty input is one empty batch)") from exc
+        _check_going(context, call, self._abort)
         passthrough_fields = protocol.check_input_schema(command, schema)
         out_schema = protocol.output_schema(int(model.info.dim), passthrough_fields)
         writer.begin(out_schema)
         log.info("exchange start peer=%s model=%s input=%s column=%s normalize=%s", call.peer, name,
-                 command.input, command.column, command.normalize)
+                 command.input, protocol.quote(command.column), command.normalize)
         self._stream(context, reader, writer, model, command, out_schema, call)
 
     def _stream(self, context, reader, writer, model, command: protocol.EmbedCommand,
                 out_schema: pa.Schema, call: "_Call") -> None:
-        """Submit each input batch (at most PIPELINE_DEPTH ahead); a writer thread sends the results."""
-        stop = threading.Event()
+        """Submit each input batch (at most PIPELINE_DEPTH ahead); a writer thread sends the results.
 
+        A server shutdown stops the exchange at its next input batch, not inside one: a client that waits for
+        a result before it sends more must get that result, or it would never send the batch that brings it the
+        "shutting down" error."""
         def cancelled() -> bool:
-            return stop.is_set() or self._abort.is_set() or context.is_cancelled()
+            return call.stop.is_set() or context.is_cancelled()
 
         embed = _submitter(model, command.input, cancelled)
         dim = int(model.info.dim)
-        results = _ResultWriter(writer, stop, lambda rows, failed: self._batch_written(call, rows, failed))
+        results = _ResultWriter(writer, call, cancelled, lambda rows, failed: self._batch_written(call, rows, failed))
         try:
-            for chunk in reader:
-                if context.is_cancelled():
-                    raise _Cancelled()
-                if self._abort.is_set():
-                    raise flight.FlightUnavailableError(
-                        "server is shutting down; resend the remaining batches to another server",
-                        extra_info=protocol.error_info(protocol.CODE_BUSY))
+            for chunk in call.reading(reader):
+                _check_going(context, call, self._abort)
                 results.check()
                 batch = chunk.data
                 if batch is None:  # a metadata-only message
@@ -308,14 +374,11 @@ class EmbeddingServer(flight.FlightServerBase):
                 else:
                     results.put(self._embed_batch(embed, command, batch, out_schema, dim))
                 call.submitted += 1
-            if context.is_cancelled():  # a cancel can also end the input stream early
-                raise _Cancelled()
+            _check_going(context, call, self._abort)  # a cancel can also end the input stream early
             results.finish()
-        except CancelledError as exc:  # the scheduler dropped our rows: say why
-            if self._abort.is_set():
-                raise flight.FlightUnavailableError(
-                    "server is shutting down; resend the remaining batches to another server",
-                    extra_info=protocol.error_info(protocol.CODE_BUSY)) from exc
+            _check_going(context, call, self._abort)
+        except (CancelledError, _Stopped) as exc:  # the scheduler dropped our rows, or we were told to stop: say why
+            _check_going(context, call, self._abort)
             raise _Cancelled() from exc
         finally:
             results.stop()
@@ -367,7 +430,7 @@ class EmbeddingServer(flight.FlightServerBase):
     def _resolve(self, name: str | None) -> tuple[str, Any]:
         name = name or self._default
         if name not in self._models:
-            raise protocol.UnknownModelError(f"unknown model {name!r}; this server serves "
+            raise protocol.UnknownModelError(f"unknown model {protocol.quote(name)}; this server serves "
                                              f"{self.model_names}")
         return name, self._models[name]
 
@@ -428,10 +491,11 @@ class EmbeddingServer(flight.FlightServerBase):
         try:
             if descriptor.descriptor_type == flight.DescriptorType.PATH:
                 if len(descriptor.path) != 1:
-                    raise protocol.ProtocolError(f"expected a path of one model name; got {descriptor.path}")
-                name = descriptor.path[0].decode("utf-8")
+                    raise protocol.ProtocolError(f"expected a path of one model name; got "
+                                                 f"{protocol.quote(descriptor.path)}")
+                name = descriptor.path[0].decode("utf-8", "replace")
             else:
-                name = protocol.parse_command(descriptor.command).model
+                name = protocol.parse_command(descriptor.command, self.config.limits.max_command_bytes).model
             return self._flight_info(self._resolve(name)[0])
         except Exception as exc:
             raise to_flight_error(exc) from exc
@@ -458,7 +522,7 @@ class EmbeddingServer(flight.FlightServerBase):
         if kind == protocol.ACTION_HEALTH:
             doc: Any = {"status": "ok", "uptime_s": self.stats.snapshot()["uptime_s"]}
         elif kind == protocol.ACTION_READY:
-            doc = {"ready": self._warm.is_set() and not self._draining.is_set(), "models": self.model_names}
+            doc = self._readiness()
         elif kind == protocol.ACTION_MODELS:
             doc = [protocol.model_metadata(n, self._models[n].info, default=n == self._default)
                    for n in self.model_names]
@@ -468,8 +532,27 @@ class EmbeddingServer(flight.FlightServerBase):
             doc = dataclasses.asdict(self.config.limits)
         else:
             raise to_flight_error(protocol.ProtocolError(
-                f"unknown action {kind!r}; expected one of {list(protocol.ACTIONS)}"))
+                f"unknown action {protocol.quote(kind)}; expected one of {list(protocol.ACTIONS)}"))
         return iter([json.dumps(doc).encode("utf-8")])
+
+    def _readiness(self) -> dict[str, Any]:
+        """The ``ready`` answer: false while warming up, shutting down, or with every exchange slot taken."""
+        stats = self.stats.snapshot()
+        limit = self.config.limits.max_concurrent_exchanges
+        if not self._warm.is_set():
+            reason = "warming up"
+        elif self._draining.is_set():
+            reason = "shutting down"
+        elif stats["active_exchanges"] >= limit:
+            reason = f"saturated: {stats['active_exchanges']} of {limit} exchange slots in use"
+        else:
+            reason = None
+        doc: dict[str, Any] = {"ready": reason is None, "models": self.model_names,
+                               "active_exchanges": stats["active_exchanges"], "max_concurrent_exchanges": limit,
+                               "stalled_exchanges": stats["stalled_exchanges"]}
+        if reason is not None:
+            doc["reason"] = reason
+        return doc
 
 
 _NOT_EXCHANGE = ("{method} is not supported: embeddings are computed by do_exchange with "
@@ -505,7 +588,8 @@ class _Busy(Exception):
 
 
 class _Call:
-    """What one exchange did, for its log lines and metrics."""
+    """One exchange: what it did (for its log lines and metrics) and whether it makes progress (for the idle
+    watchdog)."""
 
     def __init__(self, peer: str) -> None:
         self.peer = peer
@@ -515,6 +599,46 @@ class _Call:
         self.submitted = self.batches = self.rows = self.row_errors = 0
         self.error: str | None = None
         self.slot = False  # holds one of the server's exchange slots (from its first batch on)
+        self.stop = threading.Event()  # stop now: drop queued work, write nothing more
+        self.expired: str | None = None  # why the idle watchdog cancelled it
+        now = time.monotonic()
+        self.reading_since: float | None = now  # waiting for the client's next message (the first: the schema)
+        self.writing_since: float | None = None  # inside writer.write_batch
+        self.last_written = now
+
+    def reading(self, reader) -> Iterator[Any]:
+        """The reader's chunks, noting while we wait for each."""
+        chunks = iter(reader)
+        while True:
+            self.reading_since = time.monotonic()
+            try:
+                chunk = next(chunks)
+            except StopIteration:
+                return
+            finally:
+                self.reading_since = None
+            yield chunk
+
+    def idle_for(self, now: float) -> float:
+        """Seconds the exchange has been waiting on its client alone: blocked writing a result, or reading with
+        every result of what it sent written (0 while the engine works on its rows)."""
+        writing, reading = self.writing_since, self.reading_since
+        if writing is not None:
+            return now - writing
+        if reading is not None and self.batches >= self.submitted:
+            return now - max(reading, self.last_written)
+        return 0.0
+
+
+def _check_going(context, call: _Call, abort: threading.Event) -> None:
+    """Raise why the exchange must stop, if it must: idle, server shutdown, or the client went away."""
+    if call.expired is not None:
+        raise _Stopped(call.expired)
+    if abort.is_set():
+        raise flight.FlightUnavailableError("server is shutting down; resend the remaining batches to another server",
+                                            extra_info=protocol.error_info(protocol.CODE_BUSY))
+    if context.is_cancelled():
+        raise _Cancelled()
 
 
 def _submitter(model: Any, kind: str, cancelled: Callable[[], bool]) -> Callable[[Any, bool], Future]:
@@ -536,9 +660,12 @@ def _submitter(model: Any, kind: str, cancelled: Callable[[], bool]) -> Callable
 class _ResultWriter:
     """A thread that writes the results of submitted batches in order, as each is ready."""
 
-    def __init__(self, writer, stop: threading.Event, on_written: Callable[[int, int], None]) -> None:
+    def __init__(self, writer, call: _Call, cancelled: Callable[[], bool],
+                 on_written: Callable[[int, int], None]) -> None:
         self._writer = writer
-        self._stop = stop
+        self._call = call
+        self._stop = call.stop
+        self._cancelled = cancelled
         self._on_written = on_written
         self._queue: queue.Queue = queue.Queue(maxsize=PIPELINE_DEPTH)
         self.error: BaseException | None = None
@@ -546,9 +673,12 @@ class _ResultWriter:
         self._thread.start()
 
     def put(self, collect: Callable[[], tuple[pa.RecordBatch, int]]) -> None:
-        """Queue a batch's ``collect``; waits while PIPELINE_DEPTH batches are pending."""
+        """Queue a batch's ``collect``; waits while PIPELINE_DEPTH batches are pending (raises _Stopped if the
+        exchange is told to stop meanwhile)."""
         while True:
             self.check()
+            if self._cancelled():
+                raise _Stopped()
             try:
                 self._queue.put(collect, timeout=0.05)
                 return
@@ -582,7 +712,12 @@ class _ResultWriter:
                 continue  # drain without writing
             try:
                 out, failed = collect()
-                self._writer.write_batch(out)
+                self._call.writing_since = time.monotonic()
+                try:
+                    self._writer.write_batch(out)
+                finally:
+                    self._call.writing_since = None
+                self._call.last_written = time.monotonic()
                 self._on_written(out.num_rows, failed)
             except BaseException as exc:  # handed to the exchange thread by check()
                 self.error = exc

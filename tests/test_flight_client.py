@@ -7,7 +7,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -241,7 +240,8 @@ def test_duplicate_input_columns_are_a_clear_request_error(client):
 
 def test_actions(client):
     assert client.health()["status"] == "ok"
-    assert client.ready() == {"ready": False, "models": ["fake", "other"]}
+    ready = client.ready()
+    assert ready["ready"] is False and ready["models"] == ["fake", "other"] and ready["reason"] == "warming up"
     models = client.models()
     assert [m["name"] for m in models] == ["fake", "other"] and models[0]["dimension"] == 8
     client.embed_texts(["a", "b"])
@@ -260,27 +260,42 @@ def test_retries_with_backoff_then_gives_up():
 
 
 @contextlib.contextmanager
-def one_slot_held(delay_s: float, hold: Callable[[EmbeddingClient], Any], retries: int):
-    """A server with one exchange slot, taken by another client running ``hold``; yields (server, client)."""
-    slow = FakeModel("slow", delay_s=delay_s)
+def one_slot_held(retries: int):
+    """A server with one exchange slot, held by another client's open stream until the server has refused
+    someone as busy; yields (server, client). Events, not timing, order the two clients."""
     limits = ServerLimits(max_concurrent_exchanges=1)
-    with EmbeddingServer({"slow": slow}, ServerConfig(port=0, limits=limits)) as srv:
+    with EmbeddingServer({"fake": FakeModel("fake")}, ServerConfig(port=0, limits=limits)) as srv:
         location = f"grpc://127.0.0.1:{srv.port}"
-        with EmbeddingClient(location, batch_rows=1) as first, \
-                EmbeddingClient(location, retries=retries, backoff_s=0.1) as second:
-            holder = threading.Thread(target=hold, args=(first,), daemon=True)
-            holder.start()
-            while slow.calls == 0:
+        release = threading.Event()
+
+        def batches():
+            yield pa.record_batch({"text": ["a"]})
+            release.wait(timeout=60)  # the stream stays open, holding the slot, until then
+
+        def release_after_a_refusal():
+            deadline = time.monotonic() + 60
+            while srv.stats.snapshot()["rejected_busy"] == 0 and time.monotonic() < deadline:
                 time.sleep(0.01)
-            yield srv, second
-            holder.join()
+            release.set()
+
+        with EmbeddingClient(location) as first, \
+                EmbeddingClient(location, retries=retries, backoff_s=0.1) as second:
+            holder = threading.Thread(target=lambda: list(first.embed_stream(batches(), "text")), daemon=True)
+            holder.start()
+            while srv.stats.snapshot()["active_exchanges"] == 0:
+                time.sleep(0.01)
+            releaser = threading.Thread(target=release_after_a_refusal, daemon=True)
+            releaser.start()
+            try:
+                yield srv, second
+            finally:
+                release.set()
+                holder.join()
+                releaser.join()
 
 
 def test_retry_succeeds_when_a_busy_server_frees_up():
-    def hold(client):
-        client.embed_table(pa.table({"text": ["a"] * 3}), kind="text")
-
-    with one_slot_held(0.2, hold, retries=5) as (srv, client):
+    with one_slot_held(retries=5) as (srv, client):
         vecs = client.embed_texts(["b"])  # busy at first, then retried
     assert vecs.shape == (1, 8)
     assert srv.stats.snapshot()["rejected_busy"] >= 1
@@ -289,10 +304,7 @@ def test_retry_succeeds_when_a_busy_server_frees_up():
 def test_a_stream_rejected_as_busy_is_sent_again_whole():
     """The server says busy at a stream's first batch, after the writer may have taken more from the input
     iterator: the retry sends every batch again, in order."""
-    def hold(client):
-        next(client.embed_stream(iter([pa.record_batch({"text": ["a"]})] * 3), "text"))
-
-    with one_slot_held(0.3, hold, retries=8) as (srv, client):
+    with one_slot_held(retries=8) as (srv, client):
         batches = (pa.record_batch({"text": [f"b{i}", f"c{i}"]}) for i in range(5))
         out = list(client.embed_stream(batches, "text"))
     assert srv.stats.snapshot()["rejected_busy"] >= 1

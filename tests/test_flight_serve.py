@@ -142,7 +142,8 @@ def test_serve_subprocess_end_to_end(tmp_path, minilm_model_dir):
         _wait_for(lines, r"\bready$", log)
         texts = ["serve me", "a second sentence"]
         with EmbeddingClient(f"grpc://127.0.0.1:{port}", token="let-me-in") as client:
-            assert client.ready() == {"ready": True, "models": ["minilm"]}
+            ready = client.ready()
+            assert ready["ready"] is True and ready["models"] == ["minilm"] and "reason" not in ready
             vecs = client.embed_texts(texts)
         local = engine.load_model(model_dir).embed_texts(texts).embeddings
         assert np.array_equal(vecs, local)  # bit for bit through a separate server process
@@ -161,8 +162,10 @@ def test_serve_subprocess_end_to_end(tmp_path, minilm_model_dir):
 def test_limit_and_scheduler_flags_reach_the_config():
     config = serve.config_from_args(parse([
         "--max-image-bytes", "1000", "--max-image-pixels", "5000", "--max-tokens-per-row", "16",
-        "--batch-wait-ms", "2.5", "--metrics-port", "0", "--max-batch-rows", "64"]))
+        "--batch-wait-ms", "2.5", "--metrics-port", "0", "--max-batch-rows", "64", "--idle-timeout", "7.5",
+        "--max-command-bytes", "4096"]))
     limits = config.limits
+    assert limits.idle_timeout_s == 7.5 and limits.max_command_bytes == 4096
     assert (limits.max_image_bytes, limits.max_image_pixels, limits.max_row_tokens) == (1000, 5000, 16)
     assert limits.max_batch_rows == 64 and config.batch_wait_ms == 2.5 and config.metrics_port == 0
     defaults = serve.config_from_args(parse([]))
@@ -170,6 +173,8 @@ def test_limit_and_scheduler_flags_reach_the_config():
     assert defaults.limits.max_image_pixels == 50_000_000 and defaults.limits.max_image_bytes == 32 * 1024 ** 2
     with pytest.raises(ValueError, match="max_image_pixels must be a positive integer"):
         serve.config_from_args(parse(["--max-image-pixels", "0"]))
+    with pytest.raises(ValueError, match="idle_timeout_s must be a number of seconds"):
+        serve.config_from_args(parse(["--idle-timeout", "0"]))
 
 
 def test_load_models_applies_image_limits_and_make_schedulers_wraps_each(tiny_clip_dir):

@@ -382,7 +382,8 @@ def test_list_flights_and_get_flight_info(served):
 def test_actions(served, fake):
     server, client = served
     assert action(client, "health")["status"] == "ok"
-    assert action(client, "ready") == {"ready": False, "models": ["fake", "text-only"]}
+    assert action(client, "ready") == {"ready": False, "models": ["fake", "text-only"], "reason": "warming up",
+                                       "active_exchanges": 0, "max_concurrent_exchanges": 8, "stalled_exchanges": 0}
     server.warm_up()
     assert fake.calls == 1  # a real inference per model
     assert action(client, "ready")["ready"] is True
