@@ -10,6 +10,12 @@ memory bounded by the largest tensor rather than the checkpoint.
 
 ``pytorch_model*.bin`` files are the fallback, read with
 ``torch.load(weights_only=True, mmap=True)`` (never a full unpickle).
+
+The source folder is untrusted input: every file read or copied from it must be a regular file whose real path
+lies inside the folder (:mod:`engine.files`); a link that leaves it is an error that names it. A folder in a
+HuggingFace hub cache snapshot (``models--org--name/snapshots/<rev>``, files linking to ``../../blobs/<sha>``)
+may link anywhere inside its repo cache folder (:func:`engine.files.folder_boundary`). Linked directories are
+never descended into when looking for files to copy.
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ import json
 import logging
 import mmap
 import os
+import stat
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,13 +34,16 @@ from typing import Any
 
 from engine.config import ST_MODULE_PREFIX
 from engine.errors import ModelConfigError, WeightFormatError
+from engine.files import (
+    MAX_CONFIG_BYTES, MAX_TOKENIZER_BYTES, check_model_file, folder_boundary, parse_json, read_model_file,
+)
 from engine.format import SAFETENSORS_DTYPES, tensor_nbytes
 
 log = logging.getLogger(__name__)
 
 _MAX_HEADER = 256 * 1024 * 1024  # a safetensors header larger than this is corrupt
 SMALL_FILE_SUFFIXES = (".json", ".txt", ".model")
-SMALL_FILE_MAX_BYTES = 64 * 1024 * 1024  # XLM-R's tokenizer.json is ~17 MB
+SMALL_FILE_MAX_BYTES = MAX_TOKENIZER_BYTES  # the largest small file the engine reads (tokenizer.json)
 _NOT_COPIED = ("manifest.json",)
 _HUB_IGNORE = ["*.msgpack", "*.h5", "*.onnx", "*.ot", "*.tflite", "*.gguf", "onnx/*", "openvino/*",
                "*.mlmodel", "*.mlpackage/*", "flax_model*", "tf_model*", "rust_model*"]
@@ -61,34 +71,49 @@ class Checkpoint:
     config: dict[str, Any]
     tensors: list[TensorRef] = field(default_factory=list)
     bin_files: list[Path] = field(default_factory=list)  # pytorch_model*.bin fallback
+    boundary: Path | None = None  # real path every file must lie inside (engine.files.folder_boundary of the source)
+
+    def __post_init__(self) -> None:
+        if self.boundary is None:
+            self.boundary = folder_boundary(self.root)
 
     @classmethod
     def open(cls, source: str | os.PathLike) -> "Checkpoint":
         """Resolve ``source`` (local directory or hub id), read config.json and index the tensors.
 
         Raises:
-            ModelConfigError: the source cannot be found/downloaded or config.json is invalid.
+            ModelConfigError: the source cannot be found/downloaded, config.json is invalid, or a file the
+                conversion reads is not a regular file inside the source (a link that leaves it, a device ...).
             WeightFormatError: a safetensors header or the shard index is inconsistent.
         """
         root = resolve_source(source)
-        inner = st_wrapped_model(root)
+        boundary = folder_boundary(root)  # of the folder given: a wrapped model folder may not lead out of it
+        inner = st_wrapped_model(root, boundary)
         if inner is not None:
             log.info("%s: a sentence-transformers folder around a CLIP model; converting %s", root, inner)
             root = inner
         config_path = root / "config.json"
-        config: dict[str, Any] = {}
-        if config_path.exists():
-            try:
-                config = json.loads(config_path.read_text(encoding="utf-8"))
-            except (ValueError, UnicodeDecodeError) as exc:
-                raise ModelConfigError(f"{config_path}: not valid JSON ({exc})") from exc
+        config: Any = {}
+        data = read_model_file(root, "config.json", MAX_CONFIG_BYTES, "the checkpoint's config", optional=True,
+                               boundary=boundary)
+        if data is not None:
+            config = parse_json(data, config_path)
             if not isinstance(config, dict):
-                raise ModelConfigError(f"{config_path}: expected a JSON object")
+                raise ModelConfigError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
         else:
             log.warning("%s has no config.json; it can only be converted in store mode", root)
-        ckpt = cls(str(source), root, config)
+        ckpt = cls(str(source), root, config, boundary=boundary)
         ckpt._index()
         return ckpt
+
+    def check(self, path: Path, what: str) -> Path:
+        """``path`` (inside :attr:`root`) once it is known to be a regular file inside the source.
+
+        Raises:
+            ModelConfigError: it is a link that leaves the source, a broken link, or not a regular file.
+        """
+        check_model_file(self.root, path.relative_to(self.root).as_posix(), what, boundary=self.boundary)
+        return path
 
     def _index(self) -> None:
         self._index_model()
@@ -98,17 +123,19 @@ class Checkpoint:
         """sentence-transformers modules with weights of their own (``2_Dense/model.safetensors``, or
         ``pytorch_model.bin`` as sentence-transformers 2.x saved them): their tensors join the checkpoint
         as ``st_modules.<folder>.<name>``."""
-        for rel in st_module_folders(self.root):
+        for rel in st_module_folders(self.root, self.boundary):
             for f in module_weight_files(self.root / rel):
+                self.check(f, f"the weights of module {rel}")
                 refs = read_safetensors_header(f) if f.suffix == ".safetensors" else _bin_refs([f])
                 self.tensors += [dataclasses.replace(r, name=f"{ST_MODULE_PREFIX}{rel}.{r.name}", key=r.name)
                                  for r in refs]
 
     def _index_model(self) -> None:
-        shards = safetensors_files(self.root)
+        shards = safetensors_files(self.root, self.boundary)
         if shards:
             seen: dict[str, Path] = {}
             for shard in shards:
+                self.check(shard, "a weight shard")
                 for ref in read_safetensors_header(shard):
                     if ref.name in seen:
                         raise WeightFormatError(
@@ -116,9 +143,9 @@ class Checkpoint:
                             "the checkpoint is inconsistent")
                     seen[ref.name] = shard
                     self.tensors.append(ref)
-            _check_index(self.root, seen)
+            _check_index(self.root, seen, self.boundary)
             return
-        self.bin_files = sorted(self.root.glob("pytorch_model*.bin"))
+        self.bin_files = [self.check(f, "a weight file") for f in sorted(self.root.glob("pytorch_model*.bin"))]
         if not self.bin_files:
             raise ModelConfigError(
                 f"{self.root}: no *.safetensors or pytorch_model*.bin weights found; expected a "
@@ -126,21 +153,62 @@ class Checkpoint:
         self.tensors = list(_bin_refs(self.bin_files))
 
     def small_files(self) -> list[Path]:
-        """Relative paths of the non-weight files to copy (*.json, *.txt, *.model, size-capped)."""
-        out = []
-        for path in sorted(self.root.rglob("*")):
-            rel = path.relative_to(self.root)
-            if any(part.startswith(".") for part in rel.parts) or not path.is_file():
+        """Relative paths of the non-weight files to copy (*.json, *.txt, *.model, size-capped; none hidden).
+
+        Only regular files inside the source are copied: the folder is walked without following links to
+        directories (those are not descended into, whether they lead in or out of the source); a file that
+        would be copied and is a link out of the source is an error.
+
+        Raises:
+            ModelConfigError: a *.json, *.txt or *.model file is a link that leaves the source.
+        """
+        out: list[Path] = []
+        self._walk_small_files(Path(), out)
+        return sorted(out)
+
+    def _walk_small_files(self, rel_dir: Path, out: list[Path]) -> None:
+        assert self.boundary is not None
+        with os.scandir(self.root / rel_dir) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        for entry in entries:
+            rel = rel_dir / entry.name
+            if entry.name.startswith("."):
                 continue
-            if path.suffix not in SMALL_FILE_SUFFIXES or rel.name.endswith(".index.json"):
+            wanted = (Path(entry.name).suffix in SMALL_FILE_SUFFIXES and not entry.name.endswith(".index.json")
+                      and not (entry.name in _NOT_COPIED and rel_dir == Path()))
+            if entry.is_symlink():
+                real = Path(os.path.realpath(entry.path))
+                if not (real == self.boundary or self.boundary in real.parents):
+                    if wanted:
+                        raise ModelConfigError(
+                            f"{entry.path} is a link to {real}, outside the checkpoint folder {self.boundary}; "
+                            "expected a regular file inside it: copy the file in instead of linking to it "
+                            "(nothing was converted)")
+                    log.warning("%s is a link to %s, outside the checkpoint folder: not followed", entry.path, real)
+                    continue
+                try:
+                    st = os.stat(real)
+                except OSError:
+                    if wanted:
+                        log.warning("not copying %s: a broken link (to %s)", rel, real)
+                    continue
+                if stat.S_ISDIR(st.st_mode):
+                    log.info("%s is a link to the folder %s: not descended into", entry.path, real)
+                    continue
+            elif entry.is_dir(follow_symlinks=False):
+                self._walk_small_files(rel, out)
                 continue
-            if rel.name in _NOT_COPIED and len(rel.parts) == 1:
+            else:
+                st = entry.stat(follow_symlinks=False)
+            if not wanted:
                 continue
-            if path.stat().st_size > SMALL_FILE_MAX_BYTES:
+            if not stat.S_ISREG(st.st_mode):
+                log.warning("not copying %s: not a regular file", rel)
+                continue
+            if st.st_size > SMALL_FILE_MAX_BYTES:
                 log.warning("not copying %s: larger than %d bytes", rel, SMALL_FILE_MAX_BYTES)
                 continue
             out.append(rel)
-        return out
 
     @contextmanager
     def reader(self) -> Iterator["TensorReader"]:
@@ -248,21 +316,43 @@ def _bin_refs(files: list[Path]) -> Iterator[TensorRef]:
         del state
 
 
-def st_wrapped_model(root: Path) -> Path | None:
-    """The model folder of a sentence-transformers checkpoint that keeps its one module in a sub-folder, as
-    sentence-transformers before 3.x saved CLIP (``modules.json`` + ``0_CLIPModel/`` holding a transformers
-    CLIPModel, e.g. sentence-transformers/clip-ViT-B-32); None for any other folder."""
-    if (root / "config.json").exists():
+def _read_modules(root: Path, boundary: Path | None = None) -> Any:
+    """The parsed modules.json of ``root``; None when there is none or it is not JSON (the folder is then not a
+    sentence-transformer).
+
+    Raises:
+        ModelConfigError: modules.json is not a regular file inside the source, or is too large.
+    """
+    data = read_model_file(root, "modules.json", MAX_CONFIG_BYTES, "the sentence-transformers module list",
+                           optional=True, boundary=boundary)
+    if data is None:
         return None
     try:
-        modules = json.loads((root / "modules.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return json.loads(data)
+    except (ValueError, RecursionError):
         return None
+
+
+def st_wrapped_model(root: Path, boundary: Path | None = None) -> Path | None:
+    """The model folder of a sentence-transformers checkpoint that keeps its one module in a sub-folder, as
+    sentence-transformers before 3.x saved CLIP (``modules.json`` + ``0_CLIPModel/`` holding a transformers
+    CLIPModel, e.g. sentence-transformers/clip-ViT-B-32); None for any other folder. The sub-folder must be a
+    folder inside the source (``boundary``, default :func:`engine.files.folder_boundary` of ``root``).
+
+    Raises:
+        ModelConfigError: modules.json, or the sub-folder, leads out of the source.
+    """
+    if os.path.lexists(root / "config.json"):
+        return None
+    modules = _read_modules(root, boundary)
     if not (isinstance(modules, list) and len(modules) == 1 and isinstance(modules[0], dict)
             and str(modules[0].get("type", "")).endswith("CLIPModel")):
         return None
-    folders = st_module_folders(root)
-    return root / folders[0] if folders and (root / folders[0] / "config.json").is_file() else None
+    folders = st_module_folders(root, boundary)
+    if not folders or not (root / folders[0] / "config.json").is_file():
+        return None
+    check_model_file(root, f"{folders[0]}/config.json", "the wrapped model's config", boundary=boundary)
+    return root / folders[0]
 
 
 def module_weight_files(folder: Path) -> list[Path]:
@@ -273,17 +363,28 @@ def module_weight_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("pytorch_model*.bin"))
 
 
-def st_module_folders(root: Path) -> list[str]:
+def st_module_folders(root: Path, boundary: Path | None = None) -> list[str]:
     """The sub-folders that a sentence-transformers ``modules.json`` names (``1_Pooling``, ``2_Dense``, ...),
-    where they exist; none for a folder without modules.json."""
-    try:
-        modules = json.loads((root / "modules.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return []
+    where they exist; none for a folder without modules.json.
+
+    Raises:
+        ModelConfigError: modules.json is not a regular file inside the source (``boundary``), or too large; a
+            module folder is a link that leaves the source.
+    """
+    modules = _read_modules(root, boundary)
+    if boundary is None:
+        boundary = folder_boundary(root)
     out = []
     for m in modules if isinstance(modules, list) else []:
         rel = m.get("path") if isinstance(m, dict) else None
-        if isinstance(rel, str) and rel and Path(rel).name == rel and "." not in rel and (root / rel).is_dir():
+        if not (isinstance(rel, str) and rel and Path(rel).name == rel and "." not in rel):
+            continue
+        real = Path(os.path.realpath(root / rel))
+        if not (real == boundary or boundary in real.parents):
+            raise ModelConfigError(f"{root / rel} (a sentence-transformers module folder) is a link to {real}, "
+                                   f"outside the checkpoint folder {boundary}; expected a folder inside it: copy "
+                                   "it in instead of linking to it (nothing was converted)")
+        if real.is_dir():
             out.append(rel)
     return out
 
@@ -321,13 +422,16 @@ def resolve_source(source: str | os.PathLike) -> Path:
             "check the id and network, or pass a local checkpoint directory") from exc
 
 
-def safetensors_files(root: Path) -> list[Path]:
+def safetensors_files(root: Path, boundary: Path | None = None) -> list[Path]:
     """The checkpoint's safetensors shards: from model.safetensors.index.json if present; else, in a transformers
     folder (one with config.json), model.safetensors alone, as transformers loads it (a repo may ship others
-    beside it, e.g. open_clip_model.safetensors or model.fp16.safetensors); else every *.safetensors."""
+    beside it, e.g. open_clip_model.safetensors or model.fp16.safetensors); else every *.safetensors.
+
+    The index is read as a regular file inside the source (``boundary``); the shards are checked by the caller
+    (:meth:`Checkpoint.check`)."""
     indexes = _indexes(root)
     if indexes:
-        weight_map = _read_index(indexes[0])
+        weight_map = _read_index(indexes[0], boundary)
         files = list(dict.fromkeys(weight_map.values()))
         missing = [f for f in files if not (root / f).is_file()]
         if missing:
@@ -348,10 +452,11 @@ def _indexes(root: Path) -> list[Path]:
                                                                          p.name))
 
 
-def _read_index(path: Path) -> dict[str, str]:
+def _read_index(path: Path, boundary: Path | None = None) -> dict[str, str]:
+    data = read_model_file(path.parent, path.name, MAX_CONFIG_BYTES, "a safetensors index", boundary=boundary)
     try:
-        weight_map = json.loads(path.read_text(encoding="utf-8"))["weight_map"]
-    except (ValueError, KeyError, TypeError) as exc:
+        weight_map = json.loads(data)["weight_map"]
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
         raise WeightFormatError(f"{path}: expected JSON with a 'weight_map' object ({exc})") from exc
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise WeightFormatError(f"{path}: 'weight_map' must map tensor names to shard file names")
@@ -361,11 +466,11 @@ def _read_index(path: Path) -> dict[str, str]:
     return weight_map
 
 
-def _check_index(root: Path, found: dict[str, Path]) -> None:
+def _check_index(root: Path, found: dict[str, Path], boundary: Path | None = None) -> None:
     indexes = _indexes(root)
     if not indexes:
         return
-    weight_map = _read_index(indexes[0])
+    weight_map = _read_index(indexes[0], boundary)
     problems = [f"{n!r} listed in {weight_map[n]} but not found there"
                 for n in weight_map if n not in found or found[n].name != weight_map[n]]
     if problems:

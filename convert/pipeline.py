@@ -1,7 +1,9 @@
 """HF checkpoint -> ArrowEngine model directory, and batches of such conversions.
 
 The output is written into a temporary sibling directory and renamed into
-place at the end, so a failed conversion leaves nothing half-written.
+place at the end, so a failed conversion leaves nothing half-written. Files are
+read from the source only as regular files inside it (see ``convert.hf_checkpoint``),
+and the small files to copy are listed (and checked) before anything is written.
 """
 from __future__ import annotations
 
@@ -17,9 +19,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from convert import registry
-from convert.hf_checkpoint import Checkpoint, TensorReader, TensorRef, st_module_folders
+from convert.hf_checkpoint import SMALL_FILE_MAX_BYTES, Checkpoint, TensorReader, TensorRef, st_module_folders
 from convert.writer import Tensor, cast_tensor, check_little_endian, write_tensors
 from engine.errors import ArrowEngineError, WeightFormatError
+from engine.files import copy_model_file
 from engine.format import DTYPE_CHOICES, MANIFEST_FILE, WEIGHT_FILES, Manifest
 
 log = logging.getLogger(__name__)
@@ -66,6 +69,7 @@ def convert_checkpoint(source: str | os.PathLike, out_dir: str | os.PathLike, dt
     if out_dir.exists() and not force:
         raise ArrowEngineError(f"{out_dir} already exists; choose a new directory or pass --force")
     ckpt = Checkpoint.open(source)
+    small = ckpt.small_files()  # before anything is written: a link out of the source fails here
     arch = registry.detect(ckpt.config, ckpt.root)
     refs = {r.name: r for r in ckpt.tensors}
     plan = [(refs[src], out) for src, out in arch.plan(list(refs))]
@@ -77,7 +81,7 @@ def convert_checkpoint(source: str | os.PathLike, out_dir: str | os.PathLike, dt
         weights = tmp / WEIGHT_FILES[fmt]
         with ckpt.reader() as reader:
             stats = write_tensors(weights, fmt, _stream(reader, plan, dtype, progress))
-        files = _copy_small_files(ckpt, tmp)
+        files = _copy_small_files(ckpt, tmp, small)
         if arch.kind == "clip" and "tokenizer.json" not in files and _build_clip_tokenizer(ckpt.root, tmp):
             files.append("tokenizer.json")
         manifest = Manifest(
@@ -130,32 +134,39 @@ def _stream(reader: TensorReader, plan: list[tuple[TensorRef, str]], dtype: str,
             bar.update(ref.nbytes)
 
 
-def _copy_small_files(ckpt: Checkpoint, dest: Path) -> list[str]:
+def _copy_small_files(ckpt: Checkpoint, dest: Path, small: list[Path]) -> list[str]:
+    """Copy ``small`` (relative paths from :meth:`Checkpoint.small_files`) into ``dest``, each checked again as a
+    regular file inside the source and copied bounded (never through a link, never over a file)."""
     copied = []
-    for rel in st_module_folders(ckpt.root):  # sentence-transformers module folders may hold no files (2_Normalize/)
+    for rel in st_module_folders(ckpt.root, ckpt.boundary):  # module folders may hold no files (2_Normalize/)
         (dest / rel).mkdir(exist_ok=True)
-    for rel in ckpt.small_files():
+    for rel in small:
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(ckpt.root / rel, dest / rel)
+        copy_model_file(ckpt.root, rel.as_posix(), dest / rel, SMALL_FILE_MAX_BYTES, "a file to copy",
+                        boundary=ckpt.boundary)
         copied.append(rel.as_posix())
     return copied
 
 
-def _build_clip_tokenizer(root: Path, dest: Path) -> bool:
-    """Write tokenizer.json from vocab.json + merges.txt with transformers (if installed)."""
-    if not ((root / "vocab.json").exists() and (root / "merges.txt").exists()):
+def _build_clip_tokenizer(source: Path, dest: Path) -> bool:
+    """Write tokenizer.json into ``dest`` from vocab.json + merges.txt with transformers (if installed).
+
+    transformers reads the copies in ``dest`` (checked as regular files inside ``source`` when they were
+    copied), never the source folder itself; ``source`` only names it in messages.
+    """
+    if not ((dest / "vocab.json").is_file() and (dest / "merges.txt").is_file()):
         return False
     try:
         from transformers import CLIPTokenizerFast
     except ImportError:
         log.warning("%s has vocab.json/merges.txt but no tokenizer.json, and transformers is not "
-                    "installed to build it; `pip install transformers` and convert again", root)
+                    "installed to build it; `pip install transformers` and convert again", source)
         return False
     try:
-        tok = CLIPTokenizerFast.from_pretrained(str(root))
+        tok = CLIPTokenizerFast.from_pretrained(str(dest))
         tok.backend_tokenizer.save(str(dest / "tokenizer.json"))
     except Exception as exc:  # noqa: BLE001 -- optional extra; conversion still succeeds
-        log.warning("could not build tokenizer.json from vocab.json/merges.txt: %s", exc)
+        log.warning("could not build tokenizer.json from %s's vocab.json/merges.txt: %s", source, exc)
         return False
     return True
 

@@ -5,12 +5,21 @@ checked when it is read so a bad config fails at load, not mid-request.
 """
 from __future__ import annotations
 
-import json
+import math
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from engine.errors import ModelConfigError
+from engine.files import MAX_CONFIG_BYTES, parse_json, read_model_file
+
+# Every size read from a config (widths, layers, heads, vocabulary, positions, patch and image sizes) must be a
+# positive int up to this: nothing real comes near it. The sizes that shape parameters are then checked against
+# the weight file's tensors before anything is built (engine.config_check).
+MAX_SIZE = 2**31 - 1
+# Layers of one tower: the deepest encoders here have 48; a block is a Python object built before any weight
+# is checked (and ALBERT repeats its blocks per layer on every call), so a config may not ask for millions.
+MAX_LAYERS = 4096
 
 ACTIVATIONS = ("quick_gelu", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu", "silu", "swish")
 
@@ -27,7 +36,7 @@ class TowerConfig:
     eps: float  # LayerNorm epsilon
 
     def __post_init__(self) -> None:
-        if self.width % self.heads:
+        if self.heads < 1 or self.width % self.heads:
             raise ModelConfigError(f"hidden size {self.width} is not divisible by {self.heads} heads")
         if self.act not in ACTIVATIONS:
             raise ModelConfigError(f"activation {self.act!r} is not supported; expected one of {ACTIVATIONS}")
@@ -163,25 +172,33 @@ def st_module_names(modules: Any) -> list[str] | None:
     return [t.rsplit(".", 1)[-1] if t.startswith("sentence_transformers.") else t for t in types]
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    """A JSON file of a model directory; ModelConfigError when it is missing or not JSON."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise ModelConfigError(f"{path} is missing; re-run `arrowengine convert` on the source checkpoint") from exc
-    except (OSError, ValueError) as exc:
-        raise ModelConfigError(f"{path} is not valid JSON: {exc}") from exc
+def read_json(model_dir: Path, name: str | PurePosixPath, optional: bool = False, kind: type = dict) -> Any:
+    """The JSON file ``name`` of a model directory, read with :func:`engine.files.read_model_file` (a regular
+    file inside the directory, at most ``MAX_CONFIG_BYTES``), checked to be a ``kind`` (a JSON object by
+    default; ``object`` for anything).
+
+    Returns None when ``optional`` and there is no such file.
+
+    Raises:
+        ModelConfigError: missing (unless ``optional``), not a regular file inside the directory, too large,
+            not JSON, or not a ``kind``.
+    """
+    path = Path(model_dir) / name
+    data = read_model_file(model_dir, name, MAX_CONFIG_BYTES, "a model config file",
+                           optional=optional,
+                           missing=f"{path} is missing; re-run `arrowengine convert` on the source checkpoint")
+    if data is None:
+        return None
+    cfg = parse_json(data, path)
+    if not isinstance(cfg, kind):
+        raise ModelConfigError(f"{path}: expected a JSON {'object' if kind is dict else kind.__name__}, got "
+                               f"{type(cfg).__name__}")
+    return cfg
 
 
 def tokenizer_config(model_dir: Path) -> dict[str, Any]:
     """tokenizer_config.json of a model directory as a dict ({} when there is none)."""
-    path = Path(model_dir) / "tokenizer_config.json"
-    if not path.exists():
-        return {}
-    cfg = read_json(path)
-    if not isinstance(cfg, dict):
-        raise ModelConfigError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
-    return cfg
+    return read_json(model_dir, "tokenizer_config.json", optional=True) or {}
 
 
 def model_max_length(model_dir: Path, positions: int) -> int:
@@ -214,14 +231,41 @@ def _get(cfg: dict[str, Any], key: str, default: Any, kind: type, where: str) ->
     return value
 
 
-def _tower(cfg: dict[str, Any], where: str, act_key: str, defaults: dict[str, Any]) -> TowerConfig:
+def _size(cfg: dict[str, Any], key: str, default: Any, where: str, minimum: int = 1, maximum: int = MAX_SIZE) -> int:
+    """An integer size field: an int in [minimum, maximum] (positive and below MAX_SIZE by default)."""
+    value = _get(cfg, key, default, int, where)
+    if not minimum <= value <= maximum:
+        raise ModelConfigError(f"{where}: {key} is {value}, expected an integer from {minimum} to {maximum}; the "
+                               "file is corrupt or not this model's config")
+    return value
+
+
+def _eps(cfg: dict[str, Any], key: str, default: float, where: str) -> float:
+    value = _get(cfg, key, default, float, where)
+    if not (math.isfinite(value) and value > 0):
+        raise ModelConfigError(f"{where}: {key} is {value}, expected a small positive number such as 1e-5")
+    return value
+
+
+# config.json keys of a tower's fields: (width, layers, heads, mlp width, activation, LayerNorm eps)
+_TOWER_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act",
+               "layer_norm_eps")
+_DISTILBERT_KEYS = ("dim", "n_layers", "n_heads", "hidden_dim", "activation", None)  # LayerNorm eps fixed: 1e-12
+
+
+def _tower(cfg: dict[str, Any], where: str, defaults: dict[str, Any], keys: tuple = _TOWER_KEYS) -> TowerConfig:
+    width_key, layers_key, heads_key, mlp_key, act_key, eps_key = keys
+    width = _size(cfg, width_key, defaults[width_key], where)
+    heads = _size(cfg, heads_key, defaults[heads_key], where)
+    if width % heads:
+        raise ModelConfigError(f"{where}: {width_key} {width} is not divisible by {heads_key} {heads}")
     return TowerConfig(
-        width=_get(cfg, "hidden_size", defaults["hidden_size"], int, where),
-        layers=_get(cfg, "num_hidden_layers", defaults["num_hidden_layers"], int, where),
-        heads=_get(cfg, "num_attention_heads", defaults["num_attention_heads"], int, where),
-        mlp_width=_get(cfg, "intermediate_size", defaults["intermediate_size"], int, where),
+        width=width,
+        layers=_size(cfg, layers_key, defaults[layers_key], where, maximum=MAX_LAYERS),
+        heads=heads,
+        mlp_width=_size(cfg, mlp_key, defaults[mlp_key], where),
         act=_get(cfg, act_key, defaults[act_key], str, where),
-        eps=_get(cfg, "layer_norm_eps", defaults["layer_norm_eps"], float, where),
+        eps=_eps(cfg, eps_key, defaults[eps_key], where) if eps_key else defaults["eps"],
     )
 
 
@@ -239,7 +283,7 @@ CLIP_TEXT_TOWER, CLIP_VISION_TOWER = "clip_text_model", "clip_vision_model"
 def clip_config(model_dir: Path) -> ClipConfig:
     """Read the config.json of a CLIPModel, or of a CLIPTextModelWithProjection / CLIPVisionModelWithProjection
     (the tower's own config at the top level, projection_dim beside it)."""
-    cfg = read_json(Path(model_dir) / "config.json")
+    cfg = read_json(model_dir, "config.json")
     where = f"{model_dir}/config.json"
     tower_type = cfg.get("model_type")
     if tower_type in (CLIP_TEXT_TOWER, CLIP_VISION_TOWER):
@@ -251,40 +295,44 @@ def clip_config(model_dir: Path) -> ClipConfig:
                         for key in ("text_config", "vision_config"))
     return ClipConfig(text=None if text is None else _clip_text(text, where),
                       vision=None if vision is None else _clip_vision(vision, where),
-                      projection_dim=_get(cfg, "projection_dim", 512, int, where))
+                      projection_dim=_size(cfg, "projection_dim", 512, where))
 
 
 def _clip_text(text: dict[str, Any], where: str) -> ClipTextConfig:
+    where_text = where + " text_config"
     return ClipTextConfig(
-        tower=_tower(text, where + " text_config", "hidden_act", _CLIP_TEXT_DEFAULTS),
-        vocab_size=_get(text, "vocab_size", 49408, int, where),
-        max_positions=_get(text, "max_position_embeddings", 77, int, where),
-        eos_token_id=_get(text, "eos_token_id", 49407, int, where),
+        tower=_tower(text, where_text, _CLIP_TEXT_DEFAULTS),
+        vocab_size=_size(text, "vocab_size", 49408, where_text),
+        max_positions=_size(text, "max_position_embeddings", 77, where_text),
+        eos_token_id=_size(text, "eos_token_id", 49407, where_text, minimum=0),
     )
 
 
 def _clip_vision(vision: dict[str, Any], where: str) -> ClipVisionConfig:
+    where_vision = where + " vision_config"
     vision_cfg = ClipVisionConfig(
-        tower=_tower(vision, where + " vision_config", "hidden_act", _CLIP_VISION_DEFAULTS),
-        image_size=_get(vision, "image_size", 224, int, where),
-        patch_size=_get(vision, "patch_size", 32, int, where),
-        channels=_get(vision, "num_channels", 3, int, where),
+        tower=_tower(vision, where_vision, _CLIP_VISION_DEFAULTS),
+        image_size=_size(vision, "image_size", 224, where_vision),
+        patch_size=_size(vision, "patch_size", 32, where_vision),
+        channels=_size(vision, "num_channels", 3, where_vision),
     )
     if vision_cfg.grid < 1:
-        raise ModelConfigError(f"{where}: image_size {vision_cfg.image_size} is smaller than patch_size "
+        raise ModelConfigError(f"{where_vision}: image_size {vision_cfg.image_size} is smaller than patch_size "
                                f"{vision_cfg.patch_size}")
     return vision_cfg
 
 
 _BERT_DEFAULTS = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
                       hidden_act="gelu", layer_norm_eps=1e-12)
+# DistilBertConfig's own key names and defaults; its LayerNorms' eps is fixed at 1e-12
+_DISTILBERT_DEFAULTS = dict(dim=768, n_layers=6, n_heads=12, hidden_dim=3072, activation="gelu", eps=1e-12)
 
 
 def bert_config(model_dir: Path) -> BertConfig:
     """Read a sentence-transformers checkpoint over a BERT-family encoder: config.json, modules.json, pooling,
     max length and lowercasing, in the layouts of sentence-transformers 2.x to 6.x."""
     model_dir = Path(model_dir)
-    cfg = read_json(model_dir / "config.json")
+    cfg = read_json(model_dir, "config.json")
     where = f"{model_dir}/config.json"
     model_type = _get(cfg, "model_type", "bert", str, where)
     if model_type not in BERT_FAMILY:
@@ -292,7 +340,9 @@ def bert_config(model_dir: Path) -> BertConfig:
     if cfg.get("position_embedding_type", "absolute") != "absolute":
         raise ModelConfigError(f"{where}: position_embedding_type {cfg['position_embedding_type']!r} is not "
                                "supported; expected 'absolute'")
-    modules = read_json(model_dir / "modules.json")
+    tower = (_tower(cfg, where, _DISTILBERT_DEFAULTS, _DISTILBERT_KEYS) if model_type == "distilbert"
+             else _tower(cfg, where, _BERT_DEFAULTS))
+    modules = read_json(model_dir, "modules.json", kind=object)
     types = st_module_names(modules) or []
     unknown = [t for t in types if t not in ST_RUNNABLE_MODULES]
     order = [t for t in types if t != "Dense"]
@@ -307,24 +357,27 @@ def bert_config(model_dir: Path) -> BertConfig:
     if len(pools) != 1:
         raise ModelConfigError(f"{model_dir}/modules.json: expected one Pooling module, got {len(pools)}; without "
                                "one sentence-transformers gives token embeddings, not one vector per text")
-    pool_config = model_dir / str(pools[0].get("path", "1_Pooling")) / "config.json"
-    pool = read_json(pool_config)
+    pool_name = PurePosixPath(str(pools[0].get("path", "1_Pooling"))) / "config.json"
+    pool_config = model_dir / pool_name
+    pool = read_json(model_dir, pool_name)
     pooling = _pooling_mode(pool, pool_config)
     prompt = _default_prompt(model_dir)
     if prompt and pool.get("include_prompt", True) is False:
         raise ModelConfigError(f"{pool_config}: include_prompt false (pooling leaves out the default prompt's "
                                f"tokens, {prompt!r}) is not supported; remove default_prompt_name from "
                                "config_sentence_transformers.json and put the prompt in your texts")
-    st_cfg = next((read_json(model_dir / n) for n in _ST_CONFIG_FILES if (model_dir / n).exists()), {})
+    st_cfg = next((c for c in (read_json(model_dir, n, optional=True) for n in _ST_CONFIG_FILES) if c is not None),
+                  {})
     max_seq = st_cfg.get("max_seq_length")
     if max_seq is None:  # sentence-transformers 6.x keeps it as the tokenizer's model_max_length
         max_seq = tokenizer_config(model_dir).get("model_max_length")
     lowercase = st_cfg.get("do_lower_case", False)
     if not isinstance(lowercase, bool):
         raise ModelConfigError(f"{model_dir}: do_lower_case should be true or false, got {lowercase!r}")
-    max_positions = _get(cfg, "max_position_embeddings", 512, int, where)
-    pad_token_id = _get(cfg, "pad_token_id", 1 if model_type in (*_POSITIONS_AFTER_PAD, "mpnet") else 0, int, where)
-    buckets = _get(cfg, "relative_attention_num_buckets", 32, int, where) if model_type == "mpnet" else 0
+    max_positions = _size(cfg, "max_position_embeddings", 512, where)
+    pad_token_id = _size(cfg, "pad_token_id", 1 if model_type in (*_POSITIONS_AFTER_PAD, "mpnet") else 0, where,
+                         minimum=0)
+    buckets = _size(cfg, "relative_attention_num_buckets", 32, where) if model_type == "mpnet" else 0
     if model_type == "mpnet" and buckets < MPNET_BUCKETS:
         raise ModelConfigError(f"{where}: relative_attention_num_buckets {buckets} is under {MPNET_BUCKETS}, the "
                                "buckets transformers' MPNet computes (it always uses 32); the checkpoint cannot run")
@@ -332,15 +385,12 @@ def bert_config(model_dir: Path) -> BertConfig:
     if max_positions - offset < 1:
         raise ModelConfigError(f"{where}: max_position_embeddings {max_positions} leaves no position for "
                                f"tokens after the offset {offset}")
-    if model_type == "distilbert":  # DistilBertConfig's own key names; its LayerNorms' eps is fixed at 1e-12
-        cfg = {**cfg, "hidden_size": cfg.get("dim", 768), "num_hidden_layers": cfg.get("n_layers", 6),
-               "num_attention_heads": cfg.get("n_heads", 12), "intermediate_size": cfg.get("hidden_dim", 3072),
-               "hidden_act": cfg.get("activation", "gelu"), "layer_norm_eps": 1e-12}
     return BertConfig(
-        tower=_tower(cfg, where, "hidden_act", _BERT_DEFAULTS),
-        vocab_size=_get(cfg, "vocab_size", 30522, int, where),
+        tower=tower,
+        vocab_size=_size(cfg, "vocab_size", 30522, where),
         max_positions=max_positions,
-        type_vocab_size=0 if model_type in ("mpnet", "distilbert") else _get(cfg, "type_vocab_size", 2, int, where),
+        type_vocab_size=(0 if model_type in ("mpnet", "distilbert")
+                         else _size(cfg, "type_vocab_size", 2, where, minimum=0)),
         pad_token_id=pad_token_id,
         max_seq_length=_length_cap(max_seq, max_positions - offset),
         pooling=pooling,
@@ -348,20 +398,20 @@ def bert_config(model_dir: Path) -> BertConfig:
         model_type=model_type,
         lowercase=lowercase,
         relative_buckets=buckets,
-        dense=_dense_modules(model_dir, modules, types, _get(cfg, "hidden_size", 768, int, where)),
+        dense=_dense_modules(model_dir, modules, types, tower.width),
         prompt=prompt,
-        **(_albert_shape(cfg, where) if model_type == "albert" else {}),
+        **(_albert_shape(cfg, where, tower.layers) if model_type == "albert" else {}),
     )
 
 
-def _albert_shape(cfg: dict[str, Any], where: str) -> dict[str, int]:
+def _albert_shape(cfg: dict[str, Any], where: str, layers: int) -> dict[str, int]:
     """ALBERT's embedding width and layer sharing (AlbertConfig's defaults where config.json omits them)."""
-    shape = dict(embed_width=_get(cfg, "embedding_size", 128, int, where),
-                 layer_groups=_get(cfg, "num_hidden_groups", 1, int, where),
-                 inner_layers=_get(cfg, "inner_group_num", 1, int, where))
-    if min(shape.values()) < 1 or shape["layer_groups"] > _get(cfg, "num_hidden_layers", 12, int, where):
-        raise ModelConfigError(f"{where}: embedding_size, num_hidden_groups and inner_group_num must be >= 1 and "
-                               f"num_hidden_groups at most num_hidden_layers; got {shape}")
+    shape = dict(embed_width=_size(cfg, "embedding_size", 128, where),
+                 layer_groups=_size(cfg, "num_hidden_groups", 1, where, maximum=MAX_LAYERS),
+                 inner_layers=_size(cfg, "inner_group_num", 1, where, maximum=MAX_LAYERS))
+    if shape["layer_groups"] > layers:
+        raise ModelConfigError(f"{where}: num_hidden_groups {shape['layer_groups']} is more than num_hidden_layers "
+                               f"{layers}; expected at most one group per layer")
     return shape
 
 
@@ -369,14 +419,14 @@ def _default_prompt(model_dir: Path) -> str:
     """The prompt sentence-transformers puts before every text it encodes: ``prompts[default_prompt_name]``
     of config_sentence_transformers.json, or "" when it names none."""
     path = model_dir / "config_sentence_transformers.json"
-    if not path.exists():
+    st = read_json(model_dir, "config_sentence_transformers.json", optional=True)
+    if st is None:
         return ""
-    st = read_json(path)
     name = st.get("default_prompt_name")
     if not name:
         return ""
     prompts = st.get("prompts") or {}
-    if not isinstance(prompts, dict) or not isinstance(prompts.get(name), str):
+    if not isinstance(prompts, dict) or not isinstance(name, str) or not isinstance(prompts.get(name), str):
         raise ModelConfigError(f"{path}: default_prompt_name {name!r} is not one of its prompts "
                                f"({sorted(prompts) if isinstance(prompts, dict) else prompts!r})")
     return prompts[name]
@@ -388,15 +438,19 @@ def _dense_modules(model_dir: Path, modules: list, types: list[str], width: int)
     for m, t in zip(modules, types):
         if t != "Dense":
             continue
-        path = str(m.get("path", ""))
-        where = f"{model_dir}/{path}/config.json"
-        d = read_json(model_dir / path / "config.json")
+        path = m.get("path", "")
+        if not isinstance(path, str) or not path or "." in path or "/" in path or "\\" in path:
+            raise ModelConfigError(f"{model_dir}/modules.json: a Dense module's path is {path!r}, expected the "
+                                   "name of its folder in the model directory (such as '2_Dense')")
+        name = PurePosixPath(path) / "config.json"
+        where = f"{model_dir}/{name}"
+        d = read_json(model_dir, name)
         act = str(d.get("activation_function", "torch.nn.modules.activation.Tanh")).rsplit(".", 1)[-1]
         if act not in DENSE_ACTIVATIONS:
             raise ModelConfigError(f"{where}: activation_function {d.get('activation_function')!r} is not supported; "
                                    f"expected one of torch.nn's {DENSE_ACTIVATIONS}")
-        dense = DenseConfig(path=path, n_in=_get(d, "in_features", None, int, where),
-                            n_out=_get(d, "out_features", None, int, where), bias=bool(d.get("bias", True)), act=act)
+        dense = DenseConfig(path=path, n_in=_size(d, "in_features", None, where),
+                            n_out=_size(d, "out_features", None, where), bias=bool(d.get("bias", True)), act=act)
         expected = out[-1].n_out if out else width
         if dense.n_in != expected:
             raise ModelConfigError(f"{where}: in_features {dense.n_in}, but the module before it gives {expected} "

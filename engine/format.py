@@ -118,6 +118,19 @@ def tensor_nbytes(shape: list[int] | tuple[int, ...], dtype: str) -> int:
     return n
 
 
+def is_plain_relative_path(name: str) -> bool:
+    """Whether ``name`` is a relative POSIX path that stays inside its folder: not absolute, no empty, '.' or
+    '..' part, no backslash or NUL."""
+    if not isinstance(name, str) or not name or "\\" in name or "\0" in name or name.startswith("/"):
+        return False
+    return all(part not in ("", ".", "..") for part in name.split("/"))
+
+
+def is_plain_file_name(name: str) -> bool:
+    """Whether ``name`` is a file name with no folder part (and not '.', '..' or empty)."""
+    return is_plain_relative_path(name) and "/" not in name
+
+
 @dataclass(frozen=True)
 class Manifest:
     """``manifest.json`` of a converted model directory."""
@@ -153,7 +166,10 @@ class Manifest:
             ValueError: not JSON, a key is missing or has the wrong type, or the
                 format/version is not ours.
         """
-        data: Any = json.loads(text)
+        try:
+            data: Any = json.loads(text)
+        except RecursionError as exc:  # deep nesting: not a manifest
+            raise ValueError(f"not a manifest: JSON nested too deeply ({exc})") from exc
         if not isinstance(data, dict):
             raise ValueError(f"expected a JSON object, got {type(data).__name__}")
         problems: list[str] = []
@@ -177,6 +193,11 @@ class Manifest:
                 if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                     problems.append("'files' must be a list of strings")
                     continue
+                outside = [v for v in value if not is_plain_relative_path(v)]
+                if outside:
+                    problems.append(f"'files' must be relative paths inside the model directory (no '..', not "
+                                    f"absolute), got {outside[:5]}")
+                    continue
                 value = tuple(value)
             elif want is not None and (not isinstance(value, want) or isinstance(value, bool)):
                 problems.append(f"{f.name!r} must be {want.__name__}, got {value!r}")
@@ -187,6 +208,9 @@ class Manifest:
                 problems.append(f"kind is {kwargs['kind']!r}, expected one of {KINDS}")
             if kwargs["weights_format"] not in WEIGHT_FILES:
                 problems.append(f"weights_format is {kwargs['weights_format']!r}, expected arrow|parquet")
+            if not is_plain_file_name(kwargs["weights"]):
+                problems.append(f"'weights' is {kwargs['weights']!r}, expected a plain file name inside the model "
+                                f"directory, such as {ARROW_WEIGHTS_FILE!r}")
         if problems:
             raise ValueError("; ".join(problems))
         return cls(**kwargs)

@@ -6,7 +6,6 @@ transformers' ``CLIPImageProcessor``; missing keys take CLIP's defaults.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -106,17 +105,19 @@ class ImageConfig:
         without ``image_size`` that is an error.
 
         Raises:
-            ModelConfigError: no settings, a file that is not JSON, or unsupported values.
+            ModelConfigError: no settings, a file that is not JSON (or not a regular file inside the directory,
+                or larger than ``engine.files.MAX_CONFIG_BYTES``), or unsupported values.
         """
+        from engine.files import MAX_CONFIG_BYTES, parse_json, read_model_file
+
         root = Path(path)
         for name, key in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
-            file = root / name
-            if not file.exists():
+            # a regular file inside the directory, at most MAX_CONFIG_BYTES; None: there is none
+            data = read_model_file(root, name, MAX_CONFIG_BYTES, "the model's image processor config",
+                                   optional=True)
+            if data is None:
                 continue
-            try:
-                cfg = json.loads(file.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as exc:
-                raise ModelConfigError(f"{file} could not be read as JSON: {exc}") from exc
+            cfg = parse_json(data, root / name)
             if key is None:
                 return cls.from_hf(cfg)
             if isinstance(cfg, dict) and isinstance(cfg.get(key), dict):
@@ -159,11 +160,15 @@ def _triple(value: object, name: str) -> tuple[float, float, float]:
 
 @dataclass(frozen=True)
 class ImageLimits:
-    """What the processor accepts before decoding anything."""
+    """What the processor accepts before decoding anything (all read from the image's header)."""
 
     max_bytes: int = 32 * 1024 * 1024  # encoded size of one image
     max_pixels: int = 50_000_000  # width x height from the header, and after the resize (before the crop)
     formats: frozenset[str] = frozenset({"jpeg", "png", "webp", "gif", "bmp"})  # allow-list
+    # What the decoder allocates for the pixels: width x height x channels x bytes per sample, as the header
+    # says it will decode (engine.image_header.ImageHeader.decoded_bytes; e.g. 16-bit RGBA is 8 bytes a pixel).
+    # The default lets an 8-bit RGB image at the default max_pixels pass: 3 x 50,000,000.
+    max_decoded_bytes: int = 150_000_000
 
     def __post_init__(self) -> None:
         unknown = set(self.formats) - PARSED_FORMATS
@@ -171,5 +176,7 @@ class ImageLimits:
             raise ModelConfigError(
                 f"image limits: formats must be among {sorted(PARSED_FORMATS)}, got {sorted(unknown)}"
             )
-        if self.max_bytes < 1 or self.max_pixels < 1:
-            raise ModelConfigError(f"image limits: expected positive max_bytes and max_pixels, got {self}")
+        if self.max_bytes < 1 or self.max_pixels < 1 or self.max_decoded_bytes < 1:
+            raise ModelConfigError(
+                f"image limits: expected positive max_bytes, max_pixels and max_decoded_bytes, got {self}"
+            )

@@ -306,6 +306,7 @@ def load_model(path: str | Path, device: str = "cpu", precision: str = "fp32", n
         file; ModelConfigError for missing/invalid config files; PrecisionError.
     """
     from engine import allocator
+    from engine.config_check import check_config_against_weights
     from engine.weights import load_weights, read_manifest
 
     t0 = time.perf_counter()
@@ -322,12 +323,14 @@ def load_model(path: str | Path, device: str = "cpu", precision: str = "fp32", n
     prec.check_precision(precision, dev)
     prec.check_packing(pack_weights, precision, dev)
     state = load_weights(path)
+    shapes = {k: tuple(t.shape) for k, t in state.items()}  # the config is checked against these first
     if manifest.kind == "clip":
         from engine.clip import CLIP
         from engine.image_processor import ArrowImageProcessor, ImageConfig
         from engine.tokenizer import TextTokenizer
 
         cfg = clip_config(path)
+        check_config_against_weights(cfg, shapes, path, manifest.weights)
         net = CLIP(cfg)
         dim, modalities = cfg.projection_dim, cfg.modalities
         max_tokens = cfg.text.max_positions if cfg.text is not None else 0
@@ -349,6 +352,7 @@ def load_model(path: str | Path, device: str = "cpu", precision: str = "fp32", n
         from engine.tokenizer import TextTokenizer
 
         cfg = bert_config(path)
+        check_config_against_weights(cfg, shapes, path, manifest.weights)
         net = SentenceBert(cfg)
         dim, modalities, max_tokens = cfg.dim, ("text",), cfg.positions
         tokenizer = TextTokenizer.from_dir(path, cfg.max_seq_length, lazy=True, lowercase=cfg.lowercase,

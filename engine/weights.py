@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 import torch
 
 from engine.errors import WeightFormatError
+from engine.files import MAX_MANIFEST_BYTES, open_model_file, read_model_file
 from engine.format import (
     ALIGNMENT, ARROW_WEIGHTS_FILE, COL_DATA, COL_DTYPE, COL_NAME, COL_SHA256, COL_SHAPE,
     DTYPES, FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, META_FORMAT, META_VERSION,
@@ -84,8 +85,8 @@ def _check_schema(schema: pa.Schema, problems: list[str]) -> dict[str, int]:
     for name, want in REQUIRED_COLUMNS.items():
         if name not in index:
             problems.append(f"missing column {name!r} ({want})")
-        elif schema.field(name).type != want:
-            problems.append(f"column {name!r} has type {schema.field(name).type}, expected {want}")
+        elif schema.field(index[name]).type != want:  # by position: a duplicated name has no single field
+            problems.append(f"column {name!r} has type {schema.field(index[name]).type}, expected {want}")
     meta = schema.metadata or {}
     if meta.get(META_FORMAT) != FORMAT_NAME.encode():
         problems.append(f"schema metadata {META_FORMAT.decode()!r} is {meta.get(META_FORMAT)!r}, "
@@ -142,8 +143,9 @@ class WeightFile:
     """
 
     def __init__(self, path: Path, infos: dict[str, TensorInfo], base: torch.Tensor | None,
-                 owned: dict[str, torch.Tensor] | None, file_size: int) -> None:
+                 owned: dict[str, torch.Tensor] | None, file_size: int, real_path: Path | None = None) -> None:
         self.path = path
+        self.real_path = real_path or path  # the checked file behind ``path`` (a link inside the folder, e.g.)
         self._infos = infos
         self._base = base  # uint8 view of the whole mapped file (Arrow)
         self._typed_bases: dict[torch.dtype, torch.Tensor] = {}  # _base viewed as each dtype
@@ -152,30 +154,43 @@ class WeightFile:
         self.names: tuple[str, ...] = tuple(infos)
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> "WeightFile":
+    def open(cls, path: str | os.PathLike, folder: str | os.PathLike | None = None) -> "WeightFile":
         """Open and fully validate ``weights.arrow`` or ``weights.parquet``.
 
+        Args:
+            path: the weight file.
+            folder: the model directory ``path`` belongs to: the file must then be a regular file whose real
+                path lies inside the folder's (see :mod:`engine.files`). Without it, ``path`` must still be a
+                regular file (not a device, FIFO or directory).
+
         Raises:
-            WeightFormatError: the file is missing, truncated or inconsistent; the
-                message lists every problem found and says which file.
+            WeightFormatError: the file is missing, not a regular file (inside the folder), truncated or
+                inconsistent; the message lists every problem found and says which file.
         """
         path = Path(path)
         if sys.byteorder != "little":
             raise WeightFormatError("ArrowEngine weight files are little-endian; this host is big-endian")
-        if not path.is_file():
-            raise WeightFormatError(f"{path}: weight file not found; {_FIX}")
-        if path.suffix == ".parquet":
-            return cls._open_parquet(path)
-        return cls._open_arrow(path)
+        if folder is None:
+            folder, name = path.parent, path.name
+            boundary = Path(os.path.realpath(path)).parent  # given directly: any regular file, wherever it is
+        else:
+            folder, name, boundary = Path(folder), path.relative_to(folder).as_posix(), None
+        fd, st = open_model_file(folder, name, None, "weight file", error=WeightFormatError,
+                                 missing=f"{path}: weight file not found; {_FIX}", boundary=boundary)
+        real = Path(os.path.realpath(path))
+        try:
+            if path.suffix == ".parquet":
+                return cls._open_parquet(path, fd, real)
+            return cls._open_arrow(path, fd, st.st_size, real)
+        finally:
+            os.close(fd)
 
     # -- Arrow -------------------------------------------------------------------------------
     @classmethod
-    def _open_arrow(cls, path: Path) -> "WeightFile":
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size == 0:
-                _raise_problems(path, ["file is empty"])
-            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    def _open_arrow(cls, path: Path, fd: int, size: int, real: Path) -> "WeightFile":
+        if size == 0:
+            _raise_problems(path, ["file is empty"])
+        mm = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)  # a regular file (checked on fd): mapping is safe
         buf = pa.py_buffer(mm)
         try:
             reader = pa.ipc.open_file(pa.BufferReader(buf))
@@ -194,7 +209,7 @@ class WeightFile:
             _raise_problems(path, problems)
         base = torch.frombuffer(mm, dtype=torch.uint8)
         _register_map(mm, base.data_ptr(), size)
-        return cls(path, infos, base, None, size)
+        return cls(path, infos, base, None, size, real)
 
     @staticmethod
     def _scan_arrow(reader: pa.ipc.RecordBatchFileReader, index: dict[str, int], base_addr: int,
@@ -236,26 +251,27 @@ class WeightFile:
 
     # -- Parquet -----------------------------------------------------------------------------
     @classmethod
-    def _open_parquet(cls, path: Path) -> "WeightFile":
+    def _open_parquet(cls, path: Path, fd: int, real: Path) -> "WeightFile":
         problems: list[str] = []
         try:
-            pf = pq.ParquetFile(path)
-            _check_schema(pf.schema_arrow, problems)
-            if problems:
-                _raise_problems(path, problems)
-            infos, owned, seen, row = {}, {}, set(), 0
-            for g in range(pf.num_row_groups):
-                table = pf.read_row_group(g, columns=list(REQUIRED_COLUMNS))
-                batch = table.combine_chunks().to_batches()
-                cls._take_parquet_rows(batch, row, seen, infos, owned, problems)
-                row += table.num_rows
+            with os.fdopen(os.dup(fd), "rb") as f:  # the checked file, read through its descriptor
+                pf = pq.ParquetFile(f)
+                _check_schema(pf.schema_arrow, problems)
+                if problems:
+                    _raise_problems(path, problems)
+                infos, owned, seen, row = {}, {}, set(), 0
+                for g in range(pf.num_row_groups):
+                    table = pf.read_row_group(g, columns=list(REQUIRED_COLUMNS))
+                    batch = table.combine_chunks().to_batches()
+                    cls._take_parquet_rows(batch, row, seen, infos, owned, problems)
+                    row += table.num_rows
         except (pa.ArrowException, OSError, ValueError) as exc:
             raise WeightFormatError(
                 f"{path}: not a readable Parquet weight file (truncated or corrupt?): {exc}; {_FIX}"
             ) from exc
         if problems:
             _raise_problems(path, problems)
-        return cls(path, infos, None, owned, path.stat().st_size)
+        return cls(path, infos, None, owned, os.fstat(fd).st_size, real)
 
     @staticmethod
     def _take_parquet_rows(batches: list[pa.RecordBatch], row: int, seen: set[str],
@@ -331,10 +347,12 @@ class WeightFile:
 
 
 def read_manifest(model_dir: str | os.PathLike) -> Manifest:
-    """Read ``manifest.json`` of a converted model directory.
+    """Read ``manifest.json`` of a converted model directory (a regular file inside it, at most
+    ``engine.files.MAX_MANIFEST_BYTES``).
 
     Raises:
-        WeightFormatError: the manifest is missing, not JSON, or lacks a key.
+        WeightFormatError: the manifest is missing, not a regular file inside the directory, too large, not
+            JSON, lacks a key, or names files outside the directory.
     """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
@@ -342,12 +360,10 @@ def read_manifest(model_dir: str | os.PathLike) -> Manifest:
         raise WeightFormatError(f"{model_dir} {what}; expected a directory made by "
                                 "`arrowengine convert SOURCE OUT_DIR`")
     path = model_dir / MANIFEST_FILE
-    try:
-        text = path.read_bytes()
-    except FileNotFoundError as exc:
-        raise WeightFormatError(
-            f"{model_dir}: no {MANIFEST_FILE}; expected a directory made by "
-            "`arrowengine convert SOURCE OUT_DIR` -- run that first") from exc
+    text = read_model_file(model_dir, MANIFEST_FILE, MAX_MANIFEST_BYTES, "the model's manifest",
+                           error=WeightFormatError,
+                           missing=f"{model_dir}: no {MANIFEST_FILE}; expected a directory made by "
+                                   "`arrowengine convert SOURCE OUT_DIR` -- run that first")
     try:
         return Manifest.from_json(text)
     except ValueError as exc:
@@ -355,13 +371,10 @@ def read_manifest(model_dir: str | os.PathLike) -> Manifest:
 
 
 def _weights_name(model_dir: Path, manifest: Manifest | None) -> Path:
-    if manifest is not None:
-        name = manifest.weights
-        if Path(name).name != name or name in ("", ".", ".."):
-            raise WeightFormatError(f"{model_dir}: manifest names weights {name!r}, expected a plain file name")
-        return model_dir / name
+    if manifest is not None:  # Manifest.from_json checked that ``weights`` is a plain file name
+        return model_dir / manifest.weights
     for name in (ARROW_WEIGHTS_FILE, PARQUET_WEIGHTS_FILE):
-        if (model_dir / name).exists():
+        if os.path.lexists(model_dir / name):
             return model_dir / name
     raise WeightFormatError(f"{model_dir}: no {MANIFEST_FILE}, {ARROW_WEIGHTS_FILE} or "
                             f"{PARQUET_WEIGHTS_FILE}; run `arrowengine convert SOURCE {model_dir}`")
@@ -370,7 +383,7 @@ def _weights_name(model_dir: Path, manifest: Manifest | None) -> Path:
 def weights_path(model_dir: str | os.PathLike) -> Path:
     """The weight file of a model directory (from its manifest, else by the standard names)."""
     model_dir = Path(model_dir)
-    has_manifest = (model_dir / MANIFEST_FILE).exists()
+    has_manifest = os.path.lexists(model_dir / MANIFEST_FILE)  # a dangling or odd one is reported, not skipped
     return _weights_name(model_dir, read_manifest(model_dir) if has_manifest else None)
 
 
@@ -385,13 +398,14 @@ def load_weights(model_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
         of the file (writable; writes never reach the file).  Parquet: owned copies.
 
     Raises:
-        WeightFormatError: missing, truncated or inconsistent files (all problems listed).
+        WeightFormatError: missing, truncated or inconsistent files (all problems listed); a manifest or
+            weight file that is not a regular file inside the directory.
     """
     model_dir = Path(model_dir)
-    if model_dir.is_file():
+    if os.path.lexists(model_dir) and not model_dir.is_dir():  # a weight file given directly (checked there)
         return WeightFile.open(model_dir).tensors()
-    manifest = read_manifest(model_dir) if (model_dir / MANIFEST_FILE).exists() else None
-    wf = WeightFile.open(_weights_name(model_dir, manifest))
+    manifest = read_manifest(model_dir) if os.path.lexists(model_dir / MANIFEST_FILE) else None
+    wf = WeightFile.open(_weights_name(model_dir, manifest), folder=model_dir)
     if manifest is not None and manifest.tensors != len(wf):
         raise WeightFormatError(f"{wf.path}: holds {len(wf)} tensors, manifest says {manifest.tensors}; {_FIX}")
     return wf.tensors()
