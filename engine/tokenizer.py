@@ -8,16 +8,20 @@ so a CLIP text cut at 77 tokens still ends with its end-of-text token, as
 from __future__ import annotations
 
 import logging
+import os
+import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from tokenizers import Tokenizer, normalizers
 
 from engine.config import tokenizer_config
 from engine.errors import InputError, ModelConfigError
+from engine.files import MAX_TOKENIZER_BYTES, check_model_file, read_model_file
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +56,15 @@ class TextTokenizer:
         file's own, as sentence-transformers' do_lower_case; ``prefix`` goes before every text (a default
         prompt). A missing tokenizer.json is an error here when
         ``required``, else on the first text call (a CLIP model without one still embeds images and token ids).
+        A tokenizer.json that is there is checked now, even when ``lazy`` (a regular file inside the directory,
+        at most ``engine.files.MAX_TOKENIZER_BYTES``; no byte is read until it is parsed).
         """
         path = Path(model_dir) / "tokenizer.json"
-        if not path.exists() and (required or not lazy):
-            raise ModelConfigError(_missing(path))
+        if not os.path.lexists(path):
+            if required or not lazy:
+                raise ModelConfigError(_missing(path))
+        else:
+            _check_file(path)
         side = tokenizer_config(model_dir).get("truncation_side", "right")
         tok = cls(path, max_length, lowercase, side, prefix)
         return tok if lazy else tok.load()
@@ -67,18 +76,18 @@ class TextTokenizer:
     @property
     def available(self) -> bool:
         """Whether there is a tokenizer.json to parse."""
-        return self._tok is not None or self.source.exists()
+        return self._tok is not None or os.path.lexists(self.source)
 
     def load(self) -> "TextTokenizer":
         """Parse ``tokenizer.json`` now (once; thread-safe). Raises ModelConfigError if it is missing or unreadable."""
         if self._tok is None:
             with self._lock:
                 if self._tok is None:
-                    if not self.source.exists():
-                        raise ModelConfigError(_missing(self.source))
-                    try:
-                        tok = Tokenizer.from_file(str(self.source))
-                    except Exception as exc:  # tokenizers raises plain Exception subclasses
+                    data = read_model_file(self.source.parent, self.source.name, MAX_TOKENIZER_BYTES,
+                                           "the model's tokenizer", missing=_missing(self.source))
+                    try:  # the bytes that were checked, not the file again
+                        tok = Tokenizer.from_str(data.decode("utf-8"))
+                    except Exception as exc:  # tokenizers raises plain Exception subclasses; UnicodeDecodeError
                         raise ModelConfigError(f"{self.source} could not be read by the tokenizers library: {exc}") \
                             from exc
                     if self.lowercase:
@@ -90,26 +99,124 @@ class TextTokenizer:
                     log.debug("parsed %s", self.source)
         return self
 
+    @property
+    def window(self) -> int:
+        """Characters of a text that are tokenized at first (see :data:`WINDOW_CHARS_PER_TOKEN`)."""
+        return max(WINDOW_MIN_CHARS, WINDOW_CHARS_PER_TOKEN * self.max_length)
+
     def encode(self, texts: Sequence[str | None] | pa.Array | pa.ChunkedArray) -> tuple[list[np.ndarray | None], list[str | None]]:
-        """Tokenize texts. Returns (ids per row or None, error per row or None)."""
-        values = _text_values(texts)
+        """Tokenize texts. Returns (ids per row or None, error per row or None).
+
+        Only the characters truncation can keep are tokenized: a text longer than :attr:`window` characters
+        is cut to that many on the side truncation keeps, which gives the ids of the whole text when a space
+        lies between the kept tokens and the cut (the word the cut splits is then not among them). A text whose
+        window does not settle it (too few tokens: long runs of characters the tokenizer drops; or one endless
+        word) is tried again with a larger window, up to :data:`MAX_WINDOW_GROWTH` times the first, and whole
+        if it is no longer than that; past that it is a row error. So the time and memory one row costs are
+        bounded by the model's length, not by the size of the text; rows go to the tokenizer in calls of at
+        most :data:`TOKENIZE_CHUNK_CHARS` characters.
+        """
+        window = self.window
+        values, whole = _text_values(texts, window, self.truncation_side)
         errors: list[str | None] = [None] * len(values)
         good = [i for i, t in enumerate(values) if isinstance(t, str)]
         for i, t in enumerate(values):
             if t is None:
                 errors[i] = "null text: expected a string"
             elif isinstance(t, _BadUtf8):
-                errors[i] = "text is not valid UTF-8; send UTF-8 encoded strings"
+                errors[i] = "text is not valid UTF-8 (or holds a lone surrogate); send UTF-8 encoded strings"
             elif not isinstance(t, str):
                 errors[i] = f"expected a string, got {type(t).__name__}"
         rows: list[np.ndarray | None] = [None] * len(values)
         if good and not self.available:
             raise InputError(f"this model cannot tokenize texts: {_missing(self.source)}; or send token ids "
                              "(input kind 'tokens')")
-        batch = [self.prefix + values[i] for i in good] if self.prefix else [values[i] for i in good]
-        for i, enc in zip(good, self.load()._tok.encode_batch(batch, add_special_tokens=True)):
-            rows[i] = np.asarray(enc.ids, dtype=np.int64)
+        tok = self.load()._tok
+        for chunk in _chunks(good, [len(values[i]) for i in good], TOKENIZE_CHUNK_CHARS):
+            batch = [self.prefix + values[i] for i in chunk]
+            for k, (i, enc) in enumerate(zip(chunk, tok.encode_batch(batch, add_special_tokens=True))):
+                if i in whole and not self._kept_inside(enc, batch[k]):
+                    enc, errors[i] = self._encode_wider(whole[i](), window)
+                    if enc is None:
+                        continue
+                rows[i] = np.asarray(enc.ids, dtype=np.int64)
         return rows, errors
+
+    def _kept_inside(self, enc, text: str) -> bool:
+        """Whether ``enc``, the encoding of ``text`` (prompt + a cut text), holds the ids of the whole text: it
+        was truncated, and a whitespace character (a boundary for every pre-tokenizer) lies between the tokens
+        truncation kept and the cut, so the word the cut splits is not among them."""
+        if not enc.overflowing:  # not even truncated: the cut dropped tokens
+            return False
+        spans = [o for o, special in zip(enc.offsets, enc.special_tokens_mask) if not special]
+        if not spans:
+            return False
+        if self.truncation_side == "right":
+            return _SPACE.search(text, max(end for _, end in spans)) is not None
+        return _SPACE.search(text, len(self.prefix), min(start for start, _ in spans)) is not None
+
+    def _encode_wider(self, text: str, window: int):
+        """Encode one long text from growing windows until the kept tokens lie inside the cut; (encoding, None)
+        or (None, the row error)."""
+        limit = window * MAX_WINDOW_GROWTH
+        while True:
+            window *= 4
+            part = _cut(text, window, self.truncation_side)
+            enc = self._tok.encode(self.prefix + part, add_special_tokens=True)
+            if len(part) == len(text) or self._kept_inside(enc, self.prefix + part):
+                return enc, None
+            if window >= limit:
+                which = "first" if self.truncation_side == "right" else "last"
+                return None, (f"text of {len(text)} characters: the {self.max_length} tokens the model keeps could "
+                              f"not be told from its {which} {window} characters (too few tokens there, or no space "
+                              f"between them and the rest), and a text is read at most that far "
+                              f"({MAX_WINDOW_GROWTH}x {self.window} characters); cut the text, or remove long runs "
+                              "of spaces or symbols")
+
+
+# How much of a long text is tokenized. A token covers a few characters of real text (English ~4, a rare
+# word or a long number more; WordPiece reads words of at most 100 characters); 16 per token plus a floor
+# leaves room for both, and for the rest of the word the cut splits.
+WINDOW_CHARS_PER_TOKEN = 16
+WINDOW_MIN_CHARS = 4096
+MAX_WINDOW_GROWTH = 64   # a text whose first window does not settle its ids is read at most 64x as far
+_SPACE = re.compile(r"\s")
+
+
+# The tokenizer holds ~50 bytes per character it works on (offsets and alignments): rows go to it in calls of at
+# most this many characters, so one call of a big batch peaks near 50 MB, not 50 x the batch.
+TOKENIZE_CHUNK_CHARS = 1_000_000
+
+
+def _chunks(items: list[int], sizes: list[int], budget: int) -> list[list[int]]:
+    """``items`` in order, cut into runs whose ``sizes`` add up to at most ``budget`` (a bigger item alone)."""
+    out: list[list[int]] = []
+    run: list[int] = []
+    total = 0
+    for item, size in zip(items, sizes):
+        if run and total + size > budget:
+            out.append(run)
+            run, total = [], 0
+        run.append(item)
+        total += size
+    if run:
+        out.append(run)
+    return out
+
+
+def _cut(text: str, chars: int, side: str) -> str:
+    """The ``chars`` characters of ``text`` that truncation on ``side`` keeps."""
+    return text[:chars] if side == "right" else text[-chars:]
+
+
+def _check_file(path: Path) -> None:
+    """Refuse a tokenizer.json that is not a regular file inside its folder or is too large (stat only)."""
+    real = check_model_file(path.parent, path.name, "the model's tokenizer", missing=_missing(path))
+    size = os.stat(real).st_size
+    if size > MAX_TOKENIZER_BYTES:
+        raise ModelConfigError(f"{path} (the model's tokenizer) is {size:,} bytes, more than the "
+                               f"{MAX_TOKENIZER_BYTES:,} such a file may have; this is not a file the model needs "
+                               "as it is: check where the folder came from")
 
 
 def _missing(path: Path) -> str:
@@ -117,7 +224,13 @@ def _missing(path: Path) -> str:
             "installed so it can build one")
 
 
-def _text_values(texts) -> list:
+def _text_values(texts, window: int, side: str) -> tuple[list, dict[int, Callable[[], object]]]:
+    """Python values of the rows, each string cut to ``window`` characters on the side truncation keeps, and
+    for every cut row a function that gives its whole value (read again only when the cut is not enough).
+
+    An Arrow column is cut before it becomes Python strings, so a huge row never exists in Python unless it
+    must be read further.
+    """
     if isinstance(texts, pa.ChunkedArray):
         texts = pa.concat_arrays(texts.chunks) if texts.num_chunks != 1 else texts.chunk(0)
     if isinstance(texts, pa.DictionaryArray):  # e.g. a pandas categorical column: its values, row by row
@@ -127,14 +240,53 @@ def _text_values(texts) -> list:
             texts = texts.cast(pa.large_string())
         if not (pa.types.is_string(texts.type) or pa.types.is_large_string(texts.type)):
             raise InputError(f"texts: expected an Arrow string, large_string or string_view array, got {texts.type}")
-        try:
-            return texts.to_pylist()
-        except UnicodeDecodeError:  # a client sent bytes that are not UTF-8 in a string column
-            raw = texts.view(pa.large_binary() if pa.types.is_large_string(texts.type) else pa.binary())
-            return [_decode_or_marker(b) for b in raw.to_pylist()]
+        return _arrow_text_values(texts, window, side)
     if isinstance(texts, (str, bytes)):
         raise InputError("texts: expected a sequence of strings, got a single string; wrap it in a list")
-    return list(texts)
+    values = _as_list(texts, "texts", "strings")
+    whole: dict[int, Callable[[], object]] = {}
+    for i, t in enumerate(values):
+        if not isinstance(t, str):
+            continue
+        if len(t) > window:
+            whole[i] = (lambda t=t: t)
+            values[i] = t = _cut(t, window, side)
+        if not t.isascii():
+            try:
+                t.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate: no tokenizer takes it
+                values[i] = _BadUtf8()
+    return values, whole
+
+
+def _as_list(values, what: str, items: str) -> list:
+    """``list(values)``, or InputError for something that is not a sequence."""
+    try:
+        return list(values)
+    except TypeError as exc:
+        raise InputError(f"{what}: expected a sequence of {items} or an Arrow array, got "
+                         f"{type(values).__name__}") from exc
+
+
+def _arrow_text_values(texts: pa.Array, window: int, side: str) -> tuple[list, dict[int, Callable[[], object]]]:
+    try:
+        lengths = pc.utf8_length(texts).to_numpy(zero_copy_only=False)  # characters per row (NaN for nulls)
+        long_rows = np.flatnonzero(np.nan_to_num(lengths.astype(np.float64)) > window).tolist()
+        if long_rows:
+            texts_cut = (pc.utf8_slice_codeunits(texts, 0, window) if side == "right"
+                         else pc.utf8_slice_codeunits(texts, -window))
+        else:
+            texts_cut = texts
+        values = texts_cut.to_pylist()  # raises on invalid UTF-8 (so does the slice)
+    except (UnicodeDecodeError, pa.ArrowInvalid):  # a client sent bytes that are not UTF-8 in a string column
+        raw = texts.view(pa.large_binary() if pa.types.is_large_string(texts.type) else pa.binary())
+        values = [_decode_or_marker(b) for b in raw.to_pylist()]
+        long_rows = [i for i, t in enumerate(values) if isinstance(t, str) and len(t) > window]
+        whole = {i: (lambda t=values[i]: t) for i in long_rows}
+        for i in long_rows:
+            values[i] = _cut(values[i], window, side)
+        return values, whole
+    return values, {i: (lambda i=i: texts[i].as_py()) for i in long_rows}
 
 
 class _BadUtf8:
@@ -205,7 +357,9 @@ def _token_values(tokens) -> list:
     if isinstance(tokens, pa.ChunkedArray):
         tokens = pa.concat_arrays(tokens.chunks) if tokens.num_chunks != 1 else tokens.chunk(0)
     if not isinstance(tokens, pa.Array):
-        return list(tokens)
+        if isinstance(tokens, (str, bytes)):
+            raise InputError("tokens: expected a sequence of token-id lists, got a single string")
+        return _as_list(tokens, "tokens", "token-id lists")
     t = tokens.type
     if not (pa.types.is_list(t) or pa.types.is_large_list(t)) or not pa.types.is_integer(t.value_type):
         raise InputError(f"tokens: expected an Arrow list or large_list of integers, got {t}")
