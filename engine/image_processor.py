@@ -36,14 +36,19 @@ How it differs from the reference, on purpose:
   ``convert_to_rgb`` does (transformers 4 dropped the alpha channel instead).
 * 16-bit PNGs are scaled to 8 bits (``v >> 8``). PIL does the same for 16-bit
   colour, but clips 16-bit greyscale (mode ``I;16``) to 255, which whitens it.
+  Both this and the alpha compositing run on blocks of rows into one 8-bit
+  output, so converting adds at most the output (3 bytes a pixel) to the decoded
+  image: a 16-bit RGBA PNG (8 bytes a pixel) peaks at the decoder's own ~2x.
 * ``do_convert_rgb`` is read but images are always made 3-channel RGB: the
   vision tower needs three channels.
 * On a CUDA device (``device=``, torchvision installed), baseline JPEGs are decoded by nvJPEG and resized
   on the GPU (engine.device_jpeg) while the threads decode the other rows; ``pixels`` is then a tensor on
   the device.
 * Header checks come first: format sniffing against an allow-list, and
-  ``max_bytes`` / ``max_pixels`` limits from the parsed header, before any
-  decode. A bad row gets an error reason; it never fails the batch.
+  ``max_bytes`` / ``max_pixels`` / ``max_decoded_bytes`` limits from the parsed
+  header (the last one: width x height x channels x bytes per sample, as
+  ``cv2.imdecode`` will allocate them), before any decode. A bad row gets an
+  error reason; it never fails the batch.
 """
 from __future__ import annotations
 
@@ -80,6 +85,8 @@ _FORMAT_NAMES = {"jpeg": "JPEG", "png": "PNG", "webp": "WebP", "gif": "GIF", "bm
 _REDUCED_GREY = {
     2: cv2.IMREAD_REDUCED_GRAYSCALE_2, 4: cv2.IMREAD_REDUCED_GRAYSCALE_4, 8: cv2.IMREAD_REDUCED_GRAYSCALE_8,
 }
+# Decoded bytes per block of rows when converting to 8-bit grey/BGR: the temporaries stay this small.
+_CONVERT_BLOCK_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -325,7 +332,7 @@ class ArrowImageProcessor:
         self.close()
 
     def _check(self, view: np.ndarray | None) -> ImageHeader:
-        """Header-level checks (null, empty, size, format, pixel count); no decoding."""
+        """Header-level checks (null, empty, size, format, pixel count, decoded bytes); no decoding."""
         if view is None:
             raise _RowFault("null: no image bytes in this row")
         if view.size == 0:
@@ -347,6 +354,14 @@ class ArrowImageProcessor:
             raise _RowFault(
                 f"too many pixels: {header.width}x{header.height} = {pixels}, over the limit of "
                 f"{self.limits.max_pixels} (ImageLimits.max_pixels)"
+            )
+        decoded = header.decoded_bytes
+        if decoded > self.limits.max_decoded_bytes:
+            raise _RowFault(
+                f"too large to decode: this {_FORMAT_NAMES[fmt]} decodes to {header.width} x {header.height} x "
+                f"{header.channels} x {header.bytes_per_sample} bytes = {decoded} bytes, over the limit of "
+                f"{self.limits.max_decoded_bytes} (ImageLimits.max_decoded_bytes); re-encode it with fewer pixels, "
+                "8-bit samples or no alpha channel"
             )
         if self.config.do_resize:  # a thin image is few pixels but resizes to many: 1x15000 -> 224x3360000
             rh, rw = self._resize_hw(header.height, header.width)
@@ -442,24 +457,39 @@ def _channel_luts(config: ImageConfig) -> np.ndarray:
 
 
 def _to_grey_or_bgr(image: np.ndarray) -> np.ndarray:
-    """Any decoded image -> uint8 grey (H, W) or BGR (H, W, 3); alpha composited onto white."""
-    if image.dtype == np.uint16:
-        image = (image >> 8).astype(np.uint8)  # as PIL does for 16-bit colour PNGs
-    elif image.dtype != np.uint8:
+    """Any decoded image -> uint8 grey (H, W) or BGR (H, W, 3); 16-bit samples scaled to 8 bits (``v >> 8``),
+    alpha composited onto white.
+
+    An 8-bit grey or BGR image is returned as it is. Otherwise the conversion runs on blocks of about
+    ``_CONVERT_BLOCK_BYTES`` decoded bytes into one 8-bit output, so it needs the output and no full-size
+    temporary (a 16-bit RGBA image converted whole held 16-bit, 8-bit and per-plane copies at once).
+    """
+    if image.dtype not in (np.uint8, np.uint16):
         raise _RowFault(f"unsupported pixel type {image.dtype}: expected 8- or 16-bit samples")
-    if image.ndim == 2:
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    channels = 1 if image.ndim == 2 else image.shape[2]
+    if channels not in (1, 2, 3, 4):
+        raise _RowFault(f"unsupported image with {channels} channels: expected 1 to 4")
+    if image.dtype == np.uint8 and channels in (1, 3):
         return image
-    channels = image.shape[2]
-    if channels == 1:
-        return image[:, :, 0]
-    if channels == 3:
-        return image
-    if channels in (2, 4):  # grey + alpha, BGR + alpha: round(c * a / 255) + (255 - a)
-        planes = cv2.split(image)
-        alpha = planes[-1] if channels == 2 else cv2.merge([planes[-1]] * 3)
-        colour = planes[0] if channels == 2 else cv2.merge(planes[:3])
-        return cv2.add(cv2.multiply(colour, alpha, scale=1 / 255), cv2.bitwise_not(alpha))
-    raise _RowFault(f"unsupported image with {channels} channels: expected 1 to 4")
+    height, width = image.shape[:2]
+    out = np.empty((height, width) if channels <= 2 else (height, width, 3), dtype=np.uint8)
+    rows = max(1, _CONVERT_BLOCK_BYTES // max(1, width * channels * image.itemsize))
+    for top in range(0, height, rows):
+        block = image[top : top + rows]
+        if block.dtype == np.uint16:
+            block = (block >> 8).astype(np.uint8)  # as PIL does for 16-bit colour PNGs
+        out[top : top + rows] = _composite_on_white(block) if channels in (2, 4) else block
+    return out
+
+
+def _composite_on_white(image: np.ndarray) -> np.ndarray:
+    """uint8 grey + alpha (H, W, 2) or BGR + alpha (H, W, 4) -> grey or BGR: round(c * a / 255) + (255 - a)."""
+    planes = cv2.split(image)
+    alpha = planes[-1] if len(planes) == 2 else cv2.merge([planes[-1]] * 3)
+    colour = planes[0] if len(planes) == 2 else cv2.merge(planes[:3])
+    return cv2.add(cv2.multiply(colour, alpha, scale=1 / 255), cv2.bitwise_not(alpha))
 
 
 def _full_scale_hw(decoded_hw: tuple[int, int], header: ImageHeader, scale: int) -> tuple[int, int]:

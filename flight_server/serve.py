@@ -80,6 +80,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-image-pixels", type=int, default=defaults.max_image_pixels,
                         help="width x height per image, read from the header before decoding; a larger "
                              "image is a row error (default %(default)s; one decode takes 3 bytes/pixel)")
+    parser.add_argument("--max-image-decoded-bytes", type=int, default=None,
+                        help="bytes one image decodes to (pixels x channels x bytes per sample, from the header: "
+                             "a 16-bit RGBA pixel is 8 bytes); a larger image is a row error, never decoded "
+                             "(default: 3 x --max-image-pixels, an 8-bit RGB image at the pixel limit)")
     parser.add_argument("--max-tokens-per-row", type=int, default=defaults.max_row_tokens,
                         help="token ids per row of token-id input; a longer row is a row error (default: "
                              "the model's positions, e.g. 77 for CLIP). Texts are truncated by the model's "
@@ -114,6 +118,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     limits = ServerLimits(max_concurrent_exchanges=args.max_concurrent,
                           max_batch_rows=args.max_batch_rows, max_batch_bytes=args.max_batch_bytes,
                           max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
+                          max_image_decoded_bytes=args.max_image_decoded_bytes,
                           max_row_tokens=args.max_tokens_per_row, max_command_bytes=args.max_command_bytes,
                           idle_timeout_s=args.idle_timeout)
     if token is not None and args.tls_cert is None and not is_loopback(args.host):
@@ -193,7 +198,8 @@ def load_models(dirs: dict[str, Path], device: str, precision: str,
     from engine.image_config import ImageLimits
 
     limits = limits or ServerLimits()
-    image_limits = ImageLimits(max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels)
+    image_limits = ImageLimits(max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels,
+                               max_decoded_bytes=limits.max_image_decoded_bytes)
     models: dict[str, Any] = {}
     for name, path in dirs.items():
         try:

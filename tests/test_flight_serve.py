@@ -166,6 +166,9 @@ def test_limit_and_scheduler_flags_reach_the_config():
         "--max-command-bytes", "4096"]))
     limits = config.limits
     assert limits.idle_timeout_s == 7.5 and limits.max_command_bytes == 4096
+    assert limits.max_image_decoded_bytes == 3 * 5000  # follows --max-image-pixels unless given
+    given = serve.config_from_args(parse(["--max-image-decoded-bytes", "12345"])).limits
+    assert given.max_image_decoded_bytes == 12345
     assert (limits.max_image_bytes, limits.max_image_pixels, limits.max_row_tokens) == (1000, 5000, 16)
     assert limits.max_batch_rows == 64 and config.batch_wait_ms == 2.5 and config.metrics_port == 0
     defaults = serve.config_from_args(parse([]))
@@ -185,6 +188,9 @@ def test_load_models_applies_image_limits_and_make_schedulers_wraps_each(tiny_cl
     models = serve.load_models({"clip": tiny_clip_dir}, "cpu", "fp32", limits)
     assert models["clip"].image_processor.limits.max_bytes == 1234
     assert models["clip"].image_processor.limits.max_pixels == 5678
+    assert models["clip"].image_processor.limits.max_decoded_bytes == 3 * 5678  # an 8-bit RGB image at the limit
+    models = serve.load_models({"clip": tiny_clip_dir}, "cpu", "fp32", ServerLimits(max_image_decoded_bytes=999))
+    assert models["clip"].image_processor.limits.max_decoded_bytes == 999
     scheds = serve.make_schedulers(models, ServerConfig(batch_wait_ms=1.0, limits=ServerLimits(max_row_tokens=9)))
     try:
         assert isinstance(scheds["clip"], Scheduler) and scheds["clip"].model is models["clip"]
