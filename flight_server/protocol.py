@@ -29,6 +29,7 @@ Discovery: ``list_flights`` gives one FlightInfo per model (descriptor
 from __future__ import annotations
 
 import json
+import reprlib
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
@@ -85,17 +86,29 @@ MAX_ERROR_CHARS = 2000  # a whole error message
 MAX_COMMAND_BYTES = 64 * 1024  # default limit on the command JSON (ServerLimits.max_command_bytes)
 
 
+_SHORT_REPR = reprlib.Repr()  # nested values to a fixed depth, long ones cut: never recursion without bound
+_SHORT_REPR.maxlevel = 3
+_SHORT_REPR.maxstring = _SHORT_REPR.maxother = QUOTE_CHARS
+
+
 def quote(value: Any, limit: int = QUOTE_CHARS) -> str:
-    """``repr(value)`` cut to about ``limit`` characters, saying how long it was; lists and tuples show at
-    most QUOTE_ITEMS values, each cut. For anything a client sent that goes into an error or a log line."""
+    """``repr(value)`` cut to about ``limit`` characters, saying how long a string was; a list shows at most
+    QUOTE_ITEMS values, each cut, and nesting to a fixed depth. For anything a client sent that goes into an
+    error or a log line."""
+    if isinstance(value, (str, bytes)):
+        if len(value) <= limit:
+            return repr(value)
+        return f"{value[:limit]!r}... ({len(value)} {'characters' if isinstance(value, str) else 'bytes'})"
     if isinstance(value, (list, tuple)):
-        items = [quote(v, limit) for v in value[:QUOTE_ITEMS]]
+        items = [quote(v, limit) if isinstance(v, (str, bytes)) else _short(v, limit) for v in value[:QUOTE_ITEMS]]
         more = f", ... ({len(value) - QUOTE_ITEMS} more)" if len(value) > QUOTE_ITEMS else ""
         return "[" + ", ".join(items) + more + "]"
-    if isinstance(value, (str, bytes)) and len(value) > limit:
-        return f"{value[:limit]!r}... ({len(value)} {'characters' if isinstance(value, str) else 'bytes'})"
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+    return _short(value, limit)
+
+
+def _short(value: Any, limit: int) -> str:
+    text = _SHORT_REPR.repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}..."
 
 
 def cut_message(message: str, limit: int = MAX_ERROR_CHARS) -> str:
@@ -178,7 +191,7 @@ def parse_command(raw: bytes | str, max_bytes: int = MAX_COMMAND_BYTES) -> Embed
         raise ProtocolError('the command is empty; expected JSON like {"input": "text", "model": "NAME"}')
     try:
         doc = json.loads(raw)
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:  # JSONDecodeError, or an integer of over 4,300 digits
         raise ProtocolError(f"the command is not valid JSON ({exc}); got {quote(raw, 200)}") from exc
     except RecursionError as exc:  # e.g. [[[[...]]]] thousands deep
         raise ProtocolError("the command nests JSON too deeply; expected a flat object like "

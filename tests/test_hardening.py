@@ -207,7 +207,11 @@ def test_quote_bounds_strings_lists_and_anything_else():
     assert protocol.quote(b"\x00" * 90, 4) == r"b'\x00\x00\x00\x00'... (90 bytes)"
     listed = protocol.quote([str(i) for i in range(50)])
     assert listed.startswith("['0', '1'") and listed.endswith("'19', ... (30 more)]")
-    assert protocol.quote({"k": "v" * 500}).endswith("... (509 characters)")
+    assert len(protocol.quote({"k": "v" * 500})) < 2 * protocol.QUOTE_CHARS
+    deep: list = []
+    for _ in range(5000):
+        deep = [deep]
+    assert protocol.quote(deep).startswith("[[[[")  # nesting is cut, never a RecursionError
     assert len(protocol.cut_message("m" * 10_000)) < protocol.MAX_ERROR_CHARS + 50
 
 
