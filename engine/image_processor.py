@@ -67,8 +67,10 @@ import pyarrow as pa
 from engine.errors import InputError
 from engine.image_config import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageConfig, ImageLimits
 from engine.image_header import HeaderError, ImageHeader, read_header, sniff_format
+from engine.ratelog import RateLimitedLog
 
 logger = logging.getLogger(__name__)
+_ROW_LOG = RateLimitedLog(logger)  # a client can send many images that fail the same odd way
 
 __all__ = [
     "OPENAI_CLIP_MEAN",
@@ -386,7 +388,7 @@ class ArrowImageProcessor:
         except _RowFault as exc:
             return str(exc)
         except Exception as exc:  # one odd image must not fail the whole batch
-            logger.warning("image row failed unexpectedly", exc_info=True)
+            _ROW_LOG.log(logging.WARNING, "row", "image row failed unexpectedly", exc_info=True)
             return f"failed to process {_FORMAT_NAMES[header.format]} image: {type(exc).__name__}: {exc}"
 
     def _decode(self, view: np.ndarray, header: ImageHeader) -> tuple[np.ndarray, tuple[int, int]]:

@@ -22,7 +22,7 @@ mixed between callers. A batch only holds rows with the same ``normalize`` flag,
 lone caller gets exactly the bits of the direct ``Model`` call. If a forward pass fails,
 its callers are retried one by one so one caller's poison row fails only that caller.
 A caller may pass ``cancelled()``; its rows that have not started are dropped and its
-future is cancelled. No Arrow Flight here (docs/STYLE.md).
+future is cancelled. No Arrow Flight here: the engine never imports it.
 
 Example::
 

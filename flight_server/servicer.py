@@ -1,6 +1,6 @@
 """The Flight service: Arrow batches in, one engine call per batch, embedding batches out.
 
-The servicer only translates (see docs/STYLE.md): it validates the request before any
+The servicer only translates: it validates the request before any
 work, hands the received Arrow column to the model as it is (the engine decodes from
 views of the received buffer), and wraps the engine's (N, D) float32 output as the
 ``embedding`` column without copying. It never imports torch.
