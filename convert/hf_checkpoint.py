@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.config import ST_MODULE_PREFIX
+from engine.config import ST_MODULE_PREFIX, module_weight_files
 from engine.errors import ModelConfigError, WeightFormatError
 from engine.files import (
     MAX_CONFIG_BYTES, MAX_TOKENIZER_BYTES, check_model_file, folder_boundary, parse_json, read_model_file,
@@ -353,14 +353,6 @@ def st_wrapped_model(root: Path, boundary: Path | None = None) -> Path | None:
         return None
     check_model_file(root, f"{folders[0]}/config.json", "the wrapped model's config", boundary=boundary)
     return root / folders[0]
-
-
-def module_weight_files(folder: Path) -> list[Path]:
-    """A sentence-transformers module folder's weight files: model.safetensors, else pytorch_model*.bin (how
-    sentence-transformers 2.x saved them); none for a module without weights (Pooling, Normalize)."""
-    if (folder / "model.safetensors").is_file():
-        return [folder / "model.safetensors"]
-    return sorted(folder.glob("pytorch_model*.bin"))
 
 
 def st_module_folders(root: Path, boundary: Path | None = None) -> list[str]:

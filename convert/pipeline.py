@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from convert import registry
+from engine import registry
 from convert.hf_checkpoint import SMALL_FILE_MAX_BYTES, Checkpoint, TensorReader, TensorRef, st_module_folders
 from convert.writer import Tensor, cast_tensor, check_little_endian, write_tensors
 from engine.errors import ArrowEngineError, WeightFormatError

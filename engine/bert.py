@@ -12,13 +12,20 @@ BERT's block under other names (``transformer.layer.0.attention.q_lin``), with n
 """
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from engine.config import MPNET_BUCKETS, BertConfig, DenseConfig, TowerConfig
+from engine.config import MPNET_BUCKETS, ST_MODULE_PREFIX, BertConfig, DenseConfig, TowerConfig, bert_config
+from engine.config_check import CountCheck, ShapeCheck, check_config_against_weights
+from engine.registry import Parts, TextSide
 from engine.layers import Embedding, LayerNorm, Linear, activation, attention, project_qkv
+
+log = logging.getLogger(__name__)
 
 
 class _Projections(nn.Module):
@@ -228,8 +235,12 @@ class SentenceBert(nn.Module):
             return [block for i in range(cfg.tower.layers) for block in groups[int(i / per_group)].albert_layers]
         return list((self.transformer if cfg.model_type == "distilbert" else self.encoder).layer)
 
-    def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def encode_text(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """ids (B, T) right-padded; lengths (B,) real token counts. Returns (B, dim): pooled, then Dense."""
+        return self(ids, lengths)
+
+    def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """As :meth:`encode_text`."""
         B, T = ids.shape
         e = self.embeddings
         x = e.word_embeddings(ids) + self._positions(ids)  # (B, T, C)
@@ -300,3 +311,52 @@ def _relative_bucket(offset: torch.Tensor, max_distance: int = 128) -> torch.Ten
     far = exact + (torch.log(n.clamp(min=1).float() / exact) / math.log(max_distance / exact)
                    * (half - exact)).long()
     return out + torch.where(n < exact, n, far.clamp(max=half - 1))
+
+
+def load_parts(path: Path, shapes: Mapping[str, tuple[int, ...]], weights: str = "weights.arrow") -> Parts:
+    """The sentence-transformer of a converted folder: its configs read and checked against the weights'
+    ``shapes``, the encoder built (parameters on the meta device), and what the text front end needs.
+    ``weights``: the weight file's name, for messages."""
+    cfg = bert_config(path)
+    check_config_against_weights(*weight_checks(cfg), shapes, path, weights)
+    if cfg.prompt:
+        log.info("%s: every text is embedded after the default prompt %r (config_sentence_transformers.json)",
+                 path, cfg.prompt)
+    text = TextSide(max_length=cfg.max_seq_length, max_tokens=cfg.positions, vocab_size=cfg.vocab_size,
+                    lowercase=cfg.lowercase, prompt=cfg.prompt, pad_id=cfg.pad_token_id)
+    return Parts(net=SentenceBert(cfg), config=cfg, dim=cfg.dim, text=text)
+
+
+def weight_checks(cfg: BertConfig) -> tuple[list[CountCheck], list[ShapeCheck]]:
+    """The block counts and tensor shapes ``cfg`` makes, checked against the weight file before the build."""
+    conf, t = "config.json", cfg.tower
+    distil = cfg.model_type == "distilbert"
+    width = ("dim" if distil else "hidden_size", t.width)
+    mlp = ("hidden_dim" if distil else "intermediate_size", t.mlp_width)
+    embed = ("embedding_size", cfg.embed_width) if cfg.embed_width else width
+    checks = [ShapeCheck("embeddings.word_embeddings.weight", (("vocab_size", cfg.vocab_size), embed), conf),
+              ShapeCheck("embeddings.position_embeddings.weight",
+                          (("max_position_embeddings", cfg.max_positions), embed), conf)]
+    if cfg.type_vocab_size:
+        checks.append(ShapeCheck("embeddings.token_type_embeddings.weight",
+                                  (("type_vocab_size", cfg.type_vocab_size), embed), conf))
+    if cfg.model_type == "albert":
+        groups = "encoder.albert_layer_groups."
+        counts = [CountCheck(groups, ("num_hidden_groups", cfg.layer_groups), conf),
+                  CountCheck(f"{groups}0.albert_layers.", ("inner_group_num", cfg.inner_layers), conf)]
+        checks += [ShapeCheck("encoder.embedding_hidden_mapping_in.weight", (width, embed), conf),
+                   ShapeCheck(f"{groups}0.albert_layers.0.ffn.weight", (mlp, width), conf)]
+    elif distil:
+        counts = [CountCheck("transformer.layer.", ("n_layers", t.layers), conf)]
+        checks.append(ShapeCheck("transformer.layer.0.ffn.lin1.weight", (mlp, width), conf))
+    else:
+        counts = [CountCheck("encoder.layer.", ("num_hidden_layers", t.layers), conf)]
+        checks.append(ShapeCheck("encoder.layer.0.intermediate.dense.weight", (mlp, width), conf))
+    if cfg.relative_buckets:
+        checks.append(ShapeCheck("encoder.relative_attention_bias.weight",
+                                  (("relative_attention_num_buckets", cfg.relative_buckets),
+                                   ("num_attention_heads", t.heads)), conf))
+    for d in cfg.dense:
+        checks.append(ShapeCheck(f"{ST_MODULE_PREFIX}{d.path}.linear.weight",
+                                  (("out_features", d.n_out), ("in_features", d.n_in)), f"{d.path}/config.json"))
+    return counts, checks

@@ -6,10 +6,15 @@ attribute names equal the checkpoint keys (``text_model.encoder.layers.0.self_at
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+from pathlib import Path
+
 import torch
 from torch import nn
 
-from engine.config import ClipConfig, ClipTextConfig, ClipVisionConfig, TowerConfig
+from engine.config import ClipConfig, ClipTextConfig, ClipVisionConfig, TowerConfig, clip_config, model_max_length
+from engine.config_check import CountCheck, ShapeCheck, check_config_against_weights
+from engine.registry import ImageSide, Parts, TextSide
 from engine.layers import (Embedding, LayerNorm, Linear, PatchLinear, activation, attention, meta_parameter,
                            project_qkv)
 
@@ -179,8 +184,65 @@ class CLIP(nn.Module):
         if cfg.text is not None and cfg.vision is not None:
             self.logit_scale = meta_parameter()
 
-    def encode_text(self, ids: torch.Tensor, eos_pos: torch.Tensor) -> torch.Tensor:
-        return self.text_projection(self.text_model(ids, eos_pos))  # (B, D)
+    def encode_text(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """ids (B, T) right-padded, lengths (B,) -> (B, D), pooled at each row's end-of-text token."""
+        eos = self.cfg.text.eos_token_id
+        if eos == 2:  # legacy configs: HF pools at the highest id, which is end-of-text
+            pos = ids.argmax(dim=-1)
+        else:
+            real = torch.arange(ids.shape[1], device=ids.device)[None, :] < lengths[:, None]
+            pos = ((ids == eos) & real).int().argmax(dim=-1)  # the first end-of-text token
+        return self.text_projection(self.text_model(ids, pos))  # (B, D)
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.visual_projection(self.vision_model(pixels))  # (B, D)
+
+
+def load_parts(path: Path, shapes: Mapping[str, tuple[int, ...]], weights: str = "weights.arrow") -> Parts:
+    """The CLIP model of a converted folder: its config read and checked against the weights' ``shapes``, the
+    towers built (parameters on the meta device), and what the engine's front ends need. ``weights``: the
+    weight file's name, for messages."""
+    cfg = clip_config(path)
+    check_config_against_weights(*weight_checks(cfg), shapes, path, weights)
+    text = image = None
+    if cfg.text is not None:
+        t = cfg.text
+        text = TextSide(max_length=model_max_length(path, t.max_positions), max_tokens=t.max_positions,
+                        vocab_size=t.vocab_size, eos_id=None if t.eos_token_id == 2 else t.eos_token_id,
+                        tokenizer_required=False)
+    if cfg.vision is not None:
+        image = ImageSide(size=cfg.vision.image_size, channels=cfg.vision.channels)
+    return Parts(net=CLIP(cfg), config=cfg, dim=cfg.projection_dim, text=text, image=image)
+
+
+def weight_checks(cfg: ClipConfig) -> tuple[list[CountCheck], list[ShapeCheck]]:
+    """The block counts and tensor shapes ``cfg`` makes, checked against the weight file before the build."""
+    counts, checks, conf = [], [], "config.json"
+    towers = []
+    if cfg.text is not None:
+        t = cfg.text
+        towers.append(("text", "text_model", t.tower, [
+            ("embeddings.token_embedding.weight", (("vocab_size", t.vocab_size), None)),
+            ("embeddings.position_embedding.weight", (("max_position_embeddings", t.max_positions), None)),
+        ], "text_projection"))
+    if cfg.vision is not None:
+        v = cfg.vision
+        towers.append(("vision", "vision_model", v.tower, [
+            ("embeddings.patch_embedding.weight", (None, ("num_channels", v.channels), ("patch_size", v.patch_size),
+                                                   ("patch_size", v.patch_size))),
+            ("embeddings.position_embedding.weight",
+             ((f"image_size {v.image_size} / patch_size {v.patch_size} (positions: {v.grid}² + 1)",
+               v.grid * v.grid + 1), None)),
+            ("embeddings.class_embedding", (None,)),
+        ], "visual_projection"))
+    for tower, prefix, tc, own, projection in towers:
+        label = f"the {tower} tower's "
+        width = (label + "hidden_size", tc.width)
+        counts.append(CountCheck(f"{prefix}.encoder.layers.", (label + "num_hidden_layers", tc.layers), conf))
+        for name, dims in own:
+            checks.append(ShapeCheck(f"{prefix}.{name}", tuple(width if d is None else (label + d[0], d[1])
+                                                                 for d in dims), conf))
+        checks.append(ShapeCheck(f"{prefix}.encoder.layers.0.mlp.fc1.weight",
+                                  ((label + "intermediate_size", tc.mlp_width), width), conf))
+        checks.append(ShapeCheck(f"{projection}.weight", (("projection_dim", cfg.projection_dim), width), conf))
+    return counts, checks

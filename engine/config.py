@@ -172,6 +172,14 @@ def st_module_names(modules: Any) -> list[str] | None:
     return [t.rsplit(".", 1)[-1] if t.startswith("sentence_transformers.") else t for t in types]
 
 
+def module_weight_files(folder: Path) -> list[Path]:
+    """A sentence-transformers module folder's weight files: model.safetensors, else pytorch_model*.bin (how
+    sentence-transformers 2.x saved them); none for a module without weights (Pooling, Normalize)."""
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    return sorted(folder.glob("pytorch_model*.bin"))
+
+
 def read_json(model_dir: Path, name: str | PurePosixPath, optional: bool = False, kind: type = dict) -> Any:
     """The JSON file ``name`` of a model directory, read with :func:`engine.files.read_model_file` (a regular
     file inside the directory, at most ``MAX_CONFIG_BYTES``), checked to be a ``kind`` (a JSON object by

@@ -1,8 +1,8 @@
 """A loaded model: the public ``encode_*`` / ``embed_*`` surface of the engine.
 
 Every encoder runs in three stages (infinity's habit): *pre* on CPU threads
-(tokenize / decode images), *core* on the device (the towers in ``engine.clip``
-and ``engine.bert``), *post* (project, L2-normalize, float32 (N, D) numpy).
+(tokenize / decode images), *core* on the device (the network an architecture module of
+``engine.registry`` builds), *post* (L2-normalize, float32 (N, D) numpy).
 """
 from __future__ import annotations
 
@@ -13,19 +13,17 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from engine import precision as prec
-from engine.config import BertConfig, ClipConfig, bert_config, clip_config, model_max_length
 from engine.errors import InputError, ModalityError, ModelConfigError, NotRunnableError, RowErrors
+from engine.registry import ImageSide, TextSide
 
 log = logging.getLogger(__name__)
-
-RUNNABLE_KINDS = ("clip", "sentence-transformer")
-
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -33,7 +31,7 @@ class ModelInfo:
 
     name: str
     architecture: str
-    kind: str  # "clip" | "sentence-transformer"
+    kind: str  # the architecture's registry kind: "clip", "sentence-transformer", ...
     modalities: tuple[str, ...]  # ("text", "image"), ("text",) or ("image",)
     dim: int
     precision: str
@@ -76,16 +74,18 @@ class EmbedResult:
 
 
 class Model:
-    """A CLIP or sentence-transformer model with weights mapped from its Arrow file.
+    """A model of a registered architecture (engine.registry) with weights mapped from its Arrow file.
 
     Use :func:`load_model`; the constructor is internal.
     """
 
-    def __init__(self, info: ModelInfo, net: torch.nn.Module, config: ClipConfig | BertConfig,
-                 tokenizer, image_processor, limits: BatchLimits) -> None:
+    def __init__(self, info: ModelInfo, net: torch.nn.Module, config: Any, text: TextSide | None,
+                 image: ImageSide | None, tokenizer, image_processor, limits: BatchLimits) -> None:
         self.info = info
         self.net = net
-        self.config = config
+        self.config = config  # the architecture's frozen config
+        self.text = text
+        self.image = image
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.limits = limits
@@ -124,10 +124,9 @@ class Model:
         """Embed preprocessed pixels (N, 3, H, W) float32 (numpy or torch) -> (N, D) float32."""
         self._need("image")
         x = torch.as_tensor(np.ascontiguousarray(pixels) if isinstance(pixels, np.ndarray) else pixels)
-        v = self.config.vision
-        if x.ndim != 4 or tuple(x.shape[1:]) != (v.channels, v.image_size, v.image_size):
-            raise InputError(f"pixels: expected shape (N, {v.channels}, {v.image_size}, {v.image_size}), "
-                             f"got {tuple(x.shape)}")
+        c, side = self.image.channels, self.image.size
+        if x.ndim != 4 or tuple(x.shape[1:]) != (c, side, side):
+            raise InputError(f"pixels: expected shape (N, {c}, {side}, {side}), got {tuple(x.shape)}")
         out = np.zeros((x.shape[0], self.info.dim), dtype=np.float32)
         for s in range(0, x.shape[0], self.limits.image_batch):
             out[s:s + self.limits.image_batch] = self._image_core(x[s:s + self.limits.image_batch], normalize)
@@ -170,14 +169,14 @@ class Model:
         from engine.tokenizer import token_rows
 
         self._need("text")
-        # sentence-transformers pool over every id they get: trailing pad ids (HF's padding=True) are cut off
-        pad = self.config.pad_token_id if self.info.kind != "clip" else None
-        rows, errors = token_rows(tokens, self._vocab_size(), self.info.max_tokens, pad_id=pad)
-        if self.info.kind == "clip" and self.config.text.eos_token_id != 2:
-            eos = self.config.text.eos_token_id
+        text = self.text
+        # models that pool over every id they get have a pad_id: trailing pad ids (HF's padding=True) are cut off
+        rows, errors = token_rows(tokens, text.vocab_size, text.max_tokens, pad_id=text.pad_id)
+        if text.eos_id is not None:
             for i, r in enumerate(rows):
-                if r is not None and not (r == eos).any():
-                    rows[i], errors[i] = None, f"no end-of-text token (id {eos}): CLIP pools at that token"
+                if r is not None and not (r == text.eos_id).any():
+                    rows[i], errors[i] = None, (f"no end-of-text token (id {text.eos_id}): the model pools at "
+                                                "that token")
         return rows, errors
 
     def prepare_images(self, images):
@@ -239,9 +238,6 @@ class Model:
             raise ModalityError(f"model {self.info.name!r} ({self.info.architecture}) has no {modality} encoder; "
                                 f"it accepts {', '.join(self.info.modalities)}")
 
-    def _vocab_size(self) -> int:
-        return self.config.text.vocab_size if self.info.kind == "clip" else self.config.vocab_size
-
     @torch.inference_mode()
     def _image_core(self, pixels: torch.Tensor, normalize: bool) -> np.ndarray:
         x = pixels.to(self._device, self._compute_dtype)
@@ -266,20 +262,8 @@ class Model:
                 ids[r, :len(rows[i])] = rows[i]
             ids_t = torch.from_numpy(ids).to(self._device)
             lens = torch.tensor([len(rows[i]) for i in idx], device=self._device)
-            out[idx] = self._post(self._text_core(ids_t, lens), normalize)
+            out[idx] = self._post(self.net.encode_text(ids_t, lens), normalize)
         return EmbedResult(out, errors)
-
-    def _text_core(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        if self.info.kind == "clip":
-            eos = self.config.text.eos_token_id
-            if eos == 2:  # legacy configs: HF pools at the highest id, which is end-of-text
-                pos = ids.argmax(dim=-1)
-            else:
-                T = ids.shape[1]
-                real = torch.arange(T, device=ids.device)[None, :] < lengths[:, None]
-                pos = ((ids == eos) & real).int().argmax(dim=-1)  # first end-of-text token
-            return self.net.encode_text(ids, pos)
-        return self.net(ids, lengths)
 
 
 def load_model(path: str | Path, device: str = "cpu", precision: str = "fp32", name: str | None = None,
@@ -305,68 +289,58 @@ def load_model(path: str | Path, device: str = "cpu", precision: str = "fp32", n
         NotRunnableError for store-mode directories; WeightFormatError for a bad weight
         file; ModelConfigError for missing/invalid config files; PrecisionError.
     """
-    from engine import allocator
-    from engine.config_check import check_config_against_weights
+    from engine import allocator, registry
     from engine.weights import load_weights, read_manifest
 
     t0 = time.perf_counter()
     allocator.tune()
     path = Path(path)
     manifest = read_manifest(path)
-    if manifest.kind not in RUNNABLE_KINDS:
+    if manifest.kind == registry.STORE:
         raise NotRunnableError(
             f"{path} holds a {manifest.architecture!r} checkpoint converted in store mode: stored, not runnable. "
-            "Runnable architectures: CLIPModel (any geometry), CLIPTextModelWithProjection, "
-            "CLIPVisionModelWithProjection and BERT-family sentence-transformers (Transformer -> Pooling -> Normalize)."
-        )
+            f"Runnable architectures: {registry.runnable_summary()}.")
+    arch = registry.get(manifest.kind)
     dev = prec.check_device(device)
     prec.check_precision(precision, dev)
     prec.check_packing(pack_weights, precision, dev)
     state = load_weights(path)
-    shapes = {k: tuple(t.shape) for k, t in state.items()}  # the config is checked against these first
-    if manifest.kind == "clip":
-        from engine.clip import CLIP
-        from engine.image_processor import ArrowImageProcessor, ImageConfig
-        from engine.tokenizer import TextTokenizer
-
-        cfg = clip_config(path)
-        check_config_against_weights(cfg, shapes, path, manifest.weights)
-        net = CLIP(cfg)
-        dim, modalities = cfg.projection_dim, cfg.modalities
-        max_tokens = cfg.text.max_positions if cfg.text is not None else 0
-        tokenizer = image_processor = None
-        if cfg.text is not None:
-            tokenizer = TextTokenizer.from_dir(path, model_max_length(path, cfg.text.max_positions), lazy=True,
-                                               required=False)
-        if cfg.vision is not None:
-            side = cfg.vision.image_size
-            image_cfg = ImageConfig.from_dir(path, image_size=side)
-            if image_cfg.output_hw != (side, side):
-                raise ModelConfigError(f"{path}: the image processor config (preprocessor_config.json) makes "
-                                       f"{image_cfg.output_hw} images but the vision tower expects ({side}, {side}); "
-                                       "fix crop_size/size in that file")
-            img_kwargs = {} if image_limits is None else {"limits": image_limits}
-            image_processor = ArrowImageProcessor(image_cfg, threads=threads, device=dev, **img_kwargs)
-    else:
-        from engine.bert import SentenceBert
-        from engine.tokenizer import TextTokenizer
-
-        cfg = bert_config(path)
-        check_config_against_weights(cfg, shapes, path, manifest.weights)
-        net = SentenceBert(cfg)
-        dim, modalities, max_tokens = cfg.dim, ("text",), cfg.positions
-        tokenizer = TextTokenizer.from_dir(path, cfg.max_seq_length, lazy=True, lowercase=cfg.lowercase,
-                                           prefix=cfg.prompt)
-        if cfg.prompt:
-            log.info("%s: every text is embedded after the default prompt %r (config_sentence_transformers.json)",
-                     path, cfg.prompt)
-        image_processor = None
-    prec.assign_weights(net, state, path)
-    net = prec.apply(net, precision, dev, pack_weights=pack_weights)
+    parts = arch.load_parts(path, {k: tuple(t.shape) for k, t in state.items()}, manifest.weights)
+    tokenizer = _text_front(path, parts.text)
+    image_processor = _image_front(path, parts.image, dev, image_limits, threads)
+    prec.assign_weights(parts.net, state, path)
+    net = prec.apply(parts.net, precision, dev, pack_weights=pack_weights)
     info = ModelInfo(name=name or path.name, architecture=manifest.architecture, kind=manifest.kind,
-                     modalities=modalities, dim=dim, precision=precision, device=str(dev), max_tokens=max_tokens)
+                     modalities=parts.modalities, dim=parts.dim, precision=precision, device=str(dev),
+                     max_tokens=parts.text.max_tokens if parts.text is not None else 0)
     log.info("loaded %s%s in %.1f ms", info, " (weights packed for oneDNN)" if pack_weights else "",
              (time.perf_counter() - t0) * 1e3)
     if limits is None:  # a GPU wants bigger image batches; bench/results/h200.md was measured at 128
         limits = BatchLimits(image_batch=128) if dev.type == "cuda" else BatchLimits()
-    return Model(info, net, cfg, tokenizer, image_processor, limits)
+    return Model(info, net, parts.config, parts.text, parts.image, tokenizer, image_processor, limits)
+
+
+def _text_front(path: Path, text: TextSide | None):
+    """The tokenizer of a text model: ``tokenizer.json`` checked now, parsed on the first text call."""
+    if text is None:
+        return None
+    from engine.tokenizer import TextTokenizer
+
+    return TextTokenizer.from_dir(path, text.max_length, lazy=True, lowercase=text.lowercase, prefix=text.prompt,
+                                  required=text.tokenizer_required)
+
+
+def _image_front(path: Path, image: ImageSide | None, device: torch.device, limits, threads: int | None):
+    """The image processor of an image model, as its folder's processor config says, checked to make the
+    tower's input size."""
+    if image is None:
+        return None
+    from engine.image_processor import ArrowImageProcessor, ImageConfig
+
+    config = ImageConfig.from_dir(path, image_size=image.size)
+    if config.output_hw != (image.size, image.size):
+        raise ModelConfigError(f"{path}: the image processor config (preprocessor_config.json) makes "
+                               f"{config.output_hw} images but the vision tower expects ({image.size}, "
+                               f"{image.size}); fix crop_size/size in that file")
+    kwargs = {} if limits is None else {"limits": limits}
+    return ArrowImageProcessor(config, threads=threads, device=device, **kwargs)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from convert import registry
+from engine import registry
 from convert.cli import main
 from convert.hf_checkpoint import resolve_source
 from convert.pipeline import convert_checkpoint
