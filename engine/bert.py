@@ -323,7 +323,8 @@ def load_parts(path: Path, shapes: Mapping[str, tuple[int, ...]], weights: str =
         log.info("%s: every text is embedded after the default prompt %r (config_sentence_transformers.json)",
                  path, cfg.prompt)
     text = TextSide(max_length=cfg.max_seq_length, max_tokens=cfg.positions, vocab_size=cfg.vocab_size,
-                    lowercase=cfg.lowercase, prompt=cfg.prompt, pad_id=cfg.pad_token_id)
+                    lowercase=cfg.lowercase, prompt=cfg.prompt, prompts=cfg.prompts,
+                    default_prompt=cfg.default_prompt, pad_id=cfg.pad_token_id)
     return Parts(net=SentenceBert(cfg), config=cfg, dim=cfg.dim, text=text)
 
 

@@ -5,6 +5,7 @@ checked when it is read so a bad config fails at load, not mid-request.
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -12,6 +13,8 @@ from typing import Any
 
 from engine.errors import ModelConfigError
 from engine.files import MAX_CONFIG_BYTES, parse_json, read_model_file
+
+log = logging.getLogger(__name__)
 
 # Every size read from a config (widths, layers, heads, vocabulary, positions, patch and image sizes) must be a
 # positive int up to this: nothing real comes near it. The sizes that shape parameters are then checked against
@@ -131,6 +134,8 @@ class BertConfig:
     relative_buckets: int = 0  # MPNet: rows of encoder.relative_attention_bias; 0 for the others
     dense: tuple[DenseConfig, ...] = ()  # Dense modules after pooling, in order
     prompt: str = ""  # config_sentence_transformers.json's default prompt, put before every text
+    prompts: tuple[tuple[str, str], ...] = ()  # its named prompts (name, text), for a request's prompt_name
+    default_prompt: str | None = None  # the name of the default prompt
     embed_width: int = 0  # ALBERT: width of the embeddings before embedding_hidden_mapping_in; 0: tower.width
     layer_groups: int = 1  # ALBERT: num_hidden_groups (layer i runs group int(i / (layers / groups)), as HF)
     inner_layers: int = 1  # ALBERT: inner_group_num, blocks per group
@@ -369,11 +374,16 @@ def bert_config(model_dir: Path) -> BertConfig:
     pool_config = model_dir / pool_name
     pool = read_json(model_dir, pool_name)
     pooling = _pooling_mode(pool, pool_config)
-    prompt = _default_prompt(model_dir)
-    if prompt and pool.get("include_prompt", True) is False:
-        raise ModelConfigError(f"{pool_config}: include_prompt false (pooling leaves out the default prompt's "
-                               f"tokens, {prompt!r}) is not supported; remove default_prompt_name from "
-                               "config_sentence_transformers.json and put the prompt in your texts")
+    prompts, default_prompt = st_prompts(model_dir)
+    prompt = dict(prompts).get(default_prompt, "")
+    if prompts and pool.get("include_prompt", True) is False:
+        if prompt:
+            raise ModelConfigError(f"{pool_config}: include_prompt false (pooling leaves out the default prompt's "
+                                   f"tokens, {prompt!r}) is not supported; remove default_prompt_name from "
+                                   "config_sentence_transformers.json and put the prompt in your texts")
+        log.warning("%s: include_prompt false (pooling leaves out the prompt's tokens) is not supported: the "
+                    "model's prompts %s are not offered", pool_config, [name for name, _ in prompts])
+        prompts = ()
     st_cfg = next((c for c in (read_json(model_dir, n, optional=True) for n in _ST_CONFIG_FILES) if c is not None),
                   {})
     max_seq = st_cfg.get("max_seq_length")
@@ -408,6 +418,8 @@ def bert_config(model_dir: Path) -> BertConfig:
         relative_buckets=buckets,
         dense=_dense_modules(model_dir, modules, types, tower.width),
         prompt=prompt,
+        prompts=prompts,
+        default_prompt=default_prompt if prompt else None,
         **(_albert_shape(cfg, where, tower.layers) if model_type == "albert" else {}),
     )
 
@@ -423,21 +435,25 @@ def _albert_shape(cfg: dict[str, Any], where: str, layers: int) -> dict[str, int
     return shape
 
 
-def _default_prompt(model_dir: Path) -> str:
-    """The prompt sentence-transformers puts before every text it encodes: ``prompts[default_prompt_name]``
-    of config_sentence_transformers.json, or "" when it names none."""
+def st_prompts(model_dir: Path) -> tuple[tuple[tuple[str, str], ...], str | None]:
+    """The named prompts of config_sentence_transformers.json, as (name, text) pairs, and the name of the
+    default one (sentence-transformers puts it before every text its ``encode`` gets without a prompt_name); no
+    prompts and None when the file has none.
+
+    Raises:
+        ModelConfigError: prompts that are not a name -> text object, or a default_prompt_name not among them.
+    """
     path = model_dir / "config_sentence_transformers.json"
     st = read_json(model_dir, "config_sentence_transformers.json", optional=True)
     if st is None:
-        return ""
-    name = st.get("default_prompt_name")
-    if not name:
-        return ""
+        return (), None
     prompts = st.get("prompts") or {}
-    if not isinstance(prompts, dict) or not isinstance(name, str) or not isinstance(prompts.get(name), str):
-        raise ModelConfigError(f"{path}: default_prompt_name {name!r} is not one of its prompts "
-                               f"({sorted(prompts) if isinstance(prompts, dict) else prompts!r})")
-    return prompts[name]
+    if not isinstance(prompts, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in prompts.items()):
+        raise ModelConfigError(f"{path}: prompts should map names to prompt texts, got {prompts!r:.200}")
+    name = st.get("default_prompt_name") or None
+    if name is not None and (not isinstance(name, str) or name not in prompts):
+        raise ModelConfigError(f"{path}: default_prompt_name {name!r} is not one of its prompts ({sorted(prompts)})")
+    return tuple(prompts.items()), name
 
 
 def _dense_modules(model_dir: Path, modules: list, types: list[str], width: int) -> tuple[DenseConfig, ...]:

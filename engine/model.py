@@ -37,6 +37,8 @@ class ModelInfo:
     precision: str
     device: str
     max_tokens: int  # longest token row accepted (model positions); 0 without a text encoder
+    prompts: tuple[tuple[str, str], ...] = ()  # named prompts (name, text) a text request may pick
+    default_prompt: str | None = None  # the prompt put before texts of a request that names none
 
 
 @dataclass(frozen=True)
@@ -108,9 +110,11 @@ class Model:
         return f"Model({i.name!r}, {i.architecture}, dim={i.dim}, {i.precision} on {i.device})"
 
     # ------------------------------------------------------------------ public surface
-    def encode_text(self, texts: Sequence[str], normalize: bool = True) -> np.ndarray:
-        """Embed texts -> (N, D) float32. Raises RowErrors if any row fails."""
-        return self.embed_texts(texts, normalize).raise_for_errors()
+    def encode_text(self, texts: Sequence[str], normalize: bool = True, prompt_name: str | None = None
+                    ) -> np.ndarray:
+        """Embed texts -> (N, D) float32 (after the model's prompt ``prompt_name``, default: its default prompt).
+        Raises RowErrors if any row fails."""
+        return self.embed_texts(texts, normalize, prompt_name).raise_for_errors()
 
     def encode_tokens(self, tokens, normalize: bool = True) -> np.ndarray:
         """Embed token-id rows (list of int lists or an Arrow list array) -> (N, D) float32."""
@@ -140,9 +144,10 @@ class Model:
         b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
         return a @ b.T
 
-    def embed_texts(self, texts, normalize: bool = True) -> EmbedResult:
-        """Embed texts; a null or non-string row is an error for that row only."""
-        rows, errors = self.prepare_texts(texts)
+    def embed_texts(self, texts, normalize: bool = True, prompt_name: str | None = None) -> EmbedResult:
+        """Embed texts; a null or non-string row is an error for that row only. ``prompt_name``: one of the
+        model's prompts (``info.prompts``) to put before every text; None: the default prompt, if any."""
+        rows, errors = self.prepare_texts(texts, prompt_name)
         return self._embed_token_rows(rows, errors, normalize)
 
     def embed_tokens(self, tokens, normalize: bool = True) -> EmbedResult:
@@ -153,13 +158,29 @@ class Model:
     # The pre / core split, public so that a scheduler (engine.scheduler) can run the
     # CPU stage in its callers' threads and batch the device stage across callers.
     # embed_texts(t) == embed_token_rows on the good rows of prepare_texts(t).
-    def prepare_texts(self, texts) -> tuple[list[np.ndarray | None], list[str | None]]:
-        """Pre stage of :meth:`embed_texts`: tokenize (truncating to the model's length).
+    def prepare_texts(self, texts, prompt_name: str | None = None
+                      ) -> tuple[list[np.ndarray | None], list[str | None]]:
+        """Pre stage of :meth:`embed_texts`: tokenize after the prompt (truncating to the model's length).
 
-        Returns (int64 id row or None, error or None) per row. Raises ModalityError.
+        Returns (int64 id row or None, error or None) per row. Raises ModalityError, InputError (an unknown
+        prompt_name).
         """
         self._need("text")
-        return self.tokenizer.encode(texts)
+        return self.tokenizer.encode(texts, self.prompt(prompt_name))
+
+    def prompt(self, prompt_name: str | None) -> str:
+        """The text of the model's prompt ``prompt_name`` (None: the default prompt, "" without one).
+
+        Raises:
+            InputError: the model has no prompt of that name (the message lists its prompts).
+        """
+        if prompt_name is None:
+            return self.text.prompt if self.text is not None else ""
+        prompts = dict(self.info.prompts)
+        if prompt_name not in prompts:
+            have = f"its prompts are {sorted(prompts)}" if prompts else "it has no prompts"
+            raise InputError(f"unknown prompt_name {prompt_name!r:.100} for model {self.info.name!r}: {have}")
+        return prompts[prompt_name]
 
     def prepare_tokens(self, tokens) -> tuple[list[np.ndarray | None], list[str | None]]:
         """Pre stage of :meth:`embed_tokens`: validate id rows (vocabulary, length, CLIP's end-of-text).
@@ -312,7 +333,9 @@ def load_model(path: str | Path, device: str = "cpu", precision: str = "fp32", n
     net = prec.apply(parts.net, precision, dev, pack_weights=pack_weights)
     info = ModelInfo(name=name or path.name, architecture=manifest.architecture, kind=manifest.kind,
                      modalities=parts.modalities, dim=parts.dim, precision=precision, device=str(dev),
-                     max_tokens=parts.text.max_tokens if parts.text is not None else 0)
+                     max_tokens=parts.text.max_tokens if parts.text is not None else 0,
+                     prompts=parts.text.prompts if parts.text is not None else (),
+                     default_prompt=parts.text.default_prompt if parts.text is not None else None)
     log.info("loaded %s%s in %.1f ms", info, " (weights packed for oneDNN)" if pack_weights else "",
              (time.perf_counter() - t0) * 1e3)
     if limits is None:  # a GPU wants bigger image batches; bench/results/h200.md was measured at 128

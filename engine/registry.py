@@ -34,7 +34,9 @@ class TextSide:
     max_tokens: int  # the longest token-id row accepted (the position table)
     vocab_size: int
     lowercase: bool = False  # lowercase texts before the tokenizer (sentence-transformers' do_lower_case)
-    prompt: str = ""  # put before every text (a sentence-transformer's default prompt)
+    prompt: str = ""  # put before every text without a prompt_name (a sentence-transformer's default prompt)
+    prompts: tuple[tuple[str, str], ...] = ()  # named prompts (name, text) a request may pick by name
+    default_prompt: str | None = None  # the name of ``prompt`` among ``prompts``
     pad_id: int | None = None  # trailing pad ids are cut off token-id rows (HF's padding=True added them)
     eos_id: int | None = None  # a token-id row must hold this id (CLIP pools at it)
     tokenizer_required: bool = True  # False: without tokenizer.json the model still embeds images and token ids

@@ -144,24 +144,25 @@ class Scheduler:
         """As :meth:`Model.embed_images`, batched with other callers. Raises CancelledError if cancelled."""
         return self.submit("image", images, normalize, cancelled).result()
 
-    def embed_texts(self, texts, normalize: bool = True,
-                    cancelled: Callable[[], bool] | None = None) -> EmbedResult:
+    def embed_texts(self, texts, normalize: bool = True, cancelled: Callable[[], bool] | None = None,
+                    prompt_name: str | None = None) -> EmbedResult:
         """As :meth:`Model.embed_texts`, batched with other callers (by tokens)."""
-        return self.submit("text", texts, normalize, cancelled).result()
+        return self.submit("text", texts, normalize, cancelled, prompt_name).result()
 
     def embed_tokens(self, tokens, normalize: bool = True,
                      cancelled: Callable[[], bool] | None = None) -> EmbedResult:
         """As :meth:`Model.embed_tokens`; rows over ``config.max_row_tokens`` are row errors."""
         return self.submit("tokens", tokens, normalize, cancelled).result()
 
-    def submit(self, kind: str, values, normalize: bool = True,
-               cancelled: Callable[[], bool] | None = None) -> "Future[EmbedResult]":
+    def submit(self, kind: str, values, normalize: bool = True, cancelled: Callable[[], bool] | None = None,
+               prompt_name: str | None = None) -> "Future[EmbedResult]":
         """Prepare ``values`` in this thread, queue them, return a future of the EmbedResult.
 
         Returns once every row is queued (images are decoded one device batch at a time, so
         compute of the first batch overlaps decoding of the next). ``kind``: "image", "text"
-        or "tokens". Request-level faults (ModalityError, InputError) raise here, before any
-        row is queued. The future is cancelled if ``cancelled()`` turns true before the rows ran.
+        or "tokens"; ``prompt_name`` (text) picks one of the model's prompts. Request-level faults
+        (ModalityError, InputError) raise here, before any row is queued. The future is cancelled if
+        ``cancelled()`` turns true before the rows ran.
         """
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}; got {kind!r}")
@@ -173,7 +174,7 @@ class Scheduler:
             if kind == "image":
                 request = self._submit_images(values, normalize, cancelled)
             else:
-                request = self._submit_token_rows(kind, values, normalize, cancelled)
+                request = self._submit_token_rows(kind, values, normalize, cancelled, prompt_name)
         finally:
             with self._cv:
                 self._preparing -= 1
@@ -229,9 +230,10 @@ class Scheduler:
                                          np.ones(k, dtype=np.int64), time.monotonic()))
         return request
 
-    def _submit_token_rows(self, kind: str, values, normalize: bool, cancelled) -> _Request:
+    def _submit_token_rows(self, kind: str, values, normalize: bool, cancelled,
+                           prompt_name: str | None = None) -> _Request:
         if kind == "text":
-            rows, errors = self.model.prepare_texts(values)
+            rows, errors = self.model.prepare_texts(values, prompt_name)
         else:
             rows, errors = self.model.prepare_tokens(values)
             limit = self.config.max_row_tokens

@@ -104,8 +104,10 @@ class TextTokenizer:
         """Characters of a text that are tokenized at first (see :data:`WINDOW_CHARS_PER_TOKEN`)."""
         return max(WINDOW_MIN_CHARS, WINDOW_CHARS_PER_TOKEN * self.max_length)
 
-    def encode(self, texts: Sequence[str | None] | pa.Array | pa.ChunkedArray) -> tuple[list[np.ndarray | None], list[str | None]]:
-        """Tokenize texts. Returns (ids per row or None, error per row or None).
+    def encode(self, texts: Sequence[str | None] | pa.Array | pa.ChunkedArray, prefix: str | None = None
+               ) -> tuple[list[np.ndarray | None], list[str | None]]:
+        """Tokenize texts, each after ``prefix`` (default: the tokenizer's own, e.g. a default prompt). Returns
+        (ids per row or None, error per row or None).
 
         Only the characters truncation can keep are tokenized: a text longer than :attr:`window` characters
         is cut to that many on the side truncation keeps, which gives the ids of the whole text when a space
@@ -132,17 +134,18 @@ class TextTokenizer:
             raise InputError(f"this model cannot tokenize texts: {_missing(self.source)}; or send token ids "
                              "(input kind 'tokens')")
         tok = self.load()._tok
+        prefix = self.prefix if prefix is None else prefix
         for chunk in _chunks(good, [len(values[i]) for i in good], TOKENIZE_CHUNK_CHARS):
-            batch = [self.prefix + values[i] for i in chunk]
+            batch = [prefix + values[i] for i in chunk]
             for k, (i, enc) in enumerate(zip(chunk, tok.encode_batch(batch, add_special_tokens=True))):
-                if i in whole and not self._kept_inside(enc, batch[k]):
-                    enc, errors[i] = self._encode_wider(whole[i](), window)
+                if i in whole and not self._kept_inside(enc, batch[k], len(prefix)):
+                    enc, errors[i] = self._encode_wider(whole[i](), window, prefix)
                     if enc is None:
                         continue
                 rows[i] = np.asarray(enc.ids, dtype=np.int64)
         return rows, errors
 
-    def _kept_inside(self, enc, text: str) -> bool:
+    def _kept_inside(self, enc, text: str, prefix_chars: int) -> bool:
         """Whether ``enc``, the encoding of ``text`` (prompt + a cut text), holds the ids of the whole text: it
         was truncated, and a whitespace character (a boundary for every pre-tokenizer) lies between the tokens
         truncation kept and the cut, so the word the cut splits is not among them."""
@@ -153,17 +156,17 @@ class TextTokenizer:
             return False
         if self.truncation_side == "right":
             return _SPACE.search(text, max(end for _, end in spans)) is not None
-        return _SPACE.search(text, len(self.prefix), min(start for start, _ in spans)) is not None
+        return _SPACE.search(text, prefix_chars, min(start for start, _ in spans)) is not None
 
-    def _encode_wider(self, text: str, window: int):
+    def _encode_wider(self, text: str, window: int, prefix: str):
         """Encode one long text from growing windows until the kept tokens lie inside the cut; (encoding, None)
         or (None, the row error)."""
         limit = window * MAX_WINDOW_GROWTH
         while True:
             window *= 4
             part = _cut(text, window, self.truncation_side)
-            enc = self._tok.encode(self.prefix + part, add_special_tokens=True)
-            if len(part) == len(text) or self._kept_inside(enc, self.prefix + part):
+            enc = self._tok.encode(prefix + part, add_special_tokens=True)
+            if len(part) == len(text) or self._kept_inside(enc, prefix + part, len(prefix)):
                 return enc, None
             if window >= limit:
                 which = "first" if self.truncation_side == "right" else "last"

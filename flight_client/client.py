@@ -192,15 +192,16 @@ class EmbeddingClient:
     # ---- embedding --------------------------------------------------------------------
 
     def embed_texts(self, texts: Sequence[str | None] | pa.Array, model: str | None = None,
-                    normalize: bool = True, errors: str = "raise") -> Any:
-        """Embed texts -> (N, D) float32; with ``errors="return"``, ``(array, errors)``.
+                    normalize: bool = True, errors: str = "raise", prompt_name: str | None = None) -> Any:
+        """Embed texts -> (N, D) float32; with ``errors="return"``, ``(array, errors)``. ``prompt_name``: one of
+        the model's prompts (``models()`` lists them) put before every text; None: the model's default prompt.
 
         Raises:
             TypeError: ``texts`` is a single str (wrap it in a list), or a row is not a str
                 or None (the message names the row).
             EmbeddingRowErrors: some rows failed on the server (``errors="raise"``).
         """
-        return self._embed_array(_as_array(texts, "text"), "text", model, normalize, errors)
+        return self._embed_array(_as_array(texts, "text"), "text", model, normalize, errors, prompt_name)
 
     def embed_images(self, images: Iterable[bytes | None] | pa.Array, model: str | None = None,
                      normalize: bool = True, errors: str = "raise") -> Any:
@@ -225,13 +226,13 @@ class EmbeddingClient:
 
     def embed_table(self, table: pa.Table, column: str | None = None, kind: str = "text",
                     passthrough: Sequence[str] = (), model: str | None = None,
-                    normalize: bool = True) -> pa.Table:
+                    normalize: bool = True, prompt_name: str | None = None) -> pa.Table:
         """Embed one column of a table -> table of passthrough columns, ``embedding``, ``error``.
 
         Row errors do not raise: they are in the ``error`` column.
         """
-        command = protocol.EmbedCommand.create(kind, model=model, column=column,
-                                               normalize=normalize, passthrough=passthrough)
+        command = protocol.EmbedCommand.create(kind, model=model, column=column, normalize=normalize,
+                                               passthrough=passthrough, prompt_name=prompt_name)
         names = list(dict.fromkeys([command.column, *command.passthrough]))
         missing = [n for n in names if n not in table.column_names]
         if missing:
@@ -268,7 +269,7 @@ class EmbeddingClient:
 
     def embed_stream(self, batches: Iterable[pa.RecordBatch], kind: str, column: str | None = None,
                      passthrough: Sequence[str] = (), model: str | None = None,
-                     normalize: bool = True) -> Iterator[pa.RecordBatch]:
+                     normalize: bool = True, prompt_name: str | None = None) -> Iterator[pa.RecordBatch]:
         """Stream record batches through the server; yields one result batch per input batch.
 
         For inputs larger than memory: a writer thread sends batches ahead while results
@@ -281,8 +282,8 @@ class EmbeddingClient:
                 embed_table), or an item is not a RecordBatch.
             ValueError: a batch's schema differs from the first batch's.
         """
-        command = protocol.EmbedCommand.create(kind, model=model, column=column,
-                                               normalize=normalize, passthrough=passthrough)
+        command = protocol.EmbedCommand.create(kind, model=model, column=column, normalize=normalize,
+                                               passthrough=passthrough, prompt_name=prompt_name)
         if isinstance(batches, (pa.RecordBatch, pa.Table)):  # iterating one gives its columns
             alternative = " or pass the table to embed_table(table, ...)" if isinstance(batches, pa.Table) else ""
             raise TypeError(f"batches: expected an iterable of pyarrow RecordBatches, got a single "
@@ -302,12 +303,13 @@ class EmbeddingClient:
                 source = itertools.chain(state.sent, source)  # nothing came back: send them all again
 
     def _embed_array(self, array: pa.Array, kind: str, model: str | None, normalize: bool,
-                     errors: str) -> Any:
+                     errors: str, prompt_name: str | None = None) -> Any:
         if errors not in ("raise", "return"):
             raise ValueError(f"errors must be 'raise' or 'return'; got {errors!r}")
         column = protocol.DEFAULT_COLUMNS[kind]
         table = pa.table({column: array})
-        result = self.embed_table(table, column=column, kind=kind, model=model, normalize=normalize)
+        result = self.embed_table(table, column=column, kind=kind, model=model, normalize=normalize,
+                                  prompt_name=prompt_name)
         embeddings = embeddings_to_numpy(result.column(protocol.EMBEDDING_FIELD))
         row_errors = result.column(protocol.ERROR_FIELD).to_pylist()
         if errors == "return":

@@ -55,6 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--passthrough", nargs="+", action="extend", default=[], metavar="COL",
                         help="input columns to copy into the output")
     parser.add_argument("--no-normalize", action="store_true", help="do not L2-normalize the embeddings")
+    parser.add_argument("--prompt-name", default=None,
+                        help="--kind text: the model's prompt to put before every text, e.g. query or document "
+                             "(default: the model's default prompt, if any)")
     parser.add_argument("--discover", action="store_true",
                         help="with --server: also use every endpoint the servers advertise in get_flight_info")
     parser.add_argument("--token-file", type=Path, default=None, help="file holding the servers' bearer token")
@@ -87,7 +90,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
     return JobConfig(input=args.input, output=args.output, kind=args.kind, column=args.column,
                      model=args.model, servers=servers, batch_rows=args.batch_rows,
                      shard_rows=args.shard_rows, resume=args.resume, passthrough=tuple(args.passthrough),
-                     normalize=not args.no_normalize, token=token, tls_root_certs=args.tls_root_certs,
+                     normalize=not args.no_normalize, prompt_name=args.prompt_name, token=token,
+                     tls_root_certs=args.tls_root_certs,
                      device=args.device, precision=args.precision, cache_dir=args.cache_dir,
                      progress=not args.no_progress, call_timeout_s=args.call_timeout)
 

@@ -37,7 +37,8 @@ from flight_server import protocol
 log = logging.getLogger("arrowengine.embed")
 
 # Settings recorded in the manifest that a resumed run must repeat (they decide the output).
-RESUME_KEYS = ("kind", "column", "model", "passthrough", "batch_rows", "shard_rows", "normalize", "precision")
+RESUME_KEYS = ("kind", "column", "model", "passthrough", "batch_rows", "shard_rows", "normalize", "precision",
+               "prompt_name")
 
 
 class JobError(RuntimeError):
@@ -67,6 +68,7 @@ class JobConfig:
     resume: bool = False                      # continue the job already in `output`
     passthrough: tuple[str, ...] = ()         # input columns copied to the output
     normalize: bool = True                    # L2-normalize embeddings
+    prompt_name: str | None = None            # text: the model's prompt before every text (None: its default)
     token: str | None = field(default=None, repr=False)  # bearer token for the servers
     tls_root_certs: Path | None = None        # CA of the servers (grpc+tls://)
     device: str = "cpu"                       # in-process only
@@ -79,6 +81,9 @@ class JobConfig:
     def __post_init__(self) -> None:
         if self.kind not in protocol.INPUT_KINDS:
             raise ValueError(f"kind must be one of {list(protocol.INPUT_KINDS)}; got {self.kind!r}")
+        if self.prompt_name is not None and self.kind != "text":
+            raise ValueError(f"--prompt-name applies to --kind text (a prompt goes before each text); got --kind "
+                             f"{self.kind}")
         if self.call_timeout_s is not None and self.call_timeout_s <= 0:
             raise ValueError(f"call_timeout_s must be > 0 seconds (or None: no limit); got {self.call_timeout_s}")
         if self.batch_rows < 1 or self.shard_rows < 1:
@@ -100,7 +105,7 @@ class JobConfig:
         return {"kind": self.kind, "column": self.input_column, "model": self.model,
                 "passthrough": list(self.passthrough), "batch_rows": self.batch_rows,
                 "shard_rows": self.shard_size, "normalize": self.normalize,
-                "precision": None if self.servers else self.precision}
+                "precision": None if self.servers else self.precision, "prompt_name": self.prompt_name}
 
 
 @dataclass(frozen=True)
@@ -318,7 +323,7 @@ def make_embedders(config: JobConfig) -> list[Any]:
     if config.servers:
         return [FlightEmbedder(location, config.kind, model=config.model, normalize=config.normalize,
                                token=config.token, tls_root_certs=config.tls_root_certs,
-                               timeout_s=config.call_timeout_s)
+                               timeout_s=config.call_timeout_s, prompt_name=config.prompt_name)
                 for location in dict.fromkeys(config.servers)]
     import engine  # torch is imported here only
 
@@ -328,7 +333,7 @@ def make_embedders(config: JobConfig) -> list[Any]:
         model = engine.load_model(model_dir, device=config.device, precision=config.precision)
     except Exception as exc:
         raise JobUsageError(f"cannot load the model {model_dir}: {type(exc).__name__}: {exc}") from exc
-    return [LocalEmbedder(model, config.kind, normalize=config.normalize)]
+    return [LocalEmbedder(model, config.kind, normalize=config.normalize, prompt_name=config.prompt_name)]
 
 
 def resolve_model_dir(model: str | None, cache_dir: Path | None = None) -> Path:

@@ -62,18 +62,20 @@ def embedding_array(embeddings: np.ndarray, errors: Sequence[str | None]) -> pa.
 class LocalEmbedder:
     """The engine in this process (``engine.load_model(...)`` result)."""
 
-    def __init__(self, model: Any, kind: str, normalize: bool = True, name: str = "in-process") -> None:
+    def __init__(self, model: Any, kind: str, normalize: bool = True, name: str = "in-process",
+                 prompt_name: str | None = None) -> None:
         self.model = model
         self.kind = kind
         self.normalize = normalize
         self.name = name
         self._embed = getattr(model, EMBED_METHODS[kind])
+        self._options = {"prompt_name": prompt_name} if prompt_name is not None else {}
 
     def describe(self) -> dict[str, Any]:
         return protocol.model_metadata(self.model.info.name, self.model.info, default=True)
 
     def embed(self, column: pa.Array) -> tuple[pa.Array, list[str | None]]:
-        result = self._embed(column, normalize=self.normalize)
+        result = self._embed(column, normalize=self.normalize, **self._options)
         errors = list(result.errors)
         return embedding_array(result.embeddings, errors), errors
 
@@ -83,11 +85,12 @@ class FlightEmbedder:
 
     def __init__(self, location: str, kind: str, model: str | None = None, normalize: bool = True,
                  token: str | None = None, tls_root_certs: bytes | str | Path | None = None,
-                 timeout_s: float | None = None) -> None:
+                 timeout_s: float | None = None, prompt_name: str | None = None) -> None:
         self.name = location
         self.kind = kind
         self.model = model
         self.normalize = normalize
+        self.prompt_name = prompt_name
         self.column = protocol.DEFAULT_COLUMNS[kind]
         # No client-side retries: the pool retries, on another endpoint when it can. The client's own batch
         # limits split a job batch of big rows into several record batches of the one exchange, within the
@@ -106,7 +109,7 @@ class FlightEmbedder:
     def embed(self, column: pa.Array) -> tuple[pa.Array, list[str | None]]:
         table = pa.table({self.column: column})
         result = self.client.embed_table(table, column=self.column, kind=self.kind, model=self.model,
-                                         normalize=self.normalize)
+                                         normalize=self.normalize, prompt_name=self.prompt_name)
         return (result.column(protocol.EMBEDDING_FIELD).combine_chunks(),
                 result.column(protocol.ERROR_FIELD).to_pylist())
 

@@ -8,7 +8,8 @@ Embedding call: ``do_exchange`` with ``FlightDescriptor.for_command(<UTF-8 JSON>
      "input": "text",               # "image" | "text" | "tokens"
      "column": "text",              # optional: default "image" / "text" / "input_ids"
      "normalize": true,             # optional: L2-normalize the embeddings (default true)
-     "passthrough": ["id"]}         # optional: input columns copied to the output (default [])
+     "passthrough": ["id"],         # optional: input columns copied to the output (default [])
+     "prompt_name": "query"}        # optional, text input: one of the model's prompts (default: its default)
 
 Input batches (any number, any size) carry ``column`` with one of the accepted types:
 
@@ -42,7 +43,7 @@ INPUT_KINDS: tuple[str, ...] = ("image", "text", "tokens")
 DEFAULT_COLUMNS: Mapping[str, str] = {"image": "image", "text": "text", "tokens": "input_ids"}
 # Which model modality (``ModelInfo.modalities``) serves each input kind.
 KIND_MODALITY: Mapping[str, str] = {"image": "image", "text": "text", "tokens": "text"}
-COMMAND_KEYS: tuple[str, ...] = ("model", "input", "column", "normalize", "passthrough")
+COMMAND_KEYS: tuple[str, ...] = ("model", "input", "column", "normalize", "passthrough", "prompt_name")
 
 # ---- output --------------------------------------------------------------------------
 
@@ -55,7 +56,7 @@ RESERVED_FIELDS: tuple[str, ...] = (EMBEDDING_FIELD, ERROR_FIELD)
 # Keys of the JSON metadata of each model (FlightInfo.app_metadata and the `models` action).
 METADATA_KEYS: tuple[str, ...] = (
     "name", "architecture", "kind", "modalities", "dimension", "precision", "device",
-    "max_tokens", "default",
+    "max_tokens", "prompts", "default_prompt", "default",
 )
 ACTION_HEALTH = "health"  # {"status": "ok", "uptime_s": float}
 ACTION_READY = "ready"    # {"ready": bool, "models": [name, ...]}
@@ -143,18 +144,20 @@ class EmbedCommand:
     model: str | None = None         # None: the server's default model
     normalize: bool = True           # L2-normalize each embedding
     passthrough: tuple[str, ...] = field(default=())  # input columns echoed to the output
+    prompt_name: str | None = None   # text input: the model's prompt put before every text (None: its default)
 
     @classmethod
     def create(cls, input: str, *, model: str | None = None, column: str | None = None,
-               normalize: bool = True, passthrough: Sequence[str] = ()) -> "EmbedCommand":
+               normalize: bool = True, passthrough: Sequence[str] = (),
+               prompt_name: str | None = None) -> "EmbedCommand":
         """Build a validated command, filling the default column for ``input``.
 
         Raises:
             ProtocolError: as :func:`parse_command`; also a bare ``str`` ``passthrough``.
         """
         names = passthrough if isinstance(passthrough, str) else list(passthrough)  # "id" is not ["i", "d"]
-        return _from_mapping({"model": model, "input": input, "column": column,
-                              "normalize": normalize, "passthrough": names})
+        return _from_mapping({"model": model, "input": input, "column": column, "normalize": normalize,
+                              "passthrough": names, "prompt_name": prompt_name})
 
     def to_json(self) -> bytes:
         """The UTF-8 JSON to put in ``FlightDescriptor.for_command``."""
@@ -162,6 +165,8 @@ class EmbedCommand:
                                "normalize": self.normalize, "passthrough": list(self.passthrough)}
         if self.model is not None:
             doc["model"] = self.model
+        if self.prompt_name is not None:
+            doc["prompt_name"] = self.prompt_name
         return json.dumps(doc).encode("utf-8")
 
     def descriptor(self) -> "Any":
@@ -231,8 +236,14 @@ def _from_mapping(doc: Mapping[str, Any]) -> EmbedCommand:
     if reserved:
         raise ProtocolError(f'"passthrough" cannot contain {reserved}: the output adds those columns; '
                             "rename them in the input")
+    prompt_name = doc.get("prompt_name")
+    if prompt_name is not None and (not isinstance(prompt_name, str) or not prompt_name):
+        raise ProtocolError(f'"prompt_name" must be a non-empty string or null; got {quote(prompt_name)}')
+    if prompt_name is not None and kind != "text":
+        raise ProtocolError(f'"prompt_name" applies to "text" input (a prompt is text put before each text); got '
+                            f'{kind!r} input: put the prompt\'s token ids in the rows instead')
     return EmbedCommand(input=kind, column=column, model=model, normalize=normalize,
-                        passthrough=tuple(passthrough))
+                        passthrough=tuple(passthrough), prompt_name=prompt_name)
 
 
 # ---- input types ---------------------------------------------------------------------
@@ -319,7 +330,7 @@ def model_metadata(name: str, info: Any, default: bool = False) -> dict[str, Any
     """JSON-ready metadata of one served model (keys: :data:`METADATA_KEYS`).
 
     ``info`` is the engine's ``ModelInfo`` (duck-typed: architecture, kind, modalities,
-    dim, precision, device, max_tokens).
+    dim, precision, device, max_tokens, prompts, default_prompt).
     """
     return {
         "name": name,
@@ -330,6 +341,8 @@ def model_metadata(name: str, info: Any, default: bool = False) -> dict[str, Any
         "precision": getattr(info, "precision", None),
         "device": str(getattr(info, "device", "")),
         "max_tokens": getattr(info, "max_tokens", None),
+        "prompts": dict(getattr(info, "prompts", ()) or ()),
+        "default_prompt": getattr(info, "default_prompt", None),
         "default": default,
     }
 

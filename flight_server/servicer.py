@@ -8,7 +8,7 @@ views of the received buffer), and wraps the engine's (N, D) float32 output as t
 Models are duck-typed (``engine.model`` API): ``.info`` (``dim``, ``modalities``, ...) and
 ``embed_images / embed_texts / embed_tokens(array, normalize=) -> EmbedResult`` with
 ``embeddings`` (N, D) float32 C-contiguous and ``errors`` (list of str | None). A model
-that also has ``submit(kind, array, normalize, cancelled) -> Future[EmbedResult]`` (an
+that also has ``submit(kind, array, normalize, cancelled, prompt_name=) -> Future[EmbedResult]`` (an
 ``engine.scheduler.Scheduler``, which ``arrowengine serve`` puts in front of every model)
 is pipelined: while the rows of input batch k are on the device, the exchange already
 reads and decodes batch k+1, and a writer thread sends each result as soon as it is ready
@@ -332,6 +332,7 @@ class EmbeddingServer(flight.FlightServerBase):
         call.input = command.input
         call.model = name
         self._check_modality(name, model, command.input)
+        self._check_prompt(name, model, command.prompt_name)
         try:
             schema = reader.schema  # waits for the client's first message
             call.reading_since = None
@@ -342,8 +343,9 @@ class EmbeddingServer(flight.FlightServerBase):
         passthrough_fields = protocol.check_input_schema(command, schema)
         out_schema = protocol.output_schema(int(model.info.dim), passthrough_fields)
         writer.begin(out_schema)
-        log.info("exchange start peer=%s model=%s input=%s column=%s normalize=%s", call.peer, name,
-                 command.input, protocol.quote(command.column), command.normalize)
+        log.info("exchange start peer=%s model=%s input=%s column=%s normalize=%s prompt_name=%s", call.peer, name,
+                 command.input, protocol.quote(command.column), command.normalize,
+                 protocol.quote(command.prompt_name))
         self._stream(context, reader, writer, model, command, out_schema, call)
 
     def _stream(self, context, reader, writer, model, command: protocol.EmbedCommand,
@@ -356,7 +358,7 @@ class EmbeddingServer(flight.FlightServerBase):
         def cancelled() -> bool:
             return call.stop.is_set() or context.is_cancelled()
 
-        embed = _submitter(model, command.input, cancelled)
+        embed = _submitter(model, command, cancelled)
         dim = int(model.info.dim)
         results = _ResultWriter(writer, call, cancelled, lambda rows, failed: self._batch_written(call, rows, failed))
         try:
@@ -442,6 +444,13 @@ class EmbeddingServer(flight.FlightServerBase):
             raise protocol.ProtocolError(
                 f"model {name!r} embeds {list(modalities)}, not {kind!r} input ({modality}); "
                 f"models here that take {modality}: {able}")
+
+    def _check_prompt(self, name: str, model: Any, prompt_name: str | None) -> None:
+        prompts = dict(getattr(model.info, "prompts", ()) or ())
+        if prompt_name is not None and prompt_name not in prompts:
+            have = f"its prompts are {sorted(prompts)}" if prompts else "it has no prompts"
+            raise protocol.ProtocolError(f"unknown prompt_name {protocol.quote(prompt_name)} for model {name!r}: "
+                                         f"{have}")
 
     def _check_limits(self, batch: pa.RecordBatch, index: int) -> str | None:
         """Raise LimitExceededError for a batch over the limits; a single row over the byte limit is that
@@ -641,18 +650,20 @@ def _check_going(context, call: _Call, abort: threading.Event) -> None:
         raise _Cancelled()
 
 
-def _submitter(model: Any, kind: str, cancelled: Callable[[], bool]) -> Callable[[Any, bool], Future]:
+def _submitter(model: Any, command: protocol.EmbedCommand,
+               cancelled: Callable[[], bool]) -> Callable[[Any, bool], Future]:
     """``submit(values, normalize) -> Future[EmbedResult]`` for a scheduler or a plain model.
 
     Request-level faults raise from ``submit`` itself; a plain model runs synchronously.
     """
+    kind, options = command.input, {"prompt_name": command.prompt_name} if command.prompt_name else {}
     if callable(getattr(model, "submit", None)):
-        return lambda values, normalize: model.submit(kind, values, normalize, cancelled)
+        return lambda values, normalize: model.submit(kind, values, normalize, cancelled, **options)
     embed = getattr(model, EMBED_METHODS[kind])
 
     def run(values, normalize: bool) -> Future:
         future: Future = Future()
-        future.set_result(embed(values, normalize=normalize))
+        future.set_result(embed(values, normalize=normalize, **options))
         return future
     return run
 

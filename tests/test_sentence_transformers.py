@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
@@ -456,6 +457,52 @@ def test_a_default_prompt_goes_before_every_text_as_sentence_transformers_puts_i
     (tmp_path / "converted" / "config_sentence_transformers.json").write_text(json.dumps(st_cfg))
     with pytest.raises(ModelConfigError, match="nope"):
         engine.load_model(tmp_path / "converted")
+
+
+def test_a_request_picks_a_prompt_by_name_as_sentence_transformers_encode_does(encoders, tmp_path):
+    """prompt_name in-process, through the scheduler and over Flight gives what sentence-transformers'
+    encode(prompt_name=...) gives; an unknown name is a request error that lists the model's prompts."""
+    import pyarrow.flight as flight
+    from sentence_transformers import SentenceTransformer
+
+    from engine.scheduler import Scheduler
+    from flight_client import EmbeddingClient
+    from flight_server.config import ServerConfig
+    from flight_server.servicer import EmbeddingServer
+
+    src = _sentence_transformer(encoders["bert"], tmp_path / "st", "mean", True, max_seq=24)
+    st_cfg = json.loads((src / "config_sentence_transformers.json").read_text())
+    st_cfg.update(prompts={"query": "search_query: ", "document": "search_document: "}, default_prompt_name=None)
+    (src / "config_sentence_transformers.json").write_text(json.dumps(st_cfg))
+    convert_checkpoint(src, tmp_path / "converted", progress=False)
+    model = engine.load_model(tmp_path / "converted")
+    ref = SentenceTransformer(str(src), device="cpu")
+    assert dict(model.info.prompts) == {"query": "search_query: ", "document": "search_document: "}
+    assert model.info.default_prompt is None
+    for name in (None, "query", "document"):
+        want = ref.encode(TEXTS, prompt_name=name, convert_to_numpy=True, normalize_embeddings=True)
+        got = model.encode_text(TEXTS, prompt_name=name)
+        assert (want * got).sum(1).min() >= 0.99999, name
+    with pytest.raises(engine.InputError, match=r"unknown prompt_name 'passage' .*its prompts are "
+                                                r"\['document', 'query'\]"):
+        model.encode_text(["x"], prompt_name="passage")
+    with Scheduler(model) as scheduler, \
+            EmbeddingServer({"st": scheduler}, ServerConfig(port=0)) as server, \
+            EmbeddingClient(f"grpc://127.0.0.1:{server.port}") as client:
+        local = model.encode_text(TEXTS, prompt_name="query")
+        np.testing.assert_array_equal(scheduler.embed_texts(TEXTS, prompt_name="query").embeddings, local)
+        np.testing.assert_array_equal(client.embed_texts(TEXTS, prompt_name="query"), local)
+        (meta,) = client.models()
+        assert meta["prompts"] == {"query": "search_query: ", "document": "search_document: "}
+        assert meta["default_prompt"] is None
+        with pytest.raises(flight.FlightServerError, match="unknown prompt_name 'passage' for model 'st'"):
+            client.embed_texts(["x"], prompt_name="passage")
+        command = json.dumps({"input": "tokens", "prompt_name": "query"}).encode()
+        writer, reader = client._client.do_exchange(flight.FlightDescriptor.for_command(command))
+        with pytest.raises(flight.FlightServerError, match='"prompt_name" applies to "text" input'):
+            writer.begin(pa.schema([("input_ids", pa.list_(pa.int64()))]))
+            writer.done_writing()
+            reader.read_all()
 
 
 @pytest.mark.parametrize("precision", ["int8", "bf16"])
