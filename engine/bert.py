@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from engine.config import MPNET_BUCKETS, ST_MODULE_PREFIX, BertConfig, DenseConfig, TowerConfig, bert_config
-from engine.config_check import CountCheck, ShapeCheck, check_config_against_weights
+from engine.config import MPNET_BUCKETS, BertConfig, TowerConfig, bert_config
+from engine.config_check import CountCheck, ShapeCheck, check_config_against_weights, dense_checks
 from engine.registry import Parts, TextSide
-from engine.layers import Embedding, LayerNorm, Linear, activation, attention, project_qkv
+from engine.layers import Embedding, LayerNorm, Linear, StDense, activation, attention, project_qkv, st_pool
 
 log = logging.getLogger(__name__)
 
@@ -172,22 +172,6 @@ class _AlbertGroup(nn.Module):
 
 _BLOCKS = {"mpnet": MPNetLayer, "distilbert": DistilBertLayer}
 
-_DENSE_ACTS = {"Identity": lambda x: x, "Tanh": torch.tanh, "ReLU": torch.relu, "GELU": nn.functional.gelu,
-               "Sigmoid": torch.sigmoid}
-
-
-class _Dense(nn.Module):
-    """A sentence-transformers Dense module (its folder's ``linear.weight`` / ``linear.bias``)."""
-
-    def __init__(self, cfg: DenseConfig) -> None:
-        super().__init__()
-        self.linear = Linear(cfg.n_in, cfg.n_out, bias=cfg.bias)
-        self.act = _DENSE_ACTS[cfg.act]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.linear(x))
-
-
 class _Encoder(nn.Module):
     def __init__(self, cfg: BertConfig) -> None:
         super().__init__()
@@ -224,7 +208,7 @@ class SentenceBert(nn.Module):
         # the checkpoint's name for the blocks: DistilBERT's ``transformer.layer.N``, the others' ``encoder.layer.N``
         self.add_module("transformer" if cfg.model_type == "distilbert" else "encoder", _Encoder(cfg))
         if cfg.dense:  # parameter names st_modules.<folder>.linear.*, as the converter stores them
-            self.st_modules = nn.ModuleDict({d.path: _Dense(d) for d in cfg.dense})
+            self.st_modules = nn.ModuleDict({d.path: StDense(d) for d in cfg.dense})
 
     @property
     def blocks(self) -> list[nn.Module]:
@@ -256,7 +240,7 @@ class SentenceBert(nn.Module):
             mask = bias if mask is None else bias.masked_fill(~mask, torch.finfo(x.dtype).min)  # (B, h, T, T)
         for layer in self.blocks:
             x = layer(x, mask)
-        y = self._pool(x, keep)  # (B, C)
+        y = st_pool(x, keep, self.cfg.pooling)  # (B, C)
         for d in self.cfg.dense:
             y = self.st_modules[d.path](y)  # (B, D)
         return y
@@ -280,22 +264,6 @@ class SentenceBert(nn.Module):
         pad = self.cfg.position_pad_id
         real = (ids != pad).long()
         return table[real.cumsum(dim=1) * real + pad]
-
-    def _pool(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """sentence-transformers' Pooling over the real tokens (``keep``), (B, T, C) -> (B, C)."""
-        mode = self.cfg.pooling
-        if mode == "cls":
-            return x[:, 0]
-        k = keep[:, :, None].to(x.dtype)  # (B, T, 1)
-        if mode == "max":
-            return x.masked_fill(k == 0, float("-inf")).amax(dim=1)
-        if mode == "lasttoken":
-            return x[torch.arange(x.shape[0], device=x.device), keep.sum(dim=1) - 1]
-        if mode == "weightedmean":  # weights 1..n over the real tokens
-            k = k * torch.arange(1, x.shape[1] + 1, device=x.device, dtype=x.dtype)[None, :, None]
-        total = (x * k).sum(dim=1)  # (B, C)
-        count = k.sum(dim=1).clamp(min=1e-9)  # (B, 1)
-        return total / (count.sqrt() if mode == "mean_sqrt_len_tokens" else count)
 
 
 def _relative_bucket(offset: torch.Tensor, max_distance: int = 128) -> torch.Tensor:
@@ -357,7 +325,5 @@ def weight_checks(cfg: BertConfig) -> tuple[list[CountCheck], list[ShapeCheck]]:
         checks.append(ShapeCheck("encoder.relative_attention_bias.weight",
                                   (("relative_attention_num_buckets", cfg.relative_buckets),
                                    ("num_attention_heads", t.heads)), conf))
-    for d in cfg.dense:
-        checks.append(ShapeCheck(f"{ST_MODULE_PREFIX}{d.path}.linear.weight",
-                                  (("out_features", d.n_out), ("in_features", d.n_in)), f"{d.path}/config.json"))
+    checks += dense_checks(cfg.dense)
     return counts, checks

@@ -217,10 +217,10 @@ def tokenizer_config(model_dir: Path) -> dict[str, Any]:
 def model_max_length(model_dir: Path, positions: int) -> int:
     """How many tokens HF's tokenizer keeps with ``truncation=True``: tokenizer_config.json's
     ``model_max_length``, capped at the model's ``positions``."""
-    return _length_cap(tokenizer_config(model_dir).get("model_max_length"), positions)
+    return length_cap(tokenizer_config(model_dir).get("model_max_length"), positions)
 
 
-def _length_cap(value: Any, positions: int) -> int:
+def length_cap(value: Any, positions: int) -> int:
     """A configured text length capped at ``positions``; unset, or the tokenizers' "no limit" sentinel
     (1e30): the position table is the limit."""
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -228,14 +228,14 @@ def _length_cap(value: Any, positions: int) -> int:
     return min(value, positions)
 
 
-def _dict(cfg: dict[str, Any], key: str, where: str) -> dict[str, Any]:
+def config_dict(cfg: dict[str, Any], key: str, where: str) -> dict[str, Any]:
     value = cfg.get(key) or {}
     if not isinstance(value, dict):
         raise ModelConfigError(f"{where}: {key} should be an object, got {value!r}")
     return value
 
 
-def _get(cfg: dict[str, Any], key: str, default: Any, kind: type, where: str) -> Any:
+def config_value(cfg: dict[str, Any], key: str, default: Any, kind: type, where: str) -> Any:
     value = cfg.get(key, default)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
@@ -244,17 +244,18 @@ def _get(cfg: dict[str, Any], key: str, default: Any, kind: type, where: str) ->
     return value
 
 
-def _size(cfg: dict[str, Any], key: str, default: Any, where: str, minimum: int = 1, maximum: int = MAX_SIZE) -> int:
+def config_size(cfg: dict[str, Any], key: str, default: Any, where: str, minimum: int = 1,
+                maximum: int = MAX_SIZE) -> int:
     """An integer size field: an int in [minimum, maximum] (positive and below MAX_SIZE by default)."""
-    value = _get(cfg, key, default, int, where)
+    value = config_value(cfg, key, default, int, where)
     if not minimum <= value <= maximum:
         raise ModelConfigError(f"{where}: {key} is {value}, expected an integer from {minimum} to {maximum}; the "
                                "file is corrupt or not this model's config")
     return value
 
 
-def _eps(cfg: dict[str, Any], key: str, default: float, where: str) -> float:
-    value = _get(cfg, key, default, float, where)
+def config_eps(cfg: dict[str, Any], key: str, default: float, where: str) -> float:
+    value = config_value(cfg, key, default, float, where)
     if not (math.isfinite(value) and value > 0):
         raise ModelConfigError(f"{where}: {key} is {value}, expected a small positive number such as 1e-5")
     return value
@@ -268,17 +269,17 @@ _DISTILBERT_KEYS = ("dim", "n_layers", "n_heads", "hidden_dim", "activation", No
 
 def _tower(cfg: dict[str, Any], where: str, defaults: dict[str, Any], keys: tuple = _TOWER_KEYS) -> TowerConfig:
     width_key, layers_key, heads_key, mlp_key, act_key, eps_key = keys
-    width = _size(cfg, width_key, defaults[width_key], where)
-    heads = _size(cfg, heads_key, defaults[heads_key], where)
+    width = config_size(cfg, width_key, defaults[width_key], where)
+    heads = config_size(cfg, heads_key, defaults[heads_key], where)
     if width % heads:
         raise ModelConfigError(f"{where}: {width_key} {width} is not divisible by {heads_key} {heads}")
     return TowerConfig(
         width=width,
-        layers=_size(cfg, layers_key, defaults[layers_key], where, maximum=MAX_LAYERS),
+        layers=config_size(cfg, layers_key, defaults[layers_key], where, maximum=MAX_LAYERS),
         heads=heads,
-        mlp_width=_size(cfg, mlp_key, defaults[mlp_key], where),
-        act=_get(cfg, act_key, defaults[act_key], str, where),
-        eps=_eps(cfg, eps_key, defaults[eps_key], where) if eps_key else defaults["eps"],
+        mlp_width=config_size(cfg, mlp_key, defaults[mlp_key], where),
+        act=config_value(cfg, act_key, defaults[act_key], str, where),
+        eps=config_eps(cfg, eps_key, defaults[eps_key], where) if eps_key else defaults["eps"],
     )
 
 
@@ -304,20 +305,20 @@ def clip_config(model_dir: Path) -> ClipConfig:
         vision = cfg if tower_type == CLIP_VISION_TOWER else None
     else:
         # Older CLIP configs also carry text_config_dict / vision_config_dict; transformers lets them override.
-        text, vision = ({**_dict(cfg, key, where), **_dict(cfg, key + "_dict", where)}
+        text, vision = ({**config_dict(cfg, key, where), **config_dict(cfg, key + "_dict", where)}
                         for key in ("text_config", "vision_config"))
     return ClipConfig(text=None if text is None else _clip_text(text, where),
                       vision=None if vision is None else _clip_vision(vision, where),
-                      projection_dim=_size(cfg, "projection_dim", 512, where))
+                      projection_dim=config_size(cfg, "projection_dim", 512, where))
 
 
 def _clip_text(text: dict[str, Any], where: str) -> ClipTextConfig:
     where_text = where + " text_config"
     return ClipTextConfig(
         tower=_tower(text, where_text, _CLIP_TEXT_DEFAULTS),
-        vocab_size=_size(text, "vocab_size", 49408, where_text),
-        max_positions=_size(text, "max_position_embeddings", 77, where_text),
-        eos_token_id=_size(text, "eos_token_id", 49407, where_text, minimum=0),
+        vocab_size=config_size(text, "vocab_size", 49408, where_text),
+        max_positions=config_size(text, "max_position_embeddings", 77, where_text),
+        eos_token_id=config_size(text, "eos_token_id", 49407, where_text, minimum=0),
     )
 
 
@@ -325,9 +326,9 @@ def _clip_vision(vision: dict[str, Any], where: str) -> ClipVisionConfig:
     where_vision = where + " vision_config"
     vision_cfg = ClipVisionConfig(
         tower=_tower(vision, where_vision, _CLIP_VISION_DEFAULTS),
-        image_size=_size(vision, "image_size", 224, where_vision),
-        patch_size=_size(vision, "patch_size", 32, where_vision),
-        channels=_size(vision, "num_channels", 3, where_vision),
+        image_size=config_size(vision, "image_size", 224, where_vision),
+        patch_size=config_size(vision, "patch_size", 32, where_vision),
+        channels=config_size(vision, "num_channels", 3, where_vision),
     )
     if vision_cfg.grid < 1:
         raise ModelConfigError(f"{where_vision}: image_size {vision_cfg.image_size} is smaller than patch_size "
@@ -347,7 +348,7 @@ def bert_config(model_dir: Path) -> BertConfig:
     model_dir = Path(model_dir)
     cfg = read_json(model_dir, "config.json")
     where = f"{model_dir}/config.json"
-    model_type = _get(cfg, "model_type", "bert", str, where)
+    model_type = config_value(cfg, "model_type", "bert", str, where)
     if model_type not in BERT_FAMILY:
         raise ModelConfigError(f"{where}: model_type {model_type!r} is not runnable; expected one of {BERT_FAMILY}")
     if cfg.get("position_embedding_type", "absolute") != "absolute":
@@ -355,6 +356,67 @@ def bert_config(model_dir: Path) -> BertConfig:
                                "supported; expected 'absolute'")
     tower = (_tower(cfg, where, _DISTILBERT_DEFAULTS, _DISTILBERT_KEYS) if model_type == "distilbert"
              else _tower(cfg, where, _BERT_DEFAULTS))
+    head = st_head(model_dir, tower.width)
+    max_positions = config_size(cfg, "max_position_embeddings", 512, where)
+    pad_token_id = config_size(cfg, "pad_token_id", 1 if model_type in (*_POSITIONS_AFTER_PAD, "mpnet") else 0, where,
+                         minimum=0)
+    buckets = config_size(cfg, "relative_attention_num_buckets", 32, where) if model_type == "mpnet" else 0
+    if model_type == "mpnet" and buckets < MPNET_BUCKETS:
+        raise ModelConfigError(f"{where}: relative_attention_num_buckets {buckets} is under {MPNET_BUCKETS}, the "
+                               "buckets transformers' MPNet computes (it always uses 32); the checkpoint cannot run")
+    offset = _position_offset(model_type, pad_token_id)
+    if max_positions - offset < 1:
+        raise ModelConfigError(f"{where}: max_position_embeddings {max_positions} leaves no position for "
+                               f"tokens after the offset {offset}")
+    return BertConfig(
+        tower=tower,
+        vocab_size=config_size(cfg, "vocab_size", 30522, where),
+        max_positions=max_positions,
+        type_vocab_size=(0 if model_type in ("mpnet", "distilbert")
+                         else config_size(cfg, "type_vocab_size", 2, where, minimum=0)),
+        pad_token_id=pad_token_id,
+        max_seq_length=length_cap(head.max_seq_length, max_positions - offset),
+        pooling=head.pooling,
+        normalize=head.normalize,
+        model_type=model_type,
+        lowercase=head.lowercase,
+        relative_buckets=buckets,
+        dense=head.dense,
+        prompt=head.prompt,
+        prompts=head.prompts,
+        default_prompt=head.default_prompt,
+        **(_albert_shape(cfg, where, tower.layers) if model_type == "albert" else {}),
+    )
+
+
+@dataclass(frozen=True)
+class StHead:
+    """What a sentence-transformer does around its Transformer module (modules.json and the module configs):
+    the same for every encoder it wraps."""
+
+    pooling: str  # one of POOLING_MODES
+    normalize: bool  # a Normalize module comes last
+    dense: tuple[DenseConfig, ...]  # Dense modules after pooling, in order
+    max_seq_length: Any  # as configured (sentence_bert_config.json, else tokenizer_config.json); cap it yourself
+    lowercase: bool  # do_lower_case
+    prompt: str  # the default prompt's text ("" without one)
+    prompts: tuple[tuple[str, str], ...]  # named prompts (name, text)
+    default_prompt: str | None  # the default prompt's name
+
+    @property
+    def dim(self) -> int | None:
+        """The embedding width the Dense modules give; None without them (the encoder's width)."""
+        return self.dense[-1].n_out if self.dense else None
+
+
+def st_head(model_dir: Path, width: int) -> StHead:
+    """Read a sentence-transformers folder's modules (Transformer -> Pooling -> any Dense -> optional Normalize),
+    pooling mode, Dense configs (chained from the encoder's ``width``), max length, lowercasing and prompts, in
+    the layouts of sentence-transformers 2.x to 6.x.
+
+    Raises:
+        ModelConfigError: another module list or order, an unsupported pooling or Dense module, bad prompts.
+    """
     modules = read_json(model_dir, "modules.json", kind=object)
     types = st_module_names(modules) or []
     unknown = [t for t in types if t not in ST_RUNNABLE_MODULES]
@@ -373,7 +435,6 @@ def bert_config(model_dir: Path) -> BertConfig:
     pool_name = PurePosixPath(str(pools[0].get("path", "1_Pooling"))) / "config.json"
     pool_config = model_dir / pool_name
     pool = read_json(model_dir, pool_name)
-    pooling = _pooling_mode(pool, pool_config)
     prompts, default_prompt = st_prompts(model_dir)
     prompt = dict(prompts).get(default_prompt, "")
     if prompts and pool.get("include_prompt", True) is False:
@@ -392,43 +453,17 @@ def bert_config(model_dir: Path) -> BertConfig:
     lowercase = st_cfg.get("do_lower_case", False)
     if not isinstance(lowercase, bool):
         raise ModelConfigError(f"{model_dir}: do_lower_case should be true or false, got {lowercase!r}")
-    max_positions = _size(cfg, "max_position_embeddings", 512, where)
-    pad_token_id = _size(cfg, "pad_token_id", 1 if model_type in (*_POSITIONS_AFTER_PAD, "mpnet") else 0, where,
-                         minimum=0)
-    buckets = _size(cfg, "relative_attention_num_buckets", 32, where) if model_type == "mpnet" else 0
-    if model_type == "mpnet" and buckets < MPNET_BUCKETS:
-        raise ModelConfigError(f"{where}: relative_attention_num_buckets {buckets} is under {MPNET_BUCKETS}, the "
-                               "buckets transformers' MPNet computes (it always uses 32); the checkpoint cannot run")
-    offset = _position_offset(model_type, pad_token_id)
-    if max_positions - offset < 1:
-        raise ModelConfigError(f"{where}: max_position_embeddings {max_positions} leaves no position for "
-                               f"tokens after the offset {offset}")
-    return BertConfig(
-        tower=tower,
-        vocab_size=_size(cfg, "vocab_size", 30522, where),
-        max_positions=max_positions,
-        type_vocab_size=(0 if model_type in ("mpnet", "distilbert")
-                         else _size(cfg, "type_vocab_size", 2, where, minimum=0)),
-        pad_token_id=pad_token_id,
-        max_seq_length=_length_cap(max_seq, max_positions - offset),
-        pooling=pooling,
-        normalize="Normalize" in types,
-        model_type=model_type,
-        lowercase=lowercase,
-        relative_buckets=buckets,
-        dense=_dense_modules(model_dir, modules, types, tower.width),
-        prompt=prompt,
-        prompts=prompts,
-        default_prompt=default_prompt if prompt else None,
-        **(_albert_shape(cfg, where, tower.layers) if model_type == "albert" else {}),
-    )
+    return StHead(pooling=_pooling_mode(pool, pool_config), normalize="Normalize" in types,
+                  dense=_dense_modules(model_dir, modules, types, width), max_seq_length=max_seq,
+                  lowercase=lowercase, prompt=prompt, prompts=prompts,
+                  default_prompt=default_prompt if prompt else None)
 
 
 def _albert_shape(cfg: dict[str, Any], where: str, layers: int) -> dict[str, int]:
     """ALBERT's embedding width and layer sharing (AlbertConfig's defaults where config.json omits them)."""
-    shape = dict(embed_width=_size(cfg, "embedding_size", 128, where),
-                 layer_groups=_size(cfg, "num_hidden_groups", 1, where, maximum=MAX_LAYERS),
-                 inner_layers=_size(cfg, "inner_group_num", 1, where, maximum=MAX_LAYERS))
+    shape = dict(embed_width=config_size(cfg, "embedding_size", 128, where),
+                 layer_groups=config_size(cfg, "num_hidden_groups", 1, where, maximum=MAX_LAYERS),
+                 inner_layers=config_size(cfg, "inner_group_num", 1, where, maximum=MAX_LAYERS))
     if shape["layer_groups"] > layers:
         raise ModelConfigError(f"{where}: num_hidden_groups {shape['layer_groups']} is more than num_hidden_layers "
                                f"{layers}; expected at most one group per layer")
@@ -473,8 +508,8 @@ def _dense_modules(model_dir: Path, modules: list, types: list[str], width: int)
         if act not in DENSE_ACTIVATIONS:
             raise ModelConfigError(f"{where}: activation_function {d.get('activation_function')!r} is not supported; "
                                    f"expected one of torch.nn's {DENSE_ACTIVATIONS}")
-        dense = DenseConfig(path=path, n_in=_size(d, "in_features", None, where),
-                            n_out=_size(d, "out_features", None, where), bias=bool(d.get("bias", True)), act=act)
+        dense = DenseConfig(path=path, n_in=config_size(d, "in_features", None, where),
+                            n_out=config_size(d, "out_features", None, where), bias=bool(d.get("bias", True)), act=act)
         expected = out[-1].n_out if out else width
         if dense.n_in != expected:
             raise ModelConfigError(f"{where}: in_features {dense.n_in}, but the module before it gives {expected} "

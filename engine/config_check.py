@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.config import ST_MODULE_PREFIX, DenseConfig
 from engine.errors import ModelConfigError, WeightFormatError
 
 # A dimension of a tensor and the config field that sets it: (field as the message names it, value).
@@ -81,3 +82,10 @@ def check_config_against_weights(counts: Sequence[CountCheck], checks: Sequence[
     if missing:
         raise WeightFormatError(f"{path}/{weights}: tensors the config's sizes are checked against are missing: "
                                 + "; ".join(missing[:10]) + "; re-run `arrowengine convert` on the source checkpoint")
+
+
+def dense_checks(dense: Sequence[DenseConfig]) -> list[ShapeCheck]:
+    """The weight shapes a sentence-transformer's Dense modules (``<folder>/config.json``) make."""
+    return [ShapeCheck(f"{ST_MODULE_PREFIX}{d.path}.linear.weight",
+                       (("out_features", d.n_out), ("in_features", d.n_in)), f"{d.path}/config.json")
+            for d in dense]

@@ -185,3 +185,38 @@ def swap_linears(net: nn.Module, make, make_fused=None, skip: set[int] = frozens
                 setattr(parent, name, make(child))
                 release_pages(child.weight)
     return net
+
+
+# -- sentence-transformers' Pooling and Dense modules (any encoder under a sentence-transformer) -----------
+
+def st_pool(x: torch.Tensor, keep: torch.Tensor, mode: str) -> torch.Tensor:
+    """sentence-transformers' Pooling of token states ``x`` (B, T, C) over the real tokens ``keep`` (B, T) bool,
+    in ``mode`` (engine.config.POOLING_MODES) -> (B, C)."""
+    if mode == "cls":
+        return x[:, 0]
+    k = keep[:, :, None].to(x.dtype)  # (B, T, 1)
+    if mode == "max":
+        return x.masked_fill(k == 0, float("-inf")).amax(dim=1)
+    if mode == "lasttoken":
+        return x[torch.arange(x.shape[0], device=x.device), keep.sum(dim=1) - 1]
+    if mode == "weightedmean":  # weights 1..n over the real tokens
+        k = k * torch.arange(1, x.shape[1] + 1, device=x.device, dtype=x.dtype)[None, :, None]
+    total = (x * k).sum(dim=1)  # (B, C)
+    count = k.sum(dim=1).clamp(min=1e-9)  # (B, 1)
+    return total / (count.sqrt() if mode == "mean_sqrt_len_tokens" else count)
+
+
+_DENSE_ACTS = {"Identity": lambda x: x, "Tanh": torch.tanh, "ReLU": torch.relu, "GELU": F.gelu,
+               "Sigmoid": torch.sigmoid}
+
+
+class StDense(nn.Module):
+    """A sentence-transformers Dense module (its folder's ``linear.weight`` / ``linear.bias``): act(x W^T + b)."""
+
+    def __init__(self, cfg) -> None:  # engine.config.DenseConfig
+        super().__init__()
+        self.linear = Linear(cfg.n_in, cfg.n_out, bias=cfg.bias)
+        self.act = _DENSE_ACTS[cfg.act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.linear(x))
