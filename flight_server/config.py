@@ -14,7 +14,7 @@ LOOPBACK_NAMES = ("localhost", "ip6-localhost")
 class ServerLimits:
     """Request limits. Defaults protect a 24 GiB machine; every one is configurable."""
 
-    # The memory these defaults allow is worked out in the README (Limits and security).
+    # The memory these defaults allow is worked out in docs/limits-and-security.md.
     max_concurrent_exchanges: int = 8       # exchanges sending batches; excess ones get a fast FlightUnavailableError
     max_batch_rows: int = 8192              # rows per input batch
     max_batch_bytes: int = 64 * 1024 ** 2   # Arrow bytes per input batch (all columns); one row over it: a row error
