@@ -32,7 +32,6 @@ WEIGHT_FILES = {"arrow": ARROW_WEIGHTS_FILE, "parquet": PARQUET_WEIGHTS_FILE}
 
 ALIGNMENT = 64  # bytes; file offset of every ``data`` value in weights.arrow
 
-KINDS = ("clip", "sentence-transformer", "store")
 DTYPE_CHOICES = ("keep", "float32", "float16", "bfloat16")
 
 # Schema-level metadata keys written by the converter.
@@ -204,8 +203,10 @@ class Manifest:
                 continue
             kwargs[f.name] = value
         if not problems:
-            if kwargs["kind"] not in KINDS:
-                problems.append(f"kind is {kwargs['kind']!r}, expected one of {KINDS}")
+            from engine.registry import known_kinds  # the architectures this build runs, plus store mode
+
+            if kwargs["kind"] not in known_kinds():
+                problems.append(f"kind is {kwargs['kind']!r}, expected one of {known_kinds()}")
             if kwargs["weights_format"] not in WEIGHT_FILES:
                 problems.append(f"weights_format is {kwargs['weights_format']!r}, expected arrow|parquet")
             if not is_plain_file_name(kwargs["weights"]):

@@ -80,12 +80,15 @@ class ImageConfig:
         try:
             shortest_edge, resize_hw = _parse_size(cfg.get("size", {"shortest_edge": 224}))
             crop_hw = _parse_hw(cfg.get("crop_size", 224), "crop_size")
+            # CLIP's processor crops by default; one with a fixed (height, width) resize and no crop settings
+            # (SigLIP's: no crop_size, no do_center_crop) does not
+            crop_default = resize_hw is None or "crop_size" in cfg
             return cls(
                 shortest_edge=shortest_edge,
                 resize_hw=resize_hw,
                 crop_hw=crop_hw,
                 do_resize=bool(cfg.get("do_resize", True)),
-                do_center_crop=bool(cfg.get("do_center_crop", True)),
+                do_center_crop=bool(cfg.get("do_center_crop", crop_default)),
                 do_rescale=bool(cfg.get("do_rescale", True)),
                 rescale_factor=float(cfg.get("rescale_factor", 1 / 255)),
                 do_normalize=bool(cfg.get("do_normalize", True)),

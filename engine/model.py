@@ -137,12 +137,14 @@ class Model:
         return out
 
     def similarity(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        """Cosine similarity matrix (len(a), len(b)) of two embedding sets."""
+        """Similarity matrix (len(a), len(b)) of two embedding sets: the network's own score of the L2-normalized
+        sets when it has one (``net.similarity(a, b)``, e.g. SigLIP's sigmoid of a scaled cosine), else cosine."""
         a = np.asarray(a, dtype=np.float32)
         b = np.asarray(b, dtype=np.float32)
         a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
         b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
-        return a @ b.T
+        score = getattr(self.net, "similarity", None)
+        return a @ b.T if score is None else score(a, b)
 
     def embed_texts(self, texts, normalize: bool = True, prompt_name: str | None = None) -> EmbedResult:
         """Embed texts; a null or non-string row is an error for that row only. ``prompt_name``: one of the
@@ -249,6 +251,8 @@ class Model:
         from engine.tokenizer import length_buckets
 
         pad, cap = self._pad_to, self.info.max_tokens
+        if self.text.fixed_length:  # every row costs max_tokens: one group
+            lengths = [cap] * len(lengths)
         padded = [min(cap, -(-n // pad) * pad) for n in lengths] if pad > 1 else list(lengths)
         groups = length_buckets(padded, self.limits.text_rows, self.limits.text_tokens, self._max_padding)
         return [(g, max(padded[i] for i in g)) for g in groups]

@@ -40,6 +40,7 @@ class TextSide:
     pad_id: int | None = None  # trailing pad ids are cut off token-id rows (HF's padding=True added them)
     eos_id: int | None = None  # a token-id row must hold this id (CLIP pools at it)
     tokenizer_required: bool = True  # False: without tokenizer.json the model still embeds images and token ids
+    fixed_length: bool = False  # the net pads every row to max_tokens itself (SigLIP): group rows as that long
 
 
 @dataclass(frozen=True)
@@ -263,6 +264,77 @@ register(Architecture(
     # AlbertForMaskedLM / AlbertForPreTraining
     drop_prefixes=("cls.", "lm_head.", "vocab_transform.", "vocab_layer_norm.", "vocab_projector.", "predictions.",
                    "sop_classifier."),
+))
+
+# -- sentence-transformers over ModernBERT (gte-modernbert-base, modernbert-embed-base) ---------------------------
+register(Architecture(
+    kind="modernbert",
+    summary="sentence-transformers over ModernBERT (Transformer -> Pooling -> any Dense -> optional Normalize)",
+    detect=_claims_st(("modernbert",)),
+    builder="engine.modernbert",
+    known_prefixes=("embeddings.", "layers.", "final_norm.", ST_MODULE_PREFIX),
+    strip_prefixes=("model.",),  # ModernBertForMaskedLM keeps the base model under model.
+    drop_prefixes=("head.", "decoder."),  # ModernBertForMaskedLM's prediction head and decoder
+))
+
+# -- EmbeddingGemma: sentence-transformers over a bidirectional Gemma 3 text model ---------------------------------
+def _is_embedding_gemma(config: dict[str, Any], root: Path) -> bool:
+    """A sentence-transformer over Gemma3TextModel with bidirectional attention (a causal one: store mode)."""
+    return config.get("use_bidirectional_attention") is True and _claims_st(("gemma3_text",))(config, root)
+
+
+register(Architecture(
+    kind="gemma3",
+    summary="EmbeddingGemma: sentence-transformers over a bidirectional Gemma3TextModel "
+            "(Transformer -> Pooling -> any Dense -> optional Normalize)",
+    detect=_is_embedding_gemma,
+    builder="engine.gemma3",
+    known_prefixes=("embed_tokens.", "layers.", "norm.", ST_MODULE_PREFIX),
+    strip_prefixes=("model.",),  # Gemma3ForCausalLM keeps the text model under model.
+    drop_prefixes=("lm_head.",),  # its (tied) language-model head
+))
+
+# -- sentence-transformers over a Qwen3 decoder (Qwen3-Embedding-0.6B / 4B / 8B) --------------------------------
+register(Architecture(
+    kind="qwen3",
+    summary="sentence-transformers over a Qwen3 decoder, e.g. Qwen3-Embedding (Transformer -> Pooling (lasttoken) "
+            "-> any Dense -> optional Normalize)",
+    detect=_claims_st(("qwen3",)),  # a plain Qwen3 LLM folder (no modules.json) stays store mode
+    builder="engine.qwen3",
+    known_prefixes=("embed_tokens.", "layers.", "norm.", ST_MODULE_PREFIX),
+    strip_prefixes=("model.",),  # Qwen3ForCausalLM keeps the decoder under model.
+    drop_prefixes=("lm_head.",),  # its language-model head
+))
+
+# -- SigLIP (and fixed-resolution SigLIP 2, which ships as model_type siglip) ------------------------------------
+SIGLIP_ARCHITECTURES = ("SiglipModel", "SiglipVisionModel", "SiglipTextModel")
+
+
+def _is_siglip(config: dict[str, Any], root: Path) -> bool:
+    """SiglipModel, SiglipVisionModel or SiglipTextModel (by architectures, else model_type). NaFlex SigLIP 2
+    (Siglip2*, model_type siglip2: variable resolution) is not claimed: it converts in store mode, said here."""
+    archs = [a for a in config.get("architectures") or [] if isinstance(a, str)]
+    model_type = config.get("model_type")
+    naflex = isinstance(model_type, str) and model_type.startswith("siglip2")
+    if naflex or any(a.startswith("Siglip2") for a in archs):
+        log.warning("%s: %s is NaFlex SigLIP 2 (variable resolution): stored, not runnable; converting in store "
+                    "mode (the fixed-resolution siglip2-* checkpoints, model_type 'siglip', run)", root,
+                    architecture_name(config))
+        return False
+    if archs:
+        return any(a in SIGLIP_ARCHITECTURES for a in archs)
+    return model_type in ("siglip", "siglip_vision_model", "siglip_text_model")
+
+
+register(Architecture(
+    kind="siglip",
+    summary="SiglipModel (SigLIP, fixed-resolution SigLIP 2; any geometry), SiglipVisionModel, SiglipTextModel",
+    detect=_is_siglip,
+    builder="engine.siglip",
+    # one tower saved by transformers 5 is bare (embeddings., encoder., post_layernorm. / final_layer_norm., head.);
+    # by transformers 4 under vision_model. / text_model., as SiglipModel's towers
+    known_prefixes=("text_model.", "vision_model.", "logit_scale", "logit_bias", "embeddings.", "encoder.",
+                    "post_layernorm.", "final_layer_norm.", "head."),
 ))
 
 _STORE_ARCH = Architecture(kind=STORE, summary="store mode", detect=lambda c, r: True, builder="",
