@@ -1,7 +1,7 @@
 """``arrowengine convert`` and ``arrowengine inspect``.
 
-The server's CLI mounts these with :func:`add_parsers`; ``python -m convert``
-runs them on their own::
+The ``arrowengine`` command (``flight_client/cli.py``) mounts these with :func:`add_parsers`;
+``python -m convert`` runs them on their own. Both need the engine (``pip install "arrowengine[server]"``)::
 
     python -m convert convert openai/clip-vit-base-patch32 models/clip-b32 --dtype float16
     python -m convert convert --manifest models.json --out-root models
@@ -16,6 +16,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+from engine import EngineNotInstalledError, require_engine
 from engine.errors import ArrowEngineError
 from engine.format import DTYPE_CHOICES, WEIGHT_FILES
 
@@ -53,6 +54,7 @@ def add_parsers(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
+    require_engine("arrowengine convert")
     from convert.pipeline import convert_batch, convert_checkpoint, read_batch_file
 
     progress = False if args.no_progress else None
@@ -81,6 +83,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
+    require_engine("arrowengine inspect")
     from convert.verify import describe, verify
 
     m, wf = describe(args.model_dir)
@@ -115,12 +118,16 @@ def _print_table(header: list[str], rows: list[list[object]]) -> None:
 
 
 def _guarded(cmd: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Wrap a command so ArrowEngine and OS errors become a one-line message and exit status 1."""
+    """Wrap a command so ArrowEngine and OS errors become a one-line message and exit status 1 (a missing
+    engine: exit status 2)."""
 
     @functools.wraps(cmd)
     def run(args: argparse.Namespace) -> int:
         try:
             return cmd(args)
+        except EngineNotInstalledError as exc:
+            log.error("%s", exc)
+            return 2
         except BrokenPipeError:  # `arrowengine inspect DIR | head`: the reader is gone, nothing is wrong
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
             return 0

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from engine import registry
 from convert.hf_checkpoint import SMALL_FILE_MAX_BYTES, Checkpoint, TensorReader, TensorRef, st_module_folders
+from convert.siglip_tokenizer import write_siglip_tokenizer
 from convert.writer import Tensor, cast_tensor, check_little_endian, write_tensors
 from engine.errors import ArrowEngineError, WeightFormatError
 from engine.files import copy_model_file
@@ -84,6 +85,8 @@ def convert_checkpoint(source: str | os.PathLike, out_dir: str | os.PathLike, dt
         files = _copy_small_files(ckpt, tmp, small)
         if arch.kind == "clip" and "tokenizer.json" not in files and _build_clip_tokenizer(ckpt.root, tmp):
             files.append("tokenizer.json")
+        if arch.kind == "siglip" and "tokenizer.json" not in files and write_siglip_tokenizer(tmp, ckpt.root):
+            files.append("tokenizer.json")  # SigLIP v1: from spiece.model (convert.siglip_tokenizer)
         manifest = Manifest(
             kind=arch.kind, architecture=registry.architecture_name(ckpt.config),
             weights=weights.name, weights_format=fmt, dtype=dtype, tensors=stats.tensors,

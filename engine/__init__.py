@@ -6,8 +6,13 @@ The engine never imports ``pyarrow.flight``; it can be used on its own::
     import engine
     model = engine.load_model("models/clip-b32")
     vecs = model.encode_text(["a photo of a cat"])   # (1, D) float32, L2-normalized
+
+Importing this package imports no torch (only :mod:`engine.errors`): the client, the command line and
+the model store read :data:`PRECISIONS` and call :func:`require_engine` on an install without the engine.
 """
 from __future__ import annotations
+
+import importlib.util
 
 from engine.errors import (
     ArrowEngineError,
@@ -31,8 +36,53 @@ __all__ = [
     "RowErrors",
     "UnsupportedArchitectureError",
     "WeightFormatError",
+    "EngineNotInstalledError",
+    "PRECISIONS",
+    "SERVER_EXTRA_MODULES",
     "load_model",
+    "missing_engine_modules",
+    "require_engine",
 ]
+
+# Precisions the engine runs (engine.precision checks them per device); the CLIs offer these.
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "int8")
+
+# What the engine needs beyond the base (client) install: the `server` extra of pyproject.toml,
+# as import name -> distribution name.
+SERVER_EXTRA_MODULES: dict[str, str] = {
+    "torch": "torch",
+    "cv2": "opencv-python-headless",
+    "tokenizers": "tokenizers",
+    "safetensors": "safetensors",
+    "prometheus_client": "prometheus_client",
+}
+SERVER_EXTRA_INSTALL = 'pip install "arrowengine[server]"'
+SERVER_EXTRA_INSTALL_FROM_CLONE = 'pip install -e ".[server]"'
+
+
+class EngineNotInstalledError(ImportError):
+    """The engine's dependencies (the ``server`` extra) are not installed; the message says what to install."""
+
+
+def missing_engine_modules() -> list[str]:
+    """Distribution names of the ``server`` extra that cannot be imported here (found without importing)."""
+    return [dist for module, dist in SERVER_EXTRA_MODULES.items() if importlib.util.find_spec(module) is None]
+
+
+def require_engine(what: str, alternative: str | None = None) -> None:
+    """Raise :class:`EngineNotInstalledError` naming the ``server`` extra when the engine cannot run here.
+
+    Args:
+        what: what needs the engine, for the message (e.g. ``"arrowengine serve"``).
+        alternative: an optional way to do without the engine, added to the message.
+    """
+    missing = missing_engine_modules()
+    if not missing:
+        return
+    message = (f"{what} needs the engine, and this installation lacks {', '.join(missing)} (a client-only "
+               f"install); install the server extra: {SERVER_EXTRA_INSTALL} (in a clone of the repository: "
+               f"{SERVER_EXTRA_INSTALL_FROM_CLONE})")
+    raise EngineNotInstalledError(message + (f"; or {alternative}" if alternative else ""))
 
 
 def load_model(path, device: str = "cpu", precision: str = "fp32", **kwargs):

@@ -12,11 +12,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from engine import PRECISIONS
 from engine.errors import ArrowEngineError, PrecisionError, WeightFormatError
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.float32}
 
 # Checkpoint tensors the engine does not use and may ignore.

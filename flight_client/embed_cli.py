@@ -5,7 +5,8 @@ files. OUTPUT is a folder of Parquet shards (part-00000.parquet, ...) plus _job.
 passthrough columns (image folders: path), embedding, error. Without --server the engine
 runs in this process; with one or more --server the servers share the batches, and a
 server that dies hands its batches to the others. After a crash or kill, run the same
-command with --resume.
+command with --resume. With --server the base (client-only) install is enough; in-process
+needs the engine: pip install "arrowengine[server]".
 
 Examples:
   arrowengine embed texts.parquet out/ --kind text --passthrough id
@@ -20,11 +21,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from convert import store
+from engine import PRECISIONS
 from flight_server import protocol
 
 log = logging.getLogger("arrowengine.embed")
-
-PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 
 
 def add_parsers(subparsers: Any) -> None:
@@ -66,7 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="in-process only: cpu or cuda[:n] (default cpu)")
     parser.add_argument("--precision", default="fp32", choices=PRECISIONS, help="in-process only (default fp32)")
     parser.add_argument("--cache-dir", type=Path, default=None,
-                        help="in-process model cache (default $ARROWENGINE_CACHE or ~/.cache/arrowengine/models)")
+                        help=f"in-process model cache (default ${store.CACHE_ENV} or ~/.cache/arrowengine/models)")
     parser.add_argument("--call-timeout", type=float, default=600.0, metavar="S",
                         help="with --server: seconds one batch may take on a server before it is sent to another "
                              "(a stalled server must not hang the job; default %(default)s)")

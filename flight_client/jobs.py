@@ -14,12 +14,12 @@ the manifest, removes temp files and unrecorded shards, and starts at the first 
 the last recorded shard. Shards are whole multiples of ``batch_rows``, so the resumed run
 hands the engine exactly the batches an uninterrupted run would: same embeddings.
 
-Importing this module does not import torch; the in-process engine is loaded on demand.
+Importing this module does not import torch; the in-process engine is loaded on demand (it needs
+the ``server`` extra; embedding through servers needs only the base install).
 """
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -29,6 +29,8 @@ from typing import Any, Sequence
 import pyarrow as pa
 import pyarrow.flight as flight
 
+from convert import store
+from engine import EngineNotInstalledError, require_engine
 from flight_client.job_io import (MANIFEST_NAME, PATH_COLUMN, IMAGE_COLUMN, ImageFolderSource, JobInputError,
                                   JobManifest, ShardWriter, clean_output, open_source)
 from flight_client.pool import FATAL_CODES, AllEndpointsFailed, EndpointPool, FlightEmbedder, LocalEmbedder
@@ -325,31 +327,20 @@ def make_embedders(config: JobConfig) -> list[Any]:
                                token=config.token, tls_root_certs=config.tls_root_certs,
                                timeout_s=config.call_timeout_s, prompt_name=config.prompt_name)
                 for location in dict.fromkeys(config.servers)]
+    try:
+        require_engine("arrowengine embed without --server (in-process)",
+                       alternative="embed through a running server: --server grpc://HOST:PORT")
+    except EngineNotInstalledError as exc:
+        raise JobUsageError(str(exc)) from exc
     import engine  # torch is imported here only
 
-    model_dir = resolve_model_dir(config.model, config.cache_dir)
+    try:
+        model_dir = store.resolve_model_dir(config.model, config.cache_dir)
+    except store.ModelNotFoundError as exc:
+        raise JobUsageError(f"--model: {exc}") from exc
     log.info("loading %s in-process (device=%s precision=%s)", model_dir, config.device, config.precision)
     try:
         model = engine.load_model(model_dir, device=config.device, precision=config.precision)
     except Exception as exc:
         raise JobUsageError(f"cannot load the model {model_dir}: {type(exc).__name__}: {exc}") from exc
     return [LocalEmbedder(model, config.kind, normalize=config.normalize, prompt_name=config.prompt_name)]
-
-
-def resolve_model_dir(model: str | None, cache_dir: Path | None = None) -> Path:
-    """A model directory path, or a name in the cache folder (default: all-MiniLM-L6-v2, converted on first use)."""
-    from flight_server import serve
-
-    if model and Path(model).expanduser().is_dir():
-        return Path(model).expanduser()
-    cache = Path(cache_dir or os.environ.get(serve.CACHE_ENV) or serve.default_cache_dir()).expanduser()
-    name = model or serve.DEFAULT_MODEL_NAME
-    if name == serve.DEFAULT_MODEL_NAME:
-        found = serve.default_model_dirs(cache)
-    else:
-        found = {c.name: c for c in sorted(cache.iterdir()) if (c / serve.MANIFEST_FILE).is_file()} \
-            if cache.is_dir() else {}
-    if name not in found:
-        raise JobUsageError(f"--model {name!r} is neither a model directory nor a model in the cache {cache} "
-                       f"(it holds {sorted(found)}); convert it first with `arrowengine convert`")
-    return found[name]

@@ -8,7 +8,7 @@ failures in a row the endpoint is retired. When every endpoint is retired the po
 :class:`AllEndpointsFailed`. A request-level fault (bad column, unknown model) would fail
 on every server alike, so it stops the job at once.
 
-Imports only pyarrow and numpy; the engine is handed in already loaded.
+Imports only pyarrow (and the protocol); the engine is handed in already loaded.
 """
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Protocol, Sequence
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.flight as flight
 
@@ -28,7 +27,6 @@ from flight_server import protocol
 
 log = logging.getLogger(__name__)
 
-EMBED_METHODS = {"image": "embed_images", "text": "embed_texts", "tokens": "embed_tokens"}
 FATAL_CODES = (protocol.CODE_INVALID, protocol.CODE_NOT_FOUND, protocol.CODE_LIMIT)
 BUSY_MAX_WAIT_S = 10.0  # longest pause before trying a busy server again
 
@@ -49,16 +47,6 @@ class Embedder(Protocol):
         """``fixed_size_list<float32>[D]`` (null where a row failed) and one error per row."""
 
 
-def embedding_array(embeddings: np.ndarray, errors: Sequence[str | None]) -> pa.FixedSizeListArray:
-    """Wrap (N, D) float32 as ``fixed_size_list<float32>[D]`` without a copy; failed rows null."""
-    n, dim = embeddings.shape  # (N, D)
-    embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
-    values = pa.Array.from_buffers(pa.float32(), n * dim, [None, pa.py_buffer(embeddings)])
-    failed = [e is not None for e in errors]
-    mask = pa.array(failed, type=pa.bool_()) if any(failed) else None
-    return pa.FixedSizeListArray.from_arrays(values, type=protocol.embedding_type(dim), mask=mask)
-
-
 class LocalEmbedder:
     """The engine in this process (``engine.load_model(...)`` result)."""
 
@@ -68,7 +56,7 @@ class LocalEmbedder:
         self.kind = kind
         self.normalize = normalize
         self.name = name
-        self._embed = getattr(model, EMBED_METHODS[kind])
+        self._embed = getattr(model, protocol.EMBED_METHODS[kind])
         self._options = {"prompt_name": prompt_name} if prompt_name is not None else {}
 
     def describe(self) -> dict[str, Any]:
@@ -77,7 +65,7 @@ class LocalEmbedder:
     def embed(self, column: pa.Array) -> tuple[pa.Array, list[str | None]]:
         result = self._embed(column, normalize=self.normalize, **self._options)
         errors = list(result.errors)
-        return embedding_array(result.embeddings, errors), errors
+        return protocol.embedding_column(result.embeddings, errors), errors
 
 
 class FlightEmbedder:

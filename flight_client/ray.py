@@ -7,7 +7,8 @@ Two ways to run the model:
   batches to ArrowEngine servers, round robin, moving a batch to the next server when one
   is unreachable.
 * ``model_dir=...``: each actor loads the engine itself (``engine.load_model``) and embeds in
-  process; give it whole CPUs (or ``num_gpus`` with ``device="cuda"``).
+  process; give it whole CPUs (or ``num_gpus`` with ``device="cuda"``). Needs the engine too:
+  ``pip install "arrowengine[ray,server]"``.
 
 Example::
 
@@ -37,7 +38,8 @@ import pyarrow as pa
 import ray
 import ray.data
 
-from flight_client.pool import EMBED_METHODS, FlightEmbedder, LocalEmbedder, is_fatal
+from engine import require_engine
+from flight_client.pool import FlightEmbedder, LocalEmbedder, is_fatal
 from flight_server import protocol
 
 log = logging.getLogger(__name__)
@@ -104,9 +106,13 @@ def embed_dataset(ds: "ray.data.Dataset", column: str, kind: str = "text", *,
             before reading.
     Returns:
         a lazy ``ray.data.Dataset``; nothing runs until it is consumed or written.
+    Raises:
+        ValueError: arguments that cannot work together.
+        engine.EngineNotInstalledError: ``model_dir=...`` on an install without the engine (the message
+            names the ``server`` extra).
     """
-    if kind not in EMBED_METHODS:
-        raise ValueError(f"kind must be one of {sorted(EMBED_METHODS)}; got {kind!r}")
+    if kind not in protocol.EMBED_METHODS:
+        raise ValueError(f"kind must be one of {sorted(protocol.EMBED_METHODS)}; got {kind!r}")
     if (servers is None) == (model_dir is None):
         raise ValueError("pass exactly one of servers=[grpc://host:port, ...] (call Flight servers) "
                          "or model_dir=... (run the engine inside the actors)")
@@ -115,6 +121,9 @@ def embed_dataset(ds: "ray.data.Dataset", column: str, kind: str = "text", *,
             raise ValueError(f"servers must be a non-empty list of locations; got {servers!r}")
         if num_gpus:
             raise ValueError("num_gpus is for engine actors (model_dir=...); Flight-client actors need none")
+    else:
+        require_engine("flight_client.ray.embed_dataset(..., model_dir=...)",
+                       alternative="call running servers with embed_dataset(..., servers=[\"grpc://HOST:PORT\"])")
     if column in (output_column, error_column) or output_column == error_column:
         raise ValueError(f"column {column!r}, output_column {output_column!r} and error_column "
                          f"{error_column!r} must be three different names")

@@ -1,6 +1,7 @@
 """The ArrowEngine wire protocol, in one place: server and client both import it.
 
-Only ``pyarrow`` (no torch, no engine) so that :mod:`flight_client` stays light.
+Only ``pyarrow`` (no torch, no engine) so that :mod:`flight_client` stays light
+(``numpy`` only inside :func:`embedding_column`, which is handed a numpy array).
 
 Embedding call: ``do_exchange`` with ``FlightDescriptor.for_command(<UTF-8 JSON>)``::
 
@@ -44,6 +45,8 @@ DEFAULT_COLUMNS: Mapping[str, str] = {"image": "image", "text": "text", "tokens"
 # Which model modality (``ModelInfo.modalities``) serves each input kind.
 KIND_MODALITY: Mapping[str, str] = {"image": "image", "text": "text", "tokens": "text"}
 COMMAND_KEYS: tuple[str, ...] = ("model", "input", "column", "normalize", "passthrough", "prompt_name")
+# The engine model's method that embeds each input kind (``engine.model.Model``, a Scheduler's ``submit`` kinds).
+EMBED_METHODS: Mapping[str, str] = {"image": "embed_images", "text": "embed_texts", "tokens": "embed_tokens"}
 
 # ---- output --------------------------------------------------------------------------
 
@@ -317,6 +320,27 @@ def check_input_schema(command: EmbedCommand, schema: pa.Schema) -> list[pa.Fiel
 def embedding_type(dim: int) -> pa.DataType:
     """``fixed_size_list<float32>[dim]``, the type of the ``embedding`` column."""
     return pa.list_(pa.field("item", pa.float32()), dim)
+
+
+def embedding_column(embeddings: Any, errors: Sequence[str | None]) -> pa.FixedSizeListArray:
+    """The ``embedding`` column: (N, D) float32 embeddings as ``fixed_size_list<float32>[D]``, rows with an
+    error null.
+
+    A C-contiguous float32 array (what the engine returns) is wrapped without a copy: the column's values
+    buffer is the array's own memory, kept alive by the column. Anything else is converted once first.
+    """
+    import numpy as np  # the callers hand numpy arrays; the module itself needs only pyarrow
+
+    embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
+    if embeddings.ndim != 2:
+        raise ValueError(f"embeddings must be a 2-D (rows, dimension) array; got shape {embeddings.shape}")
+    n, dim = embeddings.shape  # (N, D)
+    if len(errors) != n:
+        raise ValueError(f"one error (or None) per row is needed: {n} rows, {len(errors)} errors")
+    values = pa.Array.from_buffers(pa.float32(), n * dim, [None, pa.py_buffer(embeddings)])
+    failed = [e is not None for e in errors]
+    mask = pa.array(failed, type=pa.bool_()) if any(failed) else None
+    return pa.FixedSizeListArray.from_arrays(values, type=embedding_type(dim), mask=mask)
 
 
 def output_schema(dim: int, passthrough_fields: Sequence[pa.Field] = ()) -> pa.Schema:

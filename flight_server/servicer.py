@@ -46,8 +46,7 @@ from flight_server.errors import busy_error, to_flight_error
 
 log = logging.getLogger(__name__)
 
-EMBED_METHODS: Mapping[str, str] = {"image": "embed_images", "text": "embed_texts",
-                                    "tokens": "embed_tokens"}
+EMBED_METHODS: Mapping[str, str] = protocol.EMBED_METHODS
 PIPELINE_DEPTH = 2  # input batches submitted ahead of the one being written
 SHUTDOWN_MARGIN_S = 3.0  # drain() stops streaming exchanges this long before the grace period ends
 
@@ -58,11 +57,7 @@ def embedding_batch(passthrough: list[pa.Array], schema: pa.Schema, embeddings: 
 
     ``embedding`` wraps ``embeddings``' own memory (no copy); rows with an error are null.
     """
-    n, dim = embeddings.shape  # (N, D)
-    values = pa.Array.from_buffers(pa.float32(), n * dim, [None, pa.py_buffer(embeddings)])
-    failed = [e is not None for e in errors]
-    mask = pa.array(failed, type=pa.bool_()) if any(failed) else None
-    embedding = pa.FixedSizeListArray.from_arrays(values, type=protocol.embedding_type(dim), mask=mask)
+    embedding = protocol.embedding_column(embeddings, errors)
     error = pa.array(errors, type=pa.string())
     return pa.RecordBatch.from_arrays([*passthrough, embedding, error], schema=schema)
 

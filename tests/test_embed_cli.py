@@ -15,10 +15,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from convert import store
 from flight_client import embed_cli
+from flight_client.cli import build_parser, main
 from flight_client.job_io import JobManifest, read_output
-from flight_client.jobs import JobConfig, JobError, resolve_model_dir, run_job
-from flight_server.cli import build_parser, main
+from flight_client.jobs import JobConfig, JobError, run_job
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,6 +44,26 @@ def test_embed_is_registered_with_its_options(tmp_path):
     assert "secret" not in repr(config)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["embed", "in", "out", "--kind", "audio"])
+
+
+def test_version_is_the_installed_one_or_pyprojects(capsys, monkeypatch):
+    import importlib.metadata
+    import tomllib
+
+    from flight_client import cli
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"arrowengine {importlib.metadata.version('arrowengine')}"
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)  # a source tree without install metadata
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert cli.package_version() == pyproject["project"]["version"]
+    assert cli._pyproject_version('[tool.x]\nversion = "9"\n[project]\nname = "a"\nversion = "1.2.3"  # c\n') == "1.2.3"
 
 
 def test_cli_exit_codes_and_messages(tmp_path, tiny_clip_dir, caplog):
@@ -76,15 +97,20 @@ def test_in_process_model_is_a_directory_or_a_name_in_the_cache(tmp_path, tiny_c
     cache = tmp_path / "cache"
     cache.mkdir()
     os.symlink(tiny_clip_dir, cache / "tiny")
-    assert resolve_model_dir(str(tiny_clip_dir), cache) == tiny_clip_dir
-    assert resolve_model_dir("tiny", cache) == cache / "tiny"
-    with pytest.raises(JobError, match=r"--model 'clip-b32' is neither .* \(it holds \['tiny'\]\)"):
-        resolve_model_dir("clip-b32", cache)
+    assert store.resolve_model_dir(str(tiny_clip_dir), cache) == tiny_clip_dir
+    assert store.resolve_model_dir("tiny", cache) == cache / "tiny"
+    with pytest.raises(store.ModelNotFoundError, match=r"model 'clip-b32' is neither .* \(it holds \['tiny'\]\)"):
+        store.resolve_model_dir("clip-b32", cache)
+    # the job says the same as a usage error (exit 2), before anything is written
+    with pytest.raises(JobError, match=r"--model: model 'clip-b32' is neither .* \(it holds \['tiny'\]\)"):
+        run_job(JobConfig(input=write_texts(tmp_path / "t.parquet", 10), output=tmp_path / "out", kind="text",
+                          model="clip-b32", cache_dir=cache, progress=False))
+    assert not (tmp_path / "out").exists()
 
 
 def _run_cli(args, **kw):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, "-m", "flight_server.cli", "embed", *args], cwd=ROOT, env=env,
+    return subprocess.Popen([sys.executable, "-m", "flight_client.cli", "embed", *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from convert import store
 from flight_client import EmbeddingClient
 from flight_server import serve
 
@@ -84,24 +85,24 @@ def test_no_loadable_model_is_a_log_line_and_exit_1(caplog, tmp_path):
 
 def test_default_models_convert_minilm_into_the_cache_then_scan_it(tmp_path):
     cache = tmp_path / "cache"
-    found = serve.default_model_dirs(cache)
+    found = store.default_model_dirs(cache)
     assert found == {"all-MiniLM-L6-v2": cache / "all-MiniLM-L6-v2"}
     assert (cache / "all-MiniLM-L6-v2" / "manifest.json").is_file()
     (cache / "clip-b32").mkdir()
     (cache / "clip-b32" / "manifest.json").write_text("{}")
     (cache / "not-a-model").mkdir()
-    assert list(serve.default_model_dirs(cache)) == ["all-MiniLM-L6-v2", "clip-b32"]
+    assert list(store.default_model_dirs(cache)) == ["all-MiniLM-L6-v2", "clip-b32"]
 
 
 def test_default_model_that_cannot_be_had_is_logged_not_raised(tmp_path, monkeypatch, caplog):
     def offline(target):
         raise OSError("hub unreachable")
 
-    monkeypatch.setattr(serve, "_convert_default", offline)
+    monkeypatch.setattr(store, "convert_default_model", offline)
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "manifest.json").write_text("{}")
     caplog.set_level(logging.ERROR)
-    assert serve.default_model_dirs(tmp_path) == {"other": tmp_path / "other"}
+    assert store.default_model_dirs(tmp_path) == {"other": tmp_path / "other"}
     assert "cannot prepare the default model all-MiniLM-L6-v2" in caplog.text and "hub unreachable" in caplog.text
 
 

@@ -420,6 +420,22 @@ def test_unreachable_server_at_start_is_skipped_and_none_reachable_is_an_error(t
     assert summary.rows == 20
 
 
+def test_local_embedder_wraps_the_engine_output_without_a_copy():
+    out = np.arange(12, dtype=np.float32).reshape(3, 4)
+
+    class Model:
+        def embed_texts(self, column, normalize=True):
+            return type("Result", (), {"embeddings": out, "errors": [None, "broken", None]})()
+
+    column, errors = LocalEmbedder(Model(), "text").embed(pa.array(["a", "b", "c"]))
+    assert column.values.buffers()[1].address == out.ctypes.data  # protocol.embedding_column: the same memory
+    assert column.to_pylist() == [[0, 1, 2, 3], None, [8, 9, 10, 11]] and errors == [None, "broken", None]
+    strided = np.arange(24, dtype=np.float64).reshape(3, 8)[:, ::2]  # not float32, not contiguous: one copy
+    from flight_server.protocol import embedding_column
+
+    assert embedding_column(strided, [None] * 3).to_pylist() == strided.astype(np.float32).tolist()
+
+
 def test_pool_keeps_input_order_with_uneven_endpoints():
     import time
 

@@ -139,6 +139,15 @@ def test_bad_arguments_fail_before_anything_runs():
         embed_dataset(ds, "embedding", "text", servers=["grpc://x:1"])
 
 
+def test_model_dir_without_the_engine_names_the_server_extra(monkeypatch):
+    import engine
+
+    monkeypatch.setitem(engine.SERVER_EXTRA_MODULES, "arrowengine_test_absent_module", "torch")
+    with pytest.raises(engine.EngineNotInstalledError, match=r'model_dir=\.\.\.\) needs the engine.*lacks torch.*'
+                                                             r'pip install "arrowengine\[server\]"'):
+        embed_dataset(object(), "text", "text", model_dir="m")
+
+
 def test_flight_client_package_does_not_import_ray_or_torch():
     code = "import sys, flight_client; print('ray' in sys.modules, 'torch' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
