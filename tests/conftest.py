@@ -66,3 +66,25 @@ def minilm_source() -> Path:
 @pytest.fixture(scope="session")
 def minilm_model_dir(checkpoints, minilm_source) -> Path:
     return checkpoints.converted(minilm_source, "minilm")
+
+
+CPP_DIR = Path(__file__).resolve().parent.parent / "flight_client" / "cpp"
+
+
+@pytest.fixture(scope="session")
+def cpp_client_binary(tmp_path_factory) -> Path:
+    """The C++ example client, built by ``python flight_client/cpp/build.py --out DIR`` (the command the docs
+    give, with the binary written to a temporary folder); skipped, saying so, where no C++ compiler exists."""
+    import importlib.util
+    import subprocess
+
+    spec = importlib.util.spec_from_file_location("arrowengine_cpp_build", CPP_DIR / "build.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    if build.find_compiler() is None:
+        pytest.skip("no C++ compiler ($CXX, g++, c++ or clang++) on PATH")
+    out = tmp_path_factory.mktemp("cpp") / "arrowengine_client"
+    done = subprocess.run([sys.executable, str(CPP_DIR / "build.py"), "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, f"build failed:\n{done.stdout}\n{done.stderr}"
+    return out

@@ -4,6 +4,11 @@
 embed_tokens(array, normalize=) -> EmbedResult``). Each row's embedding is a vector seeded
 by the SHA-256 of the row's bytes, so results are checkable from the input alone. Rows
 that are null or start with ``b"bad"`` ("bad" for text) are row errors (zeros).
+
+Ordering helpers, so that no test sleeps to let something happen: ``FakeModel(gate=Event, free_calls=N)``
+blocks every call after the first N until the test opens the gate (``entered`` counts calls that started);
+``wait_until`` polls a condition with a generous bound and a message; ``spy_cancelled`` hands the test the
+server's own "is this exchange cancelled?" check.
 """
 from __future__ import annotations
 
@@ -14,6 +19,34 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+
+GATE_TIMEOUT_S = 120.0  # a gated call gives up (fails its batch) if the test never opens the gate
+WAIT_TIMEOUT_S = 60.0   # wait_until's default bound: generous, a loaded machine is slow, never wrong
+
+
+def wait_until(predicate, what: str, timeout: float = WAIT_TIMEOUT_S) -> None:
+    """Poll ``predicate`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.01)
+
+
+def spy_cancelled(monkeypatch) -> list:
+    """Record each exchange's ``cancelled()`` check (the server's own view: a client cancel that reached it,
+    or the exchange told to stop), in the order the exchanges start their streams."""
+    from flight_server import servicer
+
+    seen: list = []
+    original = servicer._submitter
+
+    def submitter(model, command, cancelled):
+        seen.append(cancelled)
+        return original(model, command, cancelled)
+
+    monkeypatch.setattr(servicer, "_submitter", submitter)
+    return seen
 
 
 @dataclass(frozen=True)
@@ -58,9 +91,12 @@ class FakeModel:
     """Deterministic fake engine model that records what it was handed."""
 
     def __init__(self, name: str = "fake", dim: int = 8, modalities=("text", "image"),
-                 delay_s: float = 0.0) -> None:
+                 delay_s: float = 0.0, gate: threading.Event | None = None, free_calls: int = 0) -> None:
         self.info = FakeInfo(name=name, dim=dim, modalities=tuple(modalities))
         self.delay_s = delay_s
+        self.gate = gate              # calls after the first ``free_calls`` wait until it is set
+        self.free_calls = free_calls
+        self.entered = 0              # calls that started (``calls``: calls that returned)
         self.calls = 0
         self.inputs: list = []                 # the objects handed to embed_* (Arrow arrays)
         self.result_addresses: list[int] = []  # embeddings.ctypes.data of each result
@@ -76,6 +112,11 @@ class FakeModel:
         return self._embed(tokens, normalize)
 
     def _embed(self, rows, normalize: bool) -> FakeResult:
+        with self._lock:
+            self.entered += 1
+            index = self.entered
+        if self.gate is not None and index > self.free_calls and not self.gate.wait(GATE_TIMEOUT_S):
+            raise TimeoutError(f"FakeModel call {index}: the test never opened the gate")
         if self.delay_s:
             time.sleep(self.delay_s)
         values = rows.to_pylist() if isinstance(rows, pa.Array) else list(rows)

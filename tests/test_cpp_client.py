@@ -1,14 +1,13 @@
 """The C++ example client (flight_client/cpp): built with the pyarrow wheel's Arrow C++,
 run against a real in-process server, and compared with the Python EmbeddingClient.
 
-Skipped only where no C++ compiler exists (CI has g++). The binary is built once per module.
+Skipped only where no C++ compiler exists (CI has g++). The binary is built once per session
+(conftest.py's ``cpp_client_binary``).
 """
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,27 +19,13 @@ from flight_fakes import make_self_signed_cert
 from flight_server.config import ServerConfig, ServerLimits
 from flight_server.servicer import EmbeddingServer
 
-CPP_DIR = Path(__file__).resolve().parent.parent / "flight_client" / "cpp"
 PHOTOS = Path(__file__).parent / "data" / "photos"
 BATCH = 2  # rows per batch, for both clients: the same batches give bit-identical embeddings
 
 
-def _compiler() -> str | None:
-    spec = importlib.util.spec_from_file_location("arrowengine_cpp_build", CPP_DIR / "build.py")
-    build = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build)
-    return build.find_compiler()
-
-
 @pytest.fixture(scope="module")
-def binary(tmp_path_factory) -> Path:
-    if _compiler() is None:
-        pytest.skip("no C++ compiler ($CXX, g++, c++ or clang++) on PATH")
-    out = tmp_path_factory.mktemp("cpp") / "arrowengine_client"
-    done = subprocess.run([sys.executable, str(CPP_DIR / "build.py"), "--out", str(out)],
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, f"build failed:\n{done.stdout}\n{done.stderr}"
-    return out
+def binary(cpp_client_binary) -> Path:
+    return cpp_client_binary  # built once per session (conftest.py), shared with test_docs.py
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import subprocess
 import sys
 import threading
@@ -14,7 +15,7 @@ import pyarrow.flight as flight
 import pytest
 
 from flight_client import EmbeddingClient, EmbeddingRowErrors, embeddings_to_numpy
-from flight_fakes import FakeModel, expected_embedding, make_self_signed_cert
+from flight_fakes import FakeModel, expected_embedding, make_self_signed_cert, spy_cancelled, wait_until
 from flight_server import protocol
 from flight_server.config import ServerConfig, ServerLimits
 from flight_server.servicer import EmbeddingServer
@@ -135,18 +136,27 @@ def test_embed_stream_pipelines_many_batches_in_order(client, fake):
     assert seen == 300 and fake.calls == 300
 
 
-def test_embed_stream_stops_server_work_when_the_consumer_stops():
-    slow = FakeModel("slow", delay_s=0.05)
+def test_embed_stream_stops_server_work_when_the_consumer_stops(monkeypatch):
+    gate = threading.Event()
+    slow = FakeModel("slow", gate=gate, free_calls=1)  # batch 1 runs; batch 2 waits in the engine for the gate
+    checks = spy_cancelled(monkeypatch)
     with EmbeddingServer({"slow": slow}, ServerConfig(port=0)) as srv, \
             EmbeddingClient(f"grpc://127.0.0.1:{srv.port}") as client:
         stream = client.embed_stream((pa.record_batch({"text": ["a"]}) for _ in range(50)), "text")
         next(stream)
-        stream.close()  # cancels the exchange
-        deadline = time.monotonic() + 5
-        while srv.stats.snapshot()["active_exchanges"] and time.monotonic() < deadline:
-            time.sleep(0.02)
-        time.sleep(0.2)
-        assert srv.stats.snapshot()["active_exchanges"] == 0 and slow.calls <= 4
+        wait_until(lambda: slow.entered == 2, "the server to start batch 2")
+        closer = threading.Thread(target=stream.close, daemon=True)  # cancels the exchange
+        try:
+            closer.start()
+            (cancelled,) = checks
+            wait_until(cancelled, "the server to see the client's cancel")
+        finally:
+            gate.set()  # batch 2, in progress when the cancel came, may finish
+        closer.join(timeout=60)
+        assert not closer.is_alive(), "stream.close() did not return"
+        wait_until(lambda: srv.stats.snapshot()["active_exchanges"] == 0, "the cancelled exchange to end")
+        assert slow.entered == 2  # no batch started once the server saw the cancel (up to 48 were to come)
+        assert srv.stats.snapshot()["requests_cancelled"] == 1
 
 
 def test_embed_stream_input_faults(client):
@@ -273,17 +283,16 @@ def one_slot_held(retries: int):
             release.wait(timeout=60)  # the stream stays open, holding the slot, until then
 
         def release_after_a_refusal():
-            deadline = time.monotonic() + 60
-            while srv.stats.snapshot()["rejected_busy"] == 0 and time.monotonic() < deadline:
-                time.sleep(0.01)
-            release.set()
+            try:
+                wait_until(lambda: srv.stats.snapshot()["rejected_busy"] > 0, "the server to refuse a client")
+            finally:
+                release.set()  # on a timeout too: the second client then fails its own assertions
 
         with EmbeddingClient(location) as first, \
                 EmbeddingClient(location, retries=retries, backoff_s=0.1) as second:
             holder = threading.Thread(target=lambda: list(first.embed_stream(batches(), "text")), daemon=True)
             holder.start()
-            while srv.stats.snapshot()["active_exchanges"] == 0:
-                time.sleep(0.01)
+            wait_until(lambda: srv.stats.snapshot()["active_exchanges"] == 1, "the first client to hold the slot")
             releaser = threading.Thread(target=release_after_a_refusal, daemon=True)
             releaser.start()
             try:
@@ -313,7 +322,7 @@ def test_a_stream_rejected_as_busy_is_sent_again_whole():
                                   expected(texts))
 
 
-def test_token_and_tls(fake, tmp_path):
+def test_token_and_tls(fake, tmp_path, caplog):
     cert, key = make_self_signed_cert(tmp_path)
     config = ServerConfig(port=0, auth_token="tok-123", tls_cert=cert, tls_key=key)
     with EmbeddingServer({"fake": fake}, config) as srv:
@@ -329,12 +338,15 @@ def test_token_and_tls(fake, tmp_path):
         assert srv.stats.snapshot()["rejected_auth"] == 2  # counted (and in metrics: rejected_total{reason="auth"})
         # the wrong CA: said at once (no retries: they cannot help), with what to check
         other_ca, _ = make_self_signed_cert(tmp_path, "other")
+        caplog.set_level(logging.WARNING, logger="flight_client.client")
         with EmbeddingClient(location, token="tok-123", tls_root_certs=other_ca, retries=5, backoff_s=1.0) as client:
             t0 = time.perf_counter()
             with pytest.raises(flight.FlightUnavailableError, match="TLS handshake with the server failed: check "
                                                                     "tls_root_certs"):
                 client.health()
-            assert time.perf_counter() - t0 < 1.0
+            # no retry: none was logged, and 5 of them would have slept >= 15.5 s (1+2+4+8+16 s, jittered to 50 %)
+            assert [r.getMessage() for r in caplog.records if "retry" in r.getMessage()] == []
+            assert time.perf_counter() - t0 < 10
         with EmbeddingClient(f"grpc://localhost:{srv.port}", retries=0) as client:  # plaintext to a TLS server
             with pytest.raises(flight.FlightUnavailableError, match="if the server uses TLS, connect with grpc"):
                 client.health()

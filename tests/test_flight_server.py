@@ -9,7 +9,6 @@ import contextlib
 import json
 import logging
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
 
-from flight_fakes import FakeModel, expected_embedding, make_self_signed_cert
+from flight_fakes import FakeModel, expected_embedding, make_self_signed_cert, spy_cancelled, wait_until
 from flight_server import protocol, servicer
 from flight_server.config import ServerConfig, ServerLimits
 from flight_server.servicer import EmbeddingServer, embedding_batch
@@ -237,21 +236,36 @@ def test_engine_input_error_maps_to_invalid_argument(served, fake, monkeypatch):
 # ---- concurrency, cancellation, shutdown ---------------------------------------------------
 
 def test_concurrency_limit_rejects_fast_with_unavailable():
-    slow = FakeModel("slow", delay_s=0.5)
+    gate = threading.Event()
+    slow = FakeModel("slow", gate=gate)  # the first exchange holds its slot, inside the engine, until the gate opens
     limits = ServerLimits(max_concurrent_exchanges=1)
     with EmbeddingServer({"slow": slow}, ServerConfig(port=0, limits=limits)) as server, \
             flight.connect(f"grpc://127.0.0.1:{server.port}") as client:
-        result = {}
+        result, second = {}, {}
         first = threading.Thread(target=lambda: result.setdefault(
-            "out", exchange(client, cmd(input="text"), [pa.record_batch({"text": ["a"]})] * 3)))
+            "out", exchange(client, cmd(input="text"), [pa.record_batch({"text": ["a"]})] * 3)), daemon=True)
+
+        def run_second():
+            try:
+                exchange(client, cmd(input="text"), [pa.record_batch({"text": ["b"]})])
+                second["error"] = None
+            except flight.FlightError as exc:
+                second["error"] = exc
+
         first.start()
-        while slow.calls == 0:
-            time.sleep(0.01)
-        t0 = time.perf_counter()
-        with pytest.raises(flight.FlightUnavailableError, match="server busy: 1 exchanges already running"):
-            exchange(client, cmd(input="text"), [pa.record_batch({"text": ["b"]})])
-        assert time.perf_counter() - t0 < 0.4  # rejected at once, not queued behind the 1.5 s exchange
-        first.join()
+        try:
+            wait_until(lambda: slow.entered == 1, "the first exchange to hold the slot")
+            rejected = threading.Thread(target=run_second, daemon=True)
+            rejected.start()
+            rejected.join(timeout=60)
+            # answered while the first exchange is still blocked in the engine: rejected at once, not queued
+            assert not rejected.is_alive(), "the second exchange waits behind the first instead of being rejected"
+            assert first.is_alive() and slow.calls == 0
+        finally:
+            gate.set()
+        assert isinstance(second["error"], flight.FlightUnavailableError), second["error"]
+        assert "server busy: 1 exchanges already running" in str(second["error"])
+        first.join(timeout=60)
         assert len(result["out"]) == 3
         stats = action(client, "stats")
         assert stats["rejected_busy"] == 1 and stats["active_exchanges"] == 0 and stats["requests_failed"] == 0
@@ -263,20 +277,26 @@ def test_exchanges_that_send_nothing_hold_no_slot():
     with EmbeddingServer({"fake": FakeModel("fake")}, ServerConfig(port=0, limits=limits)) as server, \
             flight.connect(f"grpc://127.0.0.1:{server.port}") as client:
         idle = [client.do_exchange(cmd(input="text")) for _ in range(3)]
-        for writer, _ in idle[:2]:
-            writer.begin(pa.schema([("text", pa.string())]))
-        time.sleep(0.2)
-        for i in range(3):
-            (out,) = exchange(client, cmd(input="text"), [pa.record_batch({"text": [f"t{i}"]})])
-            assert out.column("error").to_pylist() == [None]
-        assert action(client, "stats")["active_exchanges"] == 0
-        for writer, _ in idle:
-            with contextlib.suppress(pa.ArrowException):  # the one without a schema gets "no input schema"
-                writer.close()
+        try:
+            for writer, _ in idle[:2]:
+                writer.begin(pa.schema([("text", pa.string())]))
+            for _, reader in idle[:2]:
+                assert reader.schema.names == ["embedding", "error"]  # the server read our schema and answered
+            wait_until(lambda: server.stats.snapshot()["requests"] == 3, "the server to start the 3 idle exchanges")
+            for i in range(3):
+                (out,) = exchange(client, cmd(input="text"), [pa.record_batch({"text": [f"t{i}"]})])
+                assert out.column("error").to_pylist() == [None]
+            assert action(client, "stats")["active_exchanges"] == 0
+        finally:  # also when the test fails: an open exchange would keep the server from shutting down
+            for writer, _ in idle:
+                with contextlib.suppress(pa.ArrowException):  # the one without a schema gets "no input schema"
+                    writer.close()
 
 
-def test_client_cancel_stops_server_work_within_one_batch():
-    slow = FakeModel("slow", delay_s=0.1)
+def test_client_cancel_stops_server_work_within_one_batch(monkeypatch):
+    gate = threading.Event()
+    slow = FakeModel("slow", gate=gate, free_calls=1)  # batch 1 runs; batch 2 waits in the engine for the gate
+    checks = spy_cancelled(monkeypatch)
     with EmbeddingServer({"slow": slow}, ServerConfig(port=0)) as server, \
             flight.connect(f"grpc://127.0.0.1:{server.port}") as client:
         writer, reader = client.do_exchange(cmd(input="text"))
@@ -286,18 +306,22 @@ def test_client_cancel_stops_server_work_within_one_batch():
             writer.write_batch(batch)
         first = reader.read_chunk().data
         assert first.num_rows == 2
-        reader.cancel()
+        wait_until(lambda: slow.entered == 2, "the server to start batch 2")
+        try:
+            reader.cancel()
+            (cancelled,) = checks
+            wait_until(cancelled, "the server to see the client's cancel")
+        finally:
+            gate.set()  # batch 2, in progress when the cancel came, may finish
         try:
             writer.close()
         except pa.ArrowException:
             pass
-        deadline = time.monotonic() + 5
-        while server.stats.snapshot()["active_exchanges"] and time.monotonic() < deadline:
-            time.sleep(0.02)
-        time.sleep(0.3)  # would be enough for 3 more batches if the server kept going
-        assert server.stats.snapshot()["active_exchanges"] == 0
-        assert slow.calls <= 3  # the batch in progress when the cancel came, at most one more
-        assert server.stats.snapshot()["requests_failed"] == 0  # a cancel is not a server failure
+        wait_until(lambda: server.stats.snapshot()["active_exchanges"] == 0, "the cancelled exchange to end")
+        assert slow.entered == 2  # no batch started once the server saw the cancel (28 were still queued)
+        stats = server.stats.snapshot()
+        assert stats["requests_cancelled"] == 1
+        assert stats["requests_failed"] == 0  # a cancel is not a server failure
 
 
 def test_drain_refuses_new_exchanges(fake):
@@ -332,24 +356,25 @@ def test_drain_lets_exchanges_finish_within_grace_then_stops_them():
             except flight.FlightError as exc:
                 results[key] = exc
 
-        short = threading.Thread(target=run, args=("short", 4))
+        short = threading.Thread(target=run, args=("short", 4), daemon=True)
         short.start()
-        while slow.calls == 0:
-            time.sleep(0.01)
-        assert server.drain(grace_s=5.0) is True  # waited for the 4 batches
-        short.join()
+        wait_until(lambda: slow.calls > 0, "the short exchange's first batch")
+        assert server.drain(grace_s=10.0) is True  # waited for the 4 batches (0.2 s of work; 5 s before the stop)
+        short.join(timeout=60)
         assert len(results["short"]) == 4
     slow = FakeModel("slow", delay_s=0.05)
     with EmbeddingServer({"slow": slow}, ServerConfig(port=0)) as server, \
             flight.connect(f"grpc://127.0.0.1:{server.port}") as client:
-        long = threading.Thread(target=run, args=("long", 200))
+        long = threading.Thread(target=run, args=("long", 200), daemon=True)
         long.start()
-        while slow.calls == 0:
-            time.sleep(0.01)
-        assert server.drain(grace_s=0.2) is False
-        long.join(timeout=10)
-        assert isinstance(results["long"], flight.FlightUnavailableError)
-        assert "shutting down" in str(results["long"]) and slow.calls < 50
+        wait_until(lambda: slow.calls > 0, "the long exchange's first batch")
+        assert server.drain(grace_s=0.2) is False  # 200 batches of 0.05 s cannot end in 0.2 s
+        stopped_at = slow.entered  # the drain has told the exchange to stop (at half its grace)
+        long.join(timeout=60)
+        assert not long.is_alive(), "the exchange went on after the drain told it to stop"
+        assert isinstance(results["long"], flight.FlightUnavailableError), results["long"]
+        assert "shutting down" in str(results["long"])
+        assert slow.entered <= stopped_at + 1  # stopped at its next batch: at most one started after the stop
         assert server.stats.snapshot()["requests_failed"] == 0  # stopped by the shutdown, not a failure
 
 

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
 
-from flight_fakes import FakeModel
+from flight_fakes import FakeModel, wait_until
 from flight_server import auth, protocol
 from flight_server.config import ServerConfig, ServerLimits
 from flight_server.servicer import EmbeddingServer
@@ -40,13 +40,10 @@ def action(client, name: str) -> dict:
     return json.loads(list(client.do_action(name))[0].body.to_pybytes())
 
 
-def wait_for(predicate, timeout: float = 30.0) -> None:
+def wait_for(predicate, timeout: float = 60.0) -> None:
     """Poll ``predicate`` until it holds (generous bound: a loaded machine may be slow, never wrong)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached within the bound")
-        time.sleep(0.01)
+    code = predicate.__code__
+    wait_until(predicate, f"the condition at {Path(code.co_filename).name}:{code.co_firstlineno}", timeout)
 
 
 def one_exchange(client, descriptor, batch: pa.RecordBatch) -> list[pa.RecordBatch]:
