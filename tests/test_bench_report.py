@@ -53,3 +53,23 @@ def test_fp32_latency_goal_takes_the_faster_fp32_setting_and_names_it(packed_p50
     assert {"text_latency", "text_latency_packed"} <= set(by_key)
     assert by_key["image_throughput_fp32"].ratio == pytest.approx(
         plain["image_throughput"]["per_s"] / r["suites"]["hf/fp32"]["image_throughput"]["per_s"])
+
+
+def test_models_results_rebuild_into_a_table():
+    """bench/models_report.py on the committed run of bench/models.py: ratios, the best mode and every goal are
+    computed from the figures they name."""
+    from bench import models_report
+
+    r = json.loads((RESULTS / "models-vm.json").read_text())
+    for name, m in r["models"].items():
+        s = models_report.summarize(name, m)
+        ref, ours = m["ref"]["fp32"]["per_s"], m["ours"]
+        assert s["ratio"]["fp32"] == pytest.approx(ours["fp32"]["per_s"] / ref)
+        assert s["fp32_met"] == (s["ratio"]["fp32"] >= models_report.GOAL_FP32[m["kind"]])
+        eligible = ["fp32"] + [p for p in ("bf16", "int8") if m["accuracy"][f"{p}_vs_fp32"]["min"] >= 0.99]
+        best = max(eligible, key=lambda p: ours[p]["per_s"])
+        assert s["best_mode"] == best and s["best_ratio"] == pytest.approx(ours[best]["per_s"] / ref)
+        assert s["best_met"] == (s["best_ratio"] >= models_report.GOAL_BEST)
+    md = models_report.markdown(r)
+    assert md.count("\n| ") >= 1 + 4 * len(r["models"])
+    assert all(models_report.LABELS[name] in md for name in r["models"])
