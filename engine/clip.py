@@ -211,7 +211,7 @@ def load_parts(path: Path, shapes: Mapping[str, tuple[int, ...]], weights: str =
                         vocab_size=t.vocab_size, eos_id=None if t.eos_token_id == 2 else t.eos_token_id,
                         tokenizer_required=False)
     if cfg.vision is not None:
-        image = ImageSide(size=cfg.vision.image_size, channels=cfg.vision.channels)
+        image = ImageSide(size=cfg.vision.image_size, channels=cfg.vision.channels, tokens=cfg.vision.grid ** 2 + 1)
     return Parts(net=CLIP(cfg), config=cfg, dim=cfg.projection_dim, text=text, image=image)
 
 

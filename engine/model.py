@@ -41,6 +41,9 @@ class ModelInfo:
     default_prompt: str | None = None  # the prompt put before texts of a request that names none
 
 
+IMAGE_ROWS_CPU = 2048  # BatchLimits.image_rows on CPU (SigLIP base-patch16-224: 10 images of 196 tokens)
+
+
 @dataclass(frozen=True)
 class BatchLimits:
     """How the engine cuts work into device batches."""
@@ -53,6 +56,10 @@ class BatchLimits:
     # launch and per new shape, not per padded token: few, large, repeating shapes are fastest).
     text_pad_to: int | None = None
     text_max_padding: float | None = None
+    # Tower rows (images x tokens per image) per forward call. None: IMAGE_ROWS_CPU on CPU, where the activations
+    # of a bigger call leave the caches and its element-wise work (norms, GELU, int8 scaling) waits on memory;
+    # no split on CUDA. A split changes no result: images do not see each other in the tower.
+    image_rows: int | None = None
     # Image batches decoded ahead of the device. None: 1 on CPU (decoding and the model share the cores),
     # 2 on CUDA (the decode threads start on the next batch while the slowest images of this one finish).
     prefetch: int | None = None
@@ -103,6 +110,12 @@ class Model:
                              else (float("inf") if cuda else 0.1))
         if self._pad_to < 1:
             raise InputError(f"BatchLimits.text_pad_to: expected a multiple >= 1, got {self._pad_to}")
+        rows = limits.image_rows if limits.image_rows is not None else (0 if cuda else IMAGE_ROWS_CPU)
+        if rows < 0:
+            raise InputError(f"BatchLimits.image_rows: expected >= 1 tower rows per forward call (0: no split), "
+                             f"got {rows}")
+        tokens = image.tokens if image is not None else 0
+        self._image_split = max(1, rows // tokens) if rows and tokens else 0  # images per forward call; 0: all
         self._prefetch = ThreadPoolExecutor(ahead, thread_name_prefix="arrowengine-prefetch")
 
     def __repr__(self) -> str:
@@ -266,8 +279,11 @@ class Model:
     @torch.inference_mode()
     def _image_core(self, pixels: torch.Tensor, normalize: bool) -> np.ndarray:
         x = pixels.to(self._device, self._compute_dtype)
-        y = self.net.encode_image(x)  # (B, D)
-        return self._post(y, normalize)
+        step = self._image_split or x.shape[0]
+        if step >= x.shape[0]:
+            return self._post(self.net.encode_image(x), normalize)  # (B, D)
+        return np.concatenate([self._post(self.net.encode_image(x[s:s + step]), normalize)
+                               for s in range(0, x.shape[0], step)])
 
     def _post(self, y: torch.Tensor, normalize: bool) -> np.ndarray:
         y = y.float()

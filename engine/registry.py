@@ -49,6 +49,7 @@ class ImageSide:
 
     size: int
     channels: int = 3
+    tokens: int = 0  # sequence length of the tower per image (the forward-pass split on CPU uses it); 0: unknown
 
 
 @dataclass

@@ -238,6 +238,27 @@ def test_prefetch_below_one_is_a_clear_error(tiny_clip_dir):
 
     with pytest.raises(InputError, match="prefetch"):
         engine.load_model(tiny_clip_dir, limits=BatchLimits(prefetch=0))
+    with pytest.raises(InputError, match="image_rows"):
+        engine.load_model(tiny_clip_dir, limits=BatchLimits(image_rows=-1))
+
+
+def test_forward_calls_split_by_tower_rows_give_the_same_embeddings(tiny_clip_dir, monkeypatch):
+    """BatchLimits.image_rows cuts a batch into forward calls of rows // tokens-per-image images; results stay."""
+    from engine.model import IMAGE_ROWS_CPU, BatchLimits
+
+    whole = engine.load_model(tiny_clip_dir, limits=BatchLimits(image_rows=0))
+    v = whole.config.vision
+    tokens = (v.image_size // v.patch_size) ** 2 + 1  # patches + the class token
+    split = engine.load_model(tiny_clip_dir, limits=BatchLimits(image_rows=2 * tokens + 1))  # 2 images a call
+    assert split.image.tokens == tokens
+    assert engine.load_model(tiny_clip_dir)._image_split == IMAGE_ROWS_CPU // tokens  # the CPU default
+    pixels = torch.randn(7, 3, v.image_size, v.image_size, generator=torch.Generator().manual_seed(0))
+    calls = []
+    forward = split.net.encode_image
+    monkeypatch.setattr(split.net, "encode_image", lambda x: calls.append(x.shape[0]) or forward(x))
+    got = split.encode_pixels(pixels)
+    assert calls == [2, 2, 2, 1]
+    assert np.abs(got - whole.encode_pixels(pixels)).max() <= 1e-5
 
 
 def test_bf16_and_int8_modes_run_and_stay_close(tiny_clip_dir):
