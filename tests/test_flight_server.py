@@ -17,9 +17,11 @@ import pyarrow.flight as flight
 import pytest
 
 from flight_fakes import FakeModel, expected_embedding, make_self_signed_cert, spy_cancelled, wait_until
-from flight_server import protocol, servicer
+from flight_server import exchange as pipeline
+from flight_server import protocol
 from flight_server.config import ServerConfig, ServerLimits
-from flight_server.servicer import EmbeddingServer, embedding_batch
+from flight_server.exchange import embedding_batch
+from flight_server.servicer import EmbeddingServer
 
 
 def cmd(**doc) -> flight.FlightDescriptor:
@@ -115,13 +117,13 @@ def test_normalize_false_is_passed_to_the_model(served):
 
 def test_input_column_is_a_view_of_the_received_batch(served, fake, monkeypatch):
     seen = []
-    original = servicer.EmbeddingServer._embed_batch
+    original = pipeline.Exchange._embed_batch
 
     def spy(self, embed, command, batch, out_schema, dim):
         seen.append(batch)
         return original(self, embed, command, batch, out_schema, dim)
 
-    monkeypatch.setattr(servicer.EmbeddingServer, "_embed_batch", spy)
+    monkeypatch.setattr(pipeline.Exchange, "_embed_batch", spy)
     server, client = served
     exchange(client, cmd(input="image"), [pa.record_batch({"image": pa.array([b"abc", b"defg"], pa.binary())})])
     received = seen[0].column("image")
@@ -137,7 +139,7 @@ def test_embedding_column_wraps_the_engine_output_without_copy(served, fake, mon
         built.append(out)
         return out
 
-    monkeypatch.setattr(servicer, "embedding_batch", spy)
+    monkeypatch.setattr(pipeline, "embedding_batch", spy)
     server, client = served
     exchange(client, cmd(input="text"), [pa.record_batch({"text": ["a", "bad", "c"]}),
                                          pa.record_batch({"text": ["d"]})])
