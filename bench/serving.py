@@ -162,7 +162,7 @@ def main() -> None:
         images = pa.array(make_images(count), pa.binary())
         model = engine.load_model(model_dir, device=args.device, precision=args.precision)
         server = ServerProcess(model_dir, "clip", ("--batch-wait-ms", str(args.batch_wait_ms),
-                                                   "--max-concurrent", "16", "--device", args.device,
+                                                   "--max-concurrent-exchanges", "16", "--device", args.device,
                                                    "--precision", args.precision))
         port = server.port
         try:

@@ -295,7 +295,7 @@ def _check_endpoints(config: JobConfig, embedders: list[Any], manifest: JobManif
         try:
             meta = embedder.describe()
         except (flight.FlightUnauthenticatedError, flight.FlightUnauthorizedError) as exc:
-            raise JobUsageError(f"{embedder.name} refused this job's credentials ({exc}); check --token-file "
+            raise JobUsageError(f"{embedder.name} refused this job's credentials ({exc}); check --auth-token-file "
                                 "(and --tls-root-certs)") from exc
         except (OSError, pa.ArrowException) as exc:
             problems.append(f"{embedder.name}: {type(exc).__name__}: {exc}")

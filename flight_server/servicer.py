@@ -12,7 +12,6 @@ stream call blocked on the network; such a call keeps its thread until the clien
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import struct
@@ -261,7 +260,7 @@ class EmbeddingServer(flight.FlightServerBase):
     def _expire(self, call: Call, timeout: float) -> None:
         call.expired = (f"exchange cancelled: no progress for {timeout:g} s (the server had nothing to read from "
                         "the client and could not write to it); keep reading results while sending batches, and "
-                        "close the stream when done (the server's limit: serve --idle-timeout)")
+                        "close the stream when done (the server's limit: serve --idle-timeout-s)")
         call.stop.set()  # the scheduler drops this exchange's queued rows; the exchange ends at its next step
         self._release_slot(call)
         self.stats.add(idle_cancelled=1, stalled_exchanges=1)
@@ -403,7 +402,7 @@ class EmbeddingServer(flight.FlightServerBase):
         elif kind == protocol.ACTION_STATS:
             doc = self.stats.snapshot()
         elif kind == protocol.ACTION_LIMITS:
-            doc = dataclasses.asdict(self.config.limits)
+            doc = self.config.limits.as_dict()
         else:
             raise to_flight_error(protocol.ProtocolError(
                 f"unknown action {protocol.quote(kind)}; expected one of {list(protocol.ACTIONS)}"))

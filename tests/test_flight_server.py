@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
 
+from engine.limits import RowLimits
 from flight_fakes import FakeModel, expected_embedding, make_self_signed_cert, spy_cancelled, wait_until
 from flight_server import exchange as pipeline
 from flight_server import protocol
@@ -552,10 +553,10 @@ def test_image_limits_are_row_errors_that_name_the_limit(tiny_clip_dir):
     from flight_server.serve import load_models
 
     small, big = _jpeg(64), _jpeg(400, 1)
-    limits = ServerLimits(max_image_pixels=100 * 100, max_image_bytes=len(big) + 10)
+    limits = ServerLimits(rows=RowLimits(max_image_pixels=100 * 100, max_image_bytes=len(big) + 10))
     clip = load_models({"clip": tiny_clip_dir}, "cpu", "fp32", limits)["clip"]
     tiny_bytes = load_models({"clip": tiny_clip_dir}, "cpu", "fp32",
-                             ServerLimits(max_image_bytes=len(small) - 1))["clip"]
+                             ServerLimits(rows=RowLimits(max_image_bytes=len(small) - 1)))["clip"]
     with Scheduler(clip) as s1, Scheduler(tiny_bytes) as s2, \
             EmbeddingServer({"pixels": s1, "bytes": s2}, ServerConfig(port=0, limits=limits)) as server, \
             flight.connect(f"grpc://127.0.0.1:{server.port}") as client:
@@ -569,11 +570,13 @@ def test_image_limits_are_row_errors_that_name_the_limit(tiny_clip_dir):
     assert all(f"over the limit of {len(small) - 1}" in e for e in out2.column("error").to_pylist())
 
 
-def test_token_limit_is_a_row_error_and_texts_still_truncate(minilm):
-    from engine.scheduler import Scheduler, SchedulerConfig
+def test_token_limit_is_a_row_error_and_texts_still_truncate(minilm, minilm_model_dir):
+    import engine
+    from engine.scheduler import Scheduler
 
     long_text = " ".join(["word"] * 1000)
-    with Scheduler(minilm, SchedulerConfig(max_row_tokens=4)) as sched, \
+    limited = engine.load_model(minilm_model_dir, row_limits=RowLimits(max_row_tokens=4))
+    with Scheduler(limited) as sched, \
             EmbeddingServer({"minilm": sched}, ServerConfig(port=0)) as server, \
             flight.connect(f"grpc://127.0.0.1:{server.port}") as client:
         tokens = pa.array([[101, 7592, 102], [101, 7592, 2088, 2088, 102]], pa.list_(pa.int64()))
