@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import pyarrow as pa
 
 from convert import store
-from engine import PRECISIONS, EngineNotInstalledError, require_engine
+from engine import PRECISIONS, EngineNotInstalledError, require_engine, set_thread_defaults
 from engine.limits import RowLimits
 from flight_server.auth import read_token_file
 from flight_server.config import ServerConfig, ServerLimits, is_loopback
@@ -199,6 +199,7 @@ def run(args: argparse.Namespace) -> int:
     """Serve until SIGINT/SIGTERM; returns the process exit code."""
     from flight_server.servicer import EmbeddingServer
 
+    set_thread_defaults()  # before torch loads (load_models)
     _setup_logging()
     try:
         require_engine("arrowengine serve")
@@ -209,10 +210,6 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if not dirs:
         dirs = store.default_model_dirs(store.cache_dir(args.cache_dir))
-    # Before torch loads OpenMP: idle OpenMP threads sleep instead of spinning, so they do not
-    # starve the image decode threads that run beside the device worker (bench/serving.py:
-    # 1-client streaming went from ~30 to ~260 img/s on 2 cores). An explicit setting wins.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     models = load_models(dirs, args.device, args.precision, config.limits, pack_weights=args.pack_weights)
     if not models:
         log.error("no model could be loaded (tried %s); nothing to serve: give --model NAME=DIR, or a writable "
