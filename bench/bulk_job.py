@@ -32,6 +32,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from engine import set_thread_defaults  # noqa: E402
+
+set_thread_defaults()  # before torch loads: the process-wide settings `arrowengine serve` runs with
+
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 

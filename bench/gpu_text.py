@@ -21,6 +21,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
 
+from engine import set_thread_defaults  # noqa: E402
+
+set_thread_defaults()  # before torch loads: the process-wide settings `arrowengine serve` runs with
+
 VARIANTS = ("ours", "ours-cpu-policy", "ours-cudnn", "hf")
 
 

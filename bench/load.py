@@ -27,6 +27,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from engine import set_thread_defaults  # noqa: E402
+
+set_thread_defaults()  # before torch loads: the process-wide settings `arrowengine serve` runs with
+
 import torch  # noqa: E402
 
 from convert.pipeline import convert_checkpoint  # noqa: E402

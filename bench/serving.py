@@ -33,8 +33,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-# As `arrowengine serve` does, so the in-process baseline runs under the same OpenMP policy.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from engine import set_thread_defaults  # noqa: E402
+
+set_thread_defaults()  # before torch loads: as `arrowengine serve`, so the in-process baseline runs the same way
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
@@ -162,7 +164,7 @@ def main() -> None:
         images = pa.array(make_images(count), pa.binary())
         model = engine.load_model(model_dir, device=args.device, precision=args.precision)
         server = ServerProcess(model_dir, "clip", ("--batch-wait-ms", str(args.batch_wait_ms),
-                                                   "--max-concurrent", "16", "--device", args.device,
+                                                   "--max-concurrent-exchanges", "16", "--device", args.device,
                                                    "--precision", args.precision))
         port = server.port
         try:

@@ -16,7 +16,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from engine import EngineNotInstalledError, require_engine
+from engine import EngineNotInstalledError, require_engine, set_thread_defaults
 from engine.errors import ArrowEngineError
 from engine.format import DTYPE_CHOICES, WEIGHT_FILES
 
@@ -123,6 +123,7 @@ def _guarded(cmd: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Nam
 
     @functools.wraps(cmd)
     def run(args: argparse.Namespace) -> int:
+        set_thread_defaults()  # before torch loads
         try:
             return cmd(args)
         except EngineNotInstalledError as exc:

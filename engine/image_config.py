@@ -1,6 +1,6 @@
-"""Image preprocessing settings: what a HF ``preprocessor_config.json`` says, and input limits.
+"""Image preprocessing settings: what a HF ``preprocessor_config.json`` says.
 
-Built once at the edge (model directory, server options) and passed to
+Built once at the edge (from the model directory) and passed to
 :class:`engine.image_processor.ArrowImageProcessor`. Field meanings follow
 transformers' ``CLIPImageProcessor``; missing keys take CLIP's defaults.
 """
@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.errors import ModelConfigError
-from engine.image_header import PARSED_FORMATS
 
 log = logging.getLogger(__name__)
 
@@ -159,27 +158,3 @@ def _triple(value: object, name: str) -> tuple[float, float, float]:
     if isinstance(value, (list, tuple)) and len(value) == 3:
         return tuple(float(v) for v in value)  # type: ignore[return-value]
     raise ModelConfigError(f"image config: expected {name} as a number or a list of 3, got {value!r}")
-
-
-@dataclass(frozen=True)
-class ImageLimits:
-    """What the processor accepts before decoding anything (all read from the image's header)."""
-
-    max_bytes: int = 32 * 1024 * 1024  # encoded size of one image
-    max_pixels: int = 50_000_000  # width x height from the header, and after the resize (before the crop)
-    formats: frozenset[str] = frozenset({"jpeg", "png", "webp", "gif", "bmp"})  # allow-list
-    # What the decoder allocates for the pixels: width x height x channels x bytes per sample, as the header
-    # says it will decode (engine.image_header.ImageHeader.decoded_bytes; e.g. 16-bit RGBA is 8 bytes a pixel).
-    # The default lets an 8-bit RGB image at the default max_pixels pass: 3 x 50,000,000.
-    max_decoded_bytes: int = 150_000_000
-
-    def __post_init__(self) -> None:
-        unknown = set(self.formats) - PARSED_FORMATS
-        if unknown:
-            raise ModelConfigError(
-                f"image limits: formats must be among {sorted(PARSED_FORMATS)}, got {sorted(unknown)}"
-            )
-        if self.max_bytes < 1 or self.max_pixels < 1 or self.max_decoded_bytes < 1:
-            raise ModelConfigError(
-                f"image limits: expected positive max_bytes, max_pixels and max_decoded_bytes, got {self}"
-            )

@@ -44,9 +44,10 @@ How it differs from the reference, on purpose:
 * On a CUDA device (``device=``, torchvision installed), baseline JPEGs are decoded by nvJPEG and resized
   on the GPU (engine.device_jpeg) while the threads decode the other rows; ``pixels`` is then a tensor on
   the device.
-* Header checks come first: format sniffing against an allow-list, and
-  ``max_bytes`` / ``max_pixels`` / ``max_decoded_bytes`` limits from the parsed
-  header (the last one: width x height x channels x bytes per sample, as
+* Header checks come first: format sniffing against an allow-list, and the
+  ``max_image_bytes`` / ``max_image_pixels`` / ``max_image_decoded_bytes`` limits
+  (:class:`engine.limits.RowLimits`) from the parsed header (the last one:
+  width x height x channels x bytes per sample, as
   ``cv2.imdecode`` will allocate them), before any decode. A bad row gets an
   error reason; it never fails the batch.
 """
@@ -65,8 +66,9 @@ import numpy as np
 import pyarrow as pa
 
 from engine.errors import InputError
-from engine.image_config import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageConfig, ImageLimits
+from engine.image_config import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageConfig
 from engine.image_header import HeaderError, ImageHeader, read_header, sniff_format
+from engine.limits import RowLimits
 from engine.ratelog import RateLimitedLog
 
 logger = logging.getLogger(__name__)
@@ -78,7 +80,7 @@ __all__ = [
     "ArrowImageProcessor",
     "ImageBatch",
     "ImageConfig",
-    "ImageLimits",
+    "RowLimits",
     "row_views",
 ]
 
@@ -181,7 +183,7 @@ class ArrowImageProcessor:
     def __init__(
         self,
         config: ImageConfig,
-        limits: ImageLimits = ImageLimits(),
+        limits: RowLimits = RowLimits(),
         threads: int | None = None,
         apply_exif_orientation: bool = True,
         device: object = "cpu",
@@ -191,7 +193,8 @@ class ArrowImageProcessor:
 
         Args:
             config: preprocessing settings (see :class:`ImageConfig`).
-            limits: size and format limits checked before decoding.
+            limits: the per-row limits; the image ones (size, pixels, decoded size, formats) are checked
+                before decoding.
             threads: decode threads; None means ``os.cpu_count()``. 1 decodes on the caller's thread.
                 OpenCV's own thread pool is set to 1 thread (``cv2.setNumThreads(1)``, process-wide),
                 so ``threads`` bounds the cores preprocessing takes from the model, and nested
@@ -339,40 +342,40 @@ class ArrowImageProcessor:
             raise _RowFault("null: no image bytes in this row")
         if view.size == 0:
             raise _RowFault("empty: the image has 0 bytes")
-        if view.size > self.limits.max_bytes:
+        if view.size > self.limits.max_image_bytes:
             raise _RowFault(
-                f"too large: {view.size} bytes, over the limit of {self.limits.max_bytes} (ImageLimits.max_bytes)"
+                f"too large: {view.size} bytes, over the limit of {self.limits.max_image_bytes} (max_image_bytes)"
             )
         fmt = sniff_format(view)
         if fmt is None:
             raise _RowFault(f"not an image: unrecognised leading bytes {bytes(view[:8]).hex(' ')}")
-        if fmt not in self.limits.formats:
-            allowed = ", ".join(sorted(self.limits.formats))
+        if fmt not in self.limits.image_formats:
+            allowed = ", ".join(sorted(self.limits.image_formats))
             raise _RowFault(f"{_FORMAT_NAMES.get(fmt, fmt)} image: format not in the allow-list ({allowed}); "
                             "re-encode it as one of those")
         header = read_header(view, fmt)
         pixels = header.width * header.height
-        if pixels > self.limits.max_pixels:
+        if pixels > self.limits.max_image_pixels:
             raise _RowFault(
                 f"too many pixels: {header.width}x{header.height} = {pixels}, over the limit of "
-                f"{self.limits.max_pixels} (ImageLimits.max_pixels)"
+                f"{self.limits.max_image_pixels} (max_image_pixels)"
             )
         decoded = header.decoded_bytes
-        if decoded > self.limits.max_decoded_bytes:
+        if decoded > self.limits.max_image_decoded_bytes:
             raise _RowFault(
                 f"too large to decode: this {_FORMAT_NAMES[fmt]} decodes to {header.width} x {header.height} x "
                 f"{header.channels} x {header.bytes_per_sample} bytes = {decoded} bytes, over the limit of "
-                f"{self.limits.max_decoded_bytes} (ImageLimits.max_decoded_bytes); re-encode it with fewer pixels, "
+                f"{self.limits.max_image_decoded_bytes} (max_image_decoded_bytes); re-encode it with fewer pixels, "
                 "8-bit samples or no alpha channel"
             )
         if self.config.do_resize:  # a thin image is few pixels but resizes to many: 1x15000 -> 224x3360000
             rh, rw = self._resize_hw(header.height, header.width)
             edge = self.config.shortest_edge
             least = edge * edge if edge is not None else rh * rw  # what any image resizes to, at the least
-            if rh * rw > max(self.limits.max_pixels, least):
+            if rh * rw > max(self.limits.max_image_pixels, least):
                 raise _RowFault(
                     f"extreme aspect ratio: {header.width}x{header.height} resizes to {rw}x{rh} = {rh * rw} pixels "
-                    f"before the center crop, over the limit of {self.limits.max_pixels} (ImageLimits.max_pixels); "
+                    f"before the center crop, over the limit of {self.limits.max_image_pixels} (max_image_pixels); "
                     "crop the image nearer to square"
                 )
         return header

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from engine import precision as prec
 from engine.errors import InputError, ModalityError, ModelConfigError, NotRunnableError, RowErrors
+from engine.limits import RowLimits
 from engine.registry import ImageSide, TextSide
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,8 @@ class Model:
     """
 
     def __init__(self, info: ModelInfo, net: torch.nn.Module, config: Any, text: TextSide | None,
-                 image: ImageSide | None, tokenizer, image_processor, limits: BatchLimits) -> None:
+                 image: ImageSide | None, tokenizer, image_processor, limits: BatchLimits,
+                 row_limits: RowLimits | None = None) -> None:
         self.info = info
         self.net = net
         self.config = config  # the architecture's frozen config
@@ -98,6 +100,7 @@ class Model:
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.limits = limits
+        self.row_limits = row_limits or RowLimits()  # per-row limits: a row over one is that row's error
         self._device = torch.device(info.device)
         self._compute_dtype = prec.compute_dtype(info.precision)
         cuda = self._device.type == "cuda"
@@ -166,7 +169,8 @@ class Model:
         return self._embed_token_rows(rows, errors, normalize)
 
     def embed_tokens(self, tokens, normalize: bool = True) -> EmbedResult:
-        """Embed token-id rows; ids outside the vocabulary or rows too long are row errors."""
+        """Embed token-id rows; ids outside the vocabulary or rows too long (the model's positions,
+        ``row_limits.max_row_tokens``) are row errors."""
         rows, errors = self.prepare_tokens(tokens)
         return self._embed_token_rows(rows, errors, normalize)
 
@@ -198,7 +202,8 @@ class Model:
         return prompts[prompt_name]
 
     def prepare_tokens(self, tokens) -> tuple[list[np.ndarray | None], list[str | None]]:
-        """Pre stage of :meth:`embed_tokens`: validate id rows (vocabulary, length, CLIP's end-of-text).
+        """Pre stage of :meth:`embed_tokens`: validate id rows (vocabulary, length against the model's positions
+        and ``row_limits.max_row_tokens``, CLIP's end-of-text).
 
         Returns (int64 id row or None, error or None) per row. Raises ModalityError, InputError.
         """
@@ -208,6 +213,10 @@ class Model:
         text = self.text
         # models that pool over every id they get have a pad_id: trailing pad ids (HF's padding=True) are cut off
         rows, errors = token_rows(tokens, text.vocab_size, text.max_tokens, pad_id=text.pad_id)
+        for i, r in enumerate(rows):
+            error = None if r is None else self.row_limits.token_row_error(len(r))
+            if error is not None:
+                rows[i], errors[i] = None, error
         if text.eos_id is not None:
             for i, r in enumerate(rows):
                 if r is not None and not (r == text.eos_id).any():
@@ -308,7 +317,7 @@ class Model:
 
 
 def load_model(path: str | Path, device: str = "cpu", precision: str = "fp32", name: str | None = None,
-               limits: BatchLimits | None = None, image_limits=None, threads: int | None = None,
+               limits: BatchLimits | None = None, row_limits: RowLimits | None = None, threads: int | None = None,
                pack_weights: bool = False) -> Model:
     """Load a converted model directory (see ``arrowengine convert``).
 
@@ -318,7 +327,8 @@ def load_model(path: str | Path, device: str = "cpu", precision: str = "fp32", n
         precision: "fp32", "bf16", "fp16" (CUDA only) or "int8" (CPU only).
         name: the model's name in ModelInfo (default: the directory name).
         limits: batch sizes (default ``BatchLimits()``; on CUDA ``BatchLimits(image_batch=128)``).
-        image_limits: an ``ImageLimits`` for the image processor (size and format checks).
+        row_limits: the per-row limits (``engine.limits.RowLimits``: token ids per token-id row, image size,
+            pixels, decoded size and formats); a row over one is that row's error. Default ``RowLimits()``.
         threads: image decode threads (default: every core).
         pack_weights: fp32 on CPU only: keep a copy of every weight packed for oneDNN, used by calls of a few
             rows (engine.packing). Batch-1 latency drops ~10 % (image) to ~30 % (text); a process that also runs
@@ -348,7 +358,8 @@ def load_model(path: str | Path, device: str = "cpu", precision: str = "fp32", n
     state = load_weights(path)
     parts = arch.load_parts(path, {k: tuple(t.shape) for k, t in state.items()}, manifest.weights)
     tokenizer = _text_front(path, parts.text)
-    image_processor = _image_front(path, parts.image, dev, image_limits, threads)
+    row_limits = row_limits or RowLimits()
+    image_processor = _image_front(path, parts.image, dev, row_limits, threads)
     prec.assign_weights(parts.net, state, path)
     net = prec.apply(parts.net, precision, dev, pack_weights=pack_weights)
     info = ModelInfo(name=name or path.name, architecture=manifest.architecture, kind=manifest.kind,
@@ -360,7 +371,7 @@ def load_model(path: str | Path, device: str = "cpu", precision: str = "fp32", n
              (time.perf_counter() - t0) * 1e3)
     if limits is None:  # a GPU wants bigger image batches; bench/results/h200.md was measured at 128
         limits = BatchLimits(image_batch=128) if dev.type == "cuda" else BatchLimits()
-    return Model(info, net, parts.config, parts.text, parts.image, tokenizer, image_processor, limits)
+    return Model(info, net, parts.config, parts.text, parts.image, tokenizer, image_processor, limits, row_limits)
 
 
 def _text_front(path: Path, text: TextSide | None):
@@ -373,7 +384,8 @@ def _text_front(path: Path, text: TextSide | None):
                                   required=text.tokenizer_required)
 
 
-def _image_front(path: Path, image: ImageSide | None, device: torch.device, limits, threads: int | None):
+def _image_front(path: Path, image: ImageSide | None, device: torch.device, limits: RowLimits,
+                 threads: int | None):
     """The image processor of an image model, as its folder's processor config says, checked to make the
     tower's input size."""
     if image is None:
@@ -385,5 +397,4 @@ def _image_front(path: Path, image: ImageSide | None, device: torch.device, limi
         raise ModelConfigError(f"{path}: the image processor config (preprocessor_config.json) makes "
                                f"{config.output_hw} images but the vision tower expects ({image.size}, "
                                f"{image.size}); fix crop_size/size in that file")
-    kwargs = {} if limits is None else {"limits": limits}
-    return ArrowImageProcessor(config, threads=threads, device=device, **kwargs)
+    return ArrowImageProcessor(config, limits=limits, threads=threads, device=device)

@@ -58,7 +58,6 @@ class SchedulerConfig:
     max_wait_ms: float = 50.0         # a partial device batch waits this long for more rows
     max_queued_images: int = 128      # decoded images waiting for the device (~600 KB each at 224 px)
     max_queued_tokens: int = 65_536   # token ids waiting for the device
-    max_row_tokens: int | None = None  # token-id input: longer rows are row errors (None: model positions)
 
     def __post_init__(self) -> None:
         if self.max_wait_ms < 0:
@@ -66,8 +65,6 @@ class SchedulerConfig:
         for name in ("max_queued_images", "max_queued_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer; got {getattr(self, name)}")
-        if self.max_row_tokens is not None and self.max_row_tokens < 1:
-            raise ValueError(f"max_row_tokens must be a positive integer or None; got {self.max_row_tokens}")
 
 
 class _Request:
@@ -116,7 +113,7 @@ class Scheduler:
 
     Args:
         model: a loaded :class:`engine.model.Model`.
-        config: wait bound, queue bounds, token limit (see :class:`SchedulerConfig`).
+        config: wait bound, queue bounds (see :class:`SchedulerConfig`); per-row limits are the model's.
         on_batch: called from the worker after each device batch with (queue, rows, seconds);
             for metrics. Exceptions it raises are logged and ignored.
 
@@ -151,7 +148,7 @@ class Scheduler:
 
     def embed_tokens(self, tokens, normalize: bool = True,
                      cancelled: Callable[[], bool] | None = None) -> EmbedResult:
-        """As :meth:`Model.embed_tokens`; rows over ``config.max_row_tokens`` are row errors."""
+        """As :meth:`Model.embed_tokens` (rows over the model's ``row_limits`` are row errors)."""
         return self.submit("tokens", tokens, normalize, cancelled).result()
 
     def submit(self, kind: str, values, normalize: bool = True, cancelled: Callable[[], bool] | None = None,
@@ -235,13 +232,7 @@ class Scheduler:
         if kind == "text":
             rows, errors = self.model.prepare_texts(values, prompt_name)
         else:
-            rows, errors = self.model.prepare_tokens(values)
-            limit = self.config.max_row_tokens
-            if limit is not None:
-                for i, r in enumerate(rows):
-                    if r is not None and len(r) > limit:
-                        rows[i], errors[i] = None, (f"{len(r)} tokens, over the limit of {limit} tokens per row "
-                                                    "(max_row_tokens); truncate or split the row")
+            rows, errors = self.model.prepare_tokens(values)  # per-row limits: the model's own
         request = _Request(len(rows), self.info.dim, normalize, cancelled)
         request.errors = errors
         good = np.array([i for i, r in enumerate(rows) if r is not None], dtype=np.int64)

@@ -16,7 +16,6 @@ import itertools
 import json
 import logging
 import random
-import threading
 import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -25,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.flight as flight
 
+from flight_client.exchange import ClientExchange, StreamState, check_batch
 from flight_server import protocol
 
 log = logging.getLogger(__name__)
@@ -292,9 +292,9 @@ class EmbeddingClient:
         first = next(source, None)
         if first is None:
             return
-        _check_batch(first, 0)
+        check_batch(first, 0)
         for attempt in itertools.count():
-            state = _StreamState()
+            state = StreamState()
             try:
                 yield from self._exchange(command, first, source, state)
                 return
@@ -327,96 +327,11 @@ class EmbeddingClient:
             yield from _fit_bytes(batch, self.batch_bytes)
 
     def _exchange(self, command: protocol.EmbedCommand, first: pa.RecordBatch,
-                  rest: Iterator[pa.RecordBatch], state: "_StreamState | None" = None
+                  rest: Iterator[pa.RecordBatch], state: StreamState | None = None
                   ) -> Iterator[pa.RecordBatch]:
-        """One do_exchange: a thread writes ``first`` then ``rest``; this generator reads.
-
-        The input is half-closed (``done_writing``) by whichever side sees last that every batch was sent
-        and answered: never while the read side may be finishing the call on a server error. pyarrow's
-        Flight client aborts the process when done_writing meets the reader's own close of the call
-        (gRPC "API misuse ... TOO_MANY_OPERATIONS"; seen about once in a few thousand failed calls). The
-        server answers every input batch as it goes, so all results arrive before the half-close.
-        """
-        state = state or _StreamState()
+        """One do_exchange: a thread writes ``first`` then ``rest``; this generator reads (see ClientExchange)."""
         writer, reader = self._client.do_exchange(command.descriptor(), self._options)
-        own_errors: list[BaseException] = []        # input faults: we cancel the call
-        transport_errors: list[BaseException] = []  # the read side reports the server's reason
-        lock = threading.Lock()  # guards progress and state.results
-        progress = {"sent": 0, "all_sent": False, "closed": False}
-
-        def take_close() -> bool:
-            """Under ``lock``: True for the one caller that should half-close the input now."""
-            if progress["all_sent"] and state.results == progress["sent"] and not progress["closed"]:
-                progress["closed"] = True
-                return True
-            return False
-
-        def fail(exc: BaseException) -> None:
-            own_errors.append(exc)
-            reader.cancel()
-
-        def write_all() -> None:
-            try:
-                writer.begin(first.schema)
-                writer.write_batch(first)
-                with lock:
-                    progress["sent"] += 1
-                for index in itertools.count(1):
-                    try:
-                        batch = next(rest, None)
-                        if batch is not None:
-                            _check_batch(batch, index)
-                    except BaseException as exc:
-                        return fail(exc)
-                    if batch is None:
-                        break
-                    if not state.results:  # kept until the first result: a retry sends it again
-                        state.sent.append(batch)
-                    if not batch.schema.equals(first.schema):
-                        return fail(ValueError(f"every batch must have the first batch's schema "
-                                               f"{first.schema}; got {batch.schema}"))
-                    writer.write_batch(batch)
-                    with lock:
-                        progress["sent"] += 1
-                with lock:
-                    progress["all_sent"] = True
-                    close = take_close()  # every answer is in: the reader waits for the end of the stream
-                if close:
-                    writer.done_writing()
-            except BaseException as exc:
-                transport_errors.append(exc)
-
-        thread = threading.Thread(target=write_all, name="flight-client-writer", daemon=True)
-        thread.start()
-        finished = False
-        try:
-            while True:
-                try:
-                    chunk = reader.read_chunk()
-                except StopIteration:
-                    finished = True
-                    break
-                except flight.FlightCancelledError as exc:
-                    if own_errors:
-                        raise own_errors[0] from exc
-                    raise
-                with lock:
-                    state.results += 1
-                    close = take_close()
-                state.sent.clear()
-                if close:  # no read is in flight here
-                    writer.done_writing()
-                yield chunk.data
-        finally:
-            if not finished:  # an error, or the consumer stopped early: stop the server's work
-                reader.cancel()
-            thread.join()
-            try:
-                writer.close()
-            except pa.ArrowException:
-                pass  # the read side already reported the failure, or the cancellation was ours
-        if own_errors or transport_errors:
-            raise (own_errors or transport_errors)[0]
+        yield from ClientExchange(writer, reader, first, rest, state)
 
 
 # gRPC reports a TLS set-up mistake on this side as "unavailable": retrying cannot help.
@@ -431,14 +346,6 @@ def _fit_bytes(batch: pa.RecordBatch, limit: int) -> Iterator[pa.RecordBatch]:
     rows = max(1, batch.num_rows * limit // batch.nbytes)  # < num_rows: every slice is smaller
     for start in range(0, batch.num_rows, rows):
         yield from _fit_bytes(batch.slice(start, rows), limit)
-
-
-class _StreamState:
-    """What a streaming exchange has done so far (decides whether a retry is safe)."""
-
-    def __init__(self) -> None:
-        self.sent: list[pa.RecordBatch] = []  # batches after the first taken from the input, until a result came
-        self.results = 0     # result batches yielded
 
 
 # Per input kind: (argument name, what it must be, the call to suggest for one row, Arrow type).
@@ -525,9 +432,3 @@ def _bad_row(rows: list, kind: str) -> TypeError | ValueError | None:
 def _describe(value: Any) -> str:
     text = repr(value)
     return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
-
-
-def _check_batch(batch: Any, index: int) -> None:
-    if not isinstance(batch, pa.RecordBatch):
-        raise TypeError(f"batches[{index}]: expected a pyarrow RecordBatch, got {type(batch).__name__}; "
-                        "build one with pa.record_batch({...}) or table.to_batches()")

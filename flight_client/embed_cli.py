@@ -24,6 +24,7 @@ from typing import Any
 from convert import store
 from engine import PRECISIONS
 from flight_server import protocol
+from flight_server.flags import add_deprecated_alias
 
 log = logging.getLogger("arrowengine.embed")
 
@@ -61,7 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: the model's default prompt, if any)")
     parser.add_argument("--discover", action="store_true",
                         help="with --server: also use every endpoint the servers advertise in get_flight_info")
-    parser.add_argument("--token-file", type=Path, default=None, help="file holding the servers' bearer token")
+    parser.add_argument("--auth-token-file", type=Path, default=None,
+                        help="file holding the servers' bearer token (serve --auth-token-file)")
     parser.add_argument("--tls-root-certs", type=Path, default=None,
                         help="PEM file of the CA that signed the servers' certificates")
     parser.add_argument("--device", default="cpu", help="in-process only: cpu or cuda[:n] (default cpu)")
@@ -72,6 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --server: seconds one batch may take on a server before it is sent to another "
                              "(a stalled server must not hang the job; default %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_deprecated_alias(parser, "--token-file", "--auth-token-file")
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
@@ -80,7 +83,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
 
     from flight_server.auth import read_token_file
 
-    token = None if args.token_file is None else read_token_file(args.token_file, "--token-file")
+    token = None if args.auth_token_file is None else read_token_file(args.auth_token_file, "--auth-token-file")
     if args.tls_root_certs is not None and not args.tls_root_certs.is_file():
         raise ValueError(f"--tls-root-certs {args.tls_root_certs}: no such file")
     if args.server and (args.device != "cpu" or args.precision != "fp32"):

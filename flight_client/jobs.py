@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 
 from convert import store
-from engine import EngineNotInstalledError, require_engine
+from engine import EngineNotInstalledError, require_engine, set_thread_defaults
 from flight_client.job_io import (MANIFEST_NAME, PATH_COLUMN, IMAGE_COLUMN, ImageFolderSource, JobInputError,
                                   JobManifest, ShardWriter, clean_output, open_source)
 from flight_client.pool import FATAL_CODES, AllEndpointsFailed, EndpointPool, FlightEmbedder, LocalEmbedder
@@ -295,7 +295,7 @@ def _check_endpoints(config: JobConfig, embedders: list[Any], manifest: JobManif
         try:
             meta = embedder.describe()
         except (flight.FlightUnauthenticatedError, flight.FlightUnauthorizedError) as exc:
-            raise JobUsageError(f"{embedder.name} refused this job's credentials ({exc}); check --token-file "
+            raise JobUsageError(f"{embedder.name} refused this job's credentials ({exc}); check --auth-token-file "
                                 "(and --tls-root-certs)") from exc
         except (OSError, pa.ArrowException) as exc:
             problems.append(f"{embedder.name}: {type(exc).__name__}: {exc}")
@@ -332,6 +332,7 @@ def make_embedders(config: JobConfig) -> list[Any]:
                        alternative="embed through a running server: --server grpc://HOST:PORT")
     except EngineNotInstalledError as exc:
         raise JobUsageError(str(exc)) from exc
+    set_thread_defaults()  # before torch loads
     import engine  # torch is imported here only
 
     try:

@@ -217,7 +217,7 @@ class EndpointPool:
                         self._cond.notify_all()
                     return
                 if isinstance(exc, flight.FlightError) and protocol.error_code(exc) == protocol.CODE_BUSY:
-                    # Alive but at its --max-concurrent: wait it out (up to BUSY_MAX_WAIT_S a try), never retire.
+                    # Alive but at its --max-concurrent-exchanges: wait it out (BUSY_MAX_WAIT_S a try), never retire.
                     busy += 1
                     self._requeue(seq, column)
                     delay = min(self.backoff_s * 2 ** (busy - 1), BUSY_MAX_WAIT_S)

@@ -186,6 +186,7 @@ class EngineEmbedActor(_EmbedActor):
     def __init__(self, spec: EmbedSpec) -> None:
         import engine  # torch is imported here, in the actor, never by the driver
 
+        engine.set_thread_defaults()  # before torch loads in this actor's process
         if spec.threads:
             import torch
 

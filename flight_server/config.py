@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
+from engine.limits import RowLimits
 from flight_server.protocol import MAX_COMMAND_BYTES
 
 LOOPBACK_NAMES = ("localhost", "ip6-localhost")
@@ -12,32 +14,37 @@ LOOPBACK_NAMES = ("localhost", "ip6-localhost")
 
 @dataclass(frozen=True)
 class ServerLimits:
-    """Request limits. Defaults protect a 24 GiB machine; every one is configurable."""
+    """Request limits. Defaults protect a 24 GiB machine; every one is configurable (``serve --FIELD-NAME``).
+
+    ``rows`` are the per-row limits the engine enforces (engine.limits.RowLimits: the same row errors in-process);
+    the other fields are the server's own: what one exchange, one batch and one command may cost.
+    """
 
     # The memory these defaults allow is worked out in docs/limits-and-security.md.
+    rows: RowLimits = field(default_factory=RowLimits)  # token ids per row, image bytes / pixels / decoded bytes
     max_concurrent_exchanges: int = 8       # exchanges sending batches; excess ones get a fast FlightUnavailableError
     max_batch_rows: int = 8192              # rows per input batch
     max_batch_bytes: int = 64 * 1024 ** 2   # Arrow bytes per input batch (all columns); one row over it: a row error
-    max_image_bytes: int = 32 * 1024 ** 2   # encoded bytes per image; larger rows are row errors
-    max_image_pixels: int = 50_000_000      # width x height per image, from the header and after the resize
-    max_image_decoded_bytes: int | None = None  # pixels x channels x bytes per sample, from the header;
-    #                                             None: 3 x max_image_pixels (an 8-bit RGB image at the pixel limit)
-    max_row_tokens: int | None = None       # token ids per token-id row; None: the model's positions
     max_command_bytes: int = MAX_COMMAND_BYTES  # the do_exchange command JSON, checked before it is parsed
     idle_timeout_s: float = 60.0            # an exchange that neither reads nor writes this long is cancelled
 
     def __post_init__(self) -> None:
-        for name in ("max_concurrent_exchanges", "max_batch_rows", "max_batch_bytes", "max_image_bytes",
-                     "max_image_pixels", "max_row_tokens", "max_command_bytes", "max_image_decoded_bytes"):
+        if not isinstance(self.rows, RowLimits):
+            raise ValueError(f"rows must be an engine.limits.RowLimits; got {type(self.rows).__name__}")
+        for name in ("max_concurrent_exchanges", "max_batch_rows", "max_batch_bytes", "max_command_bytes"):
             value = getattr(self, name)
-            if value is None and name in ("max_row_tokens", "max_image_decoded_bytes"):
-                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer; got {value!r}")
-        if self.max_image_decoded_bytes is None:
-            object.__setattr__(self, "max_image_decoded_bytes", 3 * self.max_image_pixels)
         if not isinstance(self.idle_timeout_s, (int, float)) or not 0 < self.idle_timeout_s <= 86_400:
             raise ValueError(f"idle_timeout_s must be a number of seconds in (0, 86400]; got {self.idle_timeout_s!r}")
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every limit by its field name, the per-row ones included (one flat JSON object: the ``limits``
+        action's answer)."""
+        doc: dict[str, Any] = {f.name: getattr(self.rows, f.name) for f in fields(self.rows)}
+        doc["image_formats"] = sorted(self.rows.image_formats)
+        doc.update({f.name: getattr(self, f.name) for f in fields(self) if f.name != "rows"})
+        return doc
 
 
 @dataclass(frozen=True)

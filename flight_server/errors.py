@@ -50,5 +50,5 @@ def busy_error(limit: int) -> flight.FlightUnavailableError:
     """The fast rejection for an exchange over the concurrency limit."""
     return flight.FlightUnavailableError(
         f"server busy: {limit} exchanges already running (the limit); retry with backoff, "
-        "or start the server with a higher --max-concurrent",
+        "or start the server with a higher --max-concurrent-exchanges",
         extra_info=protocol.error_info(protocol.CODE_BUSY))

@@ -20,11 +20,17 @@ from typing import Any, Sequence
 import pyarrow as pa
 
 from convert import store
-from engine import PRECISIONS, EngineNotInstalledError, require_engine
+from engine import PRECISIONS, EngineNotInstalledError, require_engine, set_thread_defaults
+from engine.limits import RowLimits
 from flight_server.auth import read_token_file
 from flight_server.config import ServerConfig, ServerLimits, is_loopback
+from flight_server.flags import add_deprecated_alias
 
 log = logging.getLogger("arrowengine.serve")
+
+# Old spellings of renamed options (still accepted; a warning names the new one).
+DEPRECATED_FLAGS = {"--max-concurrent": "--max-concurrent-exchanges", "--max-tokens-per-row": "--max-row-tokens",
+                    "--idle-timeout": "--idle-timeout-s", "--shutdown-grace": "--shutdown-grace-s"}
 
 
 def add_parsers(subparsers: Any) -> None:
@@ -37,8 +43,10 @@ def add_parsers(subparsers: Any) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``serve``."""
+    """The options of ``serve``: each named like the config field it sets (``--max-batch-rows``:
+    ``ServerLimits.max_batch_rows``), old spellings kept as hidden deprecated aliases."""
     defaults = ServerLimits()
+    rows = defaults.rows
     parser.add_argument("models", nargs="*", default=[], metavar="[NAME=]DIR",
                         help="converted model directories to serve, as --model takes them")
     parser.add_argument("--model", action="append", default=[], metavar="NAME=DIR",
@@ -60,31 +68,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-key", type=Path, default=None, help="PEM private key for TLS")
     parser.add_argument("--insecure", action="store_true",
                         help="allow a non-loopback --host without TLS (plaintext on the network)")
-    parser.add_argument("--max-concurrent", type=int, default=defaults.max_concurrent_exchanges,
+    parser.add_argument("--max-concurrent-exchanges", type=int, default=defaults.max_concurrent_exchanges,
                         help="concurrent exchanges (counted from their first batch); more get "
                              "FlightUnavailableError (default %(default)s)")
     parser.add_argument("--max-batch-rows", type=int, default=defaults.max_batch_rows,
                         help="rows per input batch; clients read it with the `limits` action (default %(default)s)")
     parser.add_argument("--max-batch-bytes", type=int, default=defaults.max_batch_bytes,
                         help="bytes per input batch (default %(default)s)")
-    parser.add_argument("--max-image-bytes", type=int, default=defaults.max_image_bytes,
+    parser.add_argument("--max-image-bytes", type=int, default=rows.max_image_bytes,
                         help="encoded bytes per image; a larger image is a row error, the call goes on "
                              "(default %(default)s = 32 MiB)")
-    parser.add_argument("--max-image-pixels", type=int, default=defaults.max_image_pixels,
+    parser.add_argument("--max-image-pixels", type=int, default=rows.max_image_pixels,
                         help="width x height per image, read from the header before decoding; a larger "
                              "image is a row error (default %(default)s; one decode takes 3 bytes/pixel)")
     parser.add_argument("--max-image-decoded-bytes", type=int, default=None,
                         help="bytes one image decodes to (pixels x channels x bytes per sample, from the header: "
                              "a 16-bit RGBA pixel is 8 bytes); a larger image is a row error, never decoded "
                              "(default: 3 x --max-image-pixels, an 8-bit RGB image at the pixel limit)")
-    parser.add_argument("--max-tokens-per-row", type=int, default=defaults.max_row_tokens,
+    parser.add_argument("--max-row-tokens", type=int, default=rows.max_row_tokens,
                         help="token ids per row of token-id input; a longer row is a row error (default: "
                              "the model's positions, e.g. 77 for CLIP). Texts are truncated by the model's "
                              "tokenizer as usual")
     parser.add_argument("--max-command-bytes", type=int, default=defaults.max_command_bytes,
                         help="bytes of a do_exchange command (JSON), checked before it is parsed "
                              "(default %(default)s)")
-    parser.add_argument("--idle-timeout", type=float, default=defaults.idle_timeout_s,
+    parser.add_argument("--idle-timeout-s", type=float, default=defaults.idle_timeout_s,
                         help="seconds an exchange may wait on its client (nothing read from it, nothing written "
                              "to it) before it is cancelled and its slot freed (default %(default)s)")
     parser.add_argument("--batch-wait-ms", type=float, default=50.0,
@@ -96,8 +104,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--advertise", action="append", default=[], metavar="URI",
                         help="a URI clients should use to reach this server, listed as an endpoint in "
                              "get_flight_info / list_flights (repeatable; default: the bound address)")
-    parser.add_argument("--shutdown-grace", type=float, default=10.0,
+    parser.add_argument("--shutdown-grace-s", type=float, default=10.0,
                         help="seconds in-flight exchanges get on SIGINT/SIGTERM (default %(default)s)")
+    for old, new in DEPRECATED_FLAGS.items():
+        add_deprecated_alias(parser, old, new)
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
@@ -108,18 +118,17 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             raise ValueError(f"{flag} {path}: no such file")
     if args.tls_cert is not None and args.tls_key is not None:
         _check_tls_pair(args.tls_cert, args.tls_key)
-    limits = ServerLimits(max_concurrent_exchanges=args.max_concurrent,
+    rows = RowLimits(max_row_tokens=args.max_row_tokens, max_image_bytes=args.max_image_bytes,
+                     max_image_pixels=args.max_image_pixels, max_image_decoded_bytes=args.max_image_decoded_bytes)
+    limits = ServerLimits(rows=rows, max_concurrent_exchanges=args.max_concurrent_exchanges,
                           max_batch_rows=args.max_batch_rows, max_batch_bytes=args.max_batch_bytes,
-                          max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
-                          max_image_decoded_bytes=args.max_image_decoded_bytes,
-                          max_row_tokens=args.max_tokens_per_row, max_command_bytes=args.max_command_bytes,
-                          idle_timeout_s=args.idle_timeout)
+                          max_command_bytes=args.max_command_bytes, idle_timeout_s=args.idle_timeout_s)
     if token is not None and args.tls_cert is None and not is_loopback(args.host):
         log.warning("--auth-token-file without TLS on %s: the bearer token crosses the network in plain text; "
                     "add --tls-cert and --tls-key", args.host)
     return ServerConfig(host=args.host, port=args.port, limits=limits, auth_token=token,
                         tls_cert=args.tls_cert, tls_key=args.tls_key, insecure=args.insecure,
-                        shutdown_grace_s=args.shutdown_grace, batch_wait_ms=args.batch_wait_ms,
+                        shutdown_grace_s=args.shutdown_grace_s, batch_wait_ms=args.batch_wait_ms,
                         metrics_port=args.metrics_port, advertise=tuple(args.advertise))
 
 
@@ -153,19 +162,15 @@ def load_models(dirs: dict[str, Path], device: str, precision: str,
                 limits: ServerLimits | None = None, pack_weights: bool = False) -> dict[str, Any]:
     """Load each model directory; a model that fails to load is logged and skipped.
 
-    ``limits`` gives the per-image byte and pixel limits of the image processor; ``pack_weights`` is
-    engine.load_model's.
+    Each model enforces ``limits.rows`` (the per-row limits) itself; ``pack_weights`` is engine.load_model's.
     """
     import engine  # torch is imported here, not when the CLI starts
-    from engine.image_config import ImageLimits
 
     limits = limits or ServerLimits()
-    image_limits = ImageLimits(max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels,
-                               max_decoded_bytes=limits.max_image_decoded_bytes)
     models: dict[str, Any] = {}
     for name, path in dirs.items():
         try:
-            model = engine.load_model(path, device=device, precision=precision, image_limits=image_limits,
+            model = engine.load_model(path, device=device, precision=precision, row_limits=limits.rows,
                                       pack_weights=pack_weights)
             if model.tokenizer is not None and model.tokenizer.available:
                 model.tokenizer.load()  # a server fails at start on a broken tokenizer.json, not per request
@@ -186,7 +191,7 @@ def make_schedulers(models: dict[str, Any], config: ServerConfig) -> dict[str, A
     """One engine Scheduler per model: rows of concurrent exchanges share device batches."""
     from engine.scheduler import Scheduler, SchedulerConfig
 
-    sched_config = SchedulerConfig(max_wait_ms=config.batch_wait_ms, max_row_tokens=config.limits.max_row_tokens)
+    sched_config = SchedulerConfig(max_wait_ms=config.batch_wait_ms)
     return {name: Scheduler(model, sched_config) for name, model in models.items()}
 
 
@@ -194,6 +199,7 @@ def run(args: argparse.Namespace) -> int:
     """Serve until SIGINT/SIGTERM; returns the process exit code."""
     from flight_server.servicer import EmbeddingServer
 
+    set_thread_defaults()  # before torch loads (load_models)
     _setup_logging()
     try:
         require_engine("arrowengine serve")
@@ -204,10 +210,6 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if not dirs:
         dirs = store.default_model_dirs(store.cache_dir(args.cache_dir))
-    # Before torch loads OpenMP: idle OpenMP threads sleep instead of spinning, so they do not
-    # starve the image decode threads that run beside the device worker (bench/serving.py:
-    # 1-client streaming went from ~30 to ~260 img/s on 2 cores). An explicit setting wins.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     models = load_models(dirs, args.device, args.precision, config.limits, pack_weights=args.pack_weights)
     if not models:
         log.error("no model could be loaded (tried %s); nothing to serve: give --model NAME=DIR, or a writable "

@@ -1,19 +1,9 @@
-"""The Flight service: Arrow batches in, one engine call per batch, embedding batches out.
+"""The Flight service: the RPC surface of an ArrowEngine server.
 
-The servicer only translates: it validates the request before any
-work, hands the received Arrow column to the model as it is (the engine decodes from
-views of the received buffer), and wraps the engine's (N, D) float32 output as the
-``embedding`` column without copying. It never imports torch.
-
-Models are duck-typed (``engine.model`` API): ``.info`` (``dim``, ``modalities``, ...) and
-``embed_images / embed_texts / embed_tokens(array, normalize=) -> EmbedResult`` with
-``embeddings`` (N, D) float32 C-contiguous and ``errors`` (list of str | None). A model
-that also has ``submit(kind, array, normalize, cancelled, prompt_name=) -> Future[EmbedResult]`` (an
-``engine.scheduler.Scheduler``, which ``arrowengine serve`` puts in front of every model)
-is pipelined: while the rows of input batch k are on the device, the exchange already
-reads and decodes batch k+1, and a writer thread sends each result as soon as it is ready
-(in input order), so a client that waits for a result before writing more never stalls.
-The scheduler coalesces rows of concurrent exchanges into device batches.
+``EmbeddingServer`` answers ``do_exchange`` (it validates the command, picks the model, and hands the stream to
+:class:`flight_server.exchange.Exchange`, the pipeline that reads, checks, embeds and writes batches),
+``do_action`` (health, ready, models, stats, limits), ``get_flight_info`` / ``list_flights`` / ``get_schema``
+(discovery), bearer-token auth, exchange slots, counters, metrics and shutdown. It never imports torch.
 
 An exchange that makes no progress for ``ServerLimits.idle_timeout_s`` (nothing read from the client, nothing
 written to it, no rows of it in the engine) is cancelled by a watchdog: its slot and its queued work are freed
@@ -22,52 +12,28 @@ stream call blocked on the network; such a call keeps its thread until the clien
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
-import queue
 import struct
 import threading
 import time
 import zlib
-from concurrent.futures import CancelledError, Future
-from typing import Any, Callable, Iterator, Mapping
+from concurrent.futures import CancelledError
+from typing import Any, Iterator, Mapping
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from engine.errors import ArrowEngineError, SchedulerClosed
 from engine.ratelog import RateLimitedLog
 from flight_server import protocol
 from flight_server.auth import BearerTokenMiddlewareFactory
 from flight_server.config import ServerConfig
 from flight_server.errors import busy_error, to_flight_error
+from flight_server.exchange import Call, Cancelled, Exchange
 
 log = logging.getLogger(__name__)
 
-EMBED_METHODS: Mapping[str, str] = protocol.EMBED_METHODS
-PIPELINE_DEPTH = 2  # input batches submitted ahead of the one being written
 SHUTDOWN_MARGIN_S = 3.0  # drain() stops streaming exchanges this long before the grace period ends
-
-
-def embedding_batch(passthrough: list[pa.Array], schema: pa.Schema, embeddings: np.ndarray,
-                    errors: list[str | None]) -> pa.RecordBatch:
-    """One output batch: passthrough arrays (as they are), ``embedding``, ``error``.
-
-    ``embedding`` wraps ``embeddings``' own memory (no copy); rows with an error are null.
-    """
-    embedding = protocol.embedding_column(embeddings, errors)
-    error = pa.array(errors, type=pa.string())
-    return pa.RecordBatch.from_arrays([*passthrough, embedding, error], schema=schema)
-
-
-class _Cancelled(Exception):
-    """The client cancelled or went away: stop quietly."""
-
-
-class _Stopped(Exception):
-    """The exchange was told to stop (idle, shutdown, client gone) while it waited to queue a batch."""
 
 
 class Stats:
@@ -115,7 +81,7 @@ class EmbeddingServer(flight.FlightServerBase):
         self.stats = Stats()
         self._slots = threading.BoundedSemaphore(config.limits.max_concurrent_exchanges)
         self._slot_lock = threading.Lock()   # a slot is given back once, by the exchange or by the watchdog
-        self._calls: set[_Call] = set()      # every exchange in progress (for the idle watchdog)
+        self._calls: set[Call] = set()      # every exchange in progress (for the idle watchdog)
         self._calls_lock = threading.Lock()
         self._draining = threading.Event()   # new exchanges are refused
         self._abort = threading.Event()      # running exchanges stop at the next batch
@@ -220,7 +186,7 @@ class EmbeddingServer(flight.FlightServerBase):
             raise flight.FlightUnavailableError("server is shutting down; retry on another server",
                                                 extra_info=protocol.error_info(protocol.CODE_BUSY))
         self.stats.add(requests=1)
-        call = _Call(peer=context.peer())
+        call = Call(peer=context.peer())
         with self._calls_lock:
             self._calls.add(call)
         outcome = "failed"
@@ -236,7 +202,7 @@ class EmbeddingServer(flight.FlightServerBase):
                 call.error = call.expired
                 raise flight.FlightTimedOutError(call.expired, extra_info=protocol.error_info(protocol.CODE_IDLE)) \
                     from None
-            if isinstance(exc, (_Cancelled, CancelledError)) or context.is_cancelled():
+            if isinstance(exc, (Cancelled, CancelledError)) or context.is_cancelled():
                 outcome = "cancelled"
                 self.stats.add(requests_cancelled=1)
                 return
@@ -255,7 +221,7 @@ class EmbeddingServer(flight.FlightServerBase):
                 self.stats.add(stalled_exchanges=-1)
             self._call_done(call, outcome)
 
-    def _claim_slot(self, call: "_Call") -> None:
+    def _claim_slot(self, call: Call) -> None:
         """Take one of the ``max_concurrent_exchanges`` slots when the exchange's first batch arrives (a
         client that opened an exchange and sends nothing holds none), or fail fast with "busy"."""
         if call.slot:
@@ -269,7 +235,7 @@ class EmbeddingServer(flight.FlightServerBase):
         if self.metrics is not None:
             self.metrics.active.inc()
 
-    def _release_slot(self, call: "_Call") -> None:
+    def _release_slot(self, call: Call) -> None:
         """Give the exchange's slot back (once, whoever asks first: the exchange or the idle watchdog)."""
         with self._slot_lock:
             if not call.slot:
@@ -291,10 +257,10 @@ class EmbeddingServer(flight.FlightServerBase):
                 if call.expired is None and call.idle_for(now) > timeout:
                     self._expire(call, timeout)
 
-    def _expire(self, call: "_Call", timeout: float) -> None:
+    def _expire(self, call: Call, timeout: float) -> None:
         call.expired = (f"exchange cancelled: no progress for {timeout:g} s (the server had nothing to read from "
                         "the client and could not write to it); keep reading results while sending batches, and "
-                        "close the stream when done (the server's limit: serve --idle-timeout)")
+                        "close the stream when done (the server's limit: serve --idle-timeout-s)")
         call.stop.set()  # the scheduler drops this exchange's queued rows; the exchange ends at its next step
         self._release_slot(call)
         self.stats.add(idle_cancelled=1, stalled_exchanges=1)
@@ -309,7 +275,7 @@ class EmbeddingServer(flight.FlightServerBase):
         if self.metrics is not None:
             self.metrics.rejected.labels(reason).inc()
 
-    def _call_done(self, call: "_Call", outcome: str) -> None:
+    def _call_done(self, call: Call, outcome: str) -> None:
         seconds = time.perf_counter() - call.t0
         if self.metrics is not None:
             self.metrics.request_done(call.model, call.input, outcome, seconds)
@@ -317,8 +283,8 @@ class EmbeddingServer(flight.FlightServerBase):
                  "seconds=%.3f%s", call.peer, call.model, call.input, outcome, call.batches, call.rows,
                  call.row_errors, seconds, f" error={json.dumps(call.error)}" if call.error else "")
 
-    def _exchange(self, context, descriptor, reader, writer, call: "_Call") -> None:
-        """Validate the whole request before any work, then stream."""
+    def _exchange(self, context, descriptor, reader, writer, call: Call) -> None:
+        """Validate the whole request before any work, then run the exchange pipeline."""
         if descriptor.descriptor_type != flight.DescriptorType.CMD:
             raise protocol.ProtocolError("do_exchange needs FlightDescriptor.for_command(<JSON command>); "
                                          f"got a {descriptor.descriptor_type} descriptor")
@@ -328,101 +294,20 @@ class EmbeddingServer(flight.FlightServerBase):
         call.model = name
         self._check_modality(name, model, command.input)
         self._check_prompt(name, model, command.prompt_name)
-        try:
-            schema = reader.schema  # waits for the client's first message
-            call.reading_since = None
-        except OSError as exc:
-            raise protocol.ProtocolError("no input schema came: the client must call writer.begin(schema) "
-                                         "before writing batches (an empty input is one empty batch)") from exc
-        _check_going(context, call, self._abort)
-        passthrough_fields = protocol.check_input_schema(command, schema)
-        out_schema = protocol.output_schema(int(model.info.dim), passthrough_fields)
-        writer.begin(out_schema)
-        log.info("exchange start peer=%s model=%s input=%s column=%s normalize=%s prompt_name=%s", call.peer, name,
-                 command.input, protocol.quote(command.column), command.normalize,
-                 protocol.quote(command.prompt_name))
-        self._stream(context, reader, writer, model, command, out_schema, call)
+        Exchange(context, reader, writer, call, self.config.limits, self._abort,
+                 on_batch=self._batch_arrived, on_written=self._batch_written).run(model, command)
 
-    def _stream(self, context, reader, writer, model, command: protocol.EmbedCommand,
-                out_schema: pa.Schema, call: "_Call") -> None:
-        """Submit each input batch (at most PIPELINE_DEPTH ahead); a writer thread sends the results.
+    def _batch_arrived(self, call: Call, batch: pa.RecordBatch) -> None:
+        self._claim_slot(call)
+        self.stats.add(input_bytes=batch.nbytes)
 
-        A server shutdown stops the exchange at its next input batch, not inside one: a client that waits for
-        a result before it sends more must get that result, or it would never send the batch that brings it the
-        "shutting down" error."""
-        def cancelled() -> bool:
-            return call.stop.is_set() or context.is_cancelled()
-
-        embed = _submitter(model, command, cancelled)
-        dim = int(model.info.dim)
-        results = _ResultWriter(writer, call, cancelled, lambda rows, failed: self._batch_written(call, rows, failed))
-        try:
-            for chunk in call.reading(reader):
-                _check_going(context, call, self._abort)
-                results.check()
-                batch = chunk.data
-                if batch is None:  # a metadata-only message
-                    continue
-                self._claim_slot(call)
-                self.stats.add(input_bytes=batch.nbytes)
-                too_big = self._check_limits(batch, call.submitted)
-                if too_big:  # one row alone over the byte limit: an error for that row, not the call
-                    results.put(_failed_batch(command, batch, out_schema, dim, too_big))
-                else:
-                    results.put(self._embed_batch(embed, command, batch, out_schema, dim))
-                call.submitted += 1
-            _check_going(context, call, self._abort)  # a cancel can also end the input stream early
-            results.finish()
-            _check_going(context, call, self._abort)
-        except (CancelledError, _Stopped) as exc:  # the scheduler dropped our rows, or we were told to stop: say why
-            _check_going(context, call, self._abort)
-            raise _Cancelled() from exc
-        finally:
-            results.stop()
-
-    def _batch_written(self, call: "_Call", rows: int, failed: int) -> None:
+    def _batch_written(self, call: Call, rows: int, failed: int) -> None:
         call.batches += 1
         call.rows += rows
         call.row_errors += failed
         self.stats.add(batches=1, rows=rows, row_errors=failed)
         if self.metrics is not None:
             self.metrics.batch_done(call.model, call.input, rows, failed)
-
-    def _embed_batch(self, embed, command: protocol.EmbedCommand, batch: pa.RecordBatch,
-                     out_schema: pa.Schema, dim: int) -> Callable[[], tuple[pa.RecordBatch, int]]:
-        """Submit one input batch; returns ``collect()`` -> (output batch, row errors), which waits."""
-        passthrough = [batch.column(p) for p in command.passthrough]
-        n = batch.num_rows
-        if n == 0:
-            return lambda: (embedding_batch(passthrough, out_schema, np.zeros((0, dim), np.float32), []), 0)
-        future = embed(protocol.engine_column(command.input, batch.column(command.column)), command.normalize)
-
-        def collect() -> tuple[pa.RecordBatch, int]:
-            try:
-                result = future.result()
-                embeddings, errors = result.embeddings, list(result.errors)
-                if (not isinstance(embeddings, np.ndarray) or embeddings.shape != (n, dim)
-                        or embeddings.dtype != np.float32 or len(errors) != n):
-                    raise RuntimeError(f"the model returned embeddings {getattr(embeddings, 'shape', None)} "
-                                       f"{getattr(embeddings, 'dtype', None)} and {len(errors)} errors; "
-                                       f"expected ({n}, {dim}) float32 and {n} errors")
-            except (CancelledError, SchedulerClosed):
-                raise  # the exchange is ending (client cancel, shutdown): nothing more to write
-            except Exception as exc:
-                # This batch failed after it was queued (a device fault, say). The exchange thread may be
-                # waiting for the client's next batch while the client waits for this result, so the call
-                # cannot end here: the batch's rows come back as errors and the stream goes on.
-                log.error("a batch of %d rows failed in the engine; its rows are returned as errors", n,
-                          exc_info=exc)
-                what = f"{type(exc).__name__}: {exc}" if isinstance(exc, ArrowEngineError) else type(exc).__name__
-                reason = (f"internal error while embedding this batch ({what}); these rows were not embedded: "
-                          "send them again, and see the server log if it persists")
-                return embedding_batch(passthrough, out_schema, np.zeros((n, dim), np.float32), [reason] * n), n
-            if not embeddings.flags.c_contiguous:
-                embeddings = np.ascontiguousarray(embeddings)  # the engine promises C order; be safe
-            out = embedding_batch(passthrough, out_schema, embeddings, errors)
-            return out, sum(e is not None for e in errors)
-        return collect
 
     def _resolve(self, name: str | None) -> tuple[str, Any]:
         name = name or self._default
@@ -446,22 +331,6 @@ class EmbeddingServer(flight.FlightServerBase):
             have = f"its prompts are {sorted(prompts)}" if prompts else "it has no prompts"
             raise protocol.ProtocolError(f"unknown prompt_name {protocol.quote(prompt_name)} for model {name!r}: "
                                          f"{have}")
-
-    def _check_limits(self, batch: pa.RecordBatch, index: int) -> str | None:
-        """Raise LimitExceededError for a batch over the limits; a single row over the byte limit is that
-        row's error instead (returned), so one huge file never fails a whole job."""
-        limits = self.config.limits
-        if batch.num_rows > limits.max_batch_rows:
-            raise protocol.LimitExceededError(
-                f"input batch {index} has {batch.num_rows} rows; the limit is {limits.max_batch_rows} "
-                f"rows per batch: split it, e.g. table.to_batches(max_chunksize={limits.max_batch_rows})")
-        if batch.nbytes > limits.max_batch_bytes and batch.num_rows == 1:
-            return (f"too large: the row holds {batch.nbytes} bytes, over the server's limit of "
-                    f"{limits.max_batch_bytes} bytes per batch (serve --max-batch-bytes)")
-        if batch.nbytes > limits.max_batch_bytes:
-            raise protocol.LimitExceededError(
-                f"input batch {index} holds {batch.nbytes} bytes; the limit is {limits.max_batch_bytes} "
-                "bytes per batch: send fewer rows per batch")
 
     # ---- discovery --------------------------------------------------------------------
 
@@ -533,7 +402,7 @@ class EmbeddingServer(flight.FlightServerBase):
         elif kind == protocol.ACTION_STATS:
             doc = self.stats.snapshot()
         elif kind == protocol.ACTION_LIMITS:
-            doc = dataclasses.asdict(self.config.limits)
+            doc = self.config.limits.as_dict()
         else:
             raise to_flight_error(protocol.ProtocolError(
                 f"unknown action {protocol.quote(kind)}; expected one of {list(protocol.ACTIONS)}"))
@@ -564,15 +433,6 @@ _NOT_EXCHANGE = ("{method} is not supported: embeddings are computed by do_excha
                  "list_actions the actions")
 
 
-def _failed_batch(command: protocol.EmbedCommand, batch: pa.RecordBatch, out_schema: pa.Schema, dim: int,
-                  reason: str) -> Callable[[], tuple[pa.RecordBatch, int]]:
-    """The output batch of an input batch whose every row fails with ``reason`` (zeros, the error)."""
-    passthrough = [batch.column(p) for p in command.passthrough]
-    n = batch.num_rows
-    out = embedding_batch(passthrough, out_schema, np.zeros((n, dim), np.float32), [reason] * n)
-    return lambda: (out, n)
-
-
 def _tiny_png(size: int = 8) -> bytes:
     """A valid gray ``size`` x ``size`` PNG, for warming up image-only models."""
     def chunk(tag: bytes, data: bytes) -> bytes:
@@ -589,142 +449,3 @@ class _Busy(Exception):
     def __init__(self, error: flight.FlightError) -> None:
         super().__init__(str(error))
         self.error = error
-
-
-class _Call:
-    """One exchange: what it did (for its log lines and metrics) and whether it makes progress (for the idle
-    watchdog)."""
-
-    def __init__(self, peer: str) -> None:
-        self.peer = peer
-        self.model = "-"          # a served name once the command resolved (bounded label values)
-        self.input = "-"
-        self.t0 = time.perf_counter()
-        self.submitted = self.batches = self.rows = self.row_errors = 0
-        self.error: str | None = None
-        self.slot = False  # holds one of the server's exchange slots (from its first batch on)
-        self.stop = threading.Event()  # stop now: drop queued work, write nothing more
-        self.expired: str | None = None  # why the idle watchdog cancelled it
-        now = time.monotonic()
-        self.reading_since: float | None = now  # waiting for the client's next message (the first: the schema)
-        self.writing_since: float | None = None  # inside writer.write_batch
-        self.last_written = now
-
-    def reading(self, reader) -> Iterator[Any]:
-        """The reader's chunks, noting while we wait for each."""
-        chunks = iter(reader)
-        while True:
-            self.reading_since = time.monotonic()
-            try:
-                chunk = next(chunks)
-            except StopIteration:
-                return
-            finally:
-                self.reading_since = None
-            yield chunk
-
-    def idle_for(self, now: float) -> float:
-        """Seconds the exchange has been waiting on its client alone: blocked writing a result, or reading with
-        every result of what it sent written (0 while the engine works on its rows)."""
-        writing, reading = self.writing_since, self.reading_since
-        if writing is not None:
-            return now - writing
-        if reading is not None and self.batches >= self.submitted:
-            return now - max(reading, self.last_written)
-        return 0.0
-
-
-def _check_going(context, call: _Call, abort: threading.Event) -> None:
-    """Raise why the exchange must stop, if it must: idle, server shutdown, or the client went away."""
-    if call.expired is not None:
-        raise _Stopped(call.expired)
-    if abort.is_set():
-        raise flight.FlightUnavailableError("server is shutting down; resend the remaining batches to another server",
-                                            extra_info=protocol.error_info(protocol.CODE_BUSY))
-    if context.is_cancelled():
-        raise _Cancelled()
-
-
-def _submitter(model: Any, command: protocol.EmbedCommand,
-               cancelled: Callable[[], bool]) -> Callable[[Any, bool], Future]:
-    """``submit(values, normalize) -> Future[EmbedResult]`` for a scheduler or a plain model.
-
-    Request-level faults raise from ``submit`` itself; a plain model runs synchronously.
-    """
-    kind, options = command.input, {"prompt_name": command.prompt_name} if command.prompt_name else {}
-    if callable(getattr(model, "submit", None)):
-        return lambda values, normalize: model.submit(kind, values, normalize, cancelled, **options)
-    embed = getattr(model, EMBED_METHODS[kind])
-
-    def run(values, normalize: bool) -> Future:
-        future: Future = Future()
-        future.set_result(embed(values, normalize=normalize, **options))
-        return future
-    return run
-
-
-class _ResultWriter:
-    """A thread that writes the results of submitted batches in order, as each is ready."""
-
-    def __init__(self, writer, call: _Call, cancelled: Callable[[], bool],
-                 on_written: Callable[[int, int], None]) -> None:
-        self._writer = writer
-        self._call = call
-        self._stop = call.stop
-        self._cancelled = cancelled
-        self._on_written = on_written
-        self._queue: queue.Queue = queue.Queue(maxsize=PIPELINE_DEPTH)
-        self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="flight-result-writer", daemon=True)
-        self._thread.start()
-
-    def put(self, collect: Callable[[], tuple[pa.RecordBatch, int]]) -> None:
-        """Queue a batch's ``collect``; waits while PIPELINE_DEPTH batches are pending (raises _Stopped if the
-        exchange is told to stop meanwhile)."""
-        while True:
-            self.check()
-            if self._cancelled():
-                raise _Stopped()
-            try:
-                self._queue.put(collect, timeout=0.05)
-                return
-            except queue.Full:
-                continue
-
-    def check(self) -> None:
-        """Re-raise a failure of the writer thread in the calling thread."""
-        if self.error is not None:
-            raise self.error
-
-    def finish(self) -> None:
-        """Wait until every queued result is written; re-raise a failure."""
-        self._queue.put(None)
-        self._thread.join()
-        self.check()
-
-    def stop(self) -> None:
-        """Drop what is not written yet (the scheduler drops those rows) and end the thread."""
-        if self._thread.is_alive():
-            self._stop.set()
-            self._queue.put(None)
-            self._thread.join()
-
-    def _run(self) -> None:
-        while True:
-            collect = self._queue.get()
-            if collect is None:
-                return
-            if self.error is not None or self._stop.is_set():
-                continue  # drain without writing
-            try:
-                out, failed = collect()
-                self._call.writing_since = time.monotonic()
-                try:
-                    self._writer.write_batch(out)
-                finally:
-                    self._call.writing_since = None
-                self._call.last_written = time.monotonic()
-                self._on_written(out.num_rows, failed)
-            except BaseException as exc:  # handed to the exchange thread by check()
-                self.error = exc
-                self._stop.set()

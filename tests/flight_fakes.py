@@ -36,16 +36,16 @@ def wait_until(predicate, what: str, timeout: float = WAIT_TIMEOUT_S) -> None:
 def spy_cancelled(monkeypatch) -> list:
     """Record each exchange's ``cancelled()`` check (the server's own view: a client cancel that reached it,
     or the exchange told to stop), in the order the exchanges start their streams."""
-    from flight_server import servicer
+    from flight_server import exchange
 
     seen: list = []
-    original = servicer._submitter
+    original = exchange.submitter
 
     def submitter(model, command, cancelled):
         seen.append(cancelled)
         return original(model, command, cancelled)
 
-    monkeypatch.setattr(servicer, "_submitter", submitter)
+    monkeypatch.setattr(exchange, "submitter", submitter)
     return seen
 
 
@@ -155,3 +155,128 @@ def make_self_signed_cert(directory, name: str = "server") -> tuple:
         check=True, capture_output=True)
     return cert, key
 
+
+
+class FakeChunk:
+    """What ``reader.read_chunk()`` returns: the batch, no metadata."""
+
+    def __init__(self, data: pa.RecordBatch) -> None:
+        self.data = data
+        self.app_metadata = None
+
+
+class FakeExchangeCall:
+    """Both ends of one client do_exchange with a scripted server between them, no gRPC.
+
+    The server answers each batch the client writes with ``{"n": [rows]}``, in order, and ends the stream once
+    the client half-closed and every batch is answered. ``fail_after=k``: after k answers the server fails the
+    call (``read_chunk`` raises FlightServerError, later writes fail). ``end_after=k``: after k answers the
+    server ends the stream without an error. ``write_error_at=i``: writing batch i (0-based) raises
+    FlightUnavailableError and the server ends the stream after answering what it got. ``hold_from=i``: batches
+    from i on are answered only after ``release()``. ``cancel()`` makes every later read and write raise
+    FlightCancelledError. ``events`` records what happened, in order.
+    """
+
+    def __init__(self, fail_after: int | None = None, end_after: int | None = None,
+                 write_error_at: int | None = None, hold_from: int | None = None) -> None:
+        import pyarrow.flight as flight
+
+        self._flight = flight
+        self.fail_after, self.end_after, self.write_error_at = fail_after, end_after, write_error_at
+        self.hold_from = hold_from
+        self.events: list[tuple] = []
+        self.written: list[pa.RecordBatch] = []
+        self.answered = 0
+        self.done_writing_calls: list[str] = []  # the thread of each done_writing call
+        self.cancelled = self.closed = self.broken = False
+        self._cv = threading.Condition()
+        self.writer = _FakeWriter(self)
+        self.reader = _FakeReader(self)
+
+    def ends(self):
+        """(writer, reader), as FlightClient.do_exchange returns them."""
+        return self.writer, self.reader
+
+    def release(self) -> None:
+        """Let the server answer the batches ``hold_from`` held back."""
+        with self._cv:
+            self.hold_from = None
+            self._cv.notify_all()
+
+    def _record(self, *event) -> None:
+        with self._cv:
+            self.events.append(event)
+            self._cv.notify_all()
+
+    def _read(self) -> FakeChunk:
+        flight = self._flight
+        with self._cv:
+            deadline = time.monotonic() + WAIT_TIMEOUT_S
+            while True:
+                if self.cancelled:
+                    raise flight.FlightCancelledError("the call was cancelled")
+                if self.fail_after is not None and self.answered >= self.fail_after:
+                    self.broken = True
+                    raise flight.FlightServerError("the server failed the call")
+                if self.end_after is not None and self.answered >= self.end_after:
+                    raise StopIteration
+                held = self.hold_from is not None and self.answered >= self.hold_from
+                if self.answered < len(self.written) and not held:
+                    batch = self.written[self.answered]
+                    self.answered += 1
+                    self.events.append(("result", self.answered - 1))
+                    return FakeChunk(pa.record_batch({"n": [batch.num_rows]}))
+                if (self.done_writing_calls or self.broken) and self.answered >= len(self.written):
+                    raise StopIteration
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError("the fake server waited for a batch or the half-close that never came")
+                self._cv.wait(left)
+
+    def _write(self, batch: pa.RecordBatch) -> None:
+        flight = self._flight
+        with self._cv:
+            if self.cancelled:
+                raise flight.FlightCancelledError("the call was cancelled")
+            if self.broken:
+                raise flight.FlightServerError("the server failed the call")
+            if self.write_error_at is not None and len(self.written) == self.write_error_at:
+                self.broken = True
+                self._cv.notify_all()
+                raise flight.FlightUnavailableError("connection lost while writing")
+            self.written.append(batch)
+            self.events.append(("write", len(self.written) - 1))
+            self._cv.notify_all()
+
+
+class _FakeWriter:
+    def __init__(self, call: FakeExchangeCall) -> None:
+        self._call = call
+
+    def begin(self, schema: pa.Schema) -> None:
+        self._call._record("begin")
+
+    def write_batch(self, batch: pa.RecordBatch) -> None:
+        self._call._write(batch)
+
+    def done_writing(self) -> None:
+        self._call.done_writing_calls.append(threading.current_thread().name)
+        self._call._record("done_writing")
+
+    def close(self) -> None:
+        self._call.closed = True
+        self._call._record("close")
+
+
+class _FakeReader:
+    def __init__(self, call: FakeExchangeCall) -> None:
+        self._call = call
+
+    def read_chunk(self) -> FakeChunk:
+        return self._call._read()
+
+    def cancel(self) -> None:
+        with self._call._cv:
+            self._call.cancelled = True
+            self._call.events.append(("cancel",))
+            self._call._cv.notify_all()

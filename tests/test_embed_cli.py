@@ -36,7 +36,7 @@ def test_embed_is_registered_with_its_options(tmp_path):
     token.write_text("secret\n")
     args = build_parser().parse_args(
         ["embed", "in.parquet", "out", "--kind", "text", "--server", "grpc://a:1", "--server", "grpc://b:2",
-         "--passthrough", "id", "url", "--batch-rows", "16", "--resume", "--token-file", str(token)])
+         "--passthrough", "id", "url", "--batch-rows", "16", "--resume", "--auth-token-file", str(token)])
     assert args.func is embed_cli.run
     config = embed_cli.config_from_args(args)
     assert config.servers == ("grpc://a:1", "grpc://b:2") and config.passthrough == ("id", "url")
@@ -78,7 +78,7 @@ def test_cli_exit_codes_and_messages(tmp_path, tiny_clip_dir, caplog):
     caplog.clear()
     assert main(argv) == 2
     assert "is not empty; pass --resume" in caplog.text
-    assert main(argv[:2] + [str(tmp_path / "out2")] + argv[3:] + ["--token-file", str(tmp_path / "nope")]) == 2
+    assert main(argv[:2] + [str(tmp_path / "out2")] + argv[3:] + ["--auth-token-file", str(tmp_path / "nope")]) == 2
     assert main(["embed", str(tmp_path / "missing"), str(tmp_path / "o"), "--kind", "text",
                  "--model", str(tiny_clip_dir)]) == 2
     assert "does not exist" in caplog.text

@@ -32,7 +32,7 @@ def parse(argv):
 def test_add_parsers_registers_serve_with_func():
     parser = argparse.ArgumentParser(prog="arrowengine")
     serve.add_parsers(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["serve", "--model", "m=/x", "--port", "0", "--max-concurrent", "2"])
+    args = parser.parse_args(["serve", "--model", "m=/x", "--port", "0", "--max-concurrent-exchanges", "2"])
     assert args.func is serve.run and args.model == ["m=/x"] and args.port == 0 and args.models == []
     config = serve.config_from_args(args)
     assert config.limits.max_concurrent_exchanges == 2 and config.host == "127.0.0.1"
@@ -162,40 +162,43 @@ def test_serve_subprocess_end_to_end(tmp_path, minilm_model_dir):
 
 def test_limit_and_scheduler_flags_reach_the_config():
     config = serve.config_from_args(parse([
-        "--max-image-bytes", "1000", "--max-image-pixels", "5000", "--max-tokens-per-row", "16",
-        "--batch-wait-ms", "2.5", "--metrics-port", "0", "--max-batch-rows", "64", "--idle-timeout", "7.5",
-        "--max-command-bytes", "4096"]))
+        "--max-image-bytes", "1000", "--max-image-pixels", "5000", "--max-row-tokens", "16",
+        "--batch-wait-ms", "2.5", "--metrics-port", "0", "--max-batch-rows", "64", "--idle-timeout-s", "7.5",
+        "--max-command-bytes", "4096", "--max-concurrent-exchanges", "3", "--shutdown-grace-s", "4"]))
     limits = config.limits
     assert limits.idle_timeout_s == 7.5 and limits.max_command_bytes == 4096
-    assert limits.max_image_decoded_bytes == 3 * 5000  # follows --max-image-pixels unless given
+    assert limits.max_concurrent_exchanges == 3 and config.shutdown_grace_s == 4
+    assert limits.rows.max_image_decoded_bytes == 3 * 5000  # follows --max-image-pixels unless given
     given = serve.config_from_args(parse(["--max-image-decoded-bytes", "12345"])).limits
-    assert given.max_image_decoded_bytes == 12345
-    assert (limits.max_image_bytes, limits.max_image_pixels, limits.max_row_tokens) == (1000, 5000, 16)
+    assert given.rows.max_image_decoded_bytes == 12345
+    assert (limits.rows.max_image_bytes, limits.rows.max_image_pixels, limits.rows.max_row_tokens) == (1000, 5000, 16)
     assert limits.max_batch_rows == 64 and config.batch_wait_ms == 2.5 and config.metrics_port == 0
     defaults = serve.config_from_args(parse([]))
-    assert defaults.metrics_port is None and defaults.limits.max_row_tokens is None
-    assert defaults.limits.max_image_pixels == 50_000_000 and defaults.limits.max_image_bytes == 32 * 1024 ** 2
+    assert defaults.metrics_port is None and defaults.limits.rows.max_row_tokens is None
+    assert defaults.limits.rows.max_image_pixels == 50_000_000
+    assert defaults.limits.rows.max_image_bytes == 32 * 1024 ** 2
     with pytest.raises(ValueError, match="max_image_pixels must be a positive integer"):
         serve.config_from_args(parse(["--max-image-pixels", "0"]))
     with pytest.raises(ValueError, match="idle_timeout_s must be a number of seconds"):
-        serve.config_from_args(parse(["--idle-timeout", "0"]))
+        serve.config_from_args(parse(["--idle-timeout-s", "0"]))
 
 
-def test_load_models_applies_image_limits_and_make_schedulers_wraps_each(tiny_clip_dir):
+def test_load_models_applies_the_row_limits_and_make_schedulers_wraps_each(tiny_clip_dir):
+    from engine.limits import RowLimits
     from engine.scheduler import Scheduler
     from flight_server.config import ServerConfig, ServerLimits
 
-    limits = ServerLimits(max_image_bytes=1234, max_image_pixels=5678)
-    models = serve.load_models({"clip": tiny_clip_dir}, "cpu", "fp32", limits)
-    assert models["clip"].image_processor.limits.max_bytes == 1234
-    assert models["clip"].image_processor.limits.max_pixels == 5678
-    assert models["clip"].image_processor.limits.max_decoded_bytes == 3 * 5678  # an 8-bit RGB image at the limit
-    models = serve.load_models({"clip": tiny_clip_dir}, "cpu", "fp32", ServerLimits(max_image_decoded_bytes=999))
-    assert models["clip"].image_processor.limits.max_decoded_bytes == 999
-    scheds = serve.make_schedulers(models, ServerConfig(batch_wait_ms=1.0, limits=ServerLimits(max_row_tokens=9)))
+    rows = RowLimits(max_image_bytes=1234, max_image_pixels=5678, max_row_tokens=9)
+    models = serve.load_models({"clip": tiny_clip_dir}, "cpu", "fp32", ServerLimits(rows=rows))
+    assert models["clip"].row_limits is rows and models["clip"].image_processor.limits is rows  # one object
+    assert rows.max_image_decoded_bytes == 3 * 5678  # an 8-bit RGB image at the limit
+    models = serve.load_models({"clip": tiny_clip_dir}, "cpu", "fp32",
+                               ServerLimits(rows=RowLimits(max_image_decoded_bytes=999)))
+    assert models["clip"].image_processor.limits.max_image_decoded_bytes == 999
+    scheds = serve.make_schedulers(models, ServerConfig(batch_wait_ms=1.0))
     try:
         assert isinstance(scheds["clip"], Scheduler) and scheds["clip"].model is models["clip"]
-        assert scheds["clip"].config.max_wait_ms == 1.0 and scheds["clip"].config.max_row_tokens == 9
+        assert scheds["clip"].config.max_wait_ms == 1.0
     finally:
         for s in scheds.values():
             s.close()

@@ -16,10 +16,13 @@ import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
 
+from engine.limits import RowLimits
 from flight_fakes import FakeModel, expected_embedding, make_self_signed_cert, spy_cancelled, wait_until
-from flight_server import protocol, servicer
+from flight_server import exchange as pipeline
+from flight_server import protocol
 from flight_server.config import ServerConfig, ServerLimits
-from flight_server.servicer import EmbeddingServer, embedding_batch
+from flight_server.exchange import embedding_batch
+from flight_server.servicer import EmbeddingServer
 
 
 def cmd(**doc) -> flight.FlightDescriptor:
@@ -115,13 +118,13 @@ def test_normalize_false_is_passed_to_the_model(served):
 
 def test_input_column_is_a_view_of_the_received_batch(served, fake, monkeypatch):
     seen = []
-    original = servicer.EmbeddingServer._embed_batch
+    original = pipeline.Exchange._embed_batch
 
     def spy(self, embed, command, batch, out_schema, dim):
         seen.append(batch)
         return original(self, embed, command, batch, out_schema, dim)
 
-    monkeypatch.setattr(servicer.EmbeddingServer, "_embed_batch", spy)
+    monkeypatch.setattr(pipeline.Exchange, "_embed_batch", spy)
     server, client = served
     exchange(client, cmd(input="image"), [pa.record_batch({"image": pa.array([b"abc", b"defg"], pa.binary())})])
     received = seen[0].column("image")
@@ -137,7 +140,7 @@ def test_embedding_column_wraps_the_engine_output_without_copy(served, fake, mon
         built.append(out)
         return out
 
-    monkeypatch.setattr(servicer, "embedding_batch", spy)
+    monkeypatch.setattr(pipeline, "embedding_batch", spy)
     server, client = served
     exchange(client, cmd(input="text"), [pa.record_batch({"text": ["a", "bad", "c"]}),
                                          pa.record_batch({"text": ["d"]})])
@@ -550,10 +553,10 @@ def test_image_limits_are_row_errors_that_name_the_limit(tiny_clip_dir):
     from flight_server.serve import load_models
 
     small, big = _jpeg(64), _jpeg(400, 1)
-    limits = ServerLimits(max_image_pixels=100 * 100, max_image_bytes=len(big) + 10)
+    limits = ServerLimits(rows=RowLimits(max_image_pixels=100 * 100, max_image_bytes=len(big) + 10))
     clip = load_models({"clip": tiny_clip_dir}, "cpu", "fp32", limits)["clip"]
     tiny_bytes = load_models({"clip": tiny_clip_dir}, "cpu", "fp32",
-                             ServerLimits(max_image_bytes=len(small) - 1))["clip"]
+                             ServerLimits(rows=RowLimits(max_image_bytes=len(small) - 1)))["clip"]
     with Scheduler(clip) as s1, Scheduler(tiny_bytes) as s2, \
             EmbeddingServer({"pixels": s1, "bytes": s2}, ServerConfig(port=0, limits=limits)) as server, \
             flight.connect(f"grpc://127.0.0.1:{server.port}") as client:
@@ -567,11 +570,13 @@ def test_image_limits_are_row_errors_that_name_the_limit(tiny_clip_dir):
     assert all(f"over the limit of {len(small) - 1}" in e for e in out2.column("error").to_pylist())
 
 
-def test_token_limit_is_a_row_error_and_texts_still_truncate(minilm):
-    from engine.scheduler import Scheduler, SchedulerConfig
+def test_token_limit_is_a_row_error_and_texts_still_truncate(minilm, minilm_model_dir):
+    import engine
+    from engine.scheduler import Scheduler
 
     long_text = " ".join(["word"] * 1000)
-    with Scheduler(minilm, SchedulerConfig(max_row_tokens=4)) as sched, \
+    limited = engine.load_model(minilm_model_dir, row_limits=RowLimits(max_row_tokens=4))
+    with Scheduler(limited) as sched, \
             EmbeddingServer({"minilm": sched}, ServerConfig(port=0)) as server, \
             flight.connect(f"grpc://127.0.0.1:{server.port}") as client:
         tokens = pa.array([[101, 7592, 102], [101, 7592, 2088, 2088, 102]], pa.list_(pa.int64()))

@@ -294,7 +294,7 @@ def _wait_for_line(lines: queue.Queue, pattern: str, timeout: float = 120) -> re
 def test_sigterm_tells_a_streaming_client_to_resend_and_exits_within_the_grace_period(minilm_model_dir):
     grace = 6.0
     cmdline = [sys.executable, "-m", "flight_server.serve", f"minilm={minilm_model_dir}", "--port", "0",
-               "--shutdown-grace", str(grace)]
+               "--shutdown-grace-s", str(grace)]
     proc = subprocess.Popen(cmdline, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                             stderr=subprocess.PIPE, text=True)
     lines: queue.Queue = queue.Queue()

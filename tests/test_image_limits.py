@@ -1,4 +1,4 @@
-"""The decoded-size cap (ImageLimits.max_decoded_bytes): channels and sample size read from each format's
+"""The decoded-size cap (max_image_decoded_bytes): channels and sample size read from each format's
 header, the refusal before any decode, and the block-wise conversion to 8-bit grey/BGR after it."""
 from __future__ import annotations
 
@@ -13,9 +13,8 @@ import pytest
 from PIL import Image
 
 from engine import image_processor
-from engine.errors import ModelConfigError
 from engine.image_header import HeaderError, read_header, sniff_format
-from engine.image_processor import ArrowImageProcessor, ImageConfig, ImageLimits
+from engine.image_processor import ArrowImageProcessor, ImageConfig, RowLimits
 
 PHOTOS = Path(__file__).parent / "data" / "photos"
 
@@ -173,13 +172,13 @@ def imdecode_spy(monkeypatch) -> list[int]:
 def test_16_bit_rgba_over_the_decoded_cap_is_refused_before_decoding(imdecode_spy):
     blob = png_by_hand(5000, 5000, 16, 6, pixels=False)  # 25 MP: under max_pixels; 200 MB decoded
     assert len(blob) < 200
-    limits = ImageLimits()
-    assert 5000 * 5000 <= limits.max_pixels
+    limits = RowLimits()
+    assert 5000 * 5000 <= limits.max_image_pixels
     with ArrowImageProcessor(ImageConfig(), limits=limits, threads=1) as proc:
         batch = proc([blob])
     assert batch.errors[0] == (
         "too large to decode: this PNG decodes to 5000 x 5000 x 4 x 2 bytes = 200000000 bytes, over the limit of "
-        "150000000 (ImageLimits.max_decoded_bytes); re-encode it with fewer pixels, 8-bit samples or no alpha channel"
+        "150000000 (max_image_decoded_bytes); re-encode it with fewer pixels, 8-bit samples or no alpha channel"
     )
     assert imdecode_spy == []
     assert batch.pixels.shape[0] == 0
@@ -196,12 +195,12 @@ def test_8_bit_rgb_at_the_pixel_limit_passes_the_decoded_cap(imdecode_spy, width
 
 def test_the_cap_is_an_engine_setting():
     jpeg = _cv(_photo(), ".jpg")  # 48 x 40 x 3 = 5,760 bytes decoded
-    with ArrowImageProcessor(ImageConfig(), limits=ImageLimits(max_decoded_bytes=5760), threads=1) as at, \
-            ArrowImageProcessor(ImageConfig(), limits=ImageLimits(max_decoded_bytes=5759), threads=1) as under:
+    with ArrowImageProcessor(ImageConfig(), limits=RowLimits(max_image_decoded_bytes=5760), threads=1) as at, \
+            ArrowImageProcessor(ImageConfig(), limits=RowLimits(max_image_decoded_bytes=5759), threads=1) as under:
         assert at([jpeg]).errors == [None]
         assert "48 x 40 x 3 x 1 bytes = 5760 bytes, over the limit of 5759" in under([jpeg]).errors[0]
-    with pytest.raises(ModelConfigError, match="max_decoded_bytes"):
-        ImageLimits(max_decoded_bytes=0)
+    with pytest.raises(ValueError, match="max_image_decoded_bytes"):
+        RowLimits(max_image_decoded_bytes=0)
 
 
 def _whole_image_reference(image: np.ndarray) -> np.ndarray:

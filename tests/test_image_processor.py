@@ -24,7 +24,7 @@ from engine.image_processor import (
     OPENAI_CLIP_STD,
     ArrowImageProcessor,
     ImageConfig,
-    ImageLimits,
+    RowLimits,
     row_views,
 )
 
@@ -232,8 +232,8 @@ def test_config_from_dir_missing_or_broken(tmp_path):
     (tmp_path / "preprocessor_config.json").write_text("{not json")
     with pytest.raises(ModelConfigError, match="JSON"):
         ImageConfig.from_dir(tmp_path)
-    with pytest.raises(ModelConfigError, match="formats"):
-        ImageLimits(formats=frozenset({"jpeg", "tiff"}))
+    with pytest.raises(ValueError, match="image_formats"):
+        RowLimits(image_formats=frozenset({"jpeg", "tiff"}))
 
 
 # ---------------------------------------------------------------- zero copy and input containers
@@ -348,8 +348,8 @@ def test_bad_rows_get_reasons_and_good_rows_still_come_out(variants, monkeypatch
         return real_imdecode(buf, flags)
 
     monkeypatch.setattr(cv2, "imdecode", spy)
-    limits = ImageLimits(max_bytes=400_000)
-    assert len(big) > limits.max_bytes > max(len(r) for r in rows if r is not big and r is not None)
+    limits = RowLimits(max_image_bytes=400_000)
+    assert len(big) > limits.max_image_bytes > max(len(r) for r in rows if r is not big and r is not None)
     arr = pa.array(rows, pa.binary())
     with ArrowImageProcessor(ImageConfig(), limits=limits, threads=2) as proc:
         batch = proc(arr)
@@ -466,7 +466,7 @@ def test_broken_gif_and_bmp_rows_get_their_reason(blob, reason):
 
 def test_gif_and_bmp_can_be_left_out_of_the_allow_list():
     gif = _pil_bytes(Image.new("P", (40, 30)), "GIF")
-    with ArrowImageProcessor(ImageConfig(), limits=ImageLimits(formats=frozenset({"jpeg", "png"})), threads=1) as p:
+    with ArrowImageProcessor(ImageConfig(), limits=RowLimits(image_formats=frozenset({"jpeg", "png"})), threads=1) as p:
         assert p([gif]).errors[0] == ("GIF image: format not in the allow-list (jpeg, png); re-encode it as one of "
                                       "those")
 

@@ -404,7 +404,7 @@ def test_a_fault_of_this_machine_before_any_row_is_not_a_usage_error(tmp_path, c
 def test_a_refused_token_is_a_usage_error_not_an_unreachable_server(tmp_path, clip):
     path = texts_parquet(tmp_path / "t.parquet", 8)
     with EmbeddingServer({"tiny": clip}, ServerConfig(port=0, auth_token="right")) as server:
-        with pytest.raises(JobUsageError, match="refused this job's credentials.*--token-file"):
+        with pytest.raises(JobUsageError, match="refused this job's credentials.*--auth-token-file"):
             run_job(job(path, tmp_path / "out", servers=(f"grpc://127.0.0.1:{server.port}",), token="wrong"))
         summary = run_job(job(path, tmp_path / "ok", servers=(f"grpc://127.0.0.1:{server.port}",), token="right"))
     assert summary.rows == 8 and not (tmp_path / "out").exists()

@@ -138,8 +138,11 @@ def test_concurrent_texts_of_mixed_lengths_equal_direct_calls(minilm):
     assert max(rows for _, rows in recorder.batches) > 13  # rows of several callers in one batch
 
 
-def test_token_limit_is_a_row_error(minilm):
-    with Scheduler(minilm, SchedulerConfig(max_row_tokens=4)) as sched:
+def test_token_limit_is_a_row_error(minilm_model_dir):
+    from engine.limits import RowLimits
+
+    limited = engine.load_model(minilm_model_dir, row_limits=RowLimits(max_row_tokens=4))
+    with Scheduler(limited) as sched:  # the model's own per-row limits apply behind the scheduler
         result = sched.embed_tokens([[101, 7592, 2088, 102], [101, 7592, 2088, 2088, 102]])
     assert result.errors[0] is None
     assert "5 tokens, over the limit of 4 tokens per row" in result.errors[1]
