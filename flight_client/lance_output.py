@@ -13,7 +13,7 @@ row. Data files of a commit that never happened are deleted. Rows added or delet
 dataset unresumable (the row counts no longer agree), and say so.
 
 ``--index`` (:func:`build_index`): an IVF-PQ index on ``embedding`` (cosine), built once every row is in;
-:func:`index_plan` picks its size for the row count and dimension.
+:func:`index_plan` picks its size for the row count and dimension (Lance's own rules of thumb).
 
 pylance (import name ``lance``) is imported only when a Lance output is asked for: the ``lance`` extra.
 """
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
-import math
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -46,6 +45,7 @@ LANCE_FOLDERS = ("data", "_versions", "_transactions", "_indices", "_deletions")
 INDEX_TYPE = "IVF_PQ"
 INDEX_METRIC = "cosine"
 PQ_CODES = 256   # 8-bit PQ: each sub-vector's codebook has 256 centroids, trained on at least that many vectors
+PARTITION_ROWS = 8192  # rows per IVF list: Lance's default target for IVF_PQ
 KEEP_VERSIONS = _dt.timedelta(days=365 * 1000)  # cleanup removes no version, only files no version refers to
 
 
@@ -186,7 +186,7 @@ class IndexPlan:
     """The IVF-PQ index :func:`build_index` makes for a dataset's size."""
 
     rows: int               # rows with an embedding (rows that failed have none and are not indexed)
-    partitions: int         # IVF lists: about sqrt(rows), each trained on at least 256 vectors
+    partitions: int         # IVF lists: one per PARTITION_ROWS rows (Lance's own default size), at least one
     sub_vectors: int        # PQ codes per vector: one per 16 (or 8) dimensions
     metric: str = INDEX_METRIC
     index_type: str = INDEX_TYPE
@@ -195,15 +195,17 @@ class IndexPlan:
 def index_plan(rows: int, dim: int) -> IndexPlan | None:
     """The index for ``rows`` embeddings of dimension ``dim``; None below :data:`PQ_CODES` rows.
 
-    Partitions: ~sqrt(rows) (the usual IVF size: a search probes a few lists of ~sqrt(rows) rows each), at most
-    rows / 256 so that every list's k-means has data. Sub-vectors: D/16 where 16 divides D (D/8 where 8 does;
-    else the most sub-vectors of at least 8 dimensions that divide D), the sizes Lance's PQ kernels favour.
+    Partitions: rows // 8192, at least one: the list size Lance itself targets for IVF_PQ. The IVF k-means
+    trains on 256 sample rows per list against every list, so its cost grows with the square of the list count:
+    ~sqrt(rows) lists (an older rule of thumb) cost far more to build on a CPU, and with lists this size a
+    search that probes a few of them still reads only PQ codes (a few bytes per row). Sub-vectors: D/16 where 16 divides D (D/8 where 8 does; else the most
+    sub-vectors of at least 8 dimensions that divide D), the sizes Lance's PQ kernels favour.
     Fewer than 256 rows cannot train 8-bit PQ codebooks: no index; a nearest search then scans every row,
     which is exact and takes milliseconds at that size.
     """
     if rows < PQ_CODES:
         return None
-    partitions = max(1, min(round(math.sqrt(rows)), rows // PQ_CODES))
+    partitions = max(1, rows // PARTITION_ROWS)
     for width in (16, 8):
         if dim % width == 0:
             return IndexPlan(rows, partitions, dim // width)
@@ -237,7 +239,7 @@ def build_index(folder: Path, manifest: JobManifest) -> dict[str, Any]:
              plan.rows, plan.partitions, plan.sub_vectors)
     t0 = time.perf_counter()
     _open(folder).create_index(EMBEDDING_FIELD, plan.index_type, metric=plan.metric,
-                               num_partitions=plan.partitions, num_sub_vectors=plan.sub_vectors)
+                               target_partition_size=PARTITION_ROWS, num_sub_vectors=plan.sub_vectors)
     seconds = time.perf_counter() - t0
     log.info("--index: built in %.1f s", seconds)
     return {"built": True, **asdict(plan), "seconds": round(seconds, 3)}

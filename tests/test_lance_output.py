@@ -230,10 +230,9 @@ def test_index_plan_sizes():
     assert lance_output.index_plan(255, 384) is None  # 8-bit PQ needs 256 vectors to train
     plan = lance_output.index_plan(256, 48)
     assert (plan.partitions, plan.sub_vectors, plan.metric, plan.index_type) == (1, 3, "cosine", "IVF_PQ")
-    assert (lance_output.index_plan(10_000, 384).partitions, lance_output.index_plan(10_000, 384).sub_vectors) == \
-        (39, 24)  # sqrt would give 100 lists of 100 rows: capped at one list per 256 rows
-    assert (lance_output.index_plan(1_000_000, 768).partitions, lance_output.index_plan(1_000_000, 768).sub_vectors) \
-        == (1000, 48)
+    assert [lance_output.index_plan(rows, 384).partitions for rows in (16_383, 16_384, 100_000, 10 ** 6)] == \
+        [1, 2, 12, 122]  # a list per 8192 rows
+    assert lance_output.index_plan(1000, 384).sub_vectors == 24   # 16 dims each
     assert lance_output.index_plan(1000, 1000).sub_vectors == 125  # 8 dims each: 16 does not divide 1000
     assert lance_output.index_plan(1000, 100).sub_vectors == 10    # neither 16 nor 8 divides 100: 10 of 10
     assert lance_output.index_plan(1000, 12).sub_vectors == 1
@@ -249,7 +248,9 @@ def test_index_is_built_at_the_end_and_used_by_a_search(tmp_path, clip):
     assert index.field_names == ["embedding"] and index.num_rows_indexed == 600
     manifest = JobManifest.load(tmp_path / "out.lance")
     assert manifest.complete and manifest.index["built"] and manifest.index["rows"] == 599
-    assert (manifest.index["partitions"], manifest.index["sub_vectors"]) == (2, 3)
+    assert (manifest.index["partitions"], manifest.index["sub_vectors"]) == (1, 3)
+    stats = dataset.stats.index_stats("embedding_idx")["indices"][0]  # what Lance built is what the plan says
+    assert (stats["num_partitions"], stats["sub_index"]["num_sub_vectors"], stats["metric_type"]) == (1, 3, "cosine")
     table = dataset.to_table()
     assert dataset.version == 6  # five shard commits, then the index
     query = {"column": "embedding", "q": vectors(table)[123], "k": 5, "metric": "cosine", "refine_factor": 10}
