@@ -1,8 +1,10 @@
 """``arrowengine embed INPUT OUTPUT --kind image|text|tokens ...``: a resumable bulk embedding job.
 
 INPUT is a Parquet file, a folder of Parquet files, or (--kind image) a folder of image
-files. OUTPUT is a folder of Parquet shards (part-00000.parquet, ...) plus _job.json:
-passthrough columns (image folders: path), embedding, error. Without --server the engine
+files. OUTPUT is a folder of Parquet shards (part-00000.parquet, ...) plus _job.json, or,
+ending in .lance (or with --format lance), a Lance dataset (pip install "arrowengine[lance]"):
+passthrough columns (by default every input column but the embedded one; image folders:
+path), embedding, error. Without --server the engine
 runs in this process; with one or more --server the servers share the batches, and a
 server that dies hands its batches to the others. After a crash or kill, run the same
 command with --resume. With --server the base (client-only) install is enough; in-process
@@ -13,6 +15,7 @@ Examples:
   arrowengine embed photos/ out/ --kind image --model ~/models/clip-b32
   arrowengine embed photos/ out/ --kind image --model clip --server grpc://h1:8815 --server grpc://h2:8815
   arrowengine embed photos/ out/ --kind image --model clip --server grpc://h1:8815 --resume
+  arrowengine embed photos/ photos.lance --kind image --model clip --server grpc://h1:8815 --index
 """
 from __future__ import annotations
 
@@ -41,7 +44,13 @@ def add_parsers(subparsers: Any) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``embed``."""
     parser.add_argument("input", type=Path, metavar="INPUT", help="Parquet file or folder, or folder of images")
-    parser.add_argument("output", type=Path, metavar="OUTPUT", help="output folder of Parquet shards")
+    parser.add_argument("output", type=Path, metavar="OUTPUT",
+                        help="output folder of Parquet shards, or a Lance dataset (a name ending in .lance)")
+    parser.add_argument("--format", choices=("parquet", "lance"), default=None,
+                        help="output format (default: lance where OUTPUT ends in .lance, else parquet)")
+    parser.add_argument("--index", action="store_true",
+                        help="Lance output: build an IVF-PQ vector index on the embeddings at the end "
+                             "(none below 256 embedded rows: a search then scans every row)")
     parser.add_argument("--kind", required=True, choices=protocol.INPUT_KINDS, help="what the input column holds")
     parser.add_argument("--column", default=None,
                         help="input column (default: image / text / input_ids by --kind)")
@@ -54,8 +63,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shard-rows", type=int, default=8192,
                         help="rows per output shard, rounded up to whole batches (default %(default)s)")
     parser.add_argument("--resume", action="store_true", help="continue the job already in OUTPUT")
-    parser.add_argument("--passthrough", nargs="+", action="extend", default=[], metavar="COL",
-                        help="input columns to copy into the output")
+    parser.add_argument("--passthrough", nargs="+", action="extend", default=None, metavar="COL",
+                        help="input columns to copy into the output (default: every column of a Parquet input "
+                             "but the embedded one)")
+    parser.add_argument("--no-passthrough", action="store_true",
+                        help="copy no input column (the output then joins back to the input by row order only)")
     parser.add_argument("--no-normalize", action="store_true", help="do not L2-normalize the embeddings")
     parser.add_argument("--prompt-name", default=None,
                         help="--kind text: the model's prompt to put before every text, e.g. query or document "
@@ -88,12 +100,17 @@ def config_from_args(args: argparse.Namespace) -> Any:
         raise ValueError(f"--tls-root-certs {args.tls_root_certs}: no such file")
     if args.server and (args.device != "cpu" or args.precision != "fp32"):
         log.warning("--device and --precision apply in-process only; the servers use their own")
+    if args.no_passthrough and args.passthrough:
+        raise ValueError(f"--no-passthrough and --passthrough {' '.join(args.passthrough)} contradict each other; "
+                         "give one")
+    passthrough = () if args.no_passthrough else None if args.passthrough is None else tuple(args.passthrough)
     servers = tuple(args.server)
     if args.discover:
         servers = discover_servers(servers, args.model, token, args.tls_root_certs)
     return JobConfig(input=args.input, output=args.output, kind=args.kind, column=args.column,
                      model=args.model, servers=servers, batch_rows=args.batch_rows,
-                     shard_rows=args.shard_rows, resume=args.resume, passthrough=tuple(args.passthrough),
+                     shard_rows=args.shard_rows, resume=args.resume, passthrough=passthrough,
+                     format=args.format, index=args.index,
                      normalize=not args.no_normalize, prompt_name=args.prompt_name, token=token,
                      tls_root_certs=args.tls_root_certs,
                      device=args.device, precision=args.precision, cache_dir=args.cache_dir,

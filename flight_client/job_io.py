@@ -1,6 +1,6 @@
 """Bulk-job input and output: input sources, the shard writer and the job manifest.
 
-Imports only pyarrow and numpy (never torch). Inputs are read lazily, batch by batch,
+Imports only pyarrow, numpy and the wire protocol's names (never torch). Inputs are read lazily, batch by batch,
 so memory stays bounded whatever the dataset size:
 
 - :class:`ParquetSource`: a Parquet file or a folder of Parquet files (recursive, sorted),
@@ -13,6 +13,11 @@ so memory stays bounded whatever the dataset size:
 Output (:class:`ShardWriter`): ``part-00000.parquet``, ... written to a hidden temp name
 and renamed atomically, then ``_job.json`` (:class:`JobManifest`) replaced atomically.
 Both temp names start with ``.`` so ``pyarrow.parquet.read_table(OUTPUT)`` ignores them.
+A Lance dataset output is written by :mod:`flight_client.lance_output` with the same manifest.
+
+Passthrough (:func:`open_source`): by default a Parquet input's columns other than the embedded
+one go to the output, so that it joins back to the input on the input's own keys; an image
+folder's output has ``path``.
 """
 from __future__ import annotations
 
@@ -27,6 +32,8 @@ from typing import Any, Iterator, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from flight_server.protocol import RESERVED_FIELDS
 
 log = logging.getLogger("arrowengine.embed")
 
@@ -65,15 +72,17 @@ class ParquetSource:
         path: a ``.parquet`` file, or a folder searched recursively for ``*.parquet``
             (hidden and ``_``-prefixed names skipped, sorted by relative path).
         columns: the columns to read (the embedded column first, then passthrough).
+        passthrough: the columns copied to the output (:attr:`output_columns`).
 
     ``row_groups_read`` and ``peak_buffered_rows`` record how much was held at once.
     """
 
     kind = "parquet"
 
-    def __init__(self, path: Path, columns: Sequence[str]) -> None:
+    def __init__(self, path: Path, columns: Sequence[str], passthrough: Sequence[str] = ()) -> None:
         self.root = Path(path)
         self.columns = list(dict.fromkeys(columns))
+        self.output_columns = tuple(passthrough)
         self.files = _parquet_files(self.root)
         self._metas = [pq.ParquetFile(f).metadata for f in self.files]
         self.schema = self._check_schema()
@@ -196,6 +205,7 @@ class ImageFolderSource:
         self.files = sorted(files, key=lambda f: _rel(f, self.root))
         self.num_rows = len(self.files)
         self.schema = pa.schema([pa.field(PATH_COLUMN, pa.string()), pa.field(IMAGE_COLUMN, pa.binary())])
+        self.output_columns = (PATH_COLUMN,)  # the join key back to the input: the file's relative path
 
     def fingerprint(self) -> dict[str, Any]:
         """Identity of the input: every file's relative path, size and mtime."""
@@ -226,9 +236,13 @@ class ImageFolderSource:
             yield Batch(first, data, read_errors)
 
 
-def open_source(path: Path, kind: str, column: str, passthrough: Sequence[str],
+def open_source(path: Path, kind: str, column: str, passthrough: Sequence[str] | None,
                 output: Path | None = None) -> ParquetSource | ImageFolderSource:
     """Pick the source for INPUT: Parquet file/folder, or (``kind="image"``) a folder of images.
+
+    ``passthrough``: the input columns to copy to the output; None: every column of a Parquet
+    input but the embedded one (and but ``embedding`` / ``error``, which the output adds); an
+    image folder's output always has ``path``. The source's ``output_columns`` is the result.
 
     A folder that holds ``*.parquet`` files is a Parquet input (a README or LICENSE beside them, as
     in a hub dataset, changes nothing), except for ``--kind image`` when it also holds image files
@@ -243,21 +257,46 @@ def open_source(path: Path, kind: str, column: str, passthrough: Sequence[str],
         raise JobInputError(f"OUTPUT {output} is inside INPUT {path}: the shards would become input; "
                             "pick an OUTPUT outside the input folder")
     if path.is_file():
-        return ParquetSource(path, [column, *passthrough])
+        return _parquet_source(path, column, passthrough)
     parquet = _parquet_files(path, required=False)
     if parquet and not (kind == "image" and _holds_image_files(path)):
-        return ParquetSource(path, [column, *passthrough])
+        return _parquet_source(path, column, passthrough)
     if parquet:
         log.info("%s holds image files and %d *.parquet file(s) (e.g. %s): read as an image folder; pass a "
                  "folder of Parquet files alone to embed their column", path, len(parquet), _rel(parquet[0], path))
     if kind != "image":
         raise JobInputError(f"input folder {path} holds no *.parquet file; a folder of image files "
                             f"needs --kind image (got --kind {kind})")
-    extra = [p for p in passthrough if p != PATH_COLUMN]
+    extra = [p for p in passthrough or () if p != PATH_COLUMN]
     if extra:
         raise JobInputError(f"an image folder has only the '{PATH_COLUMN}' column to pass through; "
                             f"got --passthrough {extra}")
     return ImageFolderSource(path)
+
+
+def _parquet_source(path: Path, column: str, passthrough: Sequence[str] | None) -> ParquetSource:
+    if passthrough is None:
+        passthrough = default_passthrough(_parquet_files(path)[0], column)
+    return ParquetSource(path, [column, *passthrough], passthrough)
+
+
+def default_passthrough(first_file: Path, column: str) -> tuple[str, ...]:
+    """Every column of the (first) Parquet file but ``column`` and the output's own ``embedding`` / ``error``."""
+    names = pq.read_schema(first_file).names
+    if column not in names:
+        raise JobInputError(f"{first_file}: column(s) {[column]} not found; it has {names}; "
+                            "pick them with --column / --passthrough")
+    clash = [n for n in names if n in RESERVED_FIELDS]
+    if clash:
+        log.warning("input columns %s are not copied to the output, which adds its own columns of those names; "
+                    "rename them in the input to keep them", clash)
+    kept = tuple(n for n in names if n != column and n not in RESERVED_FIELDS)
+    if not kept:
+        log.warning("the input has no column besides %r to copy to the output: its rows join back to the input "
+                    "only by position (row i of the output is row i of the input, files in sorted path order); "
+                    "add a key column to the input, or copy %r itself with --passthrough %s", column, column,
+                    column)
+    return kept
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".jp2",
@@ -324,13 +363,16 @@ def _fingerprint(kind: str, entries: list, rows: int, schema: str) -> dict[str, 
 class JobManifest:
     """The ``_job.json`` beside the shards: what the job is and which shards are done.
 
-    ``shards`` entries: ``{"file", "first_row", "rows", "errors"}`` in input order.
+    ``shards`` entries: ``{"file", "first_row", "rows", "errors"}`` in input order; for a Lance
+    output ``{"version", "first_row", "rows", "errors"}`` (the dataset version of its commit).
     """
 
     input: dict[str, Any]           # {"path", "type", "files", "rows", "sha256"}
     args: dict[str, Any]            # the settings that decide the output rows and embeddings
     shards: list[dict[str, Any]] = field(default_factory=list)
     dimension: int | None = None
+    output_format: str = "parquet"  # "parquet" (part-NNNNN.parquet shards) | "lance" (shards are commits)
+    index: dict[str, Any] | None = None  # lance --index: what was built (or why not)
     complete: bool = False
     seconds: float = 0.0            # work time summed over runs
     created: str = ""
@@ -346,7 +388,8 @@ class JobManifest:
 
     def to_json(self) -> dict[str, Any]:
         return {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "input": self.input,
-                "args": self.args, "dimension": self.dimension, "shards": self.shards,
+                "args": self.args, "dimension": self.dimension, "output_format": self.output_format,
+                "index": self.index, "shards": self.shards,
                 "rows_done": self.rows_done, "errors": self.errors, "complete": self.complete,
                 "seconds": round(self.seconds, 3), "created": self.created, "updated": self.updated}
 
@@ -365,7 +408,8 @@ class JobManifest:
             raise JobInputError(f"{path} has manifest version {doc.get('version')}; this build reads "
                                 f"version {MANIFEST_VERSION}")
         return cls(input=doc["input"], args=doc["args"], shards=list(doc["shards"]),
-                   dimension=doc.get("dimension"), complete=bool(doc.get("complete")),
+                   dimension=doc.get("dimension"), output_format=doc.get("output_format", "parquet"),
+                   index=doc.get("index"), complete=bool(doc.get("complete")),
                    seconds=float(doc.get("seconds", 0.0)), created=doc.get("created", ""),
                    updated=doc.get("updated", ""))
 
@@ -441,8 +485,12 @@ def clean_output(folder: Path, manifest: JobManifest) -> list[str]:
 
 
 def read_output(folder: Path) -> pa.Table:
-    """The job output as one table, shards in manifest (= input) order."""
+    """The job output as one table, shards in manifest (= input) order (a Lance output: the dataset)."""
     manifest = JobManifest.load(folder)
+    if manifest.output_format == "lance":
+        from flight_client import lance_output
+
+        return lance_output.read_table(folder)
     tables = [pq.read_table(Path(folder) / s["file"]) for s in manifest.shards]
     if not tables:
         raise JobInputError(f"{folder} holds no shard yet")

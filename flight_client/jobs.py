@@ -1,16 +1,18 @@
-"""Resumable bulk embedding jobs: INPUT (Parquet or image folder) -> OUTPUT (Parquet shards).
+"""Resumable bulk embedding jobs: INPUT (Parquet or image folder) -> OUTPUT (Parquet shards or a Lance dataset).
 
 One job reads its input batch by batch (:mod:`flight_client.job_io`), shares the batches
 among the engine in this process or several Flight servers (:mod:`flight_client.pool`),
 and writes ``part-NNNNN.parquet`` shards in input order, each renamed into place
-atomically and then recorded in ``_job.json`` (also replaced atomically). Example::
+atomically and then recorded in ``_job.json`` (also replaced atomically); or, for an
+OUTPUT ending in ``.lance``, one Lance commit per shard (:mod:`flight_client.lance_output`). Example::
 
     from flight_client.jobs import JobConfig, run_job
     summary = run_job(JobConfig(input=Path("texts.parquet"), output=Path("out"), kind="text",
                                 servers=("grpc://127.0.0.1:8815",), passthrough=("id",)))
 
 Resume: a rerun with ``resume=True`` checks the input fingerprint and the settings against
-the manifest, removes temp files and unrecorded shards, and starts at the first row after
+the manifest, removes temp files and unrecorded shards (Lance: records a commit the manifest
+missed, deletes files of a commit that never happened), and starts at the first row after
 the last recorded shard. Shards are whole multiples of ``batch_rows``, so the resumed run
 hands the engine exactly the batches an uninterrupted run would: same embeddings.
 
@@ -19,6 +21,7 @@ the ``server`` extra; embedding through servers needs only the base install).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import time
@@ -31,8 +34,9 @@ import pyarrow.flight as flight
 
 from convert import store
 from engine import EngineNotInstalledError, require_engine, set_thread_defaults
-from flight_client.job_io import (MANIFEST_NAME, PATH_COLUMN, IMAGE_COLUMN, ImageFolderSource, JobInputError,
-                                  JobManifest, ShardWriter, clean_output, open_source)
+from flight_client import lance_output
+from flight_client.job_io import (MANIFEST_NAME, IMAGE_COLUMN, ImageFolderSource, JobInputError,
+                                  JobManifest, ParquetSource, ShardWriter, clean_output, open_source)
 from flight_client.pool import FATAL_CODES, AllEndpointsFailed, EndpointPool, FlightEmbedder, LocalEmbedder
 from flight_server import protocol
 
@@ -40,7 +44,10 @@ log = logging.getLogger("arrowengine.embed")
 
 # Settings recorded in the manifest that a resumed run must repeat (they decide the output).
 RESUME_KEYS = ("kind", "column", "model", "passthrough", "batch_rows", "shard_rows", "normalize", "precision",
-               "prompt_name")
+               "prompt_name", "format")
+# The value a manifest written before a setting existed stands for.
+RESUME_DEFAULTS = {"format": "parquet"}
+OUTPUT_FORMATS = ("parquet", "lance")
 
 
 class JobError(RuntimeError):
@@ -60,7 +67,7 @@ class JobConfig:
     """One bulk job, built once at the edge (CLI) and passed down."""
 
     input: Path                               # Parquet file/folder, or folder of images
-    output: Path                              # folder of part-NNNNN.parquet + _job.json
+    output: Path                              # folder of part-NNNNN.parquet + _job.json, or a Lance dataset
     kind: str                                 # "image" | "text" | "tokens"
     column: str | None = None                 # input column (default: protocol.DEFAULT_COLUMNS)
     model: str | None = None                  # server model name, or in-process model dir / cache name
@@ -68,7 +75,9 @@ class JobConfig:
     batch_rows: int = 64                      # rows per engine call / exchange
     shard_rows: int = 8192                    # rows per output shard (rounded up to batch_rows)
     resume: bool = False                      # continue the job already in `output`
-    passthrough: tuple[str, ...] = ()         # input columns copied to the output
+    passthrough: tuple[str, ...] | None = None  # input columns copied to the output (None: all but the embedded)
+    format: str | None = None                 # "parquet" | "lance" (None: lance where output ends in .lance)
+    index: bool = False                       # lance: build the IVF-PQ vector index at the end
     normalize: bool = True                    # L2-normalize embeddings
     prompt_name: str | None = None            # text: the model's prompt before every text (None: its default)
     token: str | None = field(default=None, repr=False)  # bearer token for the servers
@@ -90,9 +99,21 @@ class JobConfig:
             raise ValueError(f"call_timeout_s must be > 0 seconds (or None: no limit); got {self.call_timeout_s}")
         if self.batch_rows < 1 or self.shard_rows < 1:
             raise ValueError(f"batch_rows and shard_rows must be >= 1; got {self.batch_rows}, {self.shard_rows}")
-        reserved = sorted(set(self.passthrough) & set(protocol.RESERVED_FIELDS))
+        reserved = sorted(set(self.passthrough or ()) & set(protocol.RESERVED_FIELDS))
         if reserved:
             raise ValueError(f"passthrough cannot contain {reserved}: the output adds those columns")
+        if self.format is not None and self.format not in OUTPUT_FORMATS:
+            raise ValueError(f"format must be one of {list(OUTPUT_FORMATS)}; got {self.format!r}")
+        if self.index and self.output_format != "lance":
+            raise ValueError(f"--index builds a Lance vector index: it needs a Lance output (an OUTPUT ending in "
+                             f".lance, or --format lance); got OUTPUT {self.output}")
+
+    @property
+    def output_format(self) -> str:
+        """``format``, or where it is None: lance for an OUTPUT ending in ``.lance``, else parquet."""
+        if self.format is not None:
+            return self.format
+        return "lance" if Path(self.output).suffix.lower() == ".lance" else "parquet"
 
     @property
     def input_column(self) -> str:
@@ -105,9 +126,10 @@ class JobConfig:
 
     def resume_args(self) -> dict[str, Any]:
         return {"kind": self.kind, "column": self.input_column, "model": self.model,
-                "passthrough": list(self.passthrough), "batch_rows": self.batch_rows,
-                "shard_rows": self.shard_size, "normalize": self.normalize,
-                "precision": None if self.servers else self.precision, "prompt_name": self.prompt_name}
+                "passthrough": None if self.passthrough is None else list(self.passthrough),
+                "batch_rows": self.batch_rows, "shard_rows": self.shard_size, "normalize": self.normalize,
+                "precision": None if self.servers else self.precision, "prompt_name": self.prompt_name,
+                "format": self.output_format}
 
 
 @dataclass(frozen=True)
@@ -144,17 +166,25 @@ def run_job(config: JobConfig, embedders: Sequence[Any] | None = None) -> JobSum
     """
     t0 = time.perf_counter()
     output = Path(config.output)
+    lance = config.output_format == "lance"
     try:
+        if lance:
+            lance_output.require_lance()
         previous = _check_output(config, output)
         source = open_source(Path(config.input), config.kind, config.input_column, config.passthrough,
                              output=output)
-    except JobInputError as exc:
+    except (JobInputError, lance_output.LanceNotInstalledError) as exc:
         raise JobUsageError(str(exc)) from exc
+    if isinstance(source, ParquetSource):  # the columns the default picked are part of the job's settings
+        config = dataclasses.replace(config, passthrough=source.output_columns)
     fingerprint = {"path": str(Path(config.input).resolve()), **source.fingerprint()}
     manifest = _resume_manifest(config, previous, fingerprint, output) if previous else \
-        JobManifest(input=fingerprint, args=config.resume_args())
+        JobManifest(input=fingerprint, args=config.resume_args(), output_format=config.output_format)
     start = manifest.rows_done
     if manifest.complete:
+        if config.index and not (manifest.index or {}).get("built"):
+            manifest.index = lance_output.build_index(output, manifest)  # a finished job, now with an index
+            manifest.save(output)
         log.info("the job in %s is already complete (%d rows, %d errors); nothing to do", output,
                  manifest.rows_done, manifest.errors)
         return JobSummary(output, manifest.rows_done, manifest.errors, len(manifest.shards), 0.0, 0, start, {})
@@ -174,6 +204,8 @@ def run_job(config: JobConfig, embedders: Sequence[Any] | None = None) -> JobSum
         raise JobError(f"{exc} (output so far: {manifest.rows_done} of {source.num_rows} rows)") from exc
     except Exception as exc:  # a request-level fault (the same on every endpoint), or this machine's (disk, memory)
         if not previous and manifest.rows_done == 0:  # nothing to resume: leave OUTPUT as it was
+            if lance:
+                lance_output.discard(output)
             (output / MANIFEST_NAME).unlink(missing_ok=True)
             if created and not any(output.iterdir()):
                 output.rmdir()
@@ -201,9 +233,10 @@ def _embed_all(config: JobConfig, source: Any, manifest: JobManifest, pool: Endp
     """Stream every remaining batch through the pool into the shard writer."""
     images = isinstance(source, ImageFolderSource)
     column = IMAGE_COLUMN if images else config.input_column
-    kept = [PATH_COLUMN] if images else list(config.passthrough)
+    kept = list(source.output_columns)
     schema = protocol.output_schema(dim, [source.schema.field(c) for c in kept])
-    writer = ShardWriter(output, manifest, config.shard_size)
+    lance = manifest.output_format == "lance"
+    writer = (lance_output.LanceWriter if lance else ShardWriter)(output, manifest, config.shard_size)
     base_seconds = manifest.seconds
     errors = manifest.errors
     bar = _progress(config, source.num_rows, manifest.rows_done, errors)
@@ -224,6 +257,11 @@ def _embed_all(config: JobConfig, source: Any, manifest: JobManifest, pool: Endp
                 bar.set_postfix(errors=errors, refresh=False)  # shown by the update's refresh
                 bar.update(batch.num_rows)
         writer.flush(schema if not manifest.shards else None)
+        if config.index:
+            if bar is not None:
+                bar.close()
+                bar = None
+            manifest.index = lance_output.build_index(output, manifest)
         manifest.complete = True
         manifest.seconds = base_seconds + time.perf_counter() - t0
         manifest.save(output)
@@ -271,19 +309,25 @@ def _check_output(config: JobConfig, output: Path) -> JobManifest | None:
 
 def _resume_manifest(config: JobConfig, manifest: JobManifest, fingerprint: dict[str, Any],
                      output: Path) -> JobManifest:
+    # settings first: the fingerprint covers the columns read, so changed --passthrough would read as a changed input
+    wanted = config.resume_args()
+    recorded = {k: manifest.args.get(k, RESUME_DEFAULTS.get(k)) for k in RESUME_KEYS}
+    changed = {k: (recorded[k], wanted[k]) for k in RESUME_KEYS if recorded[k] != wanted[k]}
+    if changed:
+        detail = ", ".join(f"{k}: job has {old!r}, now {new!r}" for k, (old, new) in changed.items())
+        raise JobUsageError(f"--resume: settings differ from the job's ({detail}); rerun with the job's settings")
     if manifest.input.get("sha256") != fingerprint["sha256"]:
         raise JobUsageError(f"--resume: the input changed since the job started (recorded {manifest.input['files']} "
                        f"file(s), {manifest.input['rows']} rows, fingerprint {manifest.input['sha256'][:12]}; "
                        f"now {fingerprint['files']} file(s), {fingerprint['rows']} rows, fingerprint "
                        f"{fingerprint['sha256'][:12]}); restore the input, or start again in a new folder")
-    wanted = config.resume_args()
-    changed = {k: (manifest.args.get(k), wanted[k]) for k in RESUME_KEYS if manifest.args.get(k) != wanted[k]}
-    if changed:
-        detail = ", ".join(f"{k}: job has {old!r}, now {new!r}" for k, (old, new) in changed.items())
-        raise JobUsageError(f"--resume: settings differ from the job's ({detail}); rerun with the job's settings")
-    removed = clean_output(output, manifest)
+    try:
+        removed = lance_output.recover(output, manifest) if manifest.output_format == "lance" else \
+            clean_output(output, manifest)
+    except JobInputError as exc:
+        raise JobUsageError(str(exc)) from exc
     if removed:
-        log.info("removed leftovers of an interrupted run: %s", ", ".join(removed))
+        log.info("tidied after an interrupted run: %s", "; ".join(removed))
     return manifest
 
 

@@ -192,8 +192,8 @@ RULES = [
          "revision of a hub cache folder the test lays out"),
     Rule(r"^arrowengine inspect\b", "inspect"),
     Rule(r"^arrowengine embed\b", "embed",
-         "a remote --server (grpc://h1:8815) is replaced by a local server serving the named model; --resume "
-         "runs after the same command without it"),
+         "a --server at the docs' port (grpc://h1:8815, grpc://127.0.0.1:8815) is replaced by a local server "
+         "serving the named model on a free port; --resume runs after the same command without it"),
     Rule(r"^python -c .*snapshot_download", None, "downloads from the HuggingFace hub"),
     Rule(r"^rsync -a hubhost:", None,
          "copies from another machine (hubhost); the commands after it run on a hub cache folder the test lays "
@@ -226,8 +226,11 @@ SNIPPETS = [
     Snippet(r"^import engine\b", "engine",
             "in a folder where models/clip-b32 is a tiny CLIP and cat.jpg a photo; `arrow_binary_array`, a "
             "placeholder in the snippet, is a pyarrow binary array of that photo and a broken image"),
-    Snippet(r"EmbeddingClient\(\"grpc://127\.0\.0\.1:8815\"\)", "client",
+    Snippet(r"^client = EmbeddingClient\(\"grpc://127\.0\.0\.1:8815\"\)$", "client",
             "modified: the port of the server the test starts from the docs' `arrowengine serve`"),
+    Snippet(r"^import lance\b", "lance_search",
+            "modified: the port of a local server serving the tiny CLIP as `clip`, in a folder where the docs' "
+            "`arrowengine embed` command that writes the dataset the snippet opens ran first, against that server"),
 ]
 
 # Unlabelled blocks: (doc, first line) -> what they are.
@@ -771,27 +774,41 @@ def run_convert(argv: list[str], workdir: Path, materials: Materials, where: str
         assert manifest["tensors"] > 0, f"{where}: {out} holds no tensors"
 
 
-def run_embed(argv: list[str], workdir: Path, materials: Materials, where: str, part: Part) -> None:
+def run_embed(argv: list[str], workdir: Path, materials: Materials, where: str, part: Part,
+              ports: dict[str, int] | None = None) -> None:
+    """Run a docs' embed command in ``workdir``; ``ports``: servers already standing in for its --server hosts
+    (default: started here for the command)."""
     rows = make_input(argv[2], workdir)
     model = argv[argv.index("--model") + 1] if "--model" in argv else None
     servers = [argv[i + 1] for i, a in enumerate(argv) if a == "--server"]
     if model and not servers:
         materials.model_folder(model, workdir)
-    remote = [re.match(r"grpc://([^:/]+):", s).group(1) for s in servers]
-    remote = [h for h in dict.fromkeys(remote) if h not in ("127.0.0.1", "localhost")]
+    hosts = list(dict.fromkeys(re.match(rf"grpc://([^:/]+):{DOC_PORT}$", s).group(1) for s in servers))
     env = {"ARROWENGINE_CACHE": str(materials.cache)}
-    with local_servers(remote, model or "all-MiniLM-L6-v2", materials) as ports:
-        for host, port in ports.items():
-            argv = [a.replace(f"grpc://{host}:{DOC_PORT}", f"grpc://127.0.0.1:{port}") for a in argv]
+    with ExitStack() as stack:
+        if ports is None:
+            ports = stack.enter_context(local_servers(hosts, model or "all-MiniLM-L6-v2", materials))
+        for host in hosts:
+            argv = [a.replace(f"grpc://{host}:{DOC_PORT}", f"grpc://127.0.0.1:{ports[host]}") for a in argv]
         argv.append("--no-progress")
         if "--resume" in argv:  # "after a crash or kill": the same job has run before
             first = [a for a in argv if a != "--resume"]
             assert run_cli(first[1:], workdir, env) == 0, f"{where}: the run before `{part.text}` failed"
         assert run_cli(argv[1:], workdir, env) == 0, f"{where}: `{part.text}` failed"
-    table = pq.read_table(workdir / argv[3])  # as the docs read the result
+    if argv[3].endswith(".lance") or ("--format" in argv and argv[argv.index("--format") + 1] == "lance"):
+        import lance
+
+        table = lance.dataset(str(workdir / argv[3])).to_table()  # as the docs read the result
+        assert table.schema.field("embedding").type.list_size > 0, f"{where}: {table.schema}"
+    else:
+        table = pq.read_table(workdir / argv[3])  # as the docs read the result
     assert table.num_rows == rows and table.column("error").null_count == rows, f"{where}: {table}"
     if "--passthrough" in argv:
         assert table.column(argv[argv.index("--passthrough") + 1]).to_pylist() == list(range(rows))
+    elif argv[2].rstrip("/") == "photos":
+        assert table.column("path").to_pylist() == sorted(p.name for p in (workdir / "photos").iterdir())
+    else:  # the default: every input column but the embedded one, here the input's id
+        assert table.column_names[0] == "id" and table.column("id").to_pylist() == list(range(rows))
 
 
 @pytest.mark.parametrize("line", OTHER_LINES, ids=lambda line: line.where)
@@ -872,5 +889,34 @@ def test_python_snippets(block, materials, default_server, tmp_path, request):
         t, i, res = namespace["t"], namespace["i"], namespace["res"]
         assert t.shape[0] == 1 and i.shape == t.shape and t.flags.c_contiguous
         assert res.errors[0] is None and res.errors[1] and not res.embeddings[1].any()
+    elif rule.run == "lance_search":
+        run_lance_search(block, materials, tmp_path)
     else:
         pytest.fail(f"{block.where}: no runner for {rule.run!r}")
+
+
+def run_lance_search(block: Block, materials: Materials, workdir: Path) -> None:
+    """The docs' embed command that writes the dataset the snippet opens, then the snippet, both against one
+    local server serving the tiny CLIP as `clip`; the hits are the nearest photos by exact cosine distance."""
+    import lance
+
+    dataset = re.search(r'lance\.dataset\("([^"]+)"\)', block.text).group(1)
+    writers = [(line, part) for line in distinct(LINES) for part in line.parts
+               if runner_of(part) == "embed" and part.argv[3] == dataset]
+    assert writers, f"{block.where}: no `arrowengine embed` command in the docs writes {dataset}"
+    line, part = writers[0]
+    with local_servers(["127.0.0.1"], "clip", materials) as ports:
+        run_embed(list(part.argv), workdir, materials, line.where, part, ports)
+        source = block.text.replace(f"127.0.0.1:{DOC_PORT}", f"127.0.0.1:{ports['127.0.0.1']}")
+        namespace: dict = {"__name__": "__docs__"}
+        with in_folder(workdir):
+            printed = exec_snippet(block, source, namespace)
+    table = lance.dataset(str(workdir / dataset)).to_table()
+    vectors = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
+    query = np.asarray(namespace["query"], np.float32)
+    distances = 1 - vectors @ query / (np.linalg.norm(vectors, axis=1) * np.linalg.norm(query))
+    nearest = [table.column("path")[int(i)].as_py() for i in np.argsort(distances)[:3]]
+    hits = namespace["hits"]
+    assert hits.column("path").to_pylist() == nearest, (hits, distances)
+    np.testing.assert_allclose(hits.column("_distance").to_numpy(), np.sort(distances)[:3], atol=1e-5)
+    assert str(nearest) in printed

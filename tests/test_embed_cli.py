@@ -42,8 +42,22 @@ def test_embed_is_registered_with_its_options(tmp_path):
     assert config.servers == ("grpc://a:1", "grpc://b:2") and config.passthrough == ("id", "url")
     assert (config.batch_rows, config.resume, config.token, config.input_column) == (16, True, "secret", "text")
     assert "secret" not in repr(config)
+    assert (config.format, config.output_format, config.index) == (None, "parquet", False)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["embed", "in", "out", "--kind", "audio"])
+
+    def config(*argv):
+        return embed_cli.config_from_args(build_parser().parse_args(["embed", "in.parquet", *argv, "--kind", "text"]))
+
+    assert config("out").passthrough is None  # the default: every column but the embedded one
+    assert config("out", "--no-passthrough").passthrough == ()
+    assert config("out.lance", "--index").output_format == "lance"
+    assert config("vectors", "--format", "lance", "--index").output_format == "lance"
+    assert config("out.lance", "--format", "parquet").output_format == "parquet"
+    with pytest.raises(ValueError, match="--no-passthrough and --passthrough id contradict each other"):
+        config("out", "--no-passthrough", "--passthrough", "id")
+    with pytest.raises(ValueError, match="--index builds a Lance vector index: it needs a Lance output"):
+        config("out", "--index")
 
 
 def test_version_is_the_installed_one_or_pyprojects(capsys, monkeypatch):

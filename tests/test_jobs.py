@@ -5,6 +5,7 @@ Real models (tiny CLIP, MiniLM) and real Flight servers on port 0, in this proce
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import threading
 import time
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -485,3 +487,57 @@ def test_a_busy_server_is_waited_out_not_retired():
     pool = EndpointPool([endpoint], max_failures=1, backoff_s=0.001)
     out = [emb.to_pylist()[0][0] for _, emb, _ in pool.map((i, pa.array([float(i)])) for i in range(3))]
     assert out == [0.0, 1.0, 2.0] and endpoint.calls == 5 + 3
+
+
+# ---- passthrough: the output joins back to the input -------------------------------------------------------
+
+def test_passthrough_default_copies_every_other_column_and_joins_back(tmp_path, clip, caplog):
+    """Without --passthrough a Parquet input's other columns are copied (not the embedded one, not an input
+    column named like the output's own); the output then joins back to the input on its key."""
+    n = 30
+    texts = [f"text {i}" for i in range(n)]
+    texts[3] = None
+    keys = [f"doc-{(i * 7) % n:03d}" for i in range(n)]  # a key unrelated to row order
+    table = pa.table({"doc": keys, "text": texts, "lang": ["en", "fr"] * (n // 2),
+                      "thumb": pa.array([bytes([i]) * 3 for i in range(n)], pa.binary()),
+                      "error": ["old"] * n})
+    pq.write_table(table, tmp_path / "t.parquet", row_group_size=7)
+    with caplog.at_level(logging.WARNING, "arrowengine.embed"):
+        run_job(JobConfig(input=tmp_path / "t.parquet", output=tmp_path / "out", kind="text", batch_rows=8,
+                          progress=False), [LocalEmbedder(clip, "text")])
+    assert "input columns ['error'] are not copied to the output" in caplog.text
+    out = read_output(tmp_path / "out")
+    assert out.column_names == ["doc", "lang", "thumb", "embedding", "error"]
+    assert JobManifest.load(tmp_path / "out").args["passthrough"] == ["doc", "lang", "thumb"]
+    # a join on the key, in an order unrelated to the input's: each embedding is its own text's
+    shuffled = out.take(np.random.default_rng(0).permutation(n))
+    rows = pc.index_in(shuffled.column("doc"), value_set=table.column("doc"))  # each output row's input row
+    input_texts = table.column("text").take(rows).to_pylist()
+    valid = np.array([t is not None for t in input_texts])
+    assert valid.tolist() == shuffled.column("embedding").is_valid().to_pylist()
+    want = clip.embed_texts([t for t in input_texts if t is not None]).embeddings
+    np.testing.assert_allclose(embeddings(shuffled)[valid], want, atol=1e-5)
+
+    # explicit: only those named (the embedded column too when named); none with passthrough=()
+    run_job(JobConfig(input=tmp_path / "t.parquet", output=tmp_path / "named", kind="text", progress=False,
+                      passthrough=("text", "doc")), [LocalEmbedder(clip, "text")])
+    named = read_output(tmp_path / "named")
+    assert named.column_names == ["text", "doc", "embedding", "error"]
+    assert named.column("text").to_pylist() == texts
+    run_job(JobConfig(input=tmp_path / "t.parquet", output=tmp_path / "none", kind="text", progress=False,
+                      passthrough=()), [LocalEmbedder(clip, "text")])
+    assert read_output(tmp_path / "none").column_names == ["embedding", "error"]
+    # the default's columns are the job's settings: resuming with others is refused
+    with pytest.raises(JobUsageError, match=r"passthrough: job has \['doc', 'lang', 'thumb'\], now \['doc'\]"):
+        run_job(JobConfig(input=tmp_path / "t.parquet", output=tmp_path / "out", kind="text", batch_rows=8,
+                          progress=False, resume=True, passthrough=("doc",)), [LocalEmbedder(clip, "text")])
+
+
+def test_an_input_without_a_key_column_warns_that_only_row_order_joins(tmp_path, clip, caplog):
+    pq.write_table(pa.table({"text": ["a", "b", "c"]}), tmp_path / "t.parquet")
+    with caplog.at_level(logging.WARNING, "arrowengine.embed"):
+        run_job(JobConfig(input=tmp_path / "t.parquet", output=tmp_path / "out", kind="text", progress=False),
+                [LocalEmbedder(clip, "text")])
+    assert "join back to the input only by position (row i of the output is row i of the input" in caplog.text
+    assert "--passthrough text" in caplog.text
+    assert read_output(tmp_path / "out").column_names == ["embedding", "error"]
