@@ -429,6 +429,8 @@ def test_config_errors_name_the_file_and_field(built, tmp_path):
 
 
 def test_bf16_and_int8_stay_close_to_fp32(built):
+    from engine.quantize import LEVELS_VNNI, activation_levels
+
     _, out = built("odd")
     fp32 = engine.load_model(out)
     px = _pixels(8, 70, seed=2).numpy()
@@ -439,7 +441,9 @@ def test_bf16_and_int8_stay_close_to_fp32(built):
         print(f"{precision}: text min cosine {t:.5f}, image min cosine {i:.5f}")
         assert t >= floor and i >= floor, (precision, t, i)
         sim = model.similarity(model.encode_text(TEXTS), model.encode_pixels(px))
-        assert np.abs(sim - fp32.similarity(ref_t, ref_i)).max() <= 0.02
+        # int8 on AVX2 without VNNI has 7-bit activations (engine.quantize): up to 0.025 measured there
+        bound = 0.02 if precision == "bf16" or activation_levels() == LEVELS_VNNI else 0.04
+        assert np.abs(sim - fp32.similarity(ref_t, ref_i)).max() <= bound, precision
     packed = engine.load_model(out, pack_weights=True)  # oneDNN-packed fp32 Linears, the patch embedding's too
     assert np.abs(packed.encode_text(TEXTS) - ref_t).max() <= 1e-5
     assert np.abs(packed.encode_pixels(px) - ref_i).max() <= 1e-5
