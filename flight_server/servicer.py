@@ -52,14 +52,21 @@ SHUTDOWN_MARGIN_S = 3.0  # drain() stops streaming exchanges this long before th
 
 
 def embedding_batch(passthrough: list[pa.Array], schema: pa.Schema, embeddings: np.ndarray,
-                    errors: list[str | None]) -> pa.RecordBatch:
-    """One output batch: passthrough arrays (as they are), ``embedding``, ``error``.
+                    errors: list[str | None], command: protocol.EmbedCommand | None = None) -> pa.RecordBatch:
+    """One output batch: passthrough arrays (as they are), ``embedding`` (and the scale / offset columns of int8 /
+    uint8 output), ``error``.
 
-    ``embedding`` wraps ``embeddings``' own memory (no copy); rows with an error are null.
+    The command's output options (``dimensions``, ``output_dtype``) apply here, to this request's rows once the
+    engine computed them (:func:`protocol.output_columns`); ``embedding`` wraps the engine's own memory (default
+    options) or the conversion's (no further copy); rows with an error are null.
     """
-    embedding = protocol.embedding_column(embeddings, errors)
+    if command is None:
+        outputs = protocol.output_columns(embeddings, errors)
+    else:
+        outputs = protocol.output_columns(embeddings, errors, command.normalize, command.dimensions,
+                                          command.output_dtype)
     error = pa.array(errors, type=pa.string())
-    return pa.RecordBatch.from_arrays([*passthrough, embedding, error], schema=schema)
+    return pa.RecordBatch.from_arrays([*passthrough, *outputs, error], schema=schema)
 
 
 class _Cancelled(Exception):
@@ -328,6 +335,7 @@ class EmbeddingServer(flight.FlightServerBase):
         call.model = name
         self._check_modality(name, model, command.input)
         self._check_prompt(name, model, command.prompt_name)
+        self._check_output(name, model, command)
         try:
             schema = reader.schema  # waits for the client's first message
             call.reading_since = None
@@ -336,11 +344,13 @@ class EmbeddingServer(flight.FlightServerBase):
                                          "before writing batches (an empty input is one empty batch)") from exc
         _check_going(context, call, self._abort)
         passthrough_fields = protocol.check_input_schema(command, schema)
-        out_schema = protocol.output_schema(int(model.info.dim), passthrough_fields)
+        out_schema = protocol.output_schema(int(model.info.dim), passthrough_fields, command.dimensions,
+                                            command.output_dtype)
         writer.begin(out_schema)
-        log.info("exchange start peer=%s model=%s input=%s column=%s normalize=%s prompt_name=%s", call.peer, name,
-                 command.input, protocol.quote(command.column), command.normalize,
-                 protocol.quote(command.prompt_name))
+        log.info("exchange start peer=%s model=%s input=%s column=%s normalize=%s prompt_name=%s dimensions=%s "
+                 "output_dtype=%s truncate=%s", call.peer, name, command.input, protocol.quote(command.column),
+                 command.normalize, protocol.quote(command.prompt_name), command.dimensions, command.output_dtype,
+                 command.truncate)
         self._stream(context, reader, writer, model, command, out_schema, call)
 
     def _stream(self, context, reader, writer, model, command: protocol.EmbedCommand,
@@ -394,7 +404,7 @@ class EmbeddingServer(flight.FlightServerBase):
         passthrough = [batch.column(p) for p in command.passthrough]
         n = batch.num_rows
         if n == 0:
-            return lambda: (embedding_batch(passthrough, out_schema, np.zeros((0, dim), np.float32), []), 0)
+            return lambda: (embedding_batch(passthrough, out_schema, np.zeros((0, dim), np.float32), [], command), 0)
         future = embed(protocol.engine_column(command.input, batch.column(command.column)), command.normalize)
 
         def collect() -> tuple[pa.RecordBatch, int]:
@@ -417,10 +427,11 @@ class EmbeddingServer(flight.FlightServerBase):
                 what = f"{type(exc).__name__}: {exc}" if isinstance(exc, ArrowEngineError) else type(exc).__name__
                 reason = (f"internal error while embedding this batch ({what}); these rows were not embedded: "
                           "send them again, and see the server log if it persists")
-                return embedding_batch(passthrough, out_schema, np.zeros((n, dim), np.float32), [reason] * n), n
+                return embedding_batch(passthrough, out_schema, np.zeros((n, dim), np.float32), [reason] * n,
+                                       command), n
             if not embeddings.flags.c_contiguous:
                 embeddings = np.ascontiguousarray(embeddings)  # the engine promises C order; be safe
-            out = embedding_batch(passthrough, out_schema, embeddings, errors)
+            out = embedding_batch(passthrough, out_schema, embeddings, errors, command)
             return out, sum(e is not None for e in errors)
         return collect
 
@@ -447,6 +458,11 @@ class EmbeddingServer(flight.FlightServerBase):
             raise protocol.ProtocolError(f"unknown prompt_name {protocol.quote(prompt_name)} for model {name!r}: "
                                          f"{have}")
 
+    def _check_output(self, name: str, model: Any, command: protocol.EmbedCommand) -> None:
+        """Refuse ``dimensions`` the model cannot give (engine.output.OutputOptions.check), before any work."""
+        options = protocol.output_options(command.dimensions, command.output_dtype)
+        options.check(int(model.info.dim), getattr(model.info, "matryoshka_dims", None), f"model {name!r}")
+
     def _check_limits(self, batch: pa.RecordBatch, index: int) -> str | None:
         """Raise LimitExceededError for a batch over the limits; a single row over the byte limit is that
         row's error instead (returned), so one huge file never fails a whole job."""
@@ -465,11 +481,16 @@ class EmbeddingServer(flight.FlightServerBase):
 
     # ---- discovery --------------------------------------------------------------------
 
-    def _flight_info(self, name: str) -> flight.FlightInfo:
+    def _flight_info(self, name: str, command: protocol.EmbedCommand | None = None) -> flight.FlightInfo:
+        """A model's FlightInfo; its schema is the output of ``command`` (its options) when one is given."""
         model = self._models[name]
         meta = protocol.model_metadata(name, model.info, default=name == self._default)
         endpoints = [flight.FlightEndpoint(b"", [uri]) for uri in self.advertised_locations()]
-        return flight.FlightInfo(protocol.output_schema(int(model.info.dim)),
+        schema = protocol.output_schema(int(model.info.dim))
+        if command is not None:
+            self._check_output(name, model, command)
+            schema = protocol.output_schema(int(model.info.dim), (), command.dimensions, command.output_dtype)
+        return flight.FlightInfo(schema,
                                  flight.FlightDescriptor.for_path(name), endpoints, -1, -1,
                                  app_metadata=json.dumps(meta).encode("utf-8"))
 
@@ -491,16 +512,16 @@ class EmbeddingServer(flight.FlightServerBase):
             yield self._flight_info(name)
 
     def get_flight_info(self, context, descriptor) -> flight.FlightInfo:
-        """FlightInfo of the model a path ``[name]`` or an embed command names."""
+        """FlightInfo of the model a path ``[name]`` or an embed command names (for a command: the schema of its
+        output, with its ``dimensions`` and ``output_dtype``)."""
         try:
             if descriptor.descriptor_type == flight.DescriptorType.PATH:
                 if len(descriptor.path) != 1:
                     raise protocol.ProtocolError(f"expected a path of one model name; got "
                                                  f"{protocol.quote(descriptor.path)}")
-                name = descriptor.path[0].decode("utf-8", "replace")
-            else:
-                name = protocol.parse_command(descriptor.command, self.config.limits.max_command_bytes).model
-            return self._flight_info(self._resolve(name)[0])
+                return self._flight_info(self._resolve(descriptor.path[0].decode("utf-8", "replace"))[0])
+            command = protocol.parse_command(descriptor.command, self.config.limits.max_command_bytes)
+            return self._flight_info(self._resolve(command.model)[0], command)
         except Exception as exc:
             raise to_flight_error(exc) from exc
 
@@ -569,7 +590,7 @@ def _failed_batch(command: protocol.EmbedCommand, batch: pa.RecordBatch, out_sch
     """The output batch of an input batch whose every row fails with ``reason`` (zeros, the error)."""
     passthrough = [batch.column(p) for p in command.passthrough]
     n = batch.num_rows
-    out = embedding_batch(passthrough, out_schema, np.zeros((n, dim), np.float32), [reason] * n)
+    out = embedding_batch(passthrough, out_schema, np.zeros((n, dim), np.float32), [reason] * n, command)
     return lambda: (out, n)
 
 
@@ -652,6 +673,8 @@ def _submitter(model: Any, command: protocol.EmbedCommand,
     Request-level faults raise from ``submit`` itself; a plain model runs synchronously.
     """
     kind, options = command.input, {"prompt_name": command.prompt_name} if command.prompt_name else {}
+    if not command.truncate and kind == "text":  # token-id rows are never cut: over-long ones are always errors
+        options["truncate"] = False
     if callable(getattr(model, "submit", None)):
         return lambda values, normalize: model.submit(kind, values, normalize, cancelled, **options)
     embed = getattr(model, EMBED_METHODS[kind])
