@@ -191,7 +191,7 @@ class Model:
         ``truncate``: cut texts at the model's token limit (False: a longer text is a row error)."""
         options = self.output_options(dimensions, output_dtype)
         rows, errors = self.prepare_texts(texts, prompt_name, truncate=truncate)
-        return finish(self._embed_token_rows(rows, errors, normalize), options, normalize)
+        return apply_output_options(self._embed_token_rows(rows, errors, normalize), options, normalize)
 
     def embed_tokens(self, tokens, normalize: bool = True, *, dimensions: int | None = None,
                      output_dtype: str = "float32") -> EmbedResult:
@@ -199,7 +199,7 @@ class Model:
         never cut: that would drop their closing special token)."""
         options = self.output_options(dimensions, output_dtype)
         rows, errors = self.prepare_tokens(tokens)
-        return finish(self._embed_token_rows(rows, errors, normalize), options, normalize)
+        return apply_output_options(self._embed_token_rows(rows, errors, normalize), options, normalize)
 
     # The pre / core split, public so that a scheduler (engine.scheduler) can run the
     # CPU stage in its callers' threads and batch the device stage across callers.
@@ -293,7 +293,7 @@ class Model:
                 errors[s + j] = e
             if len(batch.index):
                 out[s + batch.index] = self._image_core(torch.as_tensor(batch.pixels), normalize)
-        return finish(EmbedResult(out, errors), options, normalize)
+        return apply_output_options(EmbedResult(out, errors), options, normalize)
 
     def text_groups(self, lengths: Sequence[int]) -> list[tuple[np.ndarray, int]]:
         """How rows of these token lengths go to the device: (row indices, padded length) per forward pass."""
@@ -340,7 +340,7 @@ class Model:
         return EmbedResult(out, errors)
 
 
-def finish(result: EmbedResult, options: OutputOptions, normalize: bool) -> EmbedResult:
+def apply_output_options(result: EmbedResult, options: OutputOptions, normalize: bool) -> EmbedResult:
     """``result`` (N, D) float32 as ``options`` asks (engine.output.convert); itself with default options."""
     if options.is_default:
         return result

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.errors import SchedulerClosed
-from engine.model import EmbedResult, Model, finish
+from engine.model import EmbedResult, Model, apply_output_options
 from engine.tokenizer import length_buckets
 
 log = logging.getLogger(__name__)
@@ -146,7 +146,8 @@ class Scheduler:
                      output_dtype: str = "float32") -> EmbedResult:
         """As :meth:`Model.embed_images`, batched with other callers. Raises CancelledError if cancelled."""
         options = self.model.output_options(dimensions, output_dtype)
-        return finish(self.submit("image", images, normalize, cancelled).result(), options, normalize)
+        result = self.submit("image", images, normalize, cancelled).result()
+        return apply_output_options(result, options, normalize)
 
     def embed_texts(self, texts, normalize: bool = True, cancelled: Callable[[], bool] | None = None,
                     prompt_name: str | None = None, *, truncate: bool = True, dimensions: int | None = None,
@@ -154,19 +155,20 @@ class Scheduler:
         """As :meth:`Model.embed_texts`, batched with other callers (by tokens)."""
         options = self.model.output_options(dimensions, output_dtype)
         future = self.submit("text", texts, normalize, cancelled, prompt_name, truncate=truncate)
-        return finish(future.result(), options, normalize)
+        return apply_output_options(future.result(), options, normalize)
 
     def embed_tokens(self, tokens, normalize: bool = True,
                      cancelled: Callable[[], bool] | None = None, *, dimensions: int | None = None,
                      output_dtype: str = "float32") -> EmbedResult:
         """As :meth:`Model.embed_tokens`; rows over ``config.max_row_tokens`` are row errors."""
         options = self.model.output_options(dimensions, output_dtype)
-        return finish(self.submit("tokens", tokens, normalize, cancelled).result(), options, normalize)
+        result = self.submit("tokens", tokens, normalize, cancelled).result()
+        return apply_output_options(result, options, normalize)
 
     def submit(self, kind: str, values, normalize: bool = True, cancelled: Callable[[], bool] | None = None,
                prompt_name: str | None = None, truncate: bool = True) -> "Future[EmbedResult]":
         """Prepare ``values`` in this thread, queue them, return a future of the EmbedResult ((N, D) float32:
-        output options are the caller's to apply, e.g. with ``engine.model.finish``).
+        output options are the caller's to apply, e.g. with ``engine.model.apply_output_options``).
 
         Returns once every row is queued (images are decoded one device batch at a time, so
         compute of the first batch overlaps decoding of the next). ``kind``: "image", "text"

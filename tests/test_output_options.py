@@ -559,3 +559,25 @@ def test_embed_cli_flags_through_a_server_and_bad_values(tmp_path, clip, caplog)
         assert exit_.value.code == 2
     assert main(["embed", str(path), str(tmp_path / "o4"), "--kind", "image", "--no-truncate", "--no-progress"]) == 2
     assert "--no-truncate applies to --kind text and tokens" in caplog.text
+
+
+# ---- the retrieval benchmark's own search ----------------------------------------------------------------------
+
+def test_retrieval_bench_search_and_split():
+    from bench import retrieval
+
+    passages, queries = unit_rows(50, 20, seed=1), unit_rows(6, 20, seed=2)
+    codes_p = convert(passages, OutputOptions.create(None, "binary"), True).values
+    codes_q = convert(queries, OutputOptions.create(None, "binary"), True).values
+    bits_p, bits_q = passages > 0, queries > 0
+    brute = (bits_q[:, None, :] != bits_p[None, :, :]).sum(axis=2)  # (Q, P) Hamming distances
+    found = retrieval.top_by_hamming(codes_q, codes_p, 5)
+    np.testing.assert_array_equal(found, np.argsort(brute, axis=1, kind="stable")[:, :5])
+    best = retrieval.top_by_score(queries, passages, 5)
+    np.testing.assert_array_equal(best[:, 0], np.argmax(queries @ passages.T, axis=1))
+    assert retrieval.recall(best, best) == 1.0 and retrieval.recall(best[:, :1], best[:, 1:2]) == 0.0
+    paragraphs = [f"Paragraph {i} says something. It has a second sentence too." for i in range(30)]
+    corpus, asked = retrieval.split_queries(paragraphs, 20, 5)
+    assert len(corpus) == 20 and len(asked) == 5 and all(q.endswith("says something.") for q in asked)
+    assert not {q.split()[1] for q in asked} & {p.split()[1] for p in corpus}  # held out of the corpus
+    assert retrieval._prose(">>> print('code')") is None and retrieval._prose("too short to keep") is None
