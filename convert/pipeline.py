@@ -20,6 +20,7 @@ from pathlib import Path
 
 from engine import registry
 from convert.hf_checkpoint import SMALL_FILE_MAX_BYTES, Checkpoint, TensorReader, TensorRef, st_module_folders
+from convert.matryoshka import declared_sizes
 from convert.siglip_tokenizer import write_siglip_tokenizer
 from convert.writer import Tensor, cast_tensor, check_little_endian, write_tensors
 from engine.errors import ArrowEngineError, WeightFormatError
@@ -72,6 +73,9 @@ def convert_checkpoint(source: str | os.PathLike, out_dir: str | os.PathLike, dt
     ckpt = Checkpoint.open(source)
     small = ckpt.small_files()  # before anything is written: a link out of the source fails here
     arch = registry.detect(ckpt.config, ckpt.root)
+    matryoshka = declared_sizes(ckpt.root, ckpt.boundary)
+    if matryoshka is not None:
+        log.info("%s declares Matryoshka sizes %s", source, list(matryoshka))
     refs = {r.name: r for r in ckpt.tensors}
     plan = [(refs[src], out) for src, out in arch.plan(list(refs))]
     log.info("%s: %s (%s), %d tensors", source, registry.architecture_name(ckpt.config), arch.kind, len(plan))
@@ -91,7 +95,8 @@ def convert_checkpoint(source: str | os.PathLike, out_dir: str | os.PathLike, dt
             kind=arch.kind, architecture=registry.architecture_name(ckpt.config),
             weights=weights.name, weights_format=fmt, dtype=dtype, tensors=stats.tensors,
             parameters=stats.parameters, bytes=stats.bytes, sha256=stats.sha256, source=str(source),
-            created=datetime.now(timezone.utc).isoformat(timespec="seconds"), files=tuple(sorted(files)))
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"), files=tuple(sorted(files)),
+            matryoshka_dims=matryoshka)
         (tmp / MANIFEST_FILE).write_text(manifest.to_json(), encoding="utf-8")
         _self_check(tmp, weights, fmt, stats.tensors)
         _move_into_place(tmp, out_dir)

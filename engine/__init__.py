@@ -64,6 +64,7 @@ SERVER_EXTRA_MODULES: dict[str, str] = {
     "tokenizers": "tokenizers",
     "safetensors": "safetensors",
     "prometheus_client": "prometheus_client",
+    "yaml": "pyyaml",
 }
 SERVER_EXTRA_INSTALL = 'pip install "arrowengine[server]"'
 SERVER_EXTRA_INSTALL_FROM_CLONE = 'pip install -e ".[server]"'

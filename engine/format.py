@@ -146,6 +146,9 @@ class Manifest:
     source: str  # what was converted (path or hub id)
     created: str  # ISO-8601 UTC time of conversion
     files: tuple[str, ...] = ()  # copied small files, relative paths
+    # Matryoshka sizes the checkpoint declares (largest first); None: it declares none; (): it declares that its
+    # embeddings must not be truncated (engine.output). Optional in the file.
+    matryoshka_dims: tuple[int, ...] | None = None
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
 
@@ -153,6 +156,7 @@ class Manifest:
         """Serialize as pretty JSON (keys in a fixed order)."""
         data = dataclasses.asdict(self)
         data["files"] = list(self.files)
+        data["matryoshka_dims"] = None if self.matryoshka_dims is None else list(self.matryoshka_dims)
         order = ["format", "format_version"] + [
             f.name for f in dataclasses.fields(self) if f.name not in ("format", "format_version")]
         return json.dumps({k: data[k] for k in order}, indent=2) + "\n"
@@ -182,7 +186,7 @@ class Manifest:
             if f.name in ("format", "format_version"):
                 continue
             if f.name not in data:
-                if f.name == "files":
+                if f.name in ("files", "matryoshka_dims"):
                     continue
                 problems.append(f"missing key {f.name!r}")
                 continue
@@ -198,6 +202,13 @@ class Manifest:
                                     f"absolute), got {outside[:5]}")
                     continue
                 value = tuple(value)
+            elif f.name == "matryoshka_dims":
+                if value is not None and (not isinstance(value, list) or not all(
+                        isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
+                    problems.append(f"'matryoshka_dims' must be null or a list of positive integers, got "
+                                    f"{value!r:.200}")
+                    continue
+                value = None if value is None else tuple(value)
             elif want is not None and (not isinstance(value, want) or isinstance(value, bool)):
                 problems.append(f"{f.name!r} must be {want.__name__}, got {value!r}")
                 continue

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from engine import precision as prec
 from engine.errors import InputError, ModalityError, ModelConfigError, NotRunnableError, RowErrors
 from engine.limits import RowLimits
+from engine.output import OutputOptions, convert, dequantize
 from engine.registry import ImageSide, TextSide
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,9 @@ class ModelInfo:
     max_tokens: int  # longest token row accepted (model positions); 0 without a text encoder
     prompts: tuple[tuple[str, str], ...] = ()  # named prompts (name, text) a text request may pick
     default_prompt: str | None = None  # the prompt put before texts of a request that names none
+    # Matryoshka sizes the model declares (engine.output): None when it declares none; () when it declares that
+    # its embeddings must not be truncated.
+    matryoshka_dims: tuple[int, ...] | None = None
 
 
 IMAGE_ROWS_CPU = 2048  # BatchLimits.image_rows on CPU (SigLIP base-patch16-224: 10 images of 196 tokens)
@@ -68,10 +72,21 @@ class BatchLimits:
 
 @dataclass
 class EmbedResult:
-    """Embeddings for N rows. Failed rows hold zeros and have an error string."""
+    """Embeddings for N rows. Failed rows hold zeros and have an error string.
 
-    embeddings: np.ndarray  # (N, D) float32, C-contiguous
+    ``embeddings`` is (N, D) float32 unless the call asked for ``dimensions`` / ``output_dtype``
+    (:mod:`engine.output`): then (N, K) of that dtype ((N, ceil(K / 8)) for binary / ubinary), and int8 / uint8
+    come with the per-row ``scale`` (and, uint8, ``offset``) that :meth:`dequantize` applies.
+    """
+
+    embeddings: np.ndarray  # (N, D) float32, C-contiguous (or as the call's output options ask)
     errors: list[str | None] = field(default_factory=list)
+    scale: np.ndarray | None = None   # (N,) float32: int8 / uint8 output
+    offset: np.ndarray | None = None  # (N,) float32: uint8 output
+
+    def dequantize(self) -> np.ndarray:
+        """Float32 embeddings: ``offset + scale * q`` for int8 / uint8, a cast for float16 / float32."""
+        return dequantize(self.embeddings, self.scale, self.offset)
 
     @property
     def ok(self) -> np.ndarray:
@@ -126,23 +141,46 @@ class Model:
         return f"Model({i.name!r}, {i.architecture}, dim={i.dim}, {i.precision} on {i.device})"
 
     # ------------------------------------------------------------------ public surface
-    def encode_text(self, texts: Sequence[str], normalize: bool = True, prompt_name: str | None = None
+    # Every encode_* / embed_* takes the output options of engine.output: ``dimensions`` (keep the first K
+    # components, normalized again when ``normalize``) and ``output_dtype`` (float32, float16, int8, uint8,
+    # binary, ubinary). encode_* return the values alone; embed_* also the per-row scale (and offset) of int8 /
+    # uint8. Text calls take ``truncate``: False makes a text over the model's token limit a row error.
+    def encode_text(self, texts: Sequence[str], normalize: bool = True, prompt_name: str | None = None, *,
+                    truncate: bool = True, dimensions: int | None = None, output_dtype: str = "float32"
                     ) -> np.ndarray:
         """Embed texts -> (N, D) float32 (after the model's prompt ``prompt_name``, default: its default prompt).
         Raises RowErrors if any row fails."""
-        return self.embed_texts(texts, normalize, prompt_name).raise_for_errors()
+        return self.embed_texts(texts, normalize, prompt_name, truncate=truncate, dimensions=dimensions,
+                                output_dtype=output_dtype).raise_for_errors()
 
-    def encode_tokens(self, tokens, normalize: bool = True) -> np.ndarray:
+    def encode_tokens(self, tokens, normalize: bool = True, *, dimensions: int | None = None,
+                      output_dtype: str = "float32") -> np.ndarray:
         """Embed token-id rows (list of int lists or an Arrow list array) -> (N, D) float32."""
-        return self.embed_tokens(tokens, normalize).raise_for_errors()
+        return self.embed_tokens(tokens, normalize, dimensions=dimensions,
+                                 output_dtype=output_dtype).raise_for_errors()
 
-    def encode_image(self, images, normalize: bool = True) -> np.ndarray:
+    def encode_image(self, images, normalize: bool = True, *, dimensions: int | None = None,
+                     output_dtype: str = "float32") -> np.ndarray:
         """Embed encoded images (list of bytes or Arrow binary array) -> (N, D) float32."""
-        return self.embed_images(images, normalize).raise_for_errors()
+        return self.embed_images(images, normalize, dimensions=dimensions,
+                                 output_dtype=output_dtype).raise_for_errors()
 
-    def encode_pixels(self, pixels, normalize: bool = True) -> np.ndarray:
+    def output_options(self, dimensions: int | None = None, output_dtype: str = "float32") -> OutputOptions:
+        """The checked output options of a call (engine.output): ``dimensions`` from 1 to D (only D for a model
+        that declares it cannot be truncated), ``output_dtype`` one of ``engine.output.OUTPUT_DTYPES``.
+
+        Raises:
+            InputError: a bad value; the message says which values are accepted.
+        """
+        options = OutputOptions.create(dimensions, output_dtype)
+        options.check(self.info.dim, self.info.matryoshka_dims, f"model {self.info.name!r}")
+        return options
+
+    def encode_pixels(self, pixels, normalize: bool = True, *, dimensions: int | None = None,
+                      output_dtype: str = "float32") -> np.ndarray:
         """Embed preprocessed pixels (N, 3, H, W) float32 (numpy or torch) -> (N, D) float32."""
         self._need("image")
+        options = self.output_options(dimensions, output_dtype)
         x = torch.as_tensor(np.ascontiguousarray(pixels) if isinstance(pixels, np.ndarray) else pixels)
         c, side = self.image.channels, self.image.size
         if x.ndim != 4 or tuple(x.shape[1:]) != (c, side, side):
@@ -150,7 +188,7 @@ class Model:
         out = np.zeros((x.shape[0], self.info.dim), dtype=np.float32)
         for s in range(0, x.shape[0], self.limits.image_batch):
             out[s:s + self.limits.image_batch] = self._image_core(x[s:s + self.limits.image_batch], normalize)
-        return out
+        return out if options.is_default else convert(out, options, normalize).values
 
     def similarity(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """Similarity matrix (len(a), len(b)) of two embedding sets: the network's own score of the L2-normalized
@@ -162,30 +200,39 @@ class Model:
         score = getattr(self.net, "similarity", None)
         return a @ b.T if score is None else score(a, b)
 
-    def embed_texts(self, texts, normalize: bool = True, prompt_name: str | None = None) -> EmbedResult:
+    def embed_texts(self, texts, normalize: bool = True, prompt_name: str | None = None, *, truncate: bool = True,
+                    dimensions: int | None = None, output_dtype: str = "float32") -> EmbedResult:
         """Embed texts; a null or non-string row is an error for that row only. ``prompt_name``: one of the
-        model's prompts (``info.prompts``) to put before every text; None: the default prompt, if any."""
-        rows, errors = self.prepare_texts(texts, prompt_name)
-        return self._embed_token_rows(rows, errors, normalize)
+        model's prompts (``info.prompts``) to put before every text; None: the default prompt, if any.
+        ``truncate``: cut texts at the model's token limit (False: a longer text is a row error)."""
+        options = self.output_options(dimensions, output_dtype)
+        rows, errors = self.prepare_texts(texts, prompt_name, truncate=truncate)
+        return apply_output_options(self._embed_token_rows(rows, errors, normalize), options, normalize)
 
-    def embed_tokens(self, tokens, normalize: bool = True) -> EmbedResult:
+    def embed_tokens(self, tokens, normalize: bool = True, *, dimensions: int | None = None,
+                     output_dtype: str = "float32") -> EmbedResult:
         """Embed token-id rows; ids outside the vocabulary or rows too long (the model's positions,
-        ``row_limits.max_row_tokens``) are row errors."""
+        ``row_limits.max_row_tokens``) are row errors (token-id rows are never cut: that would drop their closing
+        special token)."""
+        options = self.output_options(dimensions, output_dtype)
         rows, errors = self.prepare_tokens(tokens)
-        return self._embed_token_rows(rows, errors, normalize)
+        return apply_output_options(self._embed_token_rows(rows, errors, normalize), options, normalize)
 
     # The pre / core split, public so that a scheduler (engine.scheduler) can run the
     # CPU stage in its callers' threads and batch the device stage across callers.
     # embed_texts(t) == embed_token_rows on the good rows of prepare_texts(t).
-    def prepare_texts(self, texts, prompt_name: str | None = None
+    def prepare_texts(self, texts, prompt_name: str | None = None, truncate: bool = True
                       ) -> tuple[list[np.ndarray | None], list[str | None]]:
-        """Pre stage of :meth:`embed_texts`: tokenize after the prompt (truncating to the model's length).
+        """Pre stage of :meth:`embed_texts`: tokenize after the prompt, truncating to the model's length (with
+        ``truncate=False`` a longer text is a row error naming its token count and the limit).
 
         Returns (int64 id row or None, error or None) per row. Raises ModalityError, InputError (an unknown
-        prompt_name).
+        prompt_name, a ``truncate`` that is not a bool).
         """
         self._need("text")
-        return self.tokenizer.encode(texts, self.prompt(prompt_name))
+        if not isinstance(truncate, bool):
+            raise InputError(f"truncate must be True or False; got {truncate!r:.80}")
+        return self.tokenizer.encode(texts, self.prompt(prompt_name), truncate=truncate)
 
     def prompt(self, prompt_name: str | None) -> str:
         """The text of the model's prompt ``prompt_name`` (None: the default prompt, "" without one).
@@ -242,9 +289,11 @@ class Model:
         self._need("text")
         return self._embed_token_rows(list(rows), [None] * len(rows), normalize).embeddings
 
-    def embed_images(self, images, normalize: bool = True) -> EmbedResult:
+    def embed_images(self, images, normalize: bool = True, *, dimensions: int | None = None,
+                     output_dtype: str = "float32") -> EmbedResult:
         """Embed encoded images; an undecodable image is an error for that row only."""
         self._need("image")
+        options = self.output_options(dimensions, output_dtype)
         n = len(images)
         out = np.zeros((n, self.info.dim), dtype=np.float32)
         errors: list[str | None] = [None] * n
@@ -266,7 +315,7 @@ class Model:
                 errors[s + j] = e
             if len(batch.index):
                 out[s + batch.index] = self._image_core(torch.as_tensor(batch.pixels), normalize)
-        return EmbedResult(out, errors)
+        return apply_output_options(EmbedResult(out, errors), options, normalize)
 
     def text_groups(self, lengths: Sequence[int]) -> list[tuple[np.ndarray, int]]:
         """How rows of these token lengths go to the device: (row indices, padded length) per forward pass."""
@@ -314,6 +363,14 @@ class Model:
             lens = torch.tensor([len(rows[i]) for i in idx], device=self._device)
             out[idx] = self._post(self.net.encode_text(ids_t, lens), normalize)
         return EmbedResult(out, errors)
+
+
+def apply_output_options(result: EmbedResult, options: OutputOptions, normalize: bool) -> EmbedResult:
+    """``result`` (N, D) float32 as ``options`` asks (engine.output.convert); itself with default options."""
+    if options.is_default:
+        return result
+    out = convert(result.embeddings, options, normalize)
+    return EmbedResult(out.values, result.errors, out.scale, out.offset)
 
 
 def load_model(path: str | Path, device: str = "cpu", precision: str = "fp32", name: str | None = None,
@@ -366,12 +423,25 @@ def load_model(path: str | Path, device: str = "cpu", precision: str = "fp32", n
                      modalities=parts.modalities, dim=parts.dim, precision=precision, device=str(dev),
                      max_tokens=parts.text.max_tokens if parts.text is not None else 0,
                      prompts=parts.text.prompts if parts.text is not None else (),
-                     default_prompt=parts.text.default_prompt if parts.text is not None else None)
+                     default_prompt=parts.text.default_prompt if parts.text is not None else None,
+                     matryoshka_dims=_declared_sizes(manifest.matryoshka_dims, parts.dim, path))
     log.info("loaded %s%s in %.1f ms", info, " (weights packed for oneDNN)" if pack_weights else "",
              (time.perf_counter() - t0) * 1e3)
     if limits is None:  # a GPU wants bigger image batches; bench/results/h200.md was measured at 128
         limits = BatchLimits(image_batch=128) if dev.type == "cuda" else BatchLimits()
     return Model(info, net, parts.config, parts.text, parts.image, tokenizer, image_processor, limits, row_limits)
+
+
+def _declared_sizes(sizes: tuple[int, ...] | None, dim: int, path: Path) -> tuple[int, ...] | None:
+    """The Matryoshka sizes of the manifest that the model can give (1 to ``dim``); others are dropped with a
+    warning (a model card's typo must not make the model unusable)."""
+    if sizes is None:
+        return None
+    kept = tuple(k for k in sizes if 1 <= k <= dim)
+    if len(kept) != len(sizes):
+        log.warning("%s: manifest.json declares Matryoshka sizes %s, but the embeddings have %d components; "
+                    "ignoring %s", path, list(sizes), dim, [k for k in sizes if k not in kept])
+    return kept if kept or not sizes else None  # none left: undeclared, not "must not be truncated"
 
 
 def _text_front(path: Path, text: TextSide | None):

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.errors import SchedulerClosed
-from engine.model import EmbedResult, Model
+from engine.model import EmbedResult, Model, apply_output_options
 from engine.tokenizer import length_buckets
 
 log = logging.getLogger(__name__)
@@ -136,28 +136,41 @@ class Scheduler:
         self._worker.start()
 
     # ------------------------------------------------------------------ public surface
+    # The output options (dimensions, output_dtype) apply to each caller's own rows once they are all computed:
+    # rows of callers that asked for different ones share device batches.
     def embed_images(self, images, normalize: bool = True,
-                     cancelled: Callable[[], bool] | None = None) -> EmbedResult:
+                     cancelled: Callable[[], bool] | None = None, *, dimensions: int | None = None,
+                     output_dtype: str = "float32") -> EmbedResult:
         """As :meth:`Model.embed_images`, batched with other callers. Raises CancelledError if cancelled."""
-        return self.submit("image", images, normalize, cancelled).result()
+        options = self.model.output_options(dimensions, output_dtype)
+        result = self.submit("image", images, normalize, cancelled).result()
+        return apply_output_options(result, options, normalize)
 
     def embed_texts(self, texts, normalize: bool = True, cancelled: Callable[[], bool] | None = None,
-                    prompt_name: str | None = None) -> EmbedResult:
+                    prompt_name: str | None = None, *, truncate: bool = True, dimensions: int | None = None,
+                    output_dtype: str = "float32") -> EmbedResult:
         """As :meth:`Model.embed_texts`, batched with other callers (by tokens)."""
-        return self.submit("text", texts, normalize, cancelled, prompt_name).result()
+        options = self.model.output_options(dimensions, output_dtype)
+        future = self.submit("text", texts, normalize, cancelled, prompt_name, truncate=truncate)
+        return apply_output_options(future.result(), options, normalize)
 
     def embed_tokens(self, tokens, normalize: bool = True,
-                     cancelled: Callable[[], bool] | None = None) -> EmbedResult:
+                     cancelled: Callable[[], bool] | None = None, *, dimensions: int | None = None,
+                     output_dtype: str = "float32") -> EmbedResult:
         """As :meth:`Model.embed_tokens` (rows over the model's ``row_limits`` are row errors)."""
-        return self.submit("tokens", tokens, normalize, cancelled).result()
+        options = self.model.output_options(dimensions, output_dtype)
+        result = self.submit("tokens", tokens, normalize, cancelled).result()
+        return apply_output_options(result, options, normalize)
 
     def submit(self, kind: str, values, normalize: bool = True, cancelled: Callable[[], bool] | None = None,
-               prompt_name: str | None = None) -> "Future[EmbedResult]":
-        """Prepare ``values`` in this thread, queue them, return a future of the EmbedResult.
+               prompt_name: str | None = None, truncate: bool = True) -> "Future[EmbedResult]":
+        """Prepare ``values`` in this thread, queue them, return a future of the EmbedResult ((N, D) float32:
+        output options are the caller's to apply, e.g. with ``engine.model.apply_output_options``).
 
         Returns once every row is queued (images are decoded one device batch at a time, so
         compute of the first batch overlaps decoding of the next). ``kind``: "image", "text"
-        or "tokens"; ``prompt_name`` (text) picks one of the model's prompts. Request-level faults
+        or "tokens"; ``prompt_name`` (text) picks one of the model's prompts; ``truncate`` (text) False makes a
+        text over the model's token limit a row error. Request-level faults
         (ModalityError, InputError) raise here, before any row is queued. The future is cancelled if
         ``cancelled()`` turns true before the rows ran.
         """
@@ -171,7 +184,7 @@ class Scheduler:
             if kind == "image":
                 request = self._submit_images(values, normalize, cancelled)
             else:
-                request = self._submit_token_rows(kind, values, normalize, cancelled, prompt_name)
+                request = self._submit_token_rows(kind, values, normalize, cancelled, prompt_name, truncate)
         finally:
             with self._cv:
                 self._preparing -= 1
@@ -228,9 +241,9 @@ class Scheduler:
         return request
 
     def _submit_token_rows(self, kind: str, values, normalize: bool, cancelled,
-                           prompt_name: str | None = None) -> _Request:
+                           prompt_name: str | None = None, truncate: bool = True) -> _Request:
         if kind == "text":
-            rows, errors = self.model.prepare_texts(values, prompt_name)
+            rows, errors = self.model.prepare_texts(values, prompt_name, truncate=truncate)
         else:
             rows, errors = self.model.prepare_tokens(values)  # per-row limits: the model's own
         request = _Request(len(rows), self.info.dim, normalize, cancelled)

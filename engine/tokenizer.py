@@ -104,10 +104,12 @@ class TextTokenizer:
         """Characters of a text that are tokenized at first (see :data:`WINDOW_CHARS_PER_TOKEN`)."""
         return max(WINDOW_MIN_CHARS, WINDOW_CHARS_PER_TOKEN * self.max_length)
 
-    def encode(self, texts: Sequence[str | None] | pa.Array | pa.ChunkedArray, prefix: str | None = None
-               ) -> tuple[list[np.ndarray | None], list[str | None]]:
+    def encode(self, texts: Sequence[str | None] | pa.Array | pa.ChunkedArray, prefix: str | None = None,
+               truncate: bool = True) -> tuple[list[np.ndarray | None], list[str | None]]:
         """Tokenize texts, each after ``prefix`` (default: the tokenizer's own, e.g. a default prompt). Returns
-        (ids per row or None, error per row or None).
+        (ids per row or None, error per row or None). ``truncate``: cut a text longer than :attr:`max_length`
+        tokens (prefix and special tokens included) to that length; False: such a text is a row error naming
+        its token count and the limit.
 
         Only the characters truncation can keep are tokenized: a text longer than :attr:`window` characters
         is cut to that many on the side truncation keeps, which gives the ids of the whole text when a space
@@ -138,10 +140,14 @@ class TextTokenizer:
         for chunk in _chunks(good, [len(values[i]) for i in good], TOKENIZE_CHUNK_CHARS):
             batch = [prefix + values[i] for i in chunk]
             for k, (i, enc) in enumerate(zip(chunk, tok.encode_batch(batch, add_special_tokens=True))):
+                read = len(values[i]) if i in whole else None  # characters tokenized of a text cut to the window
                 if i in whole and not self._kept_inside(enc, batch[k], len(prefix)):
-                    enc, errors[i] = self._encode_wider(whole[i](), window, prefix)
+                    enc, errors[i], read = self._encode_wider(whole[i](), window, prefix)
                     if enc is None:
                         continue
+                if not truncate and enc.overflowing:
+                    errors[i] = self._too_long(enc, read)
+                    continue
                 rows[i] = np.asarray(enc.ids, dtype=np.int64)
         return rows, errors
 
@@ -158,23 +164,36 @@ class TextTokenizer:
             return _SPACE.search(text, max(end for _, end in spans)) is not None
         return _SPACE.search(text, prefix_chars, min(start for start, _ in spans)) is not None
 
+    def _too_long(self, enc, read: int | None) -> str:
+        """The row error of a text over :attr:`max_length` tokens when the request does not truncate: ``enc`` is
+        its truncated encoding; ``read`` how many characters of a text longer than the window were tokenized
+        (None: the whole text was)."""
+        tokens = len(enc.ids) + sum(sum(1 for special in o.special_tokens_mask if not special)
+                                    for o in enc.overflowing)  # the kept ids + the content of the cut-off rest
+        which = "first" if self.truncation_side == "right" else "last"
+        count = (f"the text is {tokens} tokens long" if read is None
+                 else f"the text's {which} {read} characters alone are {tokens} tokens")
+        return (f"{count} (prompt and special tokens included), over the model's limit of {self.max_length} "
+                "tokens; the request set truncate=false: shorten or split the text, or send it with truncate=true "
+                "to have it cut at the limit")
+
     def _encode_wider(self, text: str, window: int, prefix: str):
-        """Encode one long text from growing windows until the kept tokens lie inside the cut; (encoding, None)
-        or (None, the row error)."""
+        """Encode one long text from growing windows until the kept tokens lie inside the cut; (encoding, None,
+        characters of the text encoded or None for all of them) or (None, the row error, None)."""
         limit = window * MAX_WINDOW_GROWTH
         while True:
             window *= 4
             part = _cut(text, window, self.truncation_side)
             enc = self._tok.encode(prefix + part, add_special_tokens=True)
             if len(part) == len(text) or self._kept_inside(enc, prefix + part, len(prefix)):
-                return enc, None
+                return enc, None, (None if len(part) == len(text) else len(part))
             if window >= limit:
                 which = "first" if self.truncation_side == "right" else "last"
                 return None, (f"text of {len(text)} characters: the {self.max_length} tokens the model keeps could "
                               f"not be told from its {which} {window} characters (too few tokens there, or no space "
                               f"between them and the rest), and a text is read at most that far "
                               f"({MAX_WINDOW_GROWTH}x {self.window} characters); cut the text, or remove long runs "
-                              "of spaces or symbols")
+                              "of spaces or symbols"), None
 
 
 # How much of a long text is tokenized. A token covers a few characters of real text (English ~4, a rare

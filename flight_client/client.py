@@ -9,6 +9,12 @@ Imports only pyarrow and numpy (never torch or the engine). Protocol:
 
 Embeddings come back as numpy views of the received Arrow buffers (read-only, no copy)
 when the result is one batch; several result batches are concatenated (one copy).
+
+Every embed call takes the request options of the protocol: ``dimensions`` (Matryoshka truncation to the first
+K components), ``output_dtype`` (float32, float16, int8, uint8, binary, ubinary) and, for texts and token ids,
+``truncate`` (False: a text over the model's token limit is a row error). The embed_* helpers return the
+values; int8 / uint8 come with a per-row scale (and offset), which ``embed_table`` / ``embed_stream`` return as
+the ``embedding_scale`` / ``embedding_offset`` columns.
 """
 from __future__ import annotations
 
@@ -47,9 +53,10 @@ class EmbeddingRowErrors(Exception):
 
 
 def embeddings_to_numpy(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """(N, D) float32 numpy view of an ``embedding`` column, without a copy when possible.
+    """(N, D) numpy view of an ``embedding`` column (float32, or the request's ``output_dtype``: float16, int8,
+    uint8), without a copy when possible.
 
-    Copies only when the column has several chunks or its buffer is not 4-byte aligned.
+    Copies only when the column has several chunks or its buffer is not aligned for its type.
     Null (failed) rows read as whatever the server sent (zeros from the engine).
     """
     if isinstance(column, pa.ChunkedArray):
@@ -58,11 +65,11 @@ def embeddings_to_numpy(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
         else:
             dim = column.type.list_size
             parts = [embeddings_to_numpy(c) for c in column.chunks]
-            return np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
+            return np.concatenate(parts) if parts else np.zeros((0, dim), column.type.value_type.to_pandas_dtype())
     dim = column.type.list_size
     values = column.values.slice(column.offset * dim, len(column) * dim)  # (N * D,)
     if values.null_count:
-        flat = values.fill_null(0.0).to_numpy(zero_copy_only=False)
+        flat = values.fill_null(0).to_numpy(zero_copy_only=False)
     else:
         flat = values.to_numpy(zero_copy_only=True)
     if flat.ctypes.data % flat.dtype.alignment:
@@ -192,47 +199,59 @@ class EmbeddingClient:
     # ---- embedding --------------------------------------------------------------------
 
     def embed_texts(self, texts: Sequence[str | None] | pa.Array, model: str | None = None,
-                    normalize: bool = True, errors: str = "raise", prompt_name: str | None = None) -> Any:
+                    normalize: bool = True, errors: str = "raise", prompt_name: str | None = None, *,
+                    dimensions: int | None = None, output_dtype: str = "float32", truncate: bool = True) -> Any:
         """Embed texts -> (N, D) float32; with ``errors="return"``, ``(array, errors)``. ``prompt_name``: one of
         the model's prompts (``models()`` lists them) put before every text; None: the model's default prompt.
+        ``dimensions`` / ``output_dtype``: (N, K) of that dtype ((N, ceil(K / 8)) for binary / ubinary);
+        ``truncate=False``: a text over the model's token limit is a row error.
 
         Raises:
             TypeError: ``texts`` is a single str (wrap it in a list), or a row is not a str
                 or None (the message names the row).
             EmbeddingRowErrors: some rows failed on the server (``errors="raise"``).
         """
-        return self._embed_array(_as_array(texts, "text"), "text", model, normalize, errors, prompt_name)
+        return self._embed_array(_as_array(texts, "text"), "text", model, normalize, errors, prompt_name,
+                                 dimensions=dimensions, output_dtype=output_dtype, truncate=truncate)
 
     def embed_images(self, images: Iterable[bytes | None] | pa.Array, model: str | None = None,
-                     normalize: bool = True, errors: str = "raise") -> Any:
+                     normalize: bool = True, errors: str = "raise", *, dimensions: int | None = None,
+                     output_dtype: str = "float32") -> Any:
         """Embed encoded image files (PNG, JPEG, ...) -> (N, D) float32 (see embed_texts).
 
         Raises:
             TypeError: ``images`` is a single bytes / bytearray / memoryview (wrap it in a
                 list), or a row is not bytes-like or None.
         """
-        return self._embed_array(_as_array(images, "image"), "image", model, normalize, errors)
+        return self._embed_array(_as_array(images, "image"), "image", model, normalize, errors,
+                                 dimensions=dimensions, output_dtype=output_dtype)
 
     def embed_tokens(self, tokens: Sequence[Sequence[int]] | pa.Array, model: str | None = None,
-                     normalize: bool = True, errors: str = "raise") -> Any:
-        """Embed token-id sequences (special tokens included) -> (N, D) float32 (see embed_texts).
+                     normalize: bool = True, errors: str = "raise", *, dimensions: int | None = None,
+                     output_dtype: str = "float32", truncate: bool = True) -> Any:
+        """Embed token-id sequences (special tokens included) -> (N, D) float32 (see embed_texts). Token-id rows
+        are never cut: one over the model's limit is a row error whatever ``truncate`` says.
 
         Raises:
             TypeError: ``tokens`` is one flat sequence of ids or a str / bytes (wrap it in a
                 list), or a row or an id has the wrong type.
             ValueError: a token id is outside the int32 range.
         """
-        return self._embed_array(_as_array(tokens, "tokens"), "tokens", model, normalize, errors)
+        return self._embed_array(_as_array(tokens, "tokens"), "tokens", model, normalize, errors,
+                                 dimensions=dimensions, output_dtype=output_dtype, truncate=truncate)
 
     def embed_table(self, table: pa.Table, column: str | None = None, kind: str = "text",
                     passthrough: Sequence[str] = (), model: str | None = None,
-                    normalize: bool = True, prompt_name: str | None = None) -> pa.Table:
-        """Embed one column of a table -> table of passthrough columns, ``embedding``, ``error``.
+                    normalize: bool = True, prompt_name: str | None = None, *, dimensions: int | None = None,
+                    output_dtype: str = "float32", truncate: bool = True) -> pa.Table:
+        """Embed one column of a table -> table of passthrough columns, ``embedding`` (``embedding_scale`` and,
+        uint8, ``embedding_offset`` for int8 / uint8 output), ``error``.
 
         Row errors do not raise: they are in the ``error`` column.
         """
         command = protocol.EmbedCommand.create(kind, model=model, column=column, normalize=normalize,
-                                               passthrough=passthrough, prompt_name=prompt_name)
+                                               passthrough=passthrough, prompt_name=prompt_name,
+                                               dimensions=dimensions, output_dtype=output_dtype, truncate=truncate)
         names = list(dict.fromkeys([command.column, *command.passthrough]))
         missing = [n for n in names if n not in table.column_names]
         if missing:
@@ -269,7 +288,8 @@ class EmbeddingClient:
 
     def embed_stream(self, batches: Iterable[pa.RecordBatch], kind: str, column: str | None = None,
                      passthrough: Sequence[str] = (), model: str | None = None,
-                     normalize: bool = True, prompt_name: str | None = None) -> Iterator[pa.RecordBatch]:
+                     normalize: bool = True, prompt_name: str | None = None, *, dimensions: int | None = None,
+                     output_dtype: str = "float32", truncate: bool = True) -> Iterator[pa.RecordBatch]:
         """Stream record batches through the server; yields one result batch per input batch.
 
         For inputs larger than memory: a writer thread sends batches ahead while results
@@ -283,7 +303,8 @@ class EmbeddingClient:
             ValueError: a batch's schema differs from the first batch's.
         """
         command = protocol.EmbedCommand.create(kind, model=model, column=column, normalize=normalize,
-                                               passthrough=passthrough, prompt_name=prompt_name)
+                                               passthrough=passthrough, prompt_name=prompt_name,
+                                               dimensions=dimensions, output_dtype=output_dtype, truncate=truncate)
         if isinstance(batches, (pa.RecordBatch, pa.Table)):  # iterating one gives its columns
             alternative = " or pass the table to embed_table(table, ...)" if isinstance(batches, pa.Table) else ""
             raise TypeError(f"batches: expected an iterable of pyarrow RecordBatches, got a single "
@@ -303,13 +324,13 @@ class EmbeddingClient:
                 source = itertools.chain(state.sent, source)  # nothing came back: send them all again
 
     def _embed_array(self, array: pa.Array, kind: str, model: str | None, normalize: bool,
-                     errors: str, prompt_name: str | None = None) -> Any:
+                     errors: str, prompt_name: str | None = None, **options: Any) -> Any:
         if errors not in ("raise", "return"):
             raise ValueError(f"errors must be 'raise' or 'return'; got {errors!r}")
         column = protocol.DEFAULT_COLUMNS[kind]
         table = pa.table({column: array})
         result = self.embed_table(table, column=column, kind=kind, model=model, normalize=normalize,
-                                  prompt_name=prompt_name)
+                                  prompt_name=prompt_name, **options)
         embeddings = embeddings_to_numpy(result.column(protocol.EMBEDDING_FIELD))
         row_errors = result.column(protocol.ERROR_FIELD).to_pylist()
         if errors == "return":

@@ -16,6 +16,7 @@ Examples:
   arrowengine embed photos/ out/ --kind image --model clip --server grpc://h1:8815 --server grpc://h2:8815
   arrowengine embed photos/ out/ --kind image --model clip --server grpc://h1:8815 --resume
   arrowengine embed photos/ photos.lance --kind image --model clip --server grpc://h1:8815 --index
+  arrowengine embed texts.parquet out/ --kind text --dimensions 256 --output-dtype int8 --no-truncate
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from typing import Any
 
 from convert import store
 from engine import PRECISIONS
+from engine.output import OUTPUT_DTYPES
 from flight_server import protocol
 from flight_server.flags import add_deprecated_alias
 
@@ -72,6 +74,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-name", default=None,
                         help="--kind text: the model's prompt to put before every text, e.g. query or document "
                              "(default: the model's default prompt, if any)")
+    parser.add_argument("--dimensions", type=_positive_int, default=None, metavar="K",
+                        help="keep the first K components of each embedding (Matryoshka truncation; normalized again "
+                             "unless --no-normalize); default: all")
+    parser.add_argument("--output-dtype", default="float32", choices=OUTPUT_DTYPES,
+                        help="embedding values: float32 (default), float16, int8 / uint8 (per-row scale, and offset, "
+                             "in embedding_scale / embedding_offset columns), binary / ubinary (sign bits, 8 per byte)")
+    parser.add_argument("--no-truncate", action="store_true",
+                        help="--kind text: a text over the model's token limit is a row error instead of being cut")
     parser.add_argument("--discover", action="store_true",
                         help="with --server: also use every endpoint the servers advertise in get_flight_info")
     parser.add_argument("--auth-token-file", type=Path, default=None,
@@ -111,10 +121,23 @@ def config_from_args(args: argparse.Namespace) -> Any:
                      model=args.model, servers=servers, batch_rows=args.batch_rows,
                      shard_rows=args.shard_rows, resume=args.resume, passthrough=passthrough,
                      format=args.format, index=args.index,
-                     normalize=not args.no_normalize, prompt_name=args.prompt_name, token=token,
+                     normalize=not args.no_normalize, prompt_name=args.prompt_name,
+                     dimensions=args.dimensions, output_dtype=args.output_dtype, truncate=not args.no_truncate,
+                     token=token,
                      tls_root_certs=args.tls_root_certs,
                      device=args.device, precision=args.precision, cache_dir=args.cache_dir,
                      progress=not args.no_progress, call_timeout_s=args.call_timeout)
+
+
+def _positive_int(text: str) -> int:
+    """argparse type of --dimensions: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer (components to keep), got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer (components to keep), got {value}")
+    return value
 
 
 def discover_servers(servers: tuple[str, ...], model: str | None, token: str | None,

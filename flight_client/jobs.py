@@ -34,6 +34,7 @@ import pyarrow.flight as flight
 
 from convert import store
 from engine import EngineNotInstalledError, require_engine, set_thread_defaults
+from engine.errors import InputError
 from flight_client import lance_output
 from flight_client.job_io import (MANIFEST_NAME, IMAGE_COLUMN, ImageFolderSource, JobInputError,
                                   JobManifest, ParquetSource, ShardWriter, clean_output, open_source)
@@ -44,9 +45,9 @@ log = logging.getLogger("arrowengine.embed")
 
 # Settings recorded in the manifest that a resumed run must repeat (they decide the output).
 RESUME_KEYS = ("kind", "column", "model", "passthrough", "batch_rows", "shard_rows", "normalize", "precision",
-               "prompt_name", "format")
-# The value a manifest written before a setting existed stands for.
-RESUME_DEFAULTS = {"format": "parquet"}
+               "prompt_name", "format", "dimensions", "output_dtype", "truncate")
+# What a manifest written before a setting existed means by its absence.
+RESUME_DEFAULTS = {"format": "parquet", "dimensions": None, "output_dtype": "float32", "truncate": True}
 OUTPUT_FORMATS = ("parquet", "lance")
 
 
@@ -80,6 +81,9 @@ class JobConfig:
     index: bool = False                       # lance: build the IVF-PQ vector index at the end
     normalize: bool = True                    # L2-normalize embeddings
     prompt_name: str | None = None            # text: the model's prompt before every text (None: its default)
+    dimensions: int | None = None             # keep the first K components (None: all D)
+    output_dtype: str = "float32"             # float32 | float16 | int8 | uint8 | binary | ubinary
+    truncate: bool = True                     # text: cut at the model's token limit (False: a row error)
     token: str | None = field(default=None, repr=False)  # bearer token for the servers
     tls_root_certs: Path | None = None        # CA of the servers (grpc+tls://)
     device: str = "cpu"                       # in-process only
@@ -95,6 +99,9 @@ class JobConfig:
         if self.prompt_name is not None and self.kind != "text":
             raise ValueError(f"--prompt-name applies to --kind text (a prompt goes before each text); got --kind "
                              f"{self.kind}")
+        protocol.output_options(self.dimensions, self.output_dtype)  # ProtocolError (a ValueError) if bad
+        if not self.truncate and self.kind == "image":
+            raise ValueError("--no-truncate applies to --kind text and tokens (token limits); got --kind image")
         if self.call_timeout_s is not None and self.call_timeout_s <= 0:
             raise ValueError(f"call_timeout_s must be > 0 seconds (or None: no limit); got {self.call_timeout_s}")
         if self.batch_rows < 1 or self.shard_rows < 1:
@@ -129,7 +136,8 @@ class JobConfig:
                 "passthrough": None if self.passthrough is None else list(self.passthrough),
                 "batch_rows": self.batch_rows, "shard_rows": self.shard_size, "normalize": self.normalize,
                 "precision": None if self.servers else self.precision, "prompt_name": self.prompt_name,
-                "format": self.output_format}
+                "format": self.output_format,
+                "dimensions": self.dimensions, "output_dtype": self.output_dtype, "truncate": self.truncate}
 
 
 @dataclass(frozen=True)
@@ -234,7 +242,8 @@ def _embed_all(config: JobConfig, source: Any, manifest: JobManifest, pool: Endp
     images = isinstance(source, ImageFolderSource)
     column = IMAGE_COLUMN if images else config.input_column
     kept = list(source.output_columns)
-    schema = protocol.output_schema(dim, [source.schema.field(c) for c in kept])
+    schema = protocol.output_schema(dim, [source.schema.field(c) for c in kept], config.dimensions,
+                                    config.output_dtype)
     lance = manifest.output_format == "lance"
     writer = (lance_output.LanceWriter if lance else ShardWriter)(output, manifest, config.shard_size)
     base_seconds = manifest.seconds
@@ -243,12 +252,12 @@ def _embed_all(config: JobConfig, source: Any, manifest: JobManifest, pool: Endp
     items = ((batch, batch.data.column(column)) for batch in source.batches(manifest.rows_done,
                                                                              config.batch_rows))
     try:
-        for batch, embeddings, row_errors in pool.map(items):
+        for batch, outputs, row_errors in pool.map(items):
             for row, reason in batch.read_errors.items():
                 row_errors[row] = reason  # the engine saw a null; say why it was null
             failed = sum(e is not None for e in row_errors)
             out = pa.RecordBatch.from_arrays(
-                [*(batch.data.column(c) for c in kept), embeddings, pa.array(row_errors, pa.string())],
+                [*(batch.data.column(c) for c in kept), *outputs, pa.array(row_errors, pa.string())],
                 schema=schema)
             manifest.seconds = base_seconds + time.perf_counter() - t0
             writer.add(out, failed)
@@ -273,8 +282,6 @@ def _embed_all(config: JobConfig, source: Any, manifest: JobManifest, pool: Endp
 def _is_request_fault(exc: BaseException) -> bool:
     """Whether the job's own request is wrong (column type, model, limits): the same command fails again. A
     full disk, memory or a crash is not: the same command may then succeed."""
-    from engine.errors import InputError  # no torch import
-
     if isinstance(exc, flight.FlightError):
         return protocol.error_code(exc) in FATAL_CODES
     return isinstance(exc, (protocol.ProtocolError, InputError))
@@ -351,6 +358,11 @@ def _check_endpoints(config: JobConfig, embedders: list[Any], manifest: JobManif
             raise JobUsageError(f"model {meta['name']!r} on {embedder.name} embeds {meta['modalities']}, not "
                            f"{config.kind!r} input; pick a model with {modality} (--model)")
         dims[embedder.name] = int(meta["dimension"])
+        try:
+            protocol.output_options(config.dimensions, config.output_dtype).check(
+                dims[embedder.name], meta.get("matryoshka_dims"), f"model {meta['name']!r}")
+        except InputError as exc:
+            raise JobUsageError(f"--dimensions: {exc}") from exc
         usable.append(embedder)
     if not usable:
         raise JobError(f"no endpoint could be reached ({'; '.join(problems)}); start a server or fix --server")
@@ -369,7 +381,9 @@ def make_embedders(config: JobConfig) -> list[Any]:
     if config.servers:
         return [FlightEmbedder(location, config.kind, model=config.model, normalize=config.normalize,
                                token=config.token, tls_root_certs=config.tls_root_certs,
-                               timeout_s=config.call_timeout_s, prompt_name=config.prompt_name)
+                               timeout_s=config.call_timeout_s, prompt_name=config.prompt_name,
+                               dimensions=config.dimensions, output_dtype=config.output_dtype,
+                               truncate=config.truncate)
                 for location in dict.fromkeys(config.servers)]
     try:
         require_engine("arrowengine embed without --server (in-process)",
@@ -388,4 +402,5 @@ def make_embedders(config: JobConfig) -> list[Any]:
         model = engine.load_model(model_dir, device=config.device, precision=config.precision)
     except Exception as exc:
         raise JobUsageError(f"cannot load the model {model_dir}: {type(exc).__name__}: {exc}") from exc
-    return [LocalEmbedder(model, config.kind, normalize=config.normalize, prompt_name=config.prompt_name)]
+    return [LocalEmbedder(model, config.kind, normalize=config.normalize, prompt_name=config.prompt_name,
+                          dimensions=config.dimensions, output_dtype=config.output_dtype, truncate=config.truncate)]

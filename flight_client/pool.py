@@ -36,36 +36,44 @@ class AllEndpointsFailed(RuntimeError):
 
 
 class Embedder(Protocol):
-    """Something that embeds one column: ``embed(array) -> (embedding array, errors)``."""
+    """Something that embeds one column: ``embed(array) -> (output columns, errors)``."""
 
     name: str
 
     def describe(self) -> dict[str, Any]:
         """Model metadata (keys of ``protocol.METADATA_KEYS``)."""
 
-    def embed(self, column: pa.Array) -> tuple[pa.Array, list[str | None]]:
-        """``fixed_size_list<float32>[D]`` (null where a row failed) and one error per row."""
+    def embed(self, column: pa.Array) -> tuple[list[pa.Array], list[str | None]]:
+        """The columns of ``protocol.output_fields`` (``embedding``, null where a row failed, then the scale /
+        offset of int8 / uint8 output) and one error per row."""
 
 
 class LocalEmbedder:
-    """The engine in this process (``engine.load_model(...)`` result)."""
+    """The engine in this process (``engine.load_model(...)`` result). ``dimensions`` / ``output_dtype`` apply
+    to each batch's float32 result (``protocol.output_columns``); ``truncate`` (text) goes to the tokenizer."""
 
     def __init__(self, model: Any, kind: str, normalize: bool = True, name: str = "in-process",
-                 prompt_name: str | None = None) -> None:
+                 prompt_name: str | None = None, dimensions: int | None = None, output_dtype: str = "float32",
+                 truncate: bool = True) -> None:
         self.model = model
         self.kind = kind
         self.normalize = normalize
         self.name = name
+        self.dimensions = dimensions
+        self.output_dtype = output_dtype
         self._embed = getattr(model, protocol.EMBED_METHODS[kind])
-        self._options = {"prompt_name": prompt_name} if prompt_name is not None else {}
+        self._options: dict[str, Any] = {"prompt_name": prompt_name} if prompt_name is not None else {}
+        if not truncate and kind == "text":  # token-id rows are never cut
+            self._options["truncate"] = False
 
     def describe(self) -> dict[str, Any]:
         return protocol.model_metadata(self.model.info.name, self.model.info, default=True)
 
-    def embed(self, column: pa.Array) -> tuple[pa.Array, list[str | None]]:
+    def embed(self, column: pa.Array) -> tuple[list[pa.Array], list[str | None]]:
         result = self._embed(column, normalize=self.normalize, **self._options)
         errors = list(result.errors)
-        return protocol.embedding_column(result.embeddings, errors), errors
+        return protocol.output_columns(result.embeddings, errors, self.normalize, self.dimensions,
+                                       self.output_dtype), errors
 
 
 class FlightEmbedder:
@@ -73,12 +81,14 @@ class FlightEmbedder:
 
     def __init__(self, location: str, kind: str, model: str | None = None, normalize: bool = True,
                  token: str | None = None, tls_root_certs: bytes | str | Path | None = None,
-                 timeout_s: float | None = None, prompt_name: str | None = None) -> None:
+                 timeout_s: float | None = None, prompt_name: str | None = None, dimensions: int | None = None,
+                 output_dtype: str = "float32", truncate: bool = True) -> None:
         self.name = location
         self.kind = kind
         self.model = model
         self.normalize = normalize
         self.prompt_name = prompt_name
+        self.options: dict[str, Any] = {"dimensions": dimensions, "output_dtype": output_dtype, "truncate": truncate}
         self.column = protocol.DEFAULT_COLUMNS[kind]
         # No client-side retries: the pool retries, on another endpoint when it can. The client's own batch
         # limits split a job batch of big rows into several record batches of the one exchange, within the
@@ -94,11 +104,13 @@ class FlightEmbedder:
         raise LookupError(f"server {self.name} does not serve model {self.model!r}; it serves "
                           f"{[m['name'] for m in models]}; pick one with --model")
 
-    def embed(self, column: pa.Array) -> tuple[pa.Array, list[str | None]]:
+    def embed(self, column: pa.Array) -> tuple[list[pa.Array], list[str | None]]:
         table = pa.table({self.column: column})
         result = self.client.embed_table(table, column=self.column, kind=self.kind, model=self.model,
-                                         normalize=self.normalize, prompt_name=self.prompt_name)
-        return (result.column(protocol.EMBEDDING_FIELD).combine_chunks(),
+                                         normalize=self.normalize, prompt_name=self.prompt_name, **self.options)
+        outputs = [name for name in result.column_names if name in protocol.RESERVED_FIELDS
+                   and name != protocol.ERROR_FIELD]  # embedding, then the scale / offset of int8 / uint8
+        return ([result.column(name).combine_chunks() for name in outputs],
                 result.column(protocol.ERROR_FIELD).to_pylist())
 
     def close(self) -> None:

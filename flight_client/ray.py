@@ -171,12 +171,12 @@ class _EmbedActor:
             embeddings = pa.array([], type=protocol.embedding_type(self.dim))
             errors: list[str | None] = []
         else:
-            embeddings, errors = self.embed(batch.column(spec.column).combine_chunks())
+            (embeddings,), errors = self.embed(batch.column(spec.column).combine_chunks())  # float32: one column
         batch = batch.append_column(pa.field(spec.output_column, embeddings.type, nullable=True), embeddings)
         return batch.append_column(pa.field(spec.error_column, pa.string(), nullable=True),
                                    pa.array(errors, pa.string()))
 
-    def embed(self, column: pa.Array) -> tuple[pa.Array, list[str | None]]:
+    def embed(self, column: pa.Array) -> tuple[list[pa.Array], list[str | None]]:
         raise NotImplementedError
 
 
@@ -197,7 +197,7 @@ class EngineEmbedActor(_EmbedActor):
         self.dim = model.info.dim
         self._embedder = LocalEmbedder(model, spec.kind, normalize=spec.normalize)
 
-    def embed(self, column: pa.Array) -> tuple[pa.Array, list[str | None]]:
+    def embed(self, column: pa.Array) -> tuple[list[pa.Array], list[str | None]]:
         return self._embedder.embed(column)
 
 
@@ -217,7 +217,7 @@ class FlightEmbedActor(_EmbedActor):
         self._next = random.randrange(len(self._embedders))  # actors start on different servers
         self.dim = self._call(lambda e: int(e.describe()["dimension"]))
 
-    def embed(self, column: pa.Array) -> tuple[pa.Array, list[str | None]]:
+    def embed(self, column: pa.Array) -> tuple[list[pa.Array], list[str | None]]:
         return self._call(lambda e: e.embed(column))
 
     def _call(self, fn: Any) -> Any:

@@ -44,14 +44,21 @@ Collect = Callable[[], "tuple[pa.RecordBatch, int]"]  # waits for a batch's resu
 
 
 def embedding_batch(passthrough: list[pa.Array], schema: pa.Schema, embeddings: np.ndarray,
-                    errors: list[str | None]) -> pa.RecordBatch:
-    """One output batch: passthrough arrays (as they are), ``embedding``, ``error``.
+                    errors: list[str | None], command: protocol.EmbedCommand | None = None) -> pa.RecordBatch:
+    """One output batch: passthrough arrays (as they are), ``embedding`` (and the scale / offset columns of int8 /
+    uint8 output), ``error``.
 
-    ``embedding`` wraps ``embeddings``' own memory (no copy); rows with an error are null.
+    The command's output options (``dimensions``, ``output_dtype``) apply here, to this request's rows once the
+    engine computed them (:func:`protocol.output_columns`); ``embedding`` wraps the engine's own memory (default
+    options) or the conversion's (no further copy); rows with an error are null.
     """
-    embedding = protocol.embedding_column(embeddings, errors)
+    if command is None:
+        outputs = protocol.output_columns(embeddings, errors)
+    else:
+        outputs = protocol.output_columns(embeddings, errors, command.normalize, command.dimensions,
+                                          command.output_dtype)
     error = pa.array(errors, type=pa.string())
-    return pa.RecordBatch.from_arrays([*passthrough, embedding, error], schema=schema)
+    return pa.RecordBatch.from_arrays([*passthrough, *outputs, error], schema=schema)
 
 
 class Cancelled(Exception):
@@ -140,6 +147,8 @@ def submitter(model: Any, command: protocol.EmbedCommand,
     Request-level faults raise from ``submit`` itself; a plain model runs synchronously.
     """
     kind, options = command.input, {"prompt_name": command.prompt_name} if command.prompt_name else {}
+    if not command.truncate and kind == "text":  # token-id rows are never cut: over-long ones are always errors
+        options["truncate"] = False
     if callable(getattr(model, "submit", None)):
         return lambda values, normalize: model.submit(kind, values, normalize, cancelled, **options)
     embed = getattr(model, protocol.EMBED_METHODS[kind])
@@ -156,7 +165,7 @@ def failed_batch(command: protocol.EmbedCommand, batch: pa.RecordBatch, out_sche
     """The output batch of an input batch whose every row fails with ``reason`` (zeros, the error)."""
     passthrough = [batch.column(p) for p in command.passthrough]
     n = batch.num_rows
-    out = embedding_batch(passthrough, out_schema, np.zeros((n, dim), np.float32), [reason] * n)
+    out = embedding_batch(passthrough, out_schema, np.zeros((n, dim), np.float32), [reason] * n, command)
     return lambda: (out, n)
 
 
@@ -196,11 +205,13 @@ class Exchange:
                                          "before writing batches (an empty input is one empty batch)") from exc
         check_going(self.context, call, self.abort)
         passthrough_fields = protocol.check_input_schema(command, schema)
-        out_schema = protocol.output_schema(int(model.info.dim), passthrough_fields)
+        out_schema = protocol.output_schema(int(model.info.dim), passthrough_fields, command.dimensions,
+                                            command.output_dtype)
         self.writer.begin(out_schema)
-        log.info("exchange start peer=%s model=%s input=%s column=%s normalize=%s prompt_name=%s", call.peer,
-                 call.model, command.input, protocol.quote(command.column), command.normalize,
-                 protocol.quote(command.prompt_name))
+        log.info("exchange start peer=%s model=%s input=%s column=%s normalize=%s prompt_name=%s dimensions=%s "
+                 "output_dtype=%s truncate=%s", call.peer, call.model, command.input, protocol.quote(command.column),
+                 command.normalize, protocol.quote(command.prompt_name), command.dimensions, command.output_dtype,
+                 command.truncate)
         self._stream(model, command, out_schema)
 
     def _stream(self, model, command: protocol.EmbedCommand, out_schema: pa.Schema) -> None:
@@ -246,7 +257,7 @@ class Exchange:
         passthrough = [batch.column(p) for p in command.passthrough]
         n = batch.num_rows
         if n == 0:
-            return lambda: (embedding_batch(passthrough, out_schema, np.zeros((0, dim), np.float32), []), 0)
+            return lambda: (embedding_batch(passthrough, out_schema, np.zeros((0, dim), np.float32), [], command), 0)
         future = embed(protocol.engine_column(command.input, batch.column(command.column)), command.normalize)
 
         def collect() -> tuple[pa.RecordBatch, int]:
@@ -269,10 +280,11 @@ class Exchange:
                 what = f"{type(exc).__name__}: {exc}" if isinstance(exc, ArrowEngineError) else type(exc).__name__
                 reason = (f"internal error while embedding this batch ({what}); these rows were not embedded: "
                           "send them again, and see the server log if it persists")
-                return embedding_batch(passthrough, out_schema, np.zeros((n, dim), np.float32), [reason] * n), n
+                return embedding_batch(passthrough, out_schema, np.zeros((n, dim), np.float32), [reason] * n,
+                                       command), n
             if not embeddings.flags.c_contiguous:
                 embeddings = np.ascontiguousarray(embeddings)  # the engine promises C order; be safe
-            out = embedding_batch(passthrough, out_schema, embeddings, errors)
+            out = embedding_batch(passthrough, out_schema, embeddings, errors, command)
             return out, sum(e is not None for e in errors)
         return collect
 

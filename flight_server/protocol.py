@@ -1,7 +1,7 @@
 """The ArrowEngine wire protocol, in one place: server and client both import it.
 
-Only ``pyarrow`` (no torch, no engine) so that :mod:`flight_client` stays light
-(``numpy`` only inside :func:`embedding_column`, which is handed a numpy array).
+Only ``pyarrow`` at import (no torch, no engine) so that :mod:`flight_client` stays light; the output options
+are checked and applied by :mod:`engine.output` (numpy only), imported when a command or an output uses them.
 
 Embedding call: ``do_exchange`` with ``FlightDescriptor.for_command(<UTF-8 JSON>)``::
 
@@ -10,7 +10,10 @@ Embedding call: ``do_exchange`` with ``FlightDescriptor.for_command(<UTF-8 JSON>
      "column": "text",              # optional: default "image" / "text" / "input_ids"
      "normalize": true,             # optional: L2-normalize the embeddings (default true)
      "passthrough": ["id"],         # optional: input columns copied to the output (default [])
-     "prompt_name": "query"}        # optional, text input: one of the model's prompts (default: its default)
+     "prompt_name": "query",        # optional, text input: one of the model's prompts (default: its default)
+     "dimensions": 256,             # optional: keep the first K components (default: all D)
+     "output_dtype": "int8",        # optional: float32 (default), float16, int8, uint8, binary, ubinary
+     "truncate": false}             # optional, text input: false = a text over the token limit is a row error
 
 Input batches (any number, any size) carry ``column`` with one of the accepted types:
 
@@ -20,9 +23,10 @@ Input batches (any number, any size) carry ``column`` with one of the accepted t
 
 For every input batch the server sends one output batch with the same rows in the same
 order (:func:`output_schema`): the passthrough columns, ``embedding:
-fixed_size_list<float32>[D]`` (null where the row failed) and ``error: string`` (null
-where the row succeeded). A request-level fault fails the whole call with a Flight error;
-a row-level fault only fills that row's ``error``.
+fixed_size_list<float32>[D]`` (null where the row failed; its type follows ``dimensions`` and
+``output_dtype``, see :func:`output_fields`), for int8 / uint8 ``embedding_scale`` (and uint8
+``embedding_offset``) float32, and ``error: string`` (null where the row succeeded). A request-level
+fault fails the whole call with a Flight error; a row-level fault only fills that row's ``error``.
 
 Discovery: ``list_flights`` gives one FlightInfo per model (descriptor
 ``for_path(<model name>)``, schema = ``output_schema(D)``, ``app_metadata`` = JSON with
@@ -44,7 +48,8 @@ INPUT_KINDS: tuple[str, ...] = ("image", "text", "tokens")
 DEFAULT_COLUMNS: Mapping[str, str] = {"image": "image", "text": "text", "tokens": "input_ids"}
 # Which model modality (``ModelInfo.modalities``) serves each input kind.
 KIND_MODALITY: Mapping[str, str] = {"image": "image", "text": "text", "tokens": "text"}
-COMMAND_KEYS: tuple[str, ...] = ("model", "input", "column", "normalize", "passthrough", "prompt_name")
+COMMAND_KEYS: tuple[str, ...] = ("model", "input", "column", "normalize", "passthrough", "prompt_name", "dimensions",
+                                 "output_dtype", "truncate")
 # The engine model's method that embeds each input kind (``engine.model.Model``, a Scheduler's ``submit`` kinds).
 EMBED_METHODS: Mapping[str, str] = {"image": "embed_images", "text": "embed_texts", "tokens": "embed_tokens"}
 
@@ -52,14 +57,16 @@ EMBED_METHODS: Mapping[str, str] = {"image": "embed_images", "text": "embed_text
 
 EMBEDDING_FIELD = "embedding"
 ERROR_FIELD = "error"
-RESERVED_FIELDS: tuple[str, ...] = (EMBEDDING_FIELD, ERROR_FIELD)
+SCALE_FIELD = "embedding_scale"    # int8 / uint8 output: x ≈ offset + scale * q per row (engine.output)
+OFFSET_FIELD = "embedding_offset"  # uint8 output
+RESERVED_FIELDS: tuple[str, ...] = (EMBEDDING_FIELD, ERROR_FIELD, SCALE_FIELD, OFFSET_FIELD)
 
 # ---- discovery and actions -----------------------------------------------------------
 
 # Keys of the JSON metadata of each model (FlightInfo.app_metadata and the `models` action).
 METADATA_KEYS: tuple[str, ...] = (
     "name", "architecture", "kind", "modalities", "dimension", "precision", "device",
-    "max_tokens", "prompts", "default_prompt", "default",
+    "max_tokens", "prompts", "default_prompt", "matryoshka_dims", "default",
 )
 ACTION_HEALTH = "health"  # {"status": "ok", "uptime_s": float}
 ACTION_READY = "ready"    # {"ready": bool, "models": [name, ...]}
@@ -148,11 +155,15 @@ class EmbedCommand:
     normalize: bool = True           # L2-normalize each embedding
     passthrough: tuple[str, ...] = field(default=())  # input columns echoed to the output
     prompt_name: str | None = None   # text input: the model's prompt put before every text (None: its default)
+    dimensions: int | None = None    # keep the first K components (None: all D)
+    output_dtype: str = "float32"    # engine.output.OUTPUT_DTYPES
+    truncate: bool = True            # text input: cut at the model's token limit (False: a row error)
 
     @classmethod
     def create(cls, input: str, *, model: str | None = None, column: str | None = None,
                normalize: bool = True, passthrough: Sequence[str] = (),
-               prompt_name: str | None = None) -> "EmbedCommand":
+               prompt_name: str | None = None, dimensions: int | None = None, output_dtype: str = "float32",
+               truncate: bool = True) -> "EmbedCommand":
         """Build a validated command, filling the default column for ``input``.
 
         Raises:
@@ -160,16 +171,23 @@ class EmbedCommand:
         """
         names = passthrough if isinstance(passthrough, str) else list(passthrough)  # "id" is not ["i", "d"]
         return _from_mapping({"model": model, "input": input, "column": column, "normalize": normalize,
-                              "passthrough": names, "prompt_name": prompt_name})
+                              "passthrough": names, "prompt_name": prompt_name, "dimensions": dimensions,
+                              "output_dtype": output_dtype, "truncate": truncate})
 
     def to_json(self) -> bytes:
-        """The UTF-8 JSON to put in ``FlightDescriptor.for_command``."""
+        """The UTF-8 JSON to put in ``FlightDescriptor.for_command`` (options only where not the default)."""
         doc: dict[str, Any] = {"input": self.input, "column": self.column,
                                "normalize": self.normalize, "passthrough": list(self.passthrough)}
         if self.model is not None:
             doc["model"] = self.model
         if self.prompt_name is not None:
             doc["prompt_name"] = self.prompt_name
+        if self.dimensions is not None:
+            doc["dimensions"] = self.dimensions
+        if self.output_dtype != "float32":
+            doc["output_dtype"] = self.output_dtype
+        if not self.truncate:
+            doc["truncate"] = False
         return json.dumps(doc).encode("utf-8")
 
     def descriptor(self) -> "Any":
@@ -245,8 +263,33 @@ def _from_mapping(doc: Mapping[str, Any]) -> EmbedCommand:
     if prompt_name is not None and kind != "text":
         raise ProtocolError(f'"prompt_name" applies to "text" input (a prompt is text put before each text); got '
                             f'{kind!r} input: put the prompt\'s token ids in the rows instead')
+    options = output_options(doc.get("dimensions"), doc.get("output_dtype", "float32"))
+    truncate = doc.get("truncate", True)
+    if not isinstance(truncate, bool):
+        raise ProtocolError(f'"truncate" must be true or false; got {quote(truncate)}')
+    if not truncate and kind == "image":
+        raise ProtocolError('"truncate" applies to "text" and "tokens" input (token limits); got "image" input: '
+                            "leave it out")
     return EmbedCommand(input=kind, column=column, model=model, normalize=normalize,
-                        passthrough=tuple(passthrough), prompt_name=prompt_name)
+                        passthrough=tuple(passthrough), prompt_name=prompt_name, dimensions=options.dimensions,
+                        output_dtype=options.output_dtype, truncate=truncate)
+
+
+def output_options(dimensions: Any = None, output_dtype: Any = "float32") -> Any:
+    """The checked ``engine.output.OutputOptions`` of a command's ``dimensions`` and ``output_dtype``.
+
+    Raises:
+        ProtocolError: ``dimensions`` not a positive integer or null, ``output_dtype`` unknown (the message lists
+            the valid ones).
+    """
+    from engine.output import OUTPUT_DTYPES, OutputOptions  # numpy only; imported on use: the client stays light
+
+    if dimensions is not None and (isinstance(dimensions, bool) or not isinstance(dimensions, int) or dimensions < 1):
+        raise ProtocolError(f'"dimensions" must be a positive integer (how many leading components to keep, at most '
+                            f"the model's dimension) or null for all; got {quote(dimensions)}")
+    if not isinstance(output_dtype, str) or output_dtype not in OUTPUT_DTYPES:
+        raise ProtocolError(f'"output_dtype" must be one of {list(OUTPUT_DTYPES)}; got {quote(output_dtype)}')
+    return OutputOptions.create(dimensions, output_dtype)
 
 
 # ---- input types ---------------------------------------------------------------------
@@ -317,36 +360,91 @@ def check_input_schema(command: EmbedCommand, schema: pa.Schema) -> list[pa.Fiel
 
 # ---- output schema and metadata ------------------------------------------------------
 
-def embedding_type(dim: int) -> pa.DataType:
-    """``fixed_size_list<float32>[dim]``, the type of the ``embedding`` column."""
-    return pa.list_(pa.field("item", pa.float32()), dim)
+def embedding_type(width: int, output_dtype: str = "float32") -> pa.DataType:
+    """``fixed_size_list<T>[width]``, the type of the ``embedding`` column: T is float32, float16, int8 or uint8
+    as ``output_dtype`` says (binary: int8, ubinary: uint8, ``width`` bytes of packed sign bits)."""
+    from engine.output import NUMPY_TYPES
+
+    return pa.list_(pa.field("item", pa.from_numpy_dtype(NUMPY_TYPES[output_dtype])), width)
+
+
+def output_fields(dim: int, dimensions: int | None = None, output_dtype: str = "float32") -> list[pa.Field]:
+    """The output columns a model of dimension ``dim`` adds for these options, in order: ``embedding``
+    (``fixed_size_list`` of K values, or ceil(K / 8) bytes for binary / ubinary), then for int8 / uint8
+    ``embedding_scale``, for uint8 ``embedding_offset`` (float32, one per row). ``error`` follows them."""
+    from engine.output import OFFSET_DTYPES, SCALED_DTYPES
+
+    options = output_options(dimensions, output_dtype)
+    fields = [pa.field(EMBEDDING_FIELD, embedding_type(options.width(dim), options.output_dtype), nullable=True)]
+    if options.output_dtype in SCALED_DTYPES:
+        fields.append(pa.field(SCALE_FIELD, pa.float32(), nullable=True))
+    if options.output_dtype in OFFSET_DTYPES:
+        fields.append(pa.field(OFFSET_FIELD, pa.float32(), nullable=True))
+    return fields
 
 
 def embedding_column(embeddings: Any, errors: Sequence[str | None]) -> pa.FixedSizeListArray:
-    """The ``embedding`` column: (N, D) float32 embeddings as ``fixed_size_list<float32>[D]``, rows with an
-    error null.
+    """The ``embedding`` column: (N, W) embeddings as ``fixed_size_list<T>[W]``, rows with an error null.
 
-    A C-contiguous float32 array (what the engine returns) is wrapped without a copy: the column's values
-    buffer is the array's own memory, kept alive by the column. Anything else is converted once first.
+    A C-contiguous float32, float16, int8 or uint8 array (what the engine and :func:`output_columns` make) is
+    wrapped without a copy: the column's values buffer is the array's own memory, kept alive by the column.
+    Anything else is converted to float32 once first.
     """
     import numpy as np  # the callers hand numpy arrays; the module itself needs only pyarrow
 
-    embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
+    embeddings = np.asarray(embeddings)
+    if embeddings.dtype not in (np.float32, np.float16, np.int8, np.uint8):
+        embeddings = embeddings.astype(np.float32)
+    embeddings = np.ascontiguousarray(embeddings)
     if embeddings.ndim != 2:
         raise ValueError(f"embeddings must be a 2-D (rows, dimension) array; got shape {embeddings.shape}")
-    n, dim = embeddings.shape  # (N, D)
+    n, width = embeddings.shape  # (N, W)
     if len(errors) != n:
         raise ValueError(f"one error (or None) per row is needed: {n} rows, {len(errors)} errors")
-    values = pa.Array.from_buffers(pa.float32(), n * dim, [None, pa.py_buffer(embeddings)])
+    value_type = pa.from_numpy_dtype(embeddings.dtype)
+    values = pa.Array.from_buffers(value_type, n * width, [None, pa.py_buffer(embeddings)])
+    return pa.FixedSizeListArray.from_arrays(values, type=pa.list_(pa.field("item", value_type), width),
+                                             mask=_failed_mask(errors))
+
+
+def output_columns(embeddings: Any, errors: Sequence[str | None], normalize: bool = True,
+                   dimensions: int | None = None, output_dtype: str = "float32") -> list[pa.Array]:
+    """The output columns of :func:`output_fields` for (N, D) float32 ``embeddings`` (the engine's result) and
+    one error per row: ``engine.output.convert`` applies ``dimensions`` and ``output_dtype`` (``normalize``: the
+    request normalizes, so truncated rows are normalized again), then every array it made is wrapped without a
+    copy. With the default options the engine's own array becomes the column."""
+    from engine.output import convert
+
+    converted = convert(embeddings, output_options(dimensions, output_dtype), normalize)
+    columns: list[pa.Array] = [embedding_column(converted.values, errors)]
+    for per_row in (converted.scale, converted.offset):
+        if per_row is not None:
+            columns.append(_row_column(per_row, errors))
+    return columns
+
+
+def _row_column(values: Any, errors: Sequence[str | None]) -> pa.Array:
+    """A float32 column wrapping ``values`` (N,) without a copy; null where the row failed."""
+    import numpy as np
+
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    if len(errors) != len(values):
+        raise ValueError(f"one error (or None) per row is needed: {len(values)} rows, {len(errors)} errors")
+    validity = None
+    if any(e is not None for e in errors):  # the bits of a bool array are a validity bitmap
+        validity = pa.array([e is None for e in errors], type=pa.bool_()).buffers()[1]
+    return pa.Array.from_buffers(pa.float32(), len(values), [validity, pa.py_buffer(values)])
+
+
+def _failed_mask(errors: Sequence[str | None]) -> pa.BooleanArray | None:
     failed = [e is not None for e in errors]
-    mask = pa.array(failed, type=pa.bool_()) if any(failed) else None
-    return pa.FixedSizeListArray.from_arrays(values, type=embedding_type(dim), mask=mask)
+    return pa.array(failed, type=pa.bool_()) if any(failed) else None
 
 
-def output_schema(dim: int, passthrough_fields: Sequence[pa.Field] = ()) -> pa.Schema:
-    """The schema of the output batches: passthrough columns, ``embedding``, ``error``."""
-    return pa.schema([*passthrough_fields,
-                      pa.field(EMBEDDING_FIELD, embedding_type(dim), nullable=True),
+def output_schema(dim: int, passthrough_fields: Sequence[pa.Field] = (), dimensions: int | None = None,
+                  output_dtype: str = "float32") -> pa.Schema:
+    """The schema of the output batches: passthrough columns, :func:`output_fields`, ``error``."""
+    return pa.schema([*passthrough_fields, *output_fields(dim, dimensions, output_dtype),
                       pa.field(ERROR_FIELD, pa.string(), nullable=True)])
 
 
@@ -354,7 +452,7 @@ def model_metadata(name: str, info: Any, default: bool = False) -> dict[str, Any
     """JSON-ready metadata of one served model (keys: :data:`METADATA_KEYS`).
 
     ``info`` is the engine's ``ModelInfo`` (duck-typed: architecture, kind, modalities,
-    dim, precision, device, max_tokens, prompts, default_prompt).
+    dim, precision, device, max_tokens, prompts, default_prompt, matryoshka_dims).
     """
     return {
         "name": name,
@@ -367,8 +465,13 @@ def model_metadata(name: str, info: Any, default: bool = False) -> dict[str, Any
         "max_tokens": getattr(info, "max_tokens", None),
         "prompts": dict(getattr(info, "prompts", ()) or ()),
         "default_prompt": getattr(info, "default_prompt", None),
+        "matryoshka_dims": _sizes(getattr(info, "matryoshka_dims", None)),
         "default": default,
     }
+
+
+def _sizes(sizes: Any) -> list[int] | None:
+    return None if sizes is None else [int(k) for k in sizes]
 
 
 def error_info(code: str) -> bytes:

@@ -294,6 +294,7 @@ class EmbeddingServer(flight.FlightServerBase):
         call.model = name
         self._check_modality(name, model, command.input)
         self._check_prompt(name, model, command.prompt_name)
+        self._check_output(name, model, command)
         Exchange(context, reader, writer, call, self.config.limits, self._abort,
                  on_batch=self._batch_arrived, on_written=self._batch_written).run(model, command)
 
@@ -332,13 +333,23 @@ class EmbeddingServer(flight.FlightServerBase):
             raise protocol.ProtocolError(f"unknown prompt_name {protocol.quote(prompt_name)} for model {name!r}: "
                                          f"{have}")
 
+    def _check_output(self, name: str, model: Any, command: protocol.EmbedCommand) -> None:
+        """Refuse ``dimensions`` the model cannot give (engine.output.OutputOptions.check), before any work."""
+        options = protocol.output_options(command.dimensions, command.output_dtype)
+        options.check(int(model.info.dim), getattr(model.info, "matryoshka_dims", None), f"model {name!r}")
+
     # ---- discovery --------------------------------------------------------------------
 
-    def _flight_info(self, name: str) -> flight.FlightInfo:
+    def _flight_info(self, name: str, command: protocol.EmbedCommand | None = None) -> flight.FlightInfo:
+        """A model's FlightInfo; its schema is the output of ``command`` (its options) when one is given."""
         model = self._models[name]
         meta = protocol.model_metadata(name, model.info, default=name == self._default)
         endpoints = [flight.FlightEndpoint(b"", [uri]) for uri in self.advertised_locations()]
-        return flight.FlightInfo(protocol.output_schema(int(model.info.dim)),
+        schema = protocol.output_schema(int(model.info.dim))
+        if command is not None:
+            self._check_output(name, model, command)
+            schema = protocol.output_schema(int(model.info.dim), (), command.dimensions, command.output_dtype)
+        return flight.FlightInfo(schema,
                                  flight.FlightDescriptor.for_path(name), endpoints, -1, -1,
                                  app_metadata=json.dumps(meta).encode("utf-8"))
 
@@ -360,16 +371,16 @@ class EmbeddingServer(flight.FlightServerBase):
             yield self._flight_info(name)
 
     def get_flight_info(self, context, descriptor) -> flight.FlightInfo:
-        """FlightInfo of the model a path ``[name]`` or an embed command names."""
+        """FlightInfo of the model a path ``[name]`` or an embed command names (for a command: the schema of its
+        output, with its ``dimensions`` and ``output_dtype``)."""
         try:
             if descriptor.descriptor_type == flight.DescriptorType.PATH:
                 if len(descriptor.path) != 1:
                     raise protocol.ProtocolError(f"expected a path of one model name; got "
                                                  f"{protocol.quote(descriptor.path)}")
-                name = descriptor.path[0].decode("utf-8", "replace")
-            else:
-                name = protocol.parse_command(descriptor.command, self.config.limits.max_command_bytes).model
-            return self._flight_info(self._resolve(name)[0])
+                return self._flight_info(self._resolve(descriptor.path[0].decode("utf-8", "replace"))[0])
+            command = protocol.parse_command(descriptor.command, self.config.limits.max_command_bytes)
+            return self._flight_info(self._resolve(command.model)[0], command)
         except Exception as exc:
             raise to_flight_error(exc) from exc
 

@@ -391,7 +391,7 @@ def test_list_flights_and_get_flight_info(served):
     meta = json.loads(infos[1].app_metadata)
     assert meta == {"name": "text-only", "architecture": "FakeModel", "kind": "clip", "modalities": ["text"],
                     "dimension": 4, "precision": "fp32", "device": "cpu", "max_tokens": 16, "prompts": {},
-                    "default_prompt": None, "default": False}
+                    "default_prompt": None, "matryoshka_dims": None, "default": False}
     by_path = client.get_flight_info(flight.FlightDescriptor.for_path("text-only"))
     assert json.loads(by_path.app_metadata)["name"] == "text-only"
     by_cmd = client.get_flight_info(cmd(input="text"))

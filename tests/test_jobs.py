@@ -429,7 +429,7 @@ def test_local_embedder_wraps_the_engine_output_without_a_copy():
         def embed_texts(self, column, normalize=True):
             return type("Result", (), {"embeddings": out, "errors": [None, "broken", None]})()
 
-    column, errors = LocalEmbedder(Model(), "text").embed(pa.array(["a", "b", "c"]))
+    (column,), errors = LocalEmbedder(Model(), "text").embed(pa.array(["a", "b", "c"]))
     assert column.values.buffers()[1].address == out.ctypes.data  # protocol.embedding_column: the same memory
     assert column.to_pylist() == [[0, 1, 2, 3], None, [8, 9, 10, 11]] and errors == [None, "broken", None]
     strided = np.arange(24, dtype=np.float64).reshape(3, 8)[:, ::2]  # not float32, not contiguous: one copy
