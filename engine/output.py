@@ -104,8 +104,8 @@ class OutputOptions:
             raise InputError(f"dimensions {k} is more than the {dim} components of {model}'s embeddings; pick 1 "
                              f"to {dim}{sizes}")
         if matryoshka_dims is not None and len(matryoshka_dims) == 0:
-            raise InputError(f"{model} declares no Matryoshka sizes (matryoshka_dims is []): its embeddings must "
-                             f"not be truncated; omit dimensions (or pass {dim})")
+            raise InputError(f"{model} declares that its embeddings must not be truncated (its Matryoshka sizes are "
+                             f"[]); omit dimensions (or pass {dim})")
 
 
 @dataclass(frozen=True)

@@ -126,8 +126,8 @@ def test_which_dimensions_a_model_accepts():
     with pytest.raises(InputError, match=r"dimensions 385 is more than the 384 components of m's embeddings; pick "
                                          r"1 to 384 \(its Matryoshka sizes: \[256, 128\]\)"):
         OutputOptions.create(385).check(384, (128, 256), "m")
-    with pytest.raises(InputError, match=r"m declares no Matryoshka sizes \(matryoshka_dims is \[\]\): its "
-                                         r"embeddings must not be truncated; omit dimensions \(or pass 384\)"):
+    with pytest.raises(InputError, match=r"m declares that its embeddings must not be truncated \(its Matryoshka "
+                                         r"sizes are \[\]\); omit dimensions \(or pass 384\)"):
         OutputOptions.create(128).check(384, (), "m")
 
 
@@ -373,17 +373,17 @@ def test_bad_values_over_flight(served, kwargs, message):
 def test_a_model_that_must_not_be_truncated(served, fixed_clip_dir):
     fixed = engine.load_model(fixed_clip_dir)
     assert fixed.info.matryoshka_dims == ()
-    with pytest.raises(InputError, match="declares no Matryoshka sizes"):
+    with pytest.raises(InputError, match="declares that its embeddings must not be truncated"):
         fixed.embed_texts(["a"], dimensions=16)
     assert fixed.embed_texts(["a"], dimensions=48, output_dtype="binary").embeddings.shape == (1, 6)  # all: fine
     error = flight_error(served, model="fixed", dimensions=16)
-    assert "model 'fixed' declares no Matryoshka sizes (matryoshka_dims is []): its embeddings must not be " \
-           "truncated; omit dimensions (or pass 48)" in str(error)
+    assert "model 'fixed' declares that its embeddings must not be truncated (its Matryoshka sizes are []); omit " \
+           "dimensions (or pass 48)" in str(error)
     meta = {m["name"]: m for m in served.models()}
     assert meta["fixed"]["matryoshka_dims"] == [] and meta["clip"]["matryoshka_dims"] is None
     info = served._client.get_flight_info(flight.FlightDescriptor.for_path("fixed"))
     assert json.loads(info.app_metadata)["matryoshka_dims"] == []
-    with pytest.raises(flight.FlightServerError, match="declares no Matryoshka sizes"):
+    with pytest.raises(flight.FlightServerError, match="declares that its embeddings must not be truncated"):
         served._client.get_flight_info(protocol.EmbedCommand.create("text", model="fixed", dimensions=8).descriptor())
 
 
