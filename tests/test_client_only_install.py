@@ -33,7 +33,7 @@ from flight_client.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("engine", "convert", "flight_server", "flight_client")
-ENGINE_ONLY = ("torch", "cv2", "tokenizers", "safetensors", "prometheus_client")
+ENGINE_ONLY = ("torch", "cv2", "tokenizers", "safetensors", "prometheus_client", "yaml")
 SERVER_EXTRA = 'pip install "arrowengine[server]"'
 TEXTS = ["a photo of a cat", None, "a cup of coffee", "東京の夜景", "the client needs no torch"]
 
