@@ -64,6 +64,9 @@ class EmbedResult:
 
     embeddings: np.ndarray  # (N, D) float32, C-contiguous
     errors: list[str | None] = field(default_factory=list)
+    # Text and token-id input: (N,) int64, the token ids each row ran with (special tokens and prompt included;
+    # 0 for a failed row). None for images.
+    tokens: np.ndarray | None = None
 
     @property
     def ok(self) -> np.ndarray:
@@ -288,7 +291,12 @@ class Model:
             ids_t = torch.from_numpy(ids).to(self._device)
             lens = torch.tensor([len(rows[i]) for i in idx], device=self._device)
             out[idx] = self._post(self.net.encode_text(ids_t, lens), normalize)
-        return EmbedResult(out, errors)
+        return EmbedResult(out, errors, token_counts(rows))
+
+
+def token_counts(rows: Sequence[np.ndarray | None]) -> np.ndarray:
+    """(N,) int64: the length of each prepared id row, 0 where the row failed (``EmbedResult.tokens``)."""
+    return np.array([0 if r is None else len(r) for r in rows], dtype=np.int64)
 
 
 def load_model(path: str | Path, device: str = "cpu", precision: str = "fp32", name: str | None = None,
