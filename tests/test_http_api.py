@@ -504,3 +504,47 @@ def test_the_request_parser_raises_only_api_errors():
         assert all(len(c.values) == len(c.index) for c in calls)
 
     check()
+
+
+def test_serve_says_which_extra_the_http_api_needs(monkeypatch, caplog):
+    import importlib.util
+    import logging
+
+    from flight_server import serve
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "uvicorn" else real(name, *a))
+    caplog.set_level(logging.ERROR)
+    assert serve.main(["--http-port", "0", "--model", "m=/nowhere"]) == 2
+    assert 'arrowengine serve --http-port needs uvicorn: pip install "arrowengine[http]"' in caplog.text
+    assert serve.config_from_args(_parse(["--http-port", "8080"])).http_port == 8080
+    assert serve.config_from_args(_parse([])).http_port is None
+    with pytest.raises(ValueError, match="HTTP port must be in 0..65535"):
+        serve.config_from_args(_parse(["--http-port", "70000"]))
+
+
+def _parse(argv):
+    import argparse
+
+    from flight_server import serve
+
+    parser = argparse.ArgumentParser()
+    serve.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_float_json_is_exact_with_and_without_orjson(monkeypatch):
+    from flight_server import openai_api
+
+    vecs = np.random.default_rng(0).standard_normal((3, 7)).astype(np.float32) / 7
+    vecs[0, 0], vecs[1, 1] = np.float32(1e-38), np.float32(-0.0)
+    bodies = [openai_api.embeddings_response("m", vecs, 5, "float")]
+    assert openai_api.orjson is not None  # the http extra (and so the test extra) installs it
+    monkeypatch.setattr(openai_api, "orjson", None)
+    bodies.append(openai_api.embeddings_response("m", vecs, 5, "float"))
+    for body in bodies:
+        doc = json.loads(body)
+        assert doc["usage"] == {"prompt_tokens": 5, "total_tokens": 5} and doc["object"] == "list"
+        got = np.array([d["embedding"] for d in doc["data"]], np.float32)
+        assert np.array_equal(got.view(np.uint32), vecs.view(np.uint32))  # bit for bit, -0.0 included
+    assert len(bodies[0]) < len(bodies[1])  # orjson writes the shortest float32 decimals
