@@ -24,6 +24,9 @@ class ServerProcess:
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
         self._lines: queue.Queue = queue.Queue()
         threading.Thread(target=self._pump, daemon=True).start()  # keeps the pipe drained
+        self.http_port: int | None = None  # with --http-port in extra_args: the OpenAI-compatible API's port
+        if "--http-port" in extra_args:
+            self.http_port = int(self._wait(r"HTTP API on http://[^ ]+:(\d+)/v1", timeout).group(1))
         self.port = int(self._wait(r"listening on grpc\+tcp://[^ ]+:(\d+) ", timeout).group(1))
         self._wait(r"\bready$", timeout)
 

@@ -84,6 +84,10 @@ class EmbedResult:
     scale: np.ndarray | None = None   # (N,) float32: int8 / uint8 output
     offset: np.ndarray | None = None  # (N,) float32: uint8 output
 
+    # Text and token-id input: (N,) int64, the token ids each row ran with (special tokens and prompt included;
+    # 0 for a failed row). None for images.
+    tokens: np.ndarray | None = None
+
     def dequantize(self) -> np.ndarray:
         """Float32 embeddings: ``offset + scale * q`` for int8 / uint8, a cast for float16 / float32."""
         return dequantize(self.embeddings, self.scale, self.offset)
@@ -362,7 +366,12 @@ class Model:
             ids_t = torch.from_numpy(ids).to(self._device)
             lens = torch.tensor([len(rows[i]) for i in idx], device=self._device)
             out[idx] = self._post(self.net.encode_text(ids_t, lens), normalize)
-        return EmbedResult(out, errors)
+        return EmbedResult(out, errors, tokens=token_counts(rows))
+
+
+def token_counts(rows: Sequence[np.ndarray | None]) -> np.ndarray:
+    """(N,) int64: the length of each prepared id row, 0 where the row failed (``EmbedResult.tokens``)."""
+    return np.array([0 if r is None else len(r) for r in rows], dtype=np.int64)
 
 
 def apply_output_options(result: EmbedResult, options: OutputOptions, normalize: bool) -> EmbedResult:
@@ -370,7 +379,7 @@ def apply_output_options(result: EmbedResult, options: OutputOptions, normalize:
     if options.is_default:
         return result
     out = convert(result.embeddings, options, normalize)
-    return EmbedResult(out.values, result.errors, out.scale, out.offset)
+    return EmbedResult(out.values, result.errors, out.scale, out.offset, result.tokens)
 
 
 def load_model(path: str | Path, device: str = "cpu", precision: str = "fp32", name: str | None = None,

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.errors import SchedulerClosed
-from engine.model import EmbedResult, Model, apply_output_options
+from engine.model import EmbedResult, Model, apply_output_options, token_counts
 from engine.tokenizer import length_buckets
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,7 @@ class _Request:
     def __init__(self, n: int, dim: int, normalize: bool, cancelled: Callable[[], bool] | None) -> None:
         self.out = np.zeros((n, dim), dtype=np.float32)  # (N, D), failed rows stay zero
         self.errors: list[str | None] = [None] * n
+        self.tokens: np.ndarray | None = None  # text and token ids: ids per row (EmbedResult.tokens)
         self.normalize = normalize
         self.future: Future = Future()
         self.queued = 0        # rows queued or on the device (under the scheduler lock)
@@ -248,6 +249,7 @@ class Scheduler:
             rows, errors = self.model.prepare_tokens(values)  # per-row limits: the model's own
         request = _Request(len(rows), self.info.dim, normalize, cancelled)
         request.errors = errors
+        request.tokens = token_counts(rows)
         good = np.array([i for i, r in enumerate(rows) if r is not None], dtype=np.int64)
         sizes = np.array([len(rows[i]) for i in good], dtype=np.int64)
         lim = self.model.limits
@@ -415,7 +417,7 @@ class Scheduler:
                 request.dead = True
                 request.future.cancel()
             else:
-                request.future.set_result(EmbedResult(request.out, request.errors))
+                request.future.set_result(EmbedResult(request.out, request.errors, tokens=request.tokens))
 
     def _cancel(self, request: _Request, rows: int) -> None:
         request.queued -= rows

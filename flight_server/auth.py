@@ -1,4 +1,4 @@
-"""Bearer-token authentication for every Flight call, as server middleware.
+"""Bearer-token authentication for every Flight call (server middleware) and every HTTP request.
 
 Clients send the header ``authorization: Bearer <token>`` (the scheme name in any case, as RFC 7235 allows).
 The check costs the same whatever the caller sent: the SHA-256 digests of the sent and the expected token
@@ -11,7 +11,7 @@ import hashlib
 import hmac
 import logging
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import pyarrow.flight as flight
 
@@ -32,27 +32,38 @@ def _digest(token: bytes) -> bytes:
     return hashlib.sha256(token).digest()
 
 
-class BearerTokenMiddlewareFactory(flight.ServerMiddlewareFactory):
-    """Rejects every call whose ``authorization`` header is not ``Bearer <token>``."""
+class TokenCheck:
+    """Whether an ``authorization`` header carries ``Bearer <token>``; the one check both protocols use."""
 
-    def __init__(self, token: str, on_reject: Callable[[], None] | None = None) -> None:
-        super().__init__()
+    def __init__(self, token: str) -> None:
         if not token:
             raise ValueError("the bearer token must be a non-empty string")
         self._expected = _digest(token.encode("utf-8"))
-        self._on_reject = on_reject  # e.g. count the rejection in the server's stats and metrics
-        self._log = RateLimitedLog(log)
 
-    def start_call(self, info: Any, headers: dict) -> None:
-        """Accept the call (return None) or raise FlightUnauthenticatedError."""
-        values = headers.get(AUTH_HEADER) or headers.get(AUTH_HEADER.title()) or []
+    def accepts(self, values: Iterable[bytes | str]) -> bool:
+        """True when one of the header ``values`` is ``Bearer <token>`` (scheme in any case)."""
         accepted = False
         for value in values:  # every value is checked: no early exit
             raw = value if isinstance(value, bytes) else str(value).encode("utf-8")
             scheme, _, credentials = raw.strip().partition(b" ")
             match = hmac.compare_digest(_digest(credentials.strip()), self._expected)
             accepted |= match and scheme.lower() == SCHEME
-        if accepted:
+        return accepted
+
+
+class BearerTokenMiddlewareFactory(flight.ServerMiddlewareFactory):
+    """Rejects every call whose ``authorization`` header is not ``Bearer <token>``."""
+
+    def __init__(self, token: str, on_reject: Callable[[], None] | None = None) -> None:
+        super().__init__()
+        self._check = TokenCheck(token)
+        self._on_reject = on_reject  # e.g. count the rejection in the server's stats and metrics
+        self._log = RateLimitedLog(log)
+
+    def start_call(self, info: Any, headers: dict) -> None:
+        """Accept the call (return None) or raise FlightUnauthenticatedError."""
+        values = headers.get(AUTH_HEADER) or headers.get(AUTH_HEADER.title()) or []
+        if self._check.accepts(values):
             return None
         self._log.log(logging.WARNING, "auth", "rejected a %s call: %s bearer token", info.method,
                       "wrong" if values else "missing")

@@ -61,11 +61,13 @@ class ServerConfig:
     shutdown_grace_s: float = 10.0         # in-flight exchanges get this long on shutdown
     batch_wait_ms: float = 50.0            # a partial device batch waits this long for other clients' rows (only while one is preparing)
     metrics_port: int | None = None        # serve Prometheus /metrics on host:port (0: any free port)
+    http_port: int | None = None           # also serve the OpenAI-compatible HTTP API on host:port (0: any free port)
     advertise: tuple[str, ...] = ()        # URIs FlightInfo endpoints name (default: the bound address)
 
     def __post_init__(self) -> None:
-        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
-            raise ValueError(f"metrics port must be in 0..65535; got {self.metrics_port}")
+        for what, port in (("metrics", self.metrics_port), ("HTTP", self.http_port)):
+            if port is not None and not 0 <= port <= 65535:
+                raise ValueError(f"{what} port must be in 0..65535; got {port}")
         if not 0 <= self.batch_wait_ms <= 1000:
             raise ValueError(f"batch wait must be 0..1000 ms; got {self.batch_wait_ms}")
         if (self.tls_cert is None) != (self.tls_key is None):

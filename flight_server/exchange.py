@@ -140,6 +140,20 @@ def check_batch_limits(limits: ServerLimits, batch: pa.RecordBatch, index: int) 
     return None
 
 
+def checked_result(result: Any, n: int, dim: int) -> tuple[np.ndarray, list[str | None]]:
+    """An engine EmbedResult's (embeddings, errors), checked to be (n, dim) float32 and n errors, C-contiguous;
+    RuntimeError otherwise. Both protocols' result writers take the engine's rows through here."""
+    embeddings, errors = result.embeddings, list(result.errors)
+    if (not isinstance(embeddings, np.ndarray) or embeddings.shape != (n, dim)
+            or embeddings.dtype != np.float32 or len(errors) != n):
+        raise RuntimeError(f"the model returned embeddings {getattr(embeddings, 'shape', None)} "
+                           f"{getattr(embeddings, 'dtype', None)} and {len(errors)} errors; "
+                           f"expected ({n}, {dim}) float32 and {n} errors")
+    if not embeddings.flags.c_contiguous:
+        embeddings = np.ascontiguousarray(embeddings)  # the engine promises C order; be safe
+    return embeddings, errors
+
+
 def submitter(model: Any, command: protocol.EmbedCommand,
               cancelled: Callable[[], bool]) -> Callable[[Any, bool], Future]:
     """``submit(values, normalize) -> Future[EmbedResult]`` for a scheduler or a plain model.
@@ -262,13 +276,7 @@ class Exchange:
 
         def collect() -> tuple[pa.RecordBatch, int]:
             try:
-                result = future.result()
-                embeddings, errors = result.embeddings, list(result.errors)
-                if (not isinstance(embeddings, np.ndarray) or embeddings.shape != (n, dim)
-                        or embeddings.dtype != np.float32 or len(errors) != n):
-                    raise RuntimeError(f"the model returned embeddings {getattr(embeddings, 'shape', None)} "
-                                       f"{getattr(embeddings, 'dtype', None)} and {len(errors)} errors; "
-                                       f"expected ({n}, {dim}) float32 and {n} errors")
+                embeddings, errors = checked_result(future.result(), n, dim)
             except (CancelledError, SchedulerClosed):
                 raise  # the exchange is ending (client cancel, shutdown): nothing more to write
             except Exception as exc:
@@ -282,8 +290,6 @@ class Exchange:
                           "send them again, and see the server log if it persists")
                 return embedding_batch(passthrough, out_schema, np.zeros((n, dim), np.float32), [reason] * n,
                                        command), n
-            if not embeddings.flags.c_contiguous:
-                embeddings = np.ascontiguousarray(embeddings)  # the engine promises C order; be safe
             out = embedding_batch(passthrough, out_schema, embeddings, errors, command)
             return out, sum(e is not None for e in errors)
         return collect

@@ -7,20 +7,22 @@ server, so several servers in one process (tests) do not collide. Scrape
 ==============================  =========  ==========================================
 name                            type       labels
 ==============================  =========  ==========================================
-requests_total                  counter    model, input, outcome (ok|failed|cancelled|busy|shutdown|idle)
-rejected_total                  counter    reason (busy|draining|auth)
-rows_total                      counter    model, input
-row_errors_total                counter    model, input
-request_seconds                 histogram  model, input (whole exchange)
+requests_total                  counter    protocol, model, input, outcome (ok|failed|cancelled|busy|shutdown|idle)
+rejected_total                  counter    protocol, reason (busy|draining|auth)
+rows_total                      counter    protocol, model, input
+row_errors_total                counter    protocol, model, input
+request_seconds                 histogram  protocol, model, input (whole exchange or HTTP request)
 batch_rows                      histogram  model, queue (image|text; device batches)
 batch_seconds                   histogram  model, queue (device compute per batch)
 queue_rows                      gauge      model, queue (rows waiting for the device)
-active_exchanges                gauge      -
+active_exchanges                gauge      - (Flight exchanges and HTTP requests holding a slot)
 stalled_exchanges               gauge      - (cancelled as idle, their call still blocked on the client)
 ==============================  =========  ==========================================
 
-Label values are bounded: ``model`` is a served name (or ``-`` before the command named
-one), ``input`` one of the protocol's input kinds.
+Label values are bounded: ``protocol`` is ``flight`` or ``http`` (the OpenAI-compatible endpoint,
+:mod:`flight_server.http_server`), ``model`` a served name (or ``-`` before the request named one),
+``input`` one of the protocol's input kinds (``mixed`` for an HTTP request of images and texts). Device
+batches and queues have no protocol label: rows of both protocols share them.
 """
 from __future__ import annotations
 
@@ -34,9 +36,12 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
+from flight_server.protocol import VIA_FLIGHT, VIA_HTTP
+
 log = logging.getLogger(__name__)
 
 UNKNOWN = "-"
+FLIGHT, HTTP = VIA_FLIGHT, VIA_HTTP  # values of the ``protocol`` label
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
@@ -47,16 +52,16 @@ class ServerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter("arrowengine_requests", "do_exchange calls by outcome",
-                                ["model", "input", "outcome"], registry=r)
+        self.requests = Counter("arrowengine_requests", "do_exchange calls and HTTP requests by outcome",
+                                ["protocol", "model", "input", "outcome"], registry=r)
         self.rejected = Counter("arrowengine_rejected", "calls refused before any work (busy, draining, bad token)",
-                                ["reason"], registry=r)
+                                ["protocol", "reason"], registry=r)
         self.rows = Counter("arrowengine_rows", "rows embedded (including row errors)",
-                            ["model", "input"], registry=r)
+                            ["protocol", "model", "input"], registry=r)
         self.row_errors = Counter("arrowengine_row_errors", "rows that failed (null embedding + error)",
-                                  ["model", "input"], registry=r)
-        self.request_seconds = Histogram("arrowengine_request_seconds", "whole-exchange latency",
-                                         ["model", "input"], buckets=LATENCY_BUCKETS, registry=r)
+                                  ["protocol", "model", "input"], registry=r)
+        self.request_seconds = Histogram("arrowengine_request_seconds", "whole-exchange (or HTTP request) latency",
+                                         ["protocol", "model", "input"], buckets=LATENCY_BUCKETS, registry=r)
         self.batch_rows = Histogram("arrowengine_batch_rows", "rows per device batch (scheduler)",
                                     ["model", "queue"], buckets=BATCH_BUCKETS, registry=r)
         self.batch_seconds = Histogram("arrowengine_batch_seconds", "device compute per batch",
@@ -83,16 +88,20 @@ class ServerMetrics:
             self.batch_seconds.labels(name, queue).observe(seconds)
         return observe
 
-    def request_done(self, model: str, kind: str, outcome: str, seconds: float) -> None:
-        """Count one finished exchange."""
-        self.requests.labels(model, kind, outcome).inc()
-        self.request_seconds.labels(model, kind).observe(seconds)
+    def request_done(self, model: str, kind: str, outcome: str, seconds: float, protocol: str = FLIGHT) -> None:
+        """Count one finished exchange (or HTTP request)."""
+        self.requests.labels(protocol, model, kind, outcome).inc()
+        self.request_seconds.labels(protocol, model, kind).observe(seconds)
 
-    def batch_done(self, model: str, kind: str, rows: int, row_errors: int) -> None:
-        """Count one output batch."""
-        self.rows.labels(model, kind).inc(rows)
+    def batch_done(self, model: str, kind: str, rows: int, row_errors: int, protocol: str = FLIGHT) -> None:
+        """Count one output batch (an HTTP request's rows count as one)."""
+        self.rows.labels(protocol, model, kind).inc(rows)
         if row_errors:
-            self.row_errors.labels(model, kind).inc(row_errors)
+            self.row_errors.labels(protocol, model, kind).inc(row_errors)
+
+    def count_rejected(self, reason: str, protocol: str = FLIGHT) -> None:
+        """Count one call refused before any work."""
+        self.rejected.labels(protocol, reason).inc()
 
     def serve(self, host: str, port: int, tls_files: Mapping[str, str] | None = None) -> int:
         """Serve ``/metrics`` on a daemon thread; returns the bound port (``port`` 0: any free one).

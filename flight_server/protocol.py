@@ -81,6 +81,11 @@ ACTIONS: Mapping[str, str] = {
     ACTION_LIMITS: "JSON request limits: rows and bytes per input batch, bytes and pixels per image, ...",
 }
 
+# How a request reached the server (the ``protocol`` label of the Prometheus metrics): an Arrow Flight call, or
+# the OpenAI-compatible HTTP API (flight_server.http_server).
+VIA_FLIGHT = "flight"
+VIA_HTTP = "http"
+
 # Machine-readable reason carried in FlightError.extra_info as JSON {"code": ...}.
 CODE_INVALID = "invalid_argument"
 CODE_NOT_FOUND = "not_found"

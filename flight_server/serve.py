@@ -101,6 +101,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-port", type=int, default=None,
                         help="serve Prometheus metrics at http://HOST:PORT/metrics (https with --tls-*); "
                              "off by default; 0 picks a free port")
+    parser.add_argument("--http-port", type=int, default=None,
+                        help="also serve the OpenAI-compatible HTTP API (POST /v1/embeddings, GET /v1/models, "
+                             "/health, /ready) at http://HOST:PORT (https with --tls-*), behind the same token, "
+                             "limits and batches; needs the http extra; 0 picks a free port; off by default")
     parser.add_argument("--advertise", action="append", default=[], metavar="URI",
                         help="a URI clients should use to reach this server, listed as an endpoint in "
                              "get_flight_info / list_flights (repeatable; default: the bound address)")
@@ -129,7 +133,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(host=args.host, port=args.port, limits=limits, auth_token=token,
                         tls_cert=args.tls_cert, tls_key=args.tls_key, insecure=args.insecure,
                         shutdown_grace_s=args.shutdown_grace_s, batch_wait_ms=args.batch_wait_ms,
-                        metrics_port=args.metrics_port, advertise=tuple(args.advertise))
+                        metrics_port=args.metrics_port, http_port=args.http_port,
+                        advertise=tuple(args.advertise))
 
 
 def _check_tls_pair(cert: Path, key: Path) -> None:
@@ -204,6 +209,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         require_engine("arrowengine serve")
         config = config_from_args(args)
+        if config.http_port is not None:
+            require_http("arrowengine serve --http-port")
         dirs = parse_model_specs(args.models + args.model)
     except (EngineNotInstalledError, ValueError) as exc:
         log.error("%s", exc)
@@ -219,9 +226,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         server = EmbeddingServer(schedulers, config)
     except (OSError, pa.ArrowException) as exc:  # a taken port is "Server did not start properly"
-        metrics = "" if config.metrics_port is None else f" and metrics on port {config.metrics_port}"
+        more = "".join(f" and {what} on port {port}" for what, port in (("metrics", config.metrics_port),
+                                                                         ("HTTP", config.http_port)) if port is not None)
         log.error("cannot listen (Flight on %s%s): %s; is another process on that port? pick another",
-                  config.location, metrics, exc)
+                  config.location, more, exc)
         return 1
     location = config.location.rsplit(":", 1)[0] + f":{server.port}"
     log.info("listening on %s tls=%s auth=%s models=%s", location, config.tls,
@@ -241,6 +249,15 @@ def run(args: argparse.Namespace) -> int:
     for scheduler in schedulers.values():
         scheduler.close()
     return 0
+
+
+def require_http(what: str) -> None:
+    """Raise ValueError naming the extra to install when starlette or uvicorn is missing."""
+    import importlib.util
+
+    missing = [name for name in ("starlette", "uvicorn") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ValueError(f"{what} needs {' and '.join(missing)}: pip install \"arrowengine[http]\"")
 
 
 def _stop(server: Any, grace_s: float) -> None:

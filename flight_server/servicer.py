@@ -5,6 +5,10 @@
 ``do_action`` (health, ready, models, stats, limits), ``get_flight_info`` / ``list_flights`` / ``get_schema``
 (discovery), bearer-token auth, exchange slots, counters, metrics and shutdown. It never imports torch.
 
+With ``ServerConfig.http_port`` the server also runs the OpenAI-compatible HTTP API
+(:mod:`flight_server.http_server`) in the same process: it shares the models (their schedulers), the exchange slots,
+the token, the drain and the metrics, and hands rows to the engine through :meth:`EmbeddingServer.submit_rows`.
+
 An exchange that makes no progress for ``ServerLimits.idle_timeout_s`` (nothing read from the client, nothing
 written to it, no rows of it in the engine) is cancelled by a watchdog: its slot and its queued work are freed
 at once, and it ends with a ``FlightTimedOutError`` at its next read or write. (pyarrow's server cannot abort a
@@ -19,7 +23,8 @@ import threading
 import time
 import zlib
 from concurrent.futures import CancelledError
-from typing import Any, Iterator, Mapping
+from concurrent.futures import Future
+from typing import Any, Callable, Iterator, Mapping
 
 import pyarrow as pa
 import pyarrow.flight as flight
@@ -29,7 +34,7 @@ from flight_server import protocol
 from flight_server.auth import BearerTokenMiddlewareFactory
 from flight_server.config import ServerConfig
 from flight_server.errors import busy_error, to_flight_error
-from flight_server.exchange import Call, Cancelled, Exchange
+from flight_server.exchange import Call, Cancelled, Exchange, submitter
 
 log = logging.getLogger(__name__)
 
@@ -93,12 +98,16 @@ class EmbeddingServer(flight.FlightServerBase):
             tls = [flight.CertKeyPair(cert=config.tls_cert.read_bytes(), key=config.tls_key.read_bytes())]
         middleware = {}
         if config.auth_token is not None:
-            middleware["auth"] = BearerTokenMiddlewareFactory(config.auth_token, on_reject=self._rejected_token)
+            middleware["auth"] = BearerTokenMiddlewareFactory(config.auth_token, on_reject=self.token_rejected)
         super().__init__(config.location, tls_certificates=tls, middleware=middleware)
         self.metrics = None
         self.metrics_port: int | None = None
+        self.http = None  # the OpenAI-compatible HTTP front (flight_server.http_server), with config.http_port
+        self.http_port: int | None = None
         if config.metrics_port is not None:
             self._start_metrics()
+        if config.http_port is not None:
+            self._start_http()
         threading.Thread(target=self._watch_idle, name="flight-idle-watchdog", daemon=True).start()
 
     def _start_metrics(self) -> None:
@@ -118,10 +127,24 @@ class EmbeddingServer(flight.FlightServerBase):
             super().shutdown()
             raise
 
+    def _start_http(self) -> None:
+        from flight_server.http_server import HttpFront  # starlette and uvicorn only when asked for
+
+        try:
+            self.http = HttpFront(self)
+        except BaseException:
+            self._closed.set()
+            super().shutdown()
+            if self.metrics is not None:
+                self.metrics.close()
+            raise
+        self.http_port = self.http.port
+
     def shutdown(self) -> None:
-        """Stop serving (blocks until running calls end) and stop the metrics endpoint."""
+        """Stop serving (blocks until running calls end), the HTTP front and the metrics endpoint."""
         self._closed.set()
         try:
+            self._close_http()
             super().shutdown()
         finally:
             if self.metrics is not None:
@@ -129,9 +152,14 @@ class EmbeddingServer(flight.FlightServerBase):
 
     def __exit__(self, *exc_info: Any) -> None:
         self._closed.set()
+        self._close_http()
         super().__exit__(*exc_info)
         if self.metrics is not None:
             self.metrics.close()
+
+    def _close_http(self) -> None:
+        if self.http is not None:
+            self.http.close()
 
     # ---- lifecycle --------------------------------------------------------------------
 
@@ -182,7 +210,7 @@ class EmbeddingServer(flight.FlightServerBase):
     def do_exchange(self, context, descriptor, reader, writer) -> None:
         """Embed every input batch and write one output batch per input batch."""
         if self._draining.is_set():
-            self._count_rejected("draining")
+            self.count_rejected("draining")
             raise flight.FlightUnavailableError("server is shutting down; retry on another server",
                                                 extra_info=protocol.error_info(protocol.CODE_BUSY))
         self.stats.add(requests=1)
@@ -226,14 +254,9 @@ class EmbeddingServer(flight.FlightServerBase):
         client that opened an exchange and sends nothing holds none), or fail fast with "busy"."""
         if call.slot:
             return
-        if not self._slots.acquire(blocking=False):
-            self.stats.add(rejected_busy=1)
-            self._count_rejected("busy")
+        if not self.acquire_slot(protocol.VIA_FLIGHT):
             raise _Busy(busy_error(self.config.limits.max_concurrent_exchanges))
         call.slot = True
-        self.stats.add(active_exchanges=1)
-        if self.metrics is not None:
-            self.metrics.active.inc()
 
     def _release_slot(self, call: Call) -> None:
         """Give the exchange's slot back (once, whoever asks first: the exchange or the idle watchdog)."""
@@ -241,10 +264,36 @@ class EmbeddingServer(flight.FlightServerBase):
             if not call.slot:
                 return
             call.slot = False
+        self.release_slot()
+
+    def acquire_slot(self, via: str) -> bool:
+        """Take one of the ``max_concurrent_exchanges`` slots, which Flight exchanges and HTTP requests share;
+        False (counted as a "busy" rejection) when all are taken. Give it back with :meth:`release_slot`."""
+        if not self._slots.acquire(blocking=False):
+            self.stats.add(rejected_busy=1)
+            self.count_rejected("busy", via)
+            return False
+        self.stats.add(active_exchanges=1)
+        if self.metrics is not None:
+            self.metrics.active.inc()
+        return True
+
+    def release_slot(self) -> None:
+        """Give back a slot taken with :meth:`acquire_slot`."""
         self.stats.add(active_exchanges=-1)
         self._slots.release()
         if self.metrics is not None:
             self.metrics.active.dec()
+
+    @property
+    def draining(self) -> bool:
+        """The server is shutting down: new calls are refused."""
+        return self._draining.is_set()
+
+    @property
+    def aborting(self) -> bool:
+        """The shutdown's grace period is nearly over: running calls are stopped."""
+        return self._abort.is_set()
 
     def _watch_idle(self) -> None:
         """Cancel exchanges that made no progress for ``idle_timeout_s`` (runs until the server shuts down)."""
@@ -267,13 +316,16 @@ class EmbeddingServer(flight.FlightServerBase):
         self._log.log(logging.WARNING, "idle", "cancelled an idle exchange peer=%s model=%s input=%s after %g s "
                       "without progress; its slot is free", call.peer, call.model, call.input, timeout)
 
-    def _rejected_token(self) -> None:
+    def token_rejected(self, via: str = protocol.VIA_FLIGHT) -> None:
+        """Count a call refused for its bearer token (``via``: ``flight`` or ``http``)."""
         self.stats.add(rejected_auth=1)
-        self._count_rejected("auth")
+        self.count_rejected("auth", via)
 
-    def _count_rejected(self, reason: str) -> None:
+    def count_rejected(self, reason: str, via: str = protocol.VIA_FLIGHT) -> None:
+        """Count a call refused before any work (``reason``: busy, draining, auth; ``via``: ``flight`` or
+        ``http``) in the metrics."""
         if self.metrics is not None:
-            self.metrics.rejected.labels(reason).inc()
+            self.metrics.count_rejected(reason, via)
 
     def _call_done(self, call: Call, outcome: str) -> None:
         seconds = time.perf_counter() - call.t0
@@ -289,12 +341,7 @@ class EmbeddingServer(flight.FlightServerBase):
             raise protocol.ProtocolError("do_exchange needs FlightDescriptor.for_command(<JSON command>); "
                                          f"got a {descriptor.descriptor_type} descriptor")
         command = protocol.parse_command(descriptor.command, self.config.limits.max_command_bytes)
-        name, model = self._resolve(command.model)
-        call.input = command.input
-        call.model = name
-        self._check_modality(name, model, command.input)
-        self._check_prompt(name, model, command.prompt_name)
-        self._check_output(name, model, command)
+        name, model = self.check_command(command, call)
         Exchange(context, reader, writer, call, self.config.limits, self._abort,
                  on_batch=self._batch_arrived, on_written=self._batch_written).run(model, command)
 
@@ -309,6 +356,26 @@ class EmbeddingServer(flight.FlightServerBase):
         self.stats.add(batches=1, rows=rows, row_errors=failed)
         if self.metrics is not None:
             self.metrics.batch_done(call.model, call.input, rows, failed)
+
+    def check_command(self, command: protocol.EmbedCommand, call: Any = None) -> tuple[str, Any]:
+        """The served (name, model) of ``command``, after checking the model takes its input kind prompt and output options;
+        raises ProtocolError (UnknownModelError). Sets ``call.model`` and ``call.input`` once the model is
+        known. Both protocols check a request here before any work."""
+        name, model = self._resolve(command.model)
+        if call is not None:
+            call.model, call.input = name, command.input
+        self._check_modality(name, model, command.input)
+        self._check_prompt(name, model, command.prompt_name)
+        self._check_output(name, model, command)
+        return name, model
+
+    def submit_rows(self, model: Any, command: protocol.EmbedCommand, values: pa.Array,
+                    cancelled: Callable[[], bool]) -> Future:
+        """Hand one column of rows to ``model`` (its scheduler) as ``command`` says: a Future of its EmbedResult
+        (see :func:`flight_server.exchange.checked_result`). Request-level faults raise here. The HTTP front's
+        engine calls."""
+        return submitter(model, command, cancelled)(protocol.engine_column(command.input, values),
+                                                     command.normalize)
 
     def _resolve(self, name: str | None) -> tuple[str, Any]:
         name = name or self._default
@@ -408,8 +475,7 @@ class EmbeddingServer(flight.FlightServerBase):
         elif kind == protocol.ACTION_READY:
             doc = self._readiness()
         elif kind == protocol.ACTION_MODELS:
-            doc = [protocol.model_metadata(n, self._models[n].info, default=n == self._default)
-                   for n in self.model_names]
+            doc = self.models_metadata()
         elif kind == protocol.ACTION_STATS:
             doc = self.stats.snapshot()
         elif kind == protocol.ACTION_LIMITS:
@@ -418,6 +484,15 @@ class EmbeddingServer(flight.FlightServerBase):
             raise to_flight_error(protocol.ProtocolError(
                 f"unknown action {protocol.quote(kind)}; expected one of {list(protocol.ACTIONS)}"))
         return iter([json.dumps(doc).encode("utf-8")])
+
+    def models_metadata(self) -> list[dict[str, Any]]:
+        """The ``models`` action's answer: each served model's metadata, default first."""
+        return [protocol.model_metadata(n, self._models[n].info, default=n == self._default)
+                for n in self.model_names]
+
+    def readiness(self) -> dict[str, Any]:
+        """The ``ready`` action's answer (also the HTTP front's ``GET /ready``)."""
+        return self._readiness()
 
     def _readiness(self) -> dict[str, Any]:
         """The ``ready`` answer: false while warming up, shutting down, or with every exchange slot taken."""

@@ -52,6 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 PHOTOS = Path(__file__).parent / "data" / "photos"
 DOC_PORT = "8815"  # the port the docs use; a test server binds any free port instead
+DOC_HTTP_PORT = "8080"  # the port the docs give --http-port
 SERVER_START_S = 180  # bound for a served model to be ready (a few seconds here; generous on a loaded machine)
 
 
@@ -184,8 +185,11 @@ RULES = [
     Rule(r"^arrowengine serve .*--device cuda", None,
          "needs a CUDA device (fp16 is CUDA-only); its arguments are parsed by the CLI's parser"),
     Rule(r"^arrowengine serve\b", "serve",
-         "modified: --port 0 (any free port) instead of the fixed port; run until ready, checked with a client, "
-         "then stopped with SIGTERM; with no --model, the model cache is a temporary folder (ARROWENGINE_CACHE)"),
+         "modified: --port 0 (any free port) instead of the fixed port, and --http-port 0 where one is given; run "
+         "until ready, checked with a client (and over HTTP), then stopped with SIGTERM; with no --model, the model "
+         "cache is a temporary folder (ARROWENGINE_CACHE)"),
+    Rule(r"^curl .*127\.0\.0\.1:8080/", "curl",
+         "modified: the HTTP port of the server the test starts from the docs' `arrowengine serve --http-port 8080`"),
     Rule(r"^arrowengine convert\b", "convert",
          "a hub id (openai/clip-vit-base-patch32, sentence-transformers/all-mpnet-base-v2) is replaced by a local "
          "checkpoint of the same kind (a tiny CLIP, the real all-MiniLM-L6-v2): no hub here; <revision> is the "
@@ -231,6 +235,8 @@ SNIPPETS = [
     Snippet(r"^import lance\b", "lance_search",
             "modified: the port of a local server serving the tiny CLIP as `clip`, in a folder where the docs' "
             "`arrowengine embed` command that writes the dataset the snippet opens ran first, against that server"),
+    Snippet(r"^from openai import OpenAI", "openai",
+            "modified: the HTTP port of the server the test starts from the docs' `arrowengine serve --http-port 8080`"),
 ]
 
 # Unlabelled blocks: (doc, first line) -> what they are.
@@ -532,6 +538,7 @@ class ServeProcess:
                                      text=True)
         threading.Thread(target=self._read, daemon=True).start()
         self.port: int | None = None
+        self.http_port: int | None = None  # with --http-port
 
     def _read(self) -> None:
         for line in self.proc.stderr:
@@ -552,6 +559,9 @@ class ServeProcess:
             listening = re.search(r"listening on grpc\+\w+://\S+:(\d+) ", line)
             if listening:
                 self.port = int(listening.group(1))
+            http = re.search(r"HTTP API on https?://\S+:(\d+)/v1", line)
+            if http:
+                self.http_port = int(http.group(1))
             if re.search(r"\bready$", line):
                 assert self.port, "ready before it said where it listens"
                 return self.port
@@ -571,12 +581,14 @@ class ServeProcess:
 
 
 def serve_argv(part: Part) -> list[str]:
-    """The serve command with --port 0 (any free port) instead of a fixed one."""
+    """The serve command with --port 0 (any free port) instead of a fixed one, and --http-port 0 if it has one."""
     argv = list(part.argv[1:])
     if "--port" in argv:
         argv[argv.index("--port") + 1] = "0"
     else:
         argv += ["--port", "0"]
+    if "--http-port" in argv:
+        argv[argv.index("--http-port") + 1] = "0"
     return argv
 
 
@@ -677,6 +689,39 @@ def default_server(materials, tmp_path_factory):
         assert server.stop() == 0
 
 
+def http_serve_part() -> tuple[Line, Part]:
+    for line in LINES:
+        for part in line.parts:
+            if part.argv[:2] == ("arrowengine", "serve") and "--http-port" in part.argv:
+                return line, part
+    raise AssertionError("the docs no longer show `arrowengine serve --http-port`; the curl and openai examples "
+                         "need one: start one in http_server another way")
+
+
+@pytest.fixture(scope="module")
+def http_server(materials, tmp_path_factory):
+    """The docs' `arrowengine serve --http-port 8080` with --port 0 and --http-port 0; yields (Flight port, HTTP
+    port). Its model cache is the default server's (all-MiniLM-L6-v2 converted once)."""
+    _, part = http_serve_part()
+    server = ServeProcess(serve_argv(part), tmp_path_factory.mktemp("http-serve"),
+                          {"ARROWENGINE_CACHE": str(materials.cache)})
+    try:
+        port = server.wait_ready()
+        assert server.http_port, "the server did not say where its HTTP API listens"
+        yield port, server.http_port
+    finally:
+        assert server.stop() == 0
+
+
+def check_http(port: int, names: list[str]) -> None:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=30) as resp:
+        assert [m["id"] for m in json.loads(resp.read())["data"]] == names
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=30) as resp:
+        assert json.loads(resp.read())["ready"] is True
+
+
 # ---- running the commands ------------------------------------------------------------------------------------
 
 def lines_running(*runners: str) -> list[Line]:
@@ -688,16 +733,18 @@ OTHER_LINES = lines_running("convert", "inspect", "embed", "cp_snapshot")
 CPP_LINES = lines_running("cpp_build", "cpp_client")
 
 
-def test_serve_commands(materials, default_server, tmp_path):
+def test_serve_commands(materials, default_server, http_server, tmp_path):
     """Every `arrowengine serve` line (but the CUDA one and the synopsis), served at once, each checked with a
-    client: health, ready, the names the docs' naming rule gives, an embedding per modality."""
+    client: health, ready, the names the docs' naming rule gives, an embedding per modality; with --http-port,
+    the HTTP API's models and readiness too."""
     started: list[tuple[Line, ServeProcess, dict, list[str]]] = []
     failures = []
+    _, http_part = http_serve_part()
     try:
         for n, line in enumerate(SERVE_LINES):
             for part in line.parts:
-                if rule_for(part).run != "serve" or part.argv == ("arrowengine", "serve"):
-                    continue
+                if rule_for(part).run != "serve" or part.argv in (("arrowengine", "serve"), http_part.argv):
+                    continue  # served by the default_server and http_server fixtures
                 workdir = tmp_path / f"serve-{n}"
                 workdir.mkdir()
                 argv, options = prepare_serve(part, workdir, materials)
@@ -705,9 +752,13 @@ def test_serve_commands(materials, default_server, tmp_path):
                 started.append((line, process, options, served_names(argv)))
         assert started, "the docs show no `arrowengine serve` with models"
         check_server(default_server, {}, ["all-MiniLM-L6-v2"])
+        check_server(http_server[0], {}, ["all-MiniLM-L6-v2"])
+        check_http(http_server[1], ["all-MiniLM-L6-v2"])
         for line, process, options, names in started:
             try:
                 check_server(process.wait_ready(), options, names)
+                if process.http_port:
+                    check_http(process.http_port, names)
             except Exception as exc:  # noqa: BLE001 - report every line, not only the first that fails
                 failures.append(f"{line.where}: `{line.key}`: {type(exc).__name__}: {exc}")
     finally:
@@ -821,6 +872,23 @@ def test_convert_inspect_and_embed_commands(line, materials, default_server, tmp
         run_part(part, tmp_path, materials, line.where)
 
 
+CURL_LINES = lines_running("curl")
+
+
+def test_curl_commands(http_server, tmp_path):
+    """Each curl line as the docs give it, against the docs' `arrowengine serve --http-port` on its free port."""
+    if shutil.which("curl") is None:
+        pytest.skip("no curl on PATH")
+    assert CURL_LINES
+    for line in CURL_LINES:
+        for part in line.parts:
+            argv = [a.replace(f"127.0.0.1:{DOC_HTTP_PORT}/", f"127.0.0.1:{http_server[1]}/") for a in part.argv]
+            done = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
+            assert done.returncode == 0, f"{line.where}: `{part.text}`:\n{done.stdout}\n{done.stderr}"
+            doc = json.loads(done.stdout)
+            assert [len(d["embedding"]) for d in doc["data"]] == [384, 384], f"{line.where}: {done.stdout[:300]}"
+
+
 def test_cpp_client_commands(cpp_client_binary, default_server, tmp_path):
     """`python flight_client/cpp/build.py` (as cpp_client_binary: with --out), then the client command as the
     docs give it, against the docs' default server."""
@@ -874,6 +942,11 @@ def test_python_snippets(block, materials, default_server, tmp_path, request):
         assert vecs.shape == (2, 384) and vecs.dtype == np.float32  # as the snippet's comment says
         np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1, atol=1e-5)
         assert "(2, 384)" in printed and "all-MiniLM-L6-v2" in printed
+    elif rule.run == "openai":
+        port = request.getfixturevalue("http_server")[1]
+        printed = exec_snippet(block, block.text.replace(f"127.0.0.1:{DOC_HTTP_PORT}/", f"127.0.0.1:{port}/"),
+                               namespace)
+        assert printed.split() == ["2", "384", "13"], printed  # as the snippet's comment says
     elif rule.run == "plain_pyarrow":
         exec_snippet(block, source, namespace)
         out = namespace["out"]

@@ -41,18 +41,21 @@ def test_counters_move_after_requests_and_endpoint_stops_with_the_server():
         port = server.metrics_port
         before = scrape(port)
         assert before[("arrowengine_active_exchanges", ())] == 0
-        assert ("arrowengine_requests_total", (("input", "text"), ("model", "fake"), ("outcome", "ok"))) not in before
+        assert ("arrowengine_requests_total", (("input", "text"), ("model", "fake"), ("outcome", "ok"),
+                                               ("protocol", "flight"))) not in before
         exchange(client, {"input": "text"}, [pa.record_batch({"text": ["a", "bad", "c"]}),
                                              pa.record_batch({"text": ["d"]})])
         with pytest.raises(flight.FlightServerError):
             exchange(client, {"input": "text", "model": "nope"}, [pa.record_batch({"text": ["a"]})])
         after = scrape(port)
     labels = (("input", "text"), ("model", "fake"))
-    assert after[("arrowengine_requests_total", labels + (("outcome", "ok"),))] == 1
-    assert after[("arrowengine_requests_total", (("input", "-"), ("model", "-"), ("outcome", "failed")))] == 1
-    assert after[("arrowengine_rows_total", labels)] == 4
-    assert after[("arrowengine_row_errors_total", labels)] == 1
-    assert after[("arrowengine_request_seconds_count", labels)] == 1
+    flight_ = (("protocol", "flight"),)
+    assert after[("arrowengine_requests_total", labels + (("outcome", "ok"),) + flight_)] == 1
+    assert after[("arrowengine_requests_total",
+                  (("input", "-"), ("model", "-"), ("outcome", "failed")) + flight_)] == 1
+    assert after[("arrowengine_rows_total", labels + flight_)] == 4
+    assert after[("arrowengine_row_errors_total", labels + flight_)] == 1
+    assert after[("arrowengine_request_seconds_count", labels + flight_)] == 1
     with pytest.raises(OSError):
         scrape(port)  # the endpoint went away with the server
 
