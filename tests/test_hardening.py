@@ -151,7 +151,7 @@ def test_idle_cancellations_are_in_the_metrics():
         writer.done_writing()
         with pytest.raises(flight.FlightTimedOutError):
             reader.read_all()
-        wait_for(lambda: 'outcome="idle"} 1.0' in scrape())
+        wait_for(lambda: 'outcome="idle",protocol="flight"} 1.0' in scrape())
         assert "arrowengine_stalled_exchanges 0.0" in scrape()
 
 
