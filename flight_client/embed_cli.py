@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``embed``."""
     parser.add_argument("input", type=Path, metavar="INPUT", help="Parquet file or folder, or folder of images")
     parser.add_argument("output", type=Path, metavar="OUTPUT", help="output folder of Parquet shards")
-    parser.add_argument("--kind", required=True, choices=protocol.INPUT_KINDS, help="what the input column holds")
+    parser.add_argument("--kind", required=True, choices=protocol.EMBED_KINDS, help="what the input column holds")
     parser.add_argument("--column", default=None,
                         help="input column (default: image / text / input_ids by --kind)")
     parser.add_argument("--model", default=None,

@@ -7,7 +7,9 @@ views of the received buffer), and wraps the engine's (N, D) float32 output as t
 
 Models are duck-typed (``engine.model`` API): ``.info`` (``dim``, ``modalities``, ...) and
 ``embed_images / embed_texts / embed_tokens(array, normalize=) -> EmbedResult`` with
-``embeddings`` (N, D) float32 C-contiguous and ``errors`` (list of str | None). A model
+``embeddings`` (N, D) float32 C-contiguous and ``errors`` (list of str | None); a reranker (modality
+``pairs``) has ``score_pairs(queries, documents) -> ScoreResult`` (``scores`` (N,) float32, ``errors``) instead,
+wrapped as the ``score`` column without copying. A model
 that also has ``submit(kind, array, normalize, cancelled, prompt_name=) -> Future[EmbedResult]`` (an
 ``engine.scheduler.Scheduler``, which ``arrowengine serve`` puts in front of every model)
 is pipelined: while the rows of input batch k are on the device, the exchange already
@@ -60,6 +62,15 @@ def embedding_batch(passthrough: list[pa.Array], schema: pa.Schema, embeddings: 
     embedding = protocol.embedding_column(embeddings, errors)
     error = pa.array(errors, type=pa.string())
     return pa.RecordBatch.from_arrays([*passthrough, embedding, error], schema=schema)
+
+
+def score_batch(passthrough: list[pa.Array], schema: pa.Schema, scores: np.ndarray,
+                errors: list[str | None]) -> pa.RecordBatch:
+    """One output batch of ``pairs`` input: passthrough arrays, ``score`` (wrapping ``scores``' memory, rows with
+    an error null), ``error``."""
+    score = protocol.score_column(scores, errors)
+    error = pa.array(errors, type=pa.string())
+    return pa.RecordBatch.from_arrays([*passthrough, score, error], schema=schema)
 
 
 class _Cancelled(Exception):
@@ -181,6 +192,8 @@ class EmbeddingServer(flight.FlightServerBase):
             tokenizer = getattr(model, "tokenizer", None)
             if hasattr(model, "warm_up"):
                 model.warm_up()
+            elif protocol.PAIRS in model.info.modalities:
+                model.score_pairs(pa.array(["warm up"]), pa.array(["warm up"]))
             elif "text" in model.info.modalities and (tokenizer is None or tokenizer.available):
                 model.embed_texts(pa.array(["warm up"]), normalize=True)
             else:
@@ -336,10 +349,10 @@ class EmbeddingServer(flight.FlightServerBase):
                                          "before writing batches (an empty input is one empty batch)") from exc
         _check_going(context, call, self._abort)
         passthrough_fields = protocol.check_input_schema(command, schema)
-        out_schema = protocol.output_schema(int(model.info.dim), passthrough_fields)
+        out_schema = protocol.result_schema(model.info, passthrough_fields)
         writer.begin(out_schema)
         log.info("exchange start peer=%s model=%s input=%s column=%s normalize=%s prompt_name=%s", call.peer, name,
-                 command.input, protocol.quote(command.column), command.normalize,
+                 command.input, protocol.quote(list(command.input_columns)), command.normalize,
                  protocol.quote(command.prompt_name))
         self._stream(context, reader, writer, model, command, out_schema, call)
 
@@ -368,6 +381,8 @@ class EmbeddingServer(flight.FlightServerBase):
                 too_big = self._check_limits(batch, call.submitted)
                 if too_big:  # one row alone over the byte limit: an error for that row, not the call
                     results.put(_failed_batch(command, batch, out_schema, dim, too_big))
+                elif command.input == protocol.PAIRS:
+                    results.put(self._score_batch(embed, command, batch, out_schema))
                 else:
                     results.put(self._embed_batch(embed, command, batch, out_schema, dim))
                 call.submitted += 1
@@ -412,15 +427,41 @@ class EmbeddingServer(flight.FlightServerBase):
                 # This batch failed after it was queued (a device fault, say). The exchange thread may be
                 # waiting for the client's next batch while the client waits for this result, so the call
                 # cannot end here: the batch's rows come back as errors and the stream goes on.
-                log.error("a batch of %d rows failed in the engine; its rows are returned as errors", n,
-                          exc_info=exc)
-                what = f"{type(exc).__name__}: {exc}" if isinstance(exc, ArrowEngineError) else type(exc).__name__
-                reason = (f"internal error while embedding this batch ({what}); these rows were not embedded: "
-                          "send them again, and see the server log if it persists")
+                reason = _engine_failure(exc, n, "embedding", "embedded")
                 return embedding_batch(passthrough, out_schema, np.zeros((n, dim), np.float32), [reason] * n), n
             if not embeddings.flags.c_contiguous:
                 embeddings = np.ascontiguousarray(embeddings)  # the engine promises C order; be safe
             out = embedding_batch(passthrough, out_schema, embeddings, errors)
+            return out, sum(e is not None for e in errors)
+        return collect
+
+    def _score_batch(self, score, command: protocol.EmbedCommand, batch: pa.RecordBatch,
+                     out_schema: pa.Schema) -> Callable[[], tuple[pa.RecordBatch, int]]:
+        """As :meth:`_embed_batch`, for ``pairs`` input: submit the batch's (query, document) columns to a
+        reranker; ``collect()`` gives the ``score`` batch."""
+        passthrough = [batch.column(p) for p in command.passthrough]
+        n = batch.num_rows
+        zeros = _zero_scores(out_schema, n)
+        if n == 0:
+            return lambda: (score_batch(passthrough, out_schema, zeros, []), 0)
+        future = score(tuple(protocol.engine_column(command.input, batch.column(c)) for c in command.input_columns),
+                       False)
+
+        def collect() -> tuple[pa.RecordBatch, int]:
+            try:
+                result = future.result()
+                scores, errors = result.scores, list(result.errors)
+                if (not isinstance(scores, np.ndarray) or scores.shape != zeros.shape
+                        or scores.dtype != np.float32 or len(errors) != n):
+                    raise RuntimeError(f"the model returned scores {getattr(scores, 'shape', None)} "
+                                       f"{getattr(scores, 'dtype', None)} and {len(errors)} errors; expected "
+                                       f"{zeros.shape} float32 and {n} errors")
+            except (CancelledError, SchedulerClosed):
+                raise  # the exchange is ending (client cancel, shutdown): nothing more to write
+            except Exception as exc:  # as in _embed_batch: the batch's rows come back as errors
+                reason = _engine_failure(exc, n, "scoring", "scored")
+                return score_batch(passthrough, out_schema, zeros, [reason] * n), n
+            out = score_batch(passthrough, out_schema, np.ascontiguousarray(scores), errors)
             return out, sum(e is not None for e in errors)
         return collect
 
@@ -434,8 +475,17 @@ class EmbeddingServer(flight.FlightServerBase):
     def _check_modality(self, name: str, model: Any, kind: str) -> None:
         modality = protocol.KIND_MODALITY[kind]
         modalities = tuple(model.info.modalities)
+        able = [n for n, m in self._models.items() if modality in m.info.modalities]
+        if modality not in modalities and protocol.PAIRS in modalities:
+            raise protocol.ProtocolError(
+                f"model {name!r} is a reranker: it scores (query, document) pairs and embeds nothing; send "
+                f'"pairs" input (a query and a document column) to it, or {kind!r} input to a model that embeds '
+                f"{modality}: {able}")
+        if modality == protocol.PAIRS and modality not in modalities:
+            raise protocol.ProtocolError(
+                f"model {name!r} is an embedding model ({list(modalities)}): it scores no pairs; send \"pairs\" "
+                f"input to a reranker (a cross-encoder): {able}")
         if modality not in modalities:
-            able = [n for n, m in self._models.items() if modality in m.info.modalities]
             raise protocol.ProtocolError(
                 f"model {name!r} embeds {list(modalities)}, not {kind!r} input ({modality}); "
                 f"models here that take {modality}: {able}")
@@ -469,7 +519,7 @@ class EmbeddingServer(flight.FlightServerBase):
         model = self._models[name]
         meta = protocol.model_metadata(name, model.info, default=name == self._default)
         endpoints = [flight.FlightEndpoint(b"", [uri]) for uri in self.advertised_locations()]
-        return flight.FlightInfo(protocol.output_schema(int(model.info.dim)),
+        return flight.FlightInfo(protocol.result_schema(model.info),
                                  flight.FlightDescriptor.for_path(name), endpoints, -1, -1,
                                  app_metadata=json.dumps(meta).encode("utf-8"))
 
@@ -569,8 +619,25 @@ def _failed_batch(command: protocol.EmbedCommand, batch: pa.RecordBatch, out_sch
     """The output batch of an input batch whose every row fails with ``reason`` (zeros, the error)."""
     passthrough = [batch.column(p) for p in command.passthrough]
     n = batch.num_rows
-    out = embedding_batch(passthrough, out_schema, np.zeros((n, dim), np.float32), [reason] * n)
+    if command.input == protocol.PAIRS:
+        out = score_batch(passthrough, out_schema, _zero_scores(out_schema, n), [reason] * n)
+    else:
+        out = embedding_batch(passthrough, out_schema, np.zeros((n, dim), np.float32), [reason] * n)
     return lambda: (out, n)
+
+
+def _zero_scores(out_schema: pa.Schema, n: int) -> np.ndarray:
+    """Zero scores for ``n`` rows of a ``score`` column of ``out_schema``: (n,), or (n, L) for L labels."""
+    type_ = out_schema.field(protocol.SCORE_FIELD).type
+    return np.zeros((n,) if type_ == pa.float32() else (n, type_.list_size), np.float32)
+
+
+def _engine_failure(exc: BaseException, n: int, doing: str, done: str) -> str:
+    """Log a batch of ``n`` rows that failed in the engine after it was queued; the reason each row gets."""
+    log.error("a batch of %d rows failed in the engine; its rows are returned as errors", n, exc_info=exc)
+    what = f"{type(exc).__name__}: {exc}" if isinstance(exc, ArrowEngineError) else type(exc).__name__
+    return (f"internal error while {doing} this batch ({what}); these rows were not {done}: send them again, and "
+            "see the server log if it persists")
 
 
 def _tiny_png(size: int = 8) -> bytes:
@@ -647,13 +714,20 @@ def _check_going(context, call: _Call, abort: threading.Event) -> None:
 
 def _submitter(model: Any, command: protocol.EmbedCommand,
                cancelled: Callable[[], bool]) -> Callable[[Any, bool], Future]:
-    """``submit(values, normalize) -> Future[EmbedResult]`` for a scheduler or a plain model.
+    """``submit(values, normalize) -> Future[EmbedResult]`` (pairs: ``values`` is (queries, documents), a
+    Future[ScoreResult]) for a scheduler or a plain model.
 
     Request-level faults raise from ``submit`` itself; a plain model runs synchronously.
     """
     kind, options = command.input, {"prompt_name": command.prompt_name} if command.prompt_name else {}
     if callable(getattr(model, "submit", None)):
         return lambda values, normalize: model.submit(kind, values, normalize, cancelled, **options)
+    if kind == protocol.PAIRS:  # values: (queries, documents)
+        def score(values, normalize: bool) -> Future:
+            future: Future = Future()
+            future.set_result(model.score_pairs(*values, **options))
+            return future
+        return score
     embed = getattr(model, EMBED_METHODS[kind])
 
     def run(values, normalize: bool) -> Future:
