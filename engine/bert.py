@@ -225,11 +225,21 @@ class SentenceBert(nn.Module):
 
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """As :meth:`encode_text`."""
+        x, keep = self.hidden(ids, lengths)
+        y = st_pool(x, keep, self.cfg.pooling)  # (B, C)
+        for d in self.cfg.dense:
+            y = self.st_modules[d.path](y)  # (B, D)
+        return y
+
+    def hidden(self, ids: torch.Tensor, lengths: torch.Tensor, types: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last block's token states (B, T, C) of right-padded ``ids`` (B, T) with ``lengths`` (B,) real
+        tokens, and which tokens are real (B, T) bool. ``types``: token type ids (B, T); None: all type 0."""
         B, T = ids.shape
         e = self.embeddings
         x = e.word_embeddings(ids) + self._positions(ids)  # (B, T, C)
         if self.cfg.type_vocab_size:
-            x = x + e.token_type_embeddings.weight[0]
+            x = x + (e.token_type_embeddings.weight[0] if types is None else e.token_type_embeddings(types))
         x = e.LayerNorm(x)
         if self.cfg.model_type == "albert":
             x = self.encoder.embedding_hidden_mapping_in(x)  # (B, T, E) -> (B, T, C)
@@ -240,10 +250,7 @@ class SentenceBert(nn.Module):
             mask = bias if mask is None else bias.masked_fill(~mask, torch.finfo(x.dtype).min)  # (B, h, T, T)
         for layer in self.blocks:
             x = layer(x, mask)
-        y = st_pool(x, keep, self.cfg.pooling)  # (B, C)
-        for d in self.cfg.dense:
-            y = self.st_modules[d.path](y)  # (B, D)
-        return y
+        return x, keep
 
     def _relative_bias(self, T: int, dtype: torch.dtype) -> torch.Tensor:
         """MPNet's attention bias (1, heads, T, T): one learned value per head and bucket of key - query

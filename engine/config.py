@@ -5,6 +5,7 @@ checked when it is read so a bad config fails at load, not mid-request.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -346,17 +347,33 @@ def bert_config(model_dir: Path) -> BertConfig:
     """Read a sentence-transformers checkpoint over a BERT-family encoder: config.json, modules.json, pooling,
     max length and lowercasing, in the layouts of sentence-transformers 2.x to 6.x."""
     model_dir = Path(model_dir)
-    cfg = read_json(model_dir, "config.json")
-    where = f"{model_dir}/config.json"
+    encoder = bert_encoder_config(read_json(model_dir, "config.json"), f"{model_dir}/config.json")
+    head = st_head(model_dir, encoder.tower.width)
+    return dataclasses.replace(
+        encoder,
+        max_seq_length=length_cap(head.max_seq_length, encoder.positions),
+        pooling=head.pooling,
+        normalize=head.normalize,
+        lowercase=head.lowercase,
+        dense=head.dense,
+        prompt=head.prompt,
+        prompts=head.prompts,
+        default_prompt=head.default_prompt,
+    )
+
+
+def bert_encoder_config(cfg: dict[str, Any], where: str, model_types: tuple[str, ...] = BERT_FAMILY) -> BertConfig:
+    """The BERT-family encoder of a config.json ``cfg`` (read from ``where``), its model_type one of
+    ``model_types``; texts cut at its positions, CLS pooling, nothing after it (a caller sets what its folder
+    says)."""
     model_type = config_value(cfg, "model_type", "bert", str, where)
-    if model_type not in BERT_FAMILY:
-        raise ModelConfigError(f"{where}: model_type {model_type!r} is not runnable; expected one of {BERT_FAMILY}")
+    if model_type not in model_types:
+        raise ModelConfigError(f"{where}: model_type {model_type!r} is not runnable; expected one of {model_types}")
     if cfg.get("position_embedding_type", "absolute") != "absolute":
         raise ModelConfigError(f"{where}: position_embedding_type {cfg['position_embedding_type']!r} is not "
                                "supported; expected 'absolute'")
     tower = (_tower(cfg, where, _DISTILBERT_DEFAULTS, _DISTILBERT_KEYS) if model_type == "distilbert"
              else _tower(cfg, where, _BERT_DEFAULTS))
-    head = st_head(model_dir, tower.width)
     max_positions = config_size(cfg, "max_position_embeddings", 512, where)
     pad_token_id = config_size(cfg, "pad_token_id", 1 if model_type in (*_POSITIONS_AFTER_PAD, "mpnet") else 0, where,
                          minimum=0)
@@ -375,16 +392,11 @@ def bert_config(model_dir: Path) -> BertConfig:
         type_vocab_size=(0 if model_type in ("mpnet", "distilbert")
                          else config_size(cfg, "type_vocab_size", 2, where, minimum=0)),
         pad_token_id=pad_token_id,
-        max_seq_length=length_cap(head.max_seq_length, max_positions - offset),
-        pooling=head.pooling,
-        normalize=head.normalize,
+        max_seq_length=max_positions - offset,
+        pooling="cls",
+        normalize=False,
         model_type=model_type,
-        lowercase=head.lowercase,
         relative_buckets=buckets,
-        dense=head.dense,
-        prompt=head.prompt,
-        prompts=head.prompts,
-        default_prompt=head.default_prompt,
         **(_albert_shape(cfg, where, tower.layers) if model_type == "albert" else {}),
     )
 

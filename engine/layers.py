@@ -165,7 +165,8 @@ def swap_linears(net: nn.Module, make, make_fused=None, skip: set[int] = frozens
 
     With ``make_fused``, an attention module that names its q/k/v projections (``QKV``) gets them as one
     ``qkv = make_fused([q, k, v])`` (see :func:`project_qkv`). Modules whose ``id`` is in ``skip`` keep
-    theirs. The weight-file pages of every replaced weight are dropped (engine.weights.release_pages): the new
+    theirs (a Linear in it stays as it is). The weight-file pages of every replaced weight are dropped
+    (engine.weights.release_pages): the new
     module holds its own copy (they fault back in from the file if it reads the old weight again).
     """
     from engine.weights import release_pages
@@ -181,7 +182,7 @@ def swap_linears(net: nn.Module, make, make_fused=None, skip: set[int] = frozens
                 delattr(parent, n)
                 release_pages(lin.weight)
         for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear):
+            if isinstance(child, nn.Linear) and id(child) not in skip:
                 setattr(parent, name, make(child))
                 release_pages(child.weight)
     return net

@@ -2,7 +2,8 @@
 
 Every encoder runs in three stages (infinity's habit): *pre* on CPU threads
 (tokenize / decode images), *core* on the device (the network an architecture module of
-``engine.registry`` builds), *post* (L2-normalize, float32 (N, D) numpy).
+``engine.registry`` builds), *post* (L2-normalize, float32 (N, D) numpy). A reranker (cross-encoder) scores
+(query, document) pairs instead: ``score_pairs`` / ``rerank``, float32 scores.
 """
 from __future__ import annotations
 
@@ -44,6 +45,9 @@ class ModelInfo:
     # Matryoshka sizes the model declares (engine.output): None when it declares none; () when it declares that
     # its embeddings must not be truncated.
     matryoshka_dims: tuple[int, ...] | None = None
+    # A reranker (modalities ("pairs",), dim = scores per pair): the activation of its scores ("Identity",
+    # "Sigmoid", ...). None for an embedding model.
+    score_activation: str | None = None
 
 
 IMAGE_ROWS_CPU = 2048  # BatchLimits.image_rows on CPU (SigLIP base-patch16-224: 10 images of 196 tokens)
@@ -100,6 +104,28 @@ class EmbedResult:
         if any(e is not None for e in self.errors):
             raise RowErrors(self.errors, self)
         return self.embeddings
+
+
+@dataclass
+class ScoreResult:
+    """Scores of N (query, document) pairs from a reranker. Failed rows hold 0 and have an error string."""
+
+    scores: np.ndarray  # (N,) float32 for a model of one label (rerankers), (N, labels) for more; C-contiguous
+    errors: list[str | None] = field(default_factory=list)
+
+    @classmethod
+    def from_rows(cls, out: np.ndarray, errors: list[str | None]) -> "ScoreResult":
+        """From (N, labels) scores: one label gives (N,)."""
+        return cls(out.reshape(len(out)) if out.shape[1] == 1 else out, errors)
+
+    @property
+    def ok(self) -> np.ndarray:
+        return np.array([e is None for e in self.errors], dtype=bool)
+
+    def raise_for_errors(self) -> np.ndarray:
+        if any(e is not None for e in self.errors):
+            raise RowErrors(self.errors, self)
+        return self.scores
 
 
 class Model:
@@ -293,6 +319,67 @@ class Model:
         self._need("text")
         return self._embed_token_rows(list(rows), [None] * len(rows), normalize).embeddings
 
+    # ------------------------------------------------------------------ rerankers (cross-encoders)
+    def score_pairs(self, queries, documents, prompt_name: str | None = None, *, truncate: bool = True
+                    ) -> ScoreResult:
+        """Score (query, document) pairs with a reranker: ``queries[i]`` against ``documents[i]`` (sequences of
+        strings or Arrow string arrays of one length). A null or non-string query or document is an error for
+        that row only. ``prompt_name``: one of the model's prompts (``info.prompts``) put before every query;
+        None: its default prompt, if any. Scores as sentence-transformers' ``CrossEncoder.predict`` gives them:
+        the logit, or its sigmoid where the model's config says (``info.score_activation``). ``truncate``: cut a
+        pair over the model's token limit as HF's ``truncation="longest_first"`` does (False: such a pair is a row
+        error).
+
+        Raises:
+            ModalityError: the model is not a reranker. InputError: not as many documents as queries, bad
+                arguments.
+        """
+        rows, errors = self.prepare_pairs(queries, documents, prompt_name, truncate=truncate)
+        return ScoreResult.from_rows(self._score_rows(rows), errors)
+
+    def rerank(self, query: str, documents, prompt_name: str | None = None, *, truncate: bool = True
+               ) -> ScoreResult:
+        """Score one query against every document (:meth:`score_pairs` of the pairs (query, document)); the
+        scores are in the documents' order (``np.argsort(-result.scores)`` ranks them)."""
+        if not isinstance(query, str):
+            raise InputError(f"query: expected one string, got {type(query).__name__}; for many queries, call "
+                             "score_pairs(queries, documents)")
+        if isinstance(documents, (str, bytes)):
+            raise InputError("documents: expected a sequence of strings, got a single string; wrap it in a list")
+        return self.score_pairs([query] * len(documents), documents, prompt_name, truncate=truncate)
+
+    def prepare_pairs(self, queries, documents, prompt_name: str | None = None, truncate: bool = True
+                      ) -> tuple[list[np.ndarray | None], list[str | None]]:
+        """Pre stage of :meth:`score_pairs`: tokenize each pair as the HF tokenizer tokenizes text pairs.
+
+        Returns per row a (2, T) int64 array (token ids over token type ids) or None, and an error or None.
+        Raises ModalityError, InputError. Core stage: :meth:`score_token_rows`.
+        """
+        self._need("pairs")
+        if not isinstance(truncate, bool):
+            raise InputError(f"truncate must be True or False; got {truncate!r:.80}")
+        return self.tokenizer.encode_pairs(queries, documents, self.prompt(prompt_name), truncate=truncate)
+
+    def score_token_rows(self, rows: Sequence[np.ndarray]) -> np.ndarray:
+        """Core stage for rows from :meth:`prepare_pairs` (no None): (N, labels) float32 scores, rows grouped
+        by length as :meth:`embed_token_rows` groups them."""
+        self._need("pairs")
+        return self._score_rows(list(rows))
+
+    @torch.inference_mode()
+    def _score_rows(self, rows: list[np.ndarray | None]) -> np.ndarray:
+        out = np.zeros((len(rows), self.info.dim), dtype=np.float32)
+        good = [i for i, r in enumerate(rows) if r is not None]
+        for group, T in self.text_groups([rows[i].shape[1] for i in good]):
+            idx = [good[g] for g in group]
+            pairs = np.zeros((2, len(idx), T), dtype=np.int64)  # ids, type ids; right-padded with 0
+            for r, i in enumerate(idx):
+                pairs[:, r, :rows[i].shape[1]] = rows[i]
+            ids, types = torch.from_numpy(pairs).to(self._device)
+            lens = torch.tensor([rows[i].shape[1] for i in idx], device=self._device)
+            out[idx] = self.net.score_pairs(ids, types, lens).float().cpu().numpy()
+        return out
+
     def embed_images(self, images, normalize: bool = True, *, dimensions: int | None = None,
                      output_dtype: str = "float32") -> EmbedResult:
         """Embed encoded images; an undecodable image is an error for that row only."""
@@ -334,6 +421,15 @@ class Model:
 
     # ------------------------------------------------------------------ stages
     def _need(self, modality: str) -> None:
+        i = self.info
+        if modality not in i.modalities and "pairs" in i.modalities:
+            raise ModalityError(f"model {i.name!r} ({i.architecture}) is a reranker: it scores (query, document) "
+                                "pairs and embeds nothing; call score_pairs(queries, documents) or rerank(query, "
+                                "documents)")
+        if modality == "pairs" and modality not in i.modalities:
+            raise ModalityError(f"model {i.name!r} ({i.architecture}) is an embedding model "
+                                f"({', '.join(i.modalities)}); scoring pairs needs a reranker: a cross-encoder such as "
+                                "cross-encoder/ms-marco-MiniLM-L6-v2, converted with `arrowengine convert`")
         if modality not in self.info.modalities:
             raise ModalityError(f"model {self.info.name!r} ({self.info.architecture}) has no {modality} encoder; "
                                 f"it accepts {', '.join(self.info.modalities)}")
@@ -433,7 +529,8 @@ def load_model(path: str | Path, device: str = "cpu", precision: str = "fp32", n
                      max_tokens=parts.text.max_tokens if parts.text is not None else 0,
                      prompts=parts.text.prompts if parts.text is not None else (),
                      default_prompt=parts.text.default_prompt if parts.text is not None else None,
-                     matryoshka_dims=_declared_sizes(manifest.matryoshka_dims, parts.dim, path))
+                     matryoshka_dims=_declared_sizes(manifest.matryoshka_dims, parts.dim, path),
+                     score_activation=parts.score_activation)
     log.info("loaded %s%s in %.1f ms", info, " (weights packed for oneDNN)" if pack_weights else "",
              (time.perf_counter() - t0) * 1e3)
     if limits is None:  # a GPU wants bigger image batches; bench/results/h200.md was measured at 128

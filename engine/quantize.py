@@ -292,7 +292,8 @@ class Int8Linear(nn.Module):
 def quantize_int8(net: nn.Module, keep_last_block: bool | None = None) -> nn.Module:
     """Replace every Linear of ``net`` by an :class:`Int8Linear`; with ``keep_last_block``, not those in the
     last block of each ``nn.ModuleList`` of blocks (default: where activations get 7 bits, the net's
-    ``INT8_KEEP_LAST_BLOCK``, else True; with 8-bit activations, False). Returns ``net`` (changed in place)."""
+    ``INT8_KEEP_LAST_BLOCK``, else True; with 8-bit activations, False), nor in the submodules the net names in
+    ``INT8_FLOAT_MODULES``. Returns ``net`` (changed in place)."""
     if torch.backends.quantized.engine == "none":
         from engine.errors import PrecisionError
 
@@ -304,6 +305,8 @@ def quantize_int8(net: nn.Module, keep_last_block: bool | None = None) -> nn.Mod
     for mod in net.modules() if keep_last_block else ():
         if isinstance(mod, nn.ModuleList) and len(mod) > 1:
             keep.update(id(m) for m in mod[-1].modules())
+    for name in getattr(net, "INT8_FLOAT_MODULES", ()):  # submodules the net keeps in float (a reranker's head)
+        keep.update(id(m) for m in net.get_submodule(name).modules())
     with allocator.long_lived_blocks_mapped():
         swap_linears(net, Int8Linear, Int8Linear.concat, skip=keep)
     return net

@@ -57,17 +57,23 @@ class Parts:
     """A runnable model as an architecture module builds it (weights not yet assigned).
 
     ``net`` has ``encode_text(ids (B, T) int64 right-padded, lengths (B,)) -> (B, dim)`` when ``text`` is set and
-    ``encode_image(pixels (B, C, H, W)) -> (B, dim)`` when ``image`` is set, both before L2 normalization.
+    ``encode_image(pixels (B, C, H, W)) -> (B, dim)`` when ``image`` is set, both before L2 normalization; a
+    reranker's has ``score_pairs`` instead (see ``score_activation``).
     """
 
     net: Any  # torch.nn.Module
     config: Any  # the architecture's frozen config
-    dim: int
+    dim: int  # values per row: the embedding's width (a reranker: scores per pair)
     text: TextSide | None = None
     image: ImageSide | None = None
+    # A reranker (cross-encoder): the activation its scores go through ("Identity", "Sigmoid", ...); its net has
+    # ``score_pairs(ids, types, lengths) -> (B, dim)`` instead of encode_text, and ``text`` tokenizes the pairs.
+    score_activation: str | None = None
 
     @property
     def modalities(self) -> tuple[str, ...]:
+        if self.score_activation is not None:
+            return ("pairs",)
         return ("text",) * (self.text is not None) + ("image",) * (self.image is not None)
 
 
@@ -248,6 +254,43 @@ register(Architecture(
     detect=_is_clip,
     builder="engine.clip",
     known_prefixes=("text_model.", "vision_model.", "text_projection.", "visual_projection.", "logit_scale"),
+))
+
+
+# -- cross-encoder rerankers (sentence-transformers' CrossEncoder) ------------------------------------------
+RERANKER_ARCHITECTURES = ("BertForSequenceClassification", "XLMRobertaForSequenceClassification",
+                          "RobertaForSequenceClassification")
+
+
+def _is_reranker(config: dict[str, Any], root: Path) -> bool:
+    """A BERT / RoBERTa / XLM-R sequence classifier, as a plain HF folder (how CrossEncoder 4.x-5.x saved it, and
+    how the hub's rerankers ship) or in sentence-transformers 6.x's CrossEncoder layout (modules.json naming one
+    Transformer module, config_sentence_transformers.json saying CrossEncoder). Claimed before the
+    sentence-transformers below, whose detector would take a lone Transformer module too."""
+    if architecture_name(config) not in RERANKER_ARCHITECTURES:
+        return False
+    modules = st_modules(root)
+    if modules is None:
+        return not (root / "modules.json").exists()
+    from engine.files import read_model_json
+
+    try:
+        st = read_model_json(root, "config_sentence_transformers.json", "sentence-transformers' config",
+                             optional=True) or {}
+    except ArrowEngineError:
+        return False
+    return (st_module_names(modules) == ["Transformer"] and isinstance(st, dict)
+            and st.get("model_type") == "CrossEncoder")
+
+
+register(Architecture(
+    kind="reranker",
+    summary="cross-encoder rerankers: BertForSequenceClassification, XLMRobertaForSequenceClassification, "
+            "RobertaForSequenceClassification (sentence-transformers' CrossEncoder)",
+    detect=_is_reranker,
+    builder="engine.reranker",
+    known_prefixes=("embeddings.", "encoder.", "pooler.", "classifier."),
+    strip_prefixes=("bert.", "roberta."),
 ))
 
 

@@ -9,7 +9,9 @@ worker thread takes queued rows of many callers, oldest first, and runs the *cor
 * images: up to ``model.limits.image_batch`` images per forward pass (``encode_pixels``);
 * text and token ids: up to ``limits.text_rows`` rows and ``limits.text_tokens`` real
   (unpadded) tokens, embedded with ``embed_token_rows``, which groups rows of similar
-  length so nothing is padded to the model's maximum.
+  length so nothing is padded to the model's maximum;
+* (query, document) pairs of a reranker: batched by tokens as texts are, tokenized with
+  ``prepare_pairs`` and scored with ``score_token_rows`` (``score_pairs``, a ``ScoreResult``).
 
 A partial batch waits at most ``max_wait_ms`` (counted from the oldest queued row) for
 more rows, and only while another caller is still preparing rows, so a lone caller never
@@ -41,14 +43,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.errors import SchedulerClosed
-from engine.model import EmbedResult, Model, apply_output_options, token_counts
+from engine.errors import InputError, SchedulerClosed
+from engine.model import EmbedResult, Model, ScoreResult, apply_output_options, token_counts
 from engine.tokenizer import length_buckets
 
 log = logging.getLogger(__name__)
 
-KINDS = ("image", "text", "tokens")
-BatchObserver = Callable[[str, int, float], None]  # (queue "image" | "text", rows, seconds)
+KINDS = ("image", "text", "tokens", "pairs")
+BatchObserver = Callable[[str, int, float], None]  # (queue "image" | "text" | "pairs", rows, seconds)
 
 
 @dataclass(frozen=True)
@@ -70,8 +72,10 @@ class SchedulerConfig:
 class _Request:
     """One caller's call: its output, errors and how many of its rows are still queued."""
 
-    def __init__(self, n: int, dim: int, normalize: bool, cancelled: Callable[[], bool] | None) -> None:
+    def __init__(self, n: int, dim: int, normalize: bool, cancelled: Callable[[], bool] | None,
+                 scores: bool = False) -> None:
         self.out = np.zeros((n, dim), dtype=np.float32)  # (N, D), failed rows stay zero
+        self.scores = scores   # pairs: the result is a ScoreResult
         self.errors: list[str | None] = [None] * n
         self.tokens: np.ndarray | None = None  # text and token ids: ids per row (EmbedResult.tokens)
         self.normalize = normalize
@@ -97,8 +101,8 @@ class _Item:
 
     request: _Request
     index: np.ndarray        # (K,) int64: rows of request.out
-    payload: object          # images: (K, 3, H, W) float32; text: list of K int64 id rows
-    sizes: np.ndarray        # (K,) images: 1 each; text: tokens per row
+    payload: object          # images: (K, 3, H, W) float32; text: list of K int64 id rows; pairs: K (2, T) rows
+    sizes: np.ndarray        # (K,) images: 1 each; text and pairs: tokens per row
     born: float              # time.monotonic() when queued
 
     def split(self, k: int) -> tuple["_Item", "_Item"]:
@@ -129,9 +133,11 @@ class Scheduler:
         self.on_batch = on_batch
         self._cv = threading.Condition()
         self._preparing = 0  # callers still decoding / tokenizing rows they will queue
-        self._queues: dict[str, deque[_Item]] = {"image": deque(), "text": deque()}
-        self._queued_rows = {"image": 0, "text": 0}
-        self._queued_size = {"image": 0, "text": 0}  # images / tokens
+        # an embedding model's queues: images, and texts with token ids; a reranker's: pairs
+        self._names = ("pairs",) if "pairs" in model.info.modalities else ("image", "text")
+        self._queues: dict[str, deque[_Item]] = {q: deque() for q in self._names}
+        self._queued_rows = dict.fromkeys(self._names, 0)
+        self._queued_size = dict.fromkeys(self._names, 0)  # images / tokens
         self._closed = False
         self._worker = threading.Thread(target=self._run, name=f"scheduler-{model.info.name}", daemon=True)
         self._worker.start()
@@ -163,15 +169,22 @@ class Scheduler:
         result = self.submit("tokens", tokens, normalize, cancelled).result()
         return apply_output_options(result, options, normalize)
 
+    def score_pairs(self, queries, documents, cancelled: Callable[[], bool] | None = None,
+                    prompt_name: str | None = None, *, truncate: bool = True) -> ScoreResult:
+        """As :meth:`Model.score_pairs`, batched with other callers (by tokens)."""
+        return self.submit("pairs", (queries, documents), False, cancelled, prompt_name, truncate=truncate).result()
+
     def submit(self, kind: str, values, normalize: bool = True, cancelled: Callable[[], bool] | None = None,
-               prompt_name: str | None = None, truncate: bool = True) -> "Future[EmbedResult]":
+               prompt_name: str | None = None, truncate: bool = True) -> "Future[EmbedResult | ScoreResult]":
         """Prepare ``values`` in this thread, queue them, return a future of the EmbedResult ((N, D) float32:
-        output options are the caller's to apply, e.g. with ``engine.model.apply_output_options``).
+        output options are the caller's to apply, e.g. with ``engine.model.apply_output_options``; pairs: a
+        ScoreResult).
 
         Returns once every row is queued (images are decoded one device batch at a time, so
-        compute of the first batch overlaps decoding of the next). ``kind``: "image", "text"
-        or "tokens"; ``prompt_name`` (text) picks one of the model's prompts; ``truncate`` (text) False makes a
-        text over the model's token limit a row error. Request-level faults
+        compute of the first batch overlaps decoding of the next). ``kind``: "image", "text",
+        "tokens" or "pairs" (``values`` is then ``(queries, documents)``, ``normalize`` is ignored);
+        ``prompt_name`` (text, pairs) picks one of the model's prompts; ``truncate`` (text, pairs) False makes a
+        row over the model's token limit a row error. Request-level faults
         (ModalityError, InputError) raise here, before any row is queued. The future is cancelled if
         ``cancelled()`` turns true before the rows ran.
         """
@@ -196,7 +209,7 @@ class Scheduler:
         return request.future
 
     def queue_depth(self) -> dict[str, int]:
-        """Rows waiting for the device, per queue ("image", "text")."""
+        """Rows waiting for the device, per queue ("image" and "text"; a reranker's: "pairs")."""
         with self._cv:
             return dict(self._queued_rows)
 
@@ -211,8 +224,8 @@ class Scheduler:
                 for item in q:
                     self._fail(item.request, SchedulerClosed("the scheduler was closed before these rows ran"))
                 q.clear()
-            self._queued_rows = {"image": 0, "text": 0}
-            self._queued_size = {"image": 0, "text": 0}
+            self._queued_rows = dict.fromkeys(self._names, 0)
+            self._queued_size = dict.fromkeys(self._names, 0)
 
     def __enter__(self) -> "Scheduler":
         return self
@@ -243,22 +256,28 @@ class Scheduler:
 
     def _submit_token_rows(self, kind: str, values, normalize: bool, cancelled,
                            prompt_name: str | None = None, truncate: bool = True) -> _Request:
-        if kind == "text":
+        if kind == "pairs":
+            if not (isinstance(values, tuple) and len(values) == 2):
+                raise InputError(f"pairs: expected a (queries, documents) tuple, got {type(values).__name__}")
+            queries, documents = values
+            rows, errors = self.model.prepare_pairs(queries, documents, prompt_name, truncate=truncate)
+        elif kind == "text":
             rows, errors = self.model.prepare_texts(values, prompt_name, truncate=truncate)
         else:
             rows, errors = self.model.prepare_tokens(values)  # per-row limits: the model's own
-        request = _Request(len(rows), self.info.dim, normalize, cancelled)
+        request = _Request(len(rows), self.info.dim, normalize, cancelled, scores=kind == "pairs")
         request.errors = errors
-        request.tokens = token_counts(rows)
+        queue = "pairs" if kind == "pairs" else "text"
+        request.tokens = None if kind == "pairs" else token_counts(rows)
         good = np.array([i for i, r in enumerate(rows) if r is not None], dtype=np.int64)
-        sizes = np.array([len(rows[i]) for i in good], dtype=np.int64)
+        sizes = np.array([rows[i].shape[-1] for i in good], dtype=np.int64)
         lim = self.model.limits
         # The model's own length groups, so a lone caller gets the direct call's device batches.
         for group in length_buckets(sizes.tolist(), lim.text_rows, lim.text_tokens) if len(good) else []:
             if request.is_cancelled():
                 break
             index = good[group]
-            self._put("text", _Item(request, index, [rows[i] for i in index], sizes[group], time.monotonic()))
+            self._put(queue, _Item(request, index, [rows[i] for i in index], sizes[group], time.monotonic()))
         return request
 
     def _put(self, queue: str, item: _Item) -> None:
@@ -322,7 +341,7 @@ class Scheduler:
         lim = self.model.limits
         if queue == "image":
             return self._queued_size["image"] >= lim.image_batch
-        return self._queued_rows["text"] >= lim.text_rows or self._queued_size["text"] >= lim.text_tokens
+        return self._queued_rows[queue] >= lim.text_rows or self._queued_size[queue] >= lim.text_tokens
 
     def _take(self, queue: str) -> list[_Item]:
         """Pop one device batch of rows, all with the oldest live row's ``normalize``; drop cancelled rows."""
@@ -402,6 +421,8 @@ class Scheduler:
         if queue == "image":
             pixels = items[0].payload if len(items) == 1 else _concat([i.payload for i in items])
             y = self.model.encode_pixels(pixels, normalize)  # (K, D)
+        elif queue == "pairs":
+            y = self.model.score_token_rows([r for i in items for r in i.payload])  # (K, labels)
         else:
             y = self.model.embed_token_rows([r for i in items for r in i.payload], normalize)  # (K, D)
         start = 0
@@ -417,7 +438,10 @@ class Scheduler:
                 request.dead = True
                 request.future.cancel()
             else:
-                request.future.set_result(EmbedResult(request.out, request.errors, tokens=request.tokens))
+                if request.scores:
+                    request.future.set_result(ScoreResult.from_rows(request.out, request.errors))
+                else:
+                    request.future.set_result(EmbedResult(request.out, request.errors, tokens=request.tokens))
 
     def _cancel(self, request: _Request, rows: int) -> None:
         request.queued -= rows

@@ -12,6 +12,7 @@ import os
 import re
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,7 @@ class TextTokenizer:
         self.prefix = prefix  # put before every text (a sentence-transformer's default prompt)
         self._lock = threading.Lock()
         self._tok: Tokenizer | None = None
+        self._pairs: _PairTokenizer | None = None
 
     @classmethod
     def from_dir(cls, model_dir: Path, max_length: int, lazy: bool = False, lowercase: bool = False,
@@ -83,21 +85,27 @@ class TextTokenizer:
         if self._tok is None:
             with self._lock:
                 if self._tok is None:
-                    data = read_model_file(self.source.parent, self.source.name, MAX_TOKENIZER_BYTES,
-                                           "the model's tokenizer", missing=_missing(self.source))
-                    try:  # the bytes that were checked, not the file again
-                        tok = Tokenizer.from_str(data.decode("utf-8"))
-                    except Exception as exc:  # tokenizers raises plain Exception subclasses; UnicodeDecodeError
-                        raise ModelConfigError(f"{self.source} could not be read by the tokenizers library: {exc}") \
-                            from exc
-                    if self.lowercase:
-                        first = [normalizers.Lowercase()]
-                        tok.normalizer = normalizers.Sequence(first + ([tok.normalizer] if tok.normalizer else []))
-                    tok.no_padding()
+                    tok = self._parse()
                     tok.enable_truncation(self.max_length, direction=self.truncation_side)
                     self._tok = tok
                     log.debug("parsed %s", self.source)
         return self
+
+    def _parse(self) -> Tokenizer:
+        """A new ``tokenizers.Tokenizer`` from ``tokenizer.json`` (lowercasing first when asked), not padding
+        and not truncating."""
+        data = read_model_file(self.source.parent, self.source.name, MAX_TOKENIZER_BYTES,
+                               "the model's tokenizer", missing=_missing(self.source))
+        try:  # the bytes that were checked, not the file again
+            tok = Tokenizer.from_str(data.decode("utf-8"))
+        except Exception as exc:  # tokenizers raises plain Exception subclasses; UnicodeDecodeError
+            raise ModelConfigError(f"{self.source} could not be read by the tokenizers library: {exc}") from exc
+        if self.lowercase:
+            first = [normalizers.Lowercase()]
+            tok.normalizer = normalizers.Sequence(first + ([tok.normalizer] if tok.normalizer else []))
+        tok.no_padding()
+        tok.no_truncation()
+        return tok
 
     @property
     def window(self) -> int:
@@ -120,36 +128,123 @@ class TextTokenizer:
         bounded by the model's length, not by the size of the text; rows go to the tokenizer in calls of at
         most :data:`TOKENIZE_CHUNK_CHARS` characters.
         """
-        window = self.window
-        values, whole = _text_values(texts, window, self.truncation_side)
-        errors: list[str | None] = [None] * len(values)
-        good = [i for i, t in enumerate(values) if isinstance(t, str)]
-        for i, t in enumerate(values):
-            if t is None:
-                errors[i] = "null text: expected a string"
-            elif isinstance(t, _BadUtf8):
-                errors[i] = "text is not valid UTF-8 (or holds a lone surrogate); send UTF-8 encoded strings"
-            elif not isinstance(t, str):
-                errors[i] = f"expected a string, got {type(t).__name__}"
+        values, whole = _text_values(texts, self.window, self.truncation_side)
+        errors = [_value_error(t) for t in values]
+        good = [i for i, e in enumerate(errors) if e is None]
         rows: list[np.ndarray | None] = [None] * len(values)
         if good and not self.available:
             raise InputError(f"this model cannot tokenize texts: {_missing(self.source)}; or send token ids "
                              "(input kind 'tokens')")
         tok = self.load()._tok
         prefix = self.prefix if prefix is None else prefix
+        for i, enc, read in self._encodings(tok, values, whole, good, prefix, self.max_length, True, errors):
+            if not truncate and enc.overflowing:
+                errors[i] = self._too_long(enc, read)
+                continue
+            rows[i] = np.asarray(enc.ids, dtype=np.int64)
+        return rows, errors
+
+    def _encodings(self, tok: Tokenizer, values: list, whole: dict[int, Callable[[], object]], good: list[int],
+                   prefix: str, max_length: int, special: bool, errors: list[str | None]):
+        """(row, encoding, characters read) for the rows ``good`` of ``values`` (cut as :func:`_text_values` cuts
+        them) that settle within the window (see :meth:`encode`); the others get their error in ``errors``.
+        ``tok`` truncates at ``max_length`` tokens; ``special``: add the special tokens. Characters read: how many
+        characters of a text longer than the window were tokenized (None: the whole text was)."""
         for chunk in _chunks(good, [len(values[i]) for i in good], TOKENIZE_CHUNK_CHARS):
             batch = [prefix + values[i] for i in chunk]
-            for k, (i, enc) in enumerate(zip(chunk, tok.encode_batch(batch, add_special_tokens=True))):
+            for k, (i, enc) in enumerate(zip(chunk, tok.encode_batch(batch, add_special_tokens=special))):
                 read = len(values[i]) if i in whole else None  # characters tokenized of a text cut to the window
                 if i in whole and not self._kept_inside(enc, batch[k], len(prefix)):
-                    enc, errors[i], read = self._encode_wider(whole[i](), window, prefix)
+                    enc, errors[i], read = self._encode_wider(tok, whole[i](), self.window, prefix, max_length,
+                                                              special)
                     if enc is None:
                         continue
-                if not truncate and enc.overflowing:
-                    errors[i] = self._too_long(enc, read)
-                    continue
-                rows[i] = np.asarray(enc.ids, dtype=np.int64)
+                yield i, enc, read
+    def encode_pairs(self, queries: Sequence[str | None] | pa.Array | pa.ChunkedArray,
+                     documents: Sequence[str | None] | pa.Array | pa.ChunkedArray, prefix: str | None = None,
+                     truncate: bool = True) -> tuple[list[np.ndarray | None], list[str | None]]:
+        """Tokenize (query, document) pairs as HF's tokenizer does for text pairs with
+        ``truncation="longest_first"`` at :attr:`max_length` (the query after ``prefix``, default the tokenizer's
+        own). Returns per row a (2, T) int64 array, the token ids over the token type ids the tokenizer's pair
+        template gives, or None, and an error or None; a null or non-string query or document is that row's
+        error.
+
+        Each side is tokenized alone (without special tokens, cut at the tokens the pair can hold, long texts
+        windowed as :meth:`encode` does), then both are cut the way ``longest_first`` cuts them
+        (:func:`longest_first`) and put into the pair template: the same ids as tokenizing the pair whole. Where
+        both sides are cut and the room left by the special tokens is odd, the longer side keeps the odd token:
+        both sides' tokens are then counted, over at most :data:`MAX_WINDOW_GROWTH` x :attr:`window` characters
+        of each (past that, which side is longer is decided on those characters). ``truncate`` False: a pair
+        over :attr:`max_length` tokens (special tokens included) is a row error naming its token count instead.
+
+        Raises:
+            InputError: not sequences of strings (or Arrow string arrays), or not as many documents as queries.
+        """
+        q_values, q_whole = _text_values(queries, self.window, self.truncation_side)
+        d_values, d_whole = _text_values(documents, self.window, self.truncation_side)
+        if len(q_values) != len(d_values):
+            raise InputError(f"queries and documents: expected one document per query, got {len(q_values)} "
+                             f"queries and {len(d_values)} documents")
+        errors: list[str | None] = [None] * len(q_values)
+        for i, (q, d) in enumerate(zip(q_values, d_values)):
+            q_error, d_error = _value_error(q), _value_error(d)
+            if q_error or d_error:
+                errors[i] = "; ".join(f"{side}: {e}" for side, e in (("query", q_error), ("document", d_error)) if e)
+        good = [i for i, e in enumerate(errors) if e is None]
+        rows: list[np.ndarray | None] = [None] * len(q_values)
+        if good and not self.available:
+            raise InputError(f"this model cannot tokenize texts: {_missing(self.source)}")
+        pair = self._load_pairs()
+        prefix = self.prefix if prefix is None else prefix
+        sides = ((q_values, q_whole, prefix, "query"), (d_values, d_whole, "", "document"))
+        ids: list[dict[int, list[int]]] = []
+        counted: list[dict[int, tuple[int, bool]]] = []  # per side: (tokens, whether the whole text was read)
+        for values, whole, side_prefix, name in sides:
+            side_errors: list[str | None] = [None] * len(values)
+            encodings = list(self._encodings(pair.tok, values, whole, good, side_prefix, pair.room, False,
+                                             side_errors))
+            ids.append({i: enc.ids for i, enc, _ in encodings})
+            counted.append({i: (len(enc.ids) + sum(len(o.ids) for o in enc.overflowing), read is None)
+                            for i, enc, read in encodings})
+            for i, e in enumerate(side_errors):
+                if e is not None:
+                    errors[i] = f"{name}: {e}" if errors[i] is None else f"{errors[i]}; {name}: {e}"
+        for i in good:
+            if errors[i] is not None:
+                continue
+            query, document = ids[0][i], ids[1][i]
+            if not truncate and counted[0][i][0] + counted[1][i][0] > pair.room:
+                tokens = counted[0][i][0] + counted[1][i][0] + self.max_length - pair.room
+                exact = counted[0][i][1] and counted[1][i][1]
+                errors[i] = (f"the pair is {'' if exact else 'at least '}{tokens} tokens long (prompt and special "
+                             f"tokens included), over the model's limit of {self.max_length} tokens; the request "
+                             "set truncate=false: shorten the query or the document, or send the pair with "
+                             "truncate=true to have it cut (longest_first)")
+                continue
+            counts = None
+            if pair.room % 2 and len(query) == len(document) == pair.room:
+                # both sides cut and an odd room: the longer side keeps the odd token, so count both
+                counts = tuple(self._count(pair.tok, side_prefix + (whole[i]() if i in whole else values[i]))
+                               for values, whole, side_prefix, _ in sides)
+            rows[i] = pair.join(query, document, self.truncation_side, counts)
         return rows, errors
+
+    def _count(self, tok: Tokenizer, text: str) -> int:
+        """Tokens of ``text`` without special tokens, counted over its first (``truncation_side``: last)
+        :data:`MAX_WINDOW_GROWTH` x :attr:`window` characters at most (``tok`` truncates; the overflowing pieces
+        hold the rest)."""
+        enc = tok.encode(_cut(text, self.window * MAX_WINDOW_GROWTH, self.truncation_side), add_special_tokens=False)
+        return len(enc.ids) + sum(len(o.ids) for o in enc.overflowing)
+
+    def _load_pairs(self) -> "_PairTokenizer":
+        """The pair set-up, made on first use (thread-safe): its own tokenizer (truncating one side at the tokens
+        a pair can hold, a setting the single-text tokenizer must not share) and the pair template."""
+        if self._pairs is None:
+            with self._lock:
+                if self._pairs is None:
+                    self._pairs = _PairTokenizer.build(self._parse(), self.max_length, self.truncation_side,
+                                                       self.source)
+        return self._pairs
 
     def _kept_inside(self, enc, text: str, prefix_chars: int) -> bool:
         """Whether ``enc``, the encoding of ``text`` (prompt + a cut text), holds the ids of the whole text: it
@@ -177,19 +272,19 @@ class TextTokenizer:
                 "tokens; the request set truncate=false: shorten or split the text, or send it with truncate=true "
                 "to have it cut at the limit")
 
-    def _encode_wider(self, text: str, window: int, prefix: str):
+    def _encode_wider(self, tok: Tokenizer, text: str, window: int, prefix: str, max_length: int, special: bool):
         """Encode one long text from growing windows until the kept tokens lie inside the cut; (encoding, None,
         characters of the text encoded or None for all of them) or (None, the row error, None)."""
         limit = window * MAX_WINDOW_GROWTH
         while True:
             window *= 4
             part = _cut(text, window, self.truncation_side)
-            enc = self._tok.encode(prefix + part, add_special_tokens=True)
+            enc = tok.encode(prefix + part, add_special_tokens=special)
             if len(part) == len(text) or self._kept_inside(enc, prefix + part, len(prefix)):
                 return enc, None, (None if len(part) == len(text) else len(part))
             if window >= limit:
                 which = "first" if self.truncation_side == "right" else "last"
-                return None, (f"text of {len(text)} characters: the {self.max_length} tokens the model keeps could "
+                return None, (f"text of {len(text)} characters: the {max_length} tokens the model keeps could "
                               f"not be told from its {which} {window} characters (too few tokens there, or no space "
                               f"between them and the rest), and a text is read at most that far "
                               f"({MAX_WINDOW_GROWTH}x {self.window} characters); cut the text, or remove long runs "
@@ -313,6 +408,94 @@ def _arrow_text_values(texts: pa.Array, window: int, side: str) -> tuple[list, d
 
 class _BadUtf8:
     """Marks a row whose bytes are not valid UTF-8."""
+
+
+def _value_error(value) -> str | None:
+    """Why a row's value (from :func:`_text_values`) cannot be tokenized; None for a string."""
+    if value is None:
+        return "null text: expected a string"
+    if isinstance(value, _BadUtf8):
+        return "text is not valid UTF-8 (or holds a lone surrogate); send UTF-8 encoded strings"
+    if not isinstance(value, str):
+        return f"expected a string, got {type(value).__name__}"
+    return None
+
+
+def longest_first(n_a: int, n_b: int, room: int) -> tuple[int, int]:
+    """How many tokens of each side of a pair HF's ``truncation="longest_first"`` keeps when the pair holds at
+    most ``room`` tokens besides its special tokens (the rule of the tokenizers library): nothing is cut when
+    both fit; else the longer side is cut down to what the shorter leaves, but not below the shorter's length;
+    if that still does not fit, each side keeps half the room (the longer one the odd token; on a tie, the
+    document)."""
+    if n_a + n_b <= room:
+        return n_a, n_b
+    swap = n_a > n_b
+    short, long_ = (n_b, n_a) if swap else (n_a, n_b)
+    long_ = short if short > room else max(short, room - short)
+    if short + long_ > room:
+        short = room // 2
+        long_ = short + room % 2
+    return (long_, short) if swap else (short, long_)
+
+
+@dataclass(frozen=True)
+class _PairTokenizer:
+    """How a tokenizer joins a pair: special tokens before the query, between the sides and after the document,
+    and the token type ids of each part (its post-processor's pair template, read by running it once)."""
+
+    tok: Tokenizer  # truncates one side at ``room`` tokens, adds no special tokens
+    room: int  # tokens the pair holds besides its special tokens
+    head: tuple[tuple[int, int], ...]  # (id, type id) of the special tokens before the query
+    middle: tuple[tuple[int, int], ...]  # ... between query and document
+    tail: tuple[tuple[int, int], ...]  # ... after the document
+    query_type: int
+    document_type: int
+
+    @classmethod
+    def build(cls, tok: Tokenizer, max_length: int, side: str, source: Path) -> "_PairTokenizer":
+        """Read the pair template of ``tok`` (parsed, not truncating) for pairs of at most ``max_length`` tokens.
+
+        Raises:
+            ModelConfigError: the template is not special tokens around the query and the document in that
+                order, or ``max_length`` leaves no room for both sides.
+        """
+        probe_a, probe_b = (tok.encode(t, add_special_tokens=False) for t in ("a", "b"))
+        if not probe_a.ids or not probe_b.ids:
+            raise ModelConfigError(f"{source}: the tokenizer makes no token of the text 'a' or 'b'; cannot read "
+                                   "its pair template")
+        enc = tok.post_process(probe_a, probe_b, add_special_tokens=True)
+        marks = ["s" if special else "t" for special in enc.special_tokens_mask]
+        parts = re.fullmatch(r"(s*)(t+)(s*)(t+)(s*)", "".join(marks))
+        n_a, n_b = len(probe_a.ids), len(probe_b.ids)
+        if parts is None or len(parts[2]) != n_a or len(parts[4]) != n_b:
+            raise ModelConfigError(f"{source}: the tokenizer's pair template makes {''.join(marks)} of a one-token "
+                                   "query and document (s: a special token, t: a token of the texts); expected "
+                                   "special tokens around the query and the document, in that order")
+        pieces = list(zip(enc.ids, enc.type_ids))
+        ends = np.cumsum([len(p) for p in parts.groups()])
+        head, query, middle, document, tail = (pieces[a:b] for a, b in zip([0, *ends[:-1]], ends))
+        if len({t for _, t in query}) != 1 or len({t for _, t in document}) != 1:
+            raise ModelConfigError(f"{source}: the tokenizer's pair template gives one side several token types")
+        room = max_length - tok.num_special_tokens_to_add(True)
+        if room < 2:
+            raise ModelConfigError(f"{source}: pairs of at most {max_length} tokens leave {room} tokens besides the "
+                                   "special tokens; expected room for a query and a document")
+        tok.enable_truncation(room, direction=side)
+        return cls(tok, room, tuple(head), tuple(middle), tuple(tail), query[0][1], document[0][1])
+
+    def join(self, query: list[int], document: list[int], side: str,
+             counts: tuple[int, int] | None = None) -> np.ndarray:
+        """The (2, T) int64 ids over type ids of a pair whose sides were tokenized alone (each at most ``room``
+        tokens), cut as ``longest_first`` cuts them on ``side``. ``counts``: the sides' whole token counts, where
+        both were cut (which of them is longer then decides who keeps an odd token)."""
+        k_q, k_d = longest_first(*(counts or (len(query), len(document))), self.room)
+        if side == "right":
+            query, document = query[:k_q], document[:k_d]
+        else:
+            query, document = query[len(query) - k_q:], document[len(document) - k_d:]
+        pieces = [*self.head, *((i, self.query_type) for i in query), *self.middle,
+                  *((i, self.document_type) for i in document), *self.tail]
+        return np.array(pieces, dtype=np.int64).T.copy()  # (2, T): ids, type ids
 
 
 def _decode_or_marker(b: bytes | None):

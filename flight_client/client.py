@@ -52,6 +52,27 @@ class EmbeddingRowErrors(Exception):
                          "pass errors='return' to get the other rows and the reasons")
 
 
+class ScoreRowErrors(EmbeddingRowErrors):
+    """Some pairs failed on the server; ``errors[i]`` is row i's reason or None. ``scores`` holds the full
+    result (failed rows are 0)."""
+
+    def __init__(self, errors: list[str | None], scores: np.ndarray) -> None:
+        super().__init__(errors, scores)
+        self.scores = scores
+
+
+def scores_to_numpy(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """(N,) float32 numpy of a ``score`` column (a ``fixed_size_list`` one: (N, L)), without a copy when it is
+    one chunk without nulls; null (failed) rows read as 0."""
+    if pa.types.is_fixed_size_list(column.type):
+        return embeddings_to_numpy(column)
+    if isinstance(column, pa.ChunkedArray):
+        column = column.chunk(0) if column.num_chunks == 1 else pa.concat_arrays(column.chunks)
+    if column.null_count:
+        return column.fill_null(0.0).to_numpy(zero_copy_only=False)
+    return column.to_numpy(zero_copy_only=True)
+
+
 def embeddings_to_numpy(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """(N, D) numpy view of an ``embedding`` column (float32, or the request's ``output_dtype``: float16, int8,
     uint8), without a copy when possible.
@@ -252,7 +273,11 @@ class EmbeddingClient:
         command = protocol.EmbedCommand.create(kind, model=model, column=column, normalize=normalize,
                                                passthrough=passthrough, prompt_name=prompt_name,
                                                dimensions=dimensions, output_dtype=output_dtype, truncate=truncate)
-        names = list(dict.fromkeys([command.column, *command.passthrough]))
+        return self._run_table(command, table)
+
+    def _run_table(self, command: protocol.EmbedCommand, table: pa.Table) -> pa.Table:
+        """Send the command's columns of ``table`` (in batches) and gather the result table."""
+        names = list(dict.fromkeys([*command.input_columns, *command.passthrough]))
         missing = [n for n in names if n not in table.column_names]
         if missing:
             raise KeyError(f"column(s) {missing} not in the table; it has {table.column_names}")
@@ -270,6 +295,59 @@ class EmbeddingClient:
                 raise
             results = send()
         return pa.Table.from_batches(results, schema=results[0].schema)
+
+    # ---- reranking ------------------------------------------------------------------------
+
+    def score_pairs(self, queries: Sequence[str | None] | pa.Array, documents: Sequence[str | None] | pa.Array,
+                    model: str | None = None, errors: str = "raise", prompt_name: str | None = None, *,
+                    truncate: bool = True) -> Any:
+        """Score (query, document) pairs with a reranker: ``queries[i]`` against ``documents[i]`` -> (N,) float32
+        (a model of L > 1 labels: (N, L)); with ``errors="return"``, ``(scores, errors)``. ``prompt_name``: one of
+        the model's prompts, put before every query. ``truncate``: a pair over the model's token limit is cut
+        (longest_first); False: it is a row error.
+
+        Raises:
+            TypeError: ``queries`` or ``documents`` is a single str, or a row is not a str or None.
+            ValueError: not as many documents as queries.
+            ScoreRowErrors: some rows failed on the server (``errors="raise"``).
+        """
+        if errors not in ("raise", "return"):
+            raise ValueError(f"errors must be 'raise' or 'return'; got {errors!r}")
+        q = _as_array(queries, "text", "queries")
+        d = _as_array(documents, "text", "documents")
+        if len(q) != len(d):
+            raise ValueError(f"expected one document per query; got {len(q)} queries and {len(d)} documents")
+        query, document = protocol.DEFAULT_QUERY_COLUMN, protocol.DEFAULT_DOCUMENT_COLUMN
+        result = self.score_table(pa.table({query: q, document: d}), model=model, prompt_name=prompt_name,
+                                  truncate=truncate)
+        scores = scores_to_numpy(result.column(protocol.SCORE_FIELD))
+        row_errors = result.column(protocol.ERROR_FIELD).to_pylist()
+        if errors == "return":
+            return scores, row_errors
+        if any(e is not None for e in row_errors):
+            raise ScoreRowErrors(row_errors, scores)
+        return scores
+
+    def rerank(self, query: str, documents: Sequence[str | None] | pa.Array, model: str | None = None,
+               errors: str = "raise", prompt_name: str | None = None, *, truncate: bool = True) -> Any:
+        """Score one query against every document -> (N,) float32 in the documents' order
+        (``np.argsort(-scores)`` ranks them); see :meth:`score_pairs`."""
+        if not isinstance(query, str):
+            raise TypeError(f"query: expected one str, got {type(query).__name__}; for many queries use "
+                            "score_pairs(queries, documents)")
+        d = _as_array(documents, "text", "documents")
+        return self.score_pairs(pa.array([query] * len(d), pa.string()), d, model, errors, prompt_name,
+                                truncate=truncate)
+
+    def score_table(self, table: pa.Table, query_column: str | None = None, document_column: str | None = None,
+                    passthrough: Sequence[str] = (), model: str | None = None,
+                    prompt_name: str | None = None, *, truncate: bool = True) -> pa.Table:
+        """Score the (query, document) pairs of two string columns of a table (default ``query`` and
+        ``document``) -> table of passthrough columns, ``score``, ``error``. Row errors do not raise."""
+        command = protocol.EmbedCommand.create(protocol.PAIRS, model=model, query_column=query_column,
+                                               document_column=document_column, passthrough=passthrough,
+                                               prompt_name=prompt_name, truncate=truncate)
+        return self._run_table(command, table)
 
     def _adopt_server_limits(self) -> bool:
         """Lower batch_rows / batch_bytes to the server's limits; False if they were not lower."""
@@ -382,13 +460,17 @@ _BYTES_LIKE = (bytes, bytearray, memoryview)
 _INT32 = (-2 ** 31, 2 ** 31 - 1)
 
 
-def _as_array(values: Any, kind: str) -> pa.Array:
-    """The rows of an embed_* call as one Arrow array; TypeError / ValueError on bad input."""
+def _as_array(values: Any, kind: str, name: str | None = None) -> pa.Array:
+    """The rows of an embed_* call as one Arrow array; TypeError / ValueError on bad input. ``name``: the
+    argument's name in messages (default: the kind's)."""
     if isinstance(values, pa.ChunkedArray):
         return values.combine_chunks()
     if isinstance(values, pa.Array):
         return values
-    name, expected, one_row, type_ = _ROWS[kind]
+    default_name, expected, one_row, type_ = _ROWS[kind]
+    if name is not None:  # queries / documents of score_pairs
+        one_row = f"{name}=[{name.removesuffix('ies').removesuffix('s')}{'y' if name.endswith('ies') else ''}]"
+    name = name or default_name
     if isinstance(values, (str, *_BYTES_LIKE)):  # list() would split it into one row per character
         size = (f"{len(values)} characters" if isinstance(values, str)
                 else f"{memoryview(values).nbytes} bytes")
@@ -412,7 +494,7 @@ def _as_array(values: Any, kind: str) -> pa.Array:
             raise TypeError(f"{name}: expected {expected}, got Arrow type {inferred.type} from the rows")
         return inferred.cast(type_)
     except (pa.ArrowTypeError, pa.ArrowInvalid, TypeError) as exc:  # find the row only now: the fast path stays fast
-        bad = _bad_row(rows, kind)
+        bad = _bad_row(rows, kind, name)
         if bad is None:
             raise
         raise bad from exc
@@ -426,9 +508,10 @@ def _inferred_fits(type_: pa.DataType, kind: str) -> bool:
     return pa.types.is_list(type_) and (pa.types.is_integer(type_.value_type) or pa.types.is_null(type_.value_type))
 
 
-def _bad_row(rows: list, kind: str) -> TypeError | ValueError | None:
+def _bad_row(rows: list, kind: str, name: str | None = None) -> TypeError | ValueError | None:
     """The error describing the first row that cannot be ``kind`` input, or None."""
-    name, _, one_row, _ = _ROWS[kind]
+    default_name, _, one_row, _ = _ROWS[kind]
+    name = name or default_name
     for i, row in enumerate(rows):
         if row is None:
             continue

@@ -53,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--index", action="store_true",
                         help="Lance output: build an IVF-PQ vector index on the embeddings at the end "
                              "(none below 256 embedded rows: a search then scans every row)")
-    parser.add_argument("--kind", required=True, choices=protocol.INPUT_KINDS, help="what the input column holds")
+    parser.add_argument("--kind", required=True, choices=protocol.EMBED_KINDS, help="what the input column holds")
     parser.add_argument("--column", default=None,
                         help="input column (default: image / text / input_ids by --kind)")
     parser.add_argument("--model", default=None,

@@ -94,8 +94,8 @@ class JobConfig:
     call_timeout_s: float | None = 600.0      # one batch's exchange; past it the batch goes to another server
 
     def __post_init__(self) -> None:
-        if self.kind not in protocol.INPUT_KINDS:
-            raise ValueError(f"kind must be one of {list(protocol.INPUT_KINDS)}; got {self.kind!r}")
+        if self.kind not in protocol.EMBED_KINDS:
+            raise ValueError(f"kind must be one of {list(protocol.EMBED_KINDS)}; got {self.kind!r}")
         if self.prompt_name is not None and self.kind != "text":
             raise ValueError(f"--prompt-name applies to --kind text (a prompt goes before each text); got --kind "
                              f"{self.kind}")

@@ -3,13 +3,16 @@
 :class:`Exchange` reads the client's batches, checks each against the per-batch limits, hands the
 received Arrow column to the model as it is (the engine decodes from views of the received buffer) and
 writes one output batch per input batch, wrapping the engine's (N, D) float32 output as the ``embedding``
-column without copying. The servicer (:mod:`flight_server.servicer`) validates the command, picks the model
-and keeps the RPC surface; it hands each exchange its :class:`Call` and two hooks (a batch arrived, a
-result was written) for slots, counters and metrics.
+column without copying; for ``pairs`` input (a reranker) it hands over the query and document columns and
+wraps the scores as the ``score`` column, also without copying. The servicer (:mod:`flight_server.servicer`)
+validates the command, picks the model and keeps the RPC surface; it hands each exchange its :class:`Call` and
+two hooks (a batch arrived, a result was written) for slots, counters and metrics.
 
 Models are duck-typed (``engine.model`` API): ``.info`` (``dim``, ``modalities``, ...) and
 ``embed_images / embed_texts / embed_tokens(array, normalize=) -> EmbedResult`` with
-``embeddings`` (N, D) float32 C-contiguous and ``errors`` (list of str | None). A model
+``embeddings`` (N, D) float32 C-contiguous and ``errors`` (list of str | None); a reranker (modality
+``pairs``) has ``score_pairs(queries, documents) -> ScoreResult`` (``scores`` (N,) or (N, L) float32,
+``errors``) instead. A model
 that also has ``submit(kind, array, normalize, cancelled, prompt_name=) -> Future[EmbedResult]`` (an
 ``engine.scheduler.Scheduler``, which ``arrowengine serve`` puts in front of every model)
 is pipelined: while the rows of input batch k are on the device, the exchange already
@@ -59,6 +62,15 @@ def embedding_batch(passthrough: list[pa.Array], schema: pa.Schema, embeddings: 
                                           command.output_dtype)
     error = pa.array(errors, type=pa.string())
     return pa.RecordBatch.from_arrays([*passthrough, *outputs, error], schema=schema)
+
+
+def score_batch(passthrough: list[pa.Array], schema: pa.Schema, scores: np.ndarray,
+                errors: list[str | None]) -> pa.RecordBatch:
+    """One output batch of ``pairs`` input: passthrough arrays, ``score`` (wrapping ``scores``' memory, rows with
+    an error null), ``error``."""
+    score = protocol.score_column(scores, errors)
+    error = pa.array(errors, type=pa.string())
+    return pa.RecordBatch.from_arrays([*passthrough, score, error], schema=schema)
 
 
 class Cancelled(Exception):
@@ -156,15 +168,22 @@ def checked_result(result: Any, n: int, dim: int) -> tuple[np.ndarray, list[str 
 
 def submitter(model: Any, command: protocol.EmbedCommand,
               cancelled: Callable[[], bool]) -> Callable[[Any, bool], Future]:
-    """``submit(values, normalize) -> Future[EmbedResult]`` for a scheduler or a plain model.
+    """``submit(values, normalize) -> Future[EmbedResult]`` (pairs: ``values`` is (queries, documents), a
+    Future[ScoreResult]) for a scheduler or a plain model.
 
     Request-level faults raise from ``submit`` itself; a plain model runs synchronously.
     """
     kind, options = command.input, {"prompt_name": command.prompt_name} if command.prompt_name else {}
-    if not command.truncate and kind == "text":  # token-id rows are never cut: over-long ones are always errors
-        options["truncate"] = False
+    if not command.truncate and kind in ("text", protocol.PAIRS):  # token-id rows are never cut: over-long ones
+        options["truncate"] = False                                   # are always errors
     if callable(getattr(model, "submit", None)):
         return lambda values, normalize: model.submit(kind, values, normalize, cancelled, **options)
+    if kind == protocol.PAIRS:  # values: (queries, documents)
+        def score(values, normalize: bool) -> Future:
+            future: Future = Future()
+            future.set_result(model.score_pairs(*values, **options))
+            return future
+        return score
     embed = getattr(model, protocol.EMBED_METHODS[kind])
 
     def run(values, normalize: bool) -> Future:
@@ -179,8 +198,25 @@ def failed_batch(command: protocol.EmbedCommand, batch: pa.RecordBatch, out_sche
     """The output batch of an input batch whose every row fails with ``reason`` (zeros, the error)."""
     passthrough = [batch.column(p) for p in command.passthrough]
     n = batch.num_rows
-    out = embedding_batch(passthrough, out_schema, np.zeros((n, dim), np.float32), [reason] * n, command)
+    if command.input == protocol.PAIRS:
+        out = score_batch(passthrough, out_schema, zero_scores(out_schema, n), [reason] * n)
+    else:
+        out = embedding_batch(passthrough, out_schema, np.zeros((n, dim), np.float32), [reason] * n, command)
     return lambda: (out, n)
+
+
+def zero_scores(out_schema: pa.Schema, n: int) -> np.ndarray:
+    """Zero scores for ``n`` rows of a ``score`` column of ``out_schema``: (n,), or (n, L) for L labels."""
+    type_ = out_schema.field(protocol.SCORE_FIELD).type
+    return np.zeros((n,) if type_ == pa.float32() else (n, type_.list_size), np.float32)
+
+
+def engine_failure(exc: BaseException, n: int, doing: str, done: str) -> str:
+    """Log a batch of ``n`` rows that failed in the engine after it was queued; the reason each row gets."""
+    log.error("a batch of %d rows failed in the engine; its rows are returned as errors", n, exc_info=exc)
+    what = f"{type(exc).__name__}: {exc}" if isinstance(exc, ArrowEngineError) else type(exc).__name__
+    return (f"internal error while {doing} this batch ({what}); these rows were not {done}: send them again, and "
+            "see the server log if it persists")
 
 
 class Exchange:
@@ -219,11 +255,15 @@ class Exchange:
                                          "before writing batches (an empty input is one empty batch)") from exc
         check_going(self.context, call, self.abort)
         passthrough_fields = protocol.check_input_schema(command, schema)
-        out_schema = protocol.output_schema(int(model.info.dim), passthrough_fields, command.dimensions,
-                                            command.output_dtype)
+        if command.input == protocol.PAIRS:
+            out_schema = protocol.result_schema(model.info, passthrough_fields)
+        else:
+            out_schema = protocol.output_schema(int(model.info.dim), passthrough_fields, command.dimensions,
+                                                command.output_dtype)
         self.writer.begin(out_schema)
         log.info("exchange start peer=%s model=%s input=%s column=%s normalize=%s prompt_name=%s dimensions=%s "
-                 "output_dtype=%s truncate=%s", call.peer, call.model, command.input, protocol.quote(command.column),
+                 "output_dtype=%s truncate=%s", call.peer, call.model, command.input,
+                 protocol.quote(list(command.input_columns)),
                  command.normalize, protocol.quote(command.prompt_name), command.dimensions, command.output_dtype,
                  command.truncate)
         self._stream(model, command, out_schema)
@@ -253,6 +293,8 @@ class Exchange:
                 too_big = check_batch_limits(self.limits, batch, call.submitted)
                 if too_big:  # one row alone over the byte limit: an error for that row, not the call
                     results.put(failed_batch(command, batch, out_schema, dim, too_big))
+                elif command.input == protocol.PAIRS:
+                    results.put(self._score_batch(embed, command, batch, out_schema))
                 else:
                     results.put(self._embed_batch(embed, command, batch, out_schema, dim))
                 call.submitted += 1
@@ -283,14 +325,40 @@ class Exchange:
                 # This batch failed after it was queued (a device fault, say). The exchange thread may be
                 # waiting for the client's next batch while the client waits for this result, so the call
                 # cannot end here: the batch's rows come back as errors and the stream goes on.
-                log.error("a batch of %d rows failed in the engine; its rows are returned as errors", n,
-                          exc_info=exc)
-                what = f"{type(exc).__name__}: {exc}" if isinstance(exc, ArrowEngineError) else type(exc).__name__
-                reason = (f"internal error while embedding this batch ({what}); these rows were not embedded: "
-                          "send them again, and see the server log if it persists")
+                reason = engine_failure(exc, n, "embedding", "embedded")
                 return embedding_batch(passthrough, out_schema, np.zeros((n, dim), np.float32), [reason] * n,
                                        command), n
             out = embedding_batch(passthrough, out_schema, embeddings, errors, command)
+            return out, sum(e is not None for e in errors)
+        return collect
+
+    def _score_batch(self, score, command: protocol.EmbedCommand, batch: pa.RecordBatch,
+                     out_schema: pa.Schema) -> Collect:
+        """As :meth:`_embed_batch`, for ``pairs`` input: submit the batch's (query, document) columns to a
+        reranker; ``collect()`` gives the ``score`` batch."""
+        passthrough = [batch.column(p) for p in command.passthrough]
+        n = batch.num_rows
+        zeros = zero_scores(out_schema, n)
+        if n == 0:
+            return lambda: (score_batch(passthrough, out_schema, zeros, []), 0)
+        future = score(tuple(protocol.engine_column(command.input, batch.column(c)) for c in command.input_columns),
+                       False)
+
+        def collect() -> tuple[pa.RecordBatch, int]:
+            try:
+                result = future.result()
+                scores, errors = result.scores, list(result.errors)
+                if (not isinstance(scores, np.ndarray) or scores.shape != zeros.shape
+                        or scores.dtype != np.float32 or len(errors) != n):
+                    raise RuntimeError(f"the model returned scores {getattr(scores, 'shape', None)} "
+                                       f"{getattr(scores, 'dtype', None)} and {len(errors)} errors; expected "
+                                       f"{zeros.shape} float32 and {n} errors")
+            except (CancelledError, SchedulerClosed):
+                raise  # the exchange is ending (client cancel, shutdown): nothing more to write
+            except Exception as exc:  # as in _embed_batch: the batch's rows come back as errors
+                reason = engine_failure(exc, n, "scoring", "scored")
+                return score_batch(passthrough, out_schema, zeros, [reason] * n), n
+            out = score_batch(passthrough, out_schema, np.ascontiguousarray(scores), errors)
             return out, sum(e is not None for e in errors)
         return collect
 

@@ -6,14 +6,14 @@ are checked and applied by :mod:`engine.output` (numpy only), imported when a co
 Embedding call: ``do_exchange`` with ``FlightDescriptor.for_command(<UTF-8 JSON>)``::
 
     {"model": "all-MiniLM-L6-v2",   # optional: omitted or null = the server's default model
-     "input": "text",               # "image" | "text" | "tokens"
+     "input": "text",               # "image" | "text" | "tokens" | "pairs"
      "column": "text",              # optional: default "image" / "text" / "input_ids"
      "normalize": true,             # optional: L2-normalize the embeddings (default true)
      "passthrough": ["id"],         # optional: input columns copied to the output (default [])
-     "prompt_name": "query",        # optional, text input: one of the model's prompts (default: its default)
+     "prompt_name": "query",        # optional, text or pairs input: one of the model's prompts (default: its default)
      "dimensions": 256,             # optional: keep the first K components (default: all D)
      "output_dtype": "int8",        # optional: float32 (default), float16, int8, uint8, binary, ubinary
-     "truncate": false}             # optional, text input: false = a text over the token limit is a row error
+     "truncate": false}             # optional, text/tokens/pairs: false = a row over the token limit is a row error
 
 Input batches (any number, any size) carry ``column`` with one of the accepted types:
 
@@ -27,6 +27,13 @@ fixed_size_list<float32>[D]`` (null where the row failed; its type follows ``dim
 ``output_dtype``, see :func:`output_fields`), for int8 / uint8 ``embedding_scale`` (and uint8
 ``embedding_offset``) float32, and ``error: string`` (null where the row succeeded). A request-level
 fault fails the whole call with a Flight error; a row-level fault only fills that row's ``error``.
+
+Reranking (a cross-encoder model): ``"input": "pairs"`` reads two string columns, ``"query_column"`` (default
+``query``) and ``"document_column"`` (default ``document``), instead of ``column``, and scores each row's pair;
+the output (:func:`score_schema`) holds the passthrough columns, ``score: float32`` (``fixed_size_list<float32>[L]``
+for a model of L > 1 labels; null where the row failed) and ``error``. Scores are not embeddings: ``dimensions``
+and ``output_dtype`` are refused for pairs; ``truncate`` false makes a pair over the token limit a row error
+(else it is cut as HF's ``longest_first`` cuts it).
 
 Discovery: ``list_flights`` gives one FlightInfo per model (descriptor
 ``for_path(<model name>)``, schema = ``output_schema(D)``, ``app_metadata`` = JSON with
@@ -44,29 +51,34 @@ import pyarrow as pa
 
 # ---- command -------------------------------------------------------------------------
 
-INPUT_KINDS: tuple[str, ...] = ("image", "text", "tokens")
+EMBED_KINDS: tuple[str, ...] = ("image", "text", "tokens")  # inputs an embedding model embeds
+PAIRS = "pairs"  # (query, document) pairs a reranker scores
+INPUT_KINDS: tuple[str, ...] = (*EMBED_KINDS, PAIRS)
 DEFAULT_COLUMNS: Mapping[str, str] = {"image": "image", "text": "text", "tokens": "input_ids"}
+DEFAULT_QUERY_COLUMN, DEFAULT_DOCUMENT_COLUMN = "query", "document"  # the two columns of pairs input
 # Which model modality (``ModelInfo.modalities``) serves each input kind.
-KIND_MODALITY: Mapping[str, str] = {"image": "image", "text": "text", "tokens": "text"}
+KIND_MODALITY: Mapping[str, str] = {"image": "image", "text": "text", "tokens": "text", PAIRS: PAIRS}
 COMMAND_KEYS: tuple[str, ...] = ("model", "input", "column", "normalize", "passthrough", "prompt_name", "dimensions",
-                                 "output_dtype", "truncate")
+                                 "output_dtype", "truncate", "query_column", "document_column")
 # The engine model's method that embeds each input kind (``engine.model.Model``, a Scheduler's ``submit`` kinds).
 EMBED_METHODS: Mapping[str, str] = {"image": "embed_images", "text": "embed_texts", "tokens": "embed_tokens"}
 
 # ---- output --------------------------------------------------------------------------
 
 EMBEDDING_FIELD = "embedding"
+SCORE_FIELD = "score"  # pairs input: a reranker's score per row
 ERROR_FIELD = "error"
 SCALE_FIELD = "embedding_scale"    # int8 / uint8 output: x ≈ offset + scale * q per row (engine.output)
 OFFSET_FIELD = "embedding_offset"  # uint8 output
-RESERVED_FIELDS: tuple[str, ...] = (EMBEDDING_FIELD, ERROR_FIELD, SCALE_FIELD, OFFSET_FIELD)
+RESERVED_FIELDS: tuple[str, ...] = (EMBEDDING_FIELD, ERROR_FIELD, SCALE_FIELD, OFFSET_FIELD)  # an embedding output's
+PAIRS_RESERVED_FIELDS: tuple[str, ...] = (SCORE_FIELD, ERROR_FIELD)  # the output columns of pairs input
 
 # ---- discovery and actions -----------------------------------------------------------
 
 # Keys of the JSON metadata of each model (FlightInfo.app_metadata and the `models` action).
 METADATA_KEYS: tuple[str, ...] = (
     "name", "architecture", "kind", "modalities", "dimension", "precision", "device",
-    "max_tokens", "prompts", "default_prompt", "matryoshka_dims", "default",
+    "max_tokens", "prompts", "default_prompt", "matryoshka_dims", "score_activation", "default",
 )
 ACTION_HEALTH = "health"  # {"status": "ok", "uptime_s": float}
 ACTION_READY = "ready"    # {"ready": bool, "models": [name, ...]}
@@ -154,22 +166,34 @@ class LimitExceededError(ProtocolError):
 class EmbedCommand:
     """The parsed ``do_exchange`` command. Build with :meth:`create` or :func:`parse_command`."""
 
-    input: str                       # "image" | "text" | "tokens"
-    column: str                      # input column holding the rows to embed
+    input: str                       # "image" | "text" | "tokens" | "pairs"
+    column: str                      # input column holding the rows to embed (pairs: the queries)
     model: str | None = None         # None: the server's default model
     normalize: bool = True           # L2-normalize each embedding
     passthrough: tuple[str, ...] = field(default=())  # input columns echoed to the output
-    prompt_name: str | None = None   # text input: the model's prompt put before every text (None: its default)
-    dimensions: int | None = None    # keep the first K components (None: all D)
-    output_dtype: str = "float32"    # engine.output.OUTPUT_DTYPES
-    truncate: bool = True            # text input: cut at the model's token limit (False: a row error)
+    prompt_name: str | None = None   # text / pairs input: the model's prompt put before every text / query
+    dimensions: int | None = None    # keep the first K components (None: all D); not for pairs
+    output_dtype: str = "float32"    # engine.output.OUTPUT_DTYPES; not for pairs
+    truncate: bool = True            # text / pairs input: cut at the model's token limit (False: a row error)
+    document_column: str | None = None  # pairs input: the column of the documents (None for other inputs)
+
+    @property
+    def input_columns(self) -> tuple[str, ...]:
+        """The input columns the rows come from: ``(column,)``; pairs: (query column, document column)."""
+        return (self.column,) if self.document_column is None else (self.column, self.document_column)
+
+    @property
+    def output_fields(self) -> tuple[str, str]:
+        """The columns the output adds after the passthrough ones."""
+        return (SCORE_FIELD if self.input == PAIRS else EMBEDDING_FIELD), ERROR_FIELD
 
     @classmethod
     def create(cls, input: str, *, model: str | None = None, column: str | None = None,
                normalize: bool = True, passthrough: Sequence[str] = (),
                prompt_name: str | None = None, dimensions: int | None = None, output_dtype: str = "float32",
-               truncate: bool = True) -> "EmbedCommand":
-        """Build a validated command, filling the default column for ``input``.
+               truncate: bool = True, query_column: str | None = None,
+               document_column: str | None = None) -> "EmbedCommand":
+        """Build a validated command, filling the default column(s) for ``input``.
 
         Raises:
             ProtocolError: as :func:`parse_command`; also a bare ``str`` ``passthrough``.
@@ -177,12 +201,16 @@ class EmbedCommand:
         names = passthrough if isinstance(passthrough, str) else list(passthrough)  # "id" is not ["i", "d"]
         return _from_mapping({"model": model, "input": input, "column": column, "normalize": normalize,
                               "passthrough": names, "prompt_name": prompt_name, "dimensions": dimensions,
-                              "output_dtype": output_dtype, "truncate": truncate})
+                              "output_dtype": output_dtype, "truncate": truncate, "query_column": query_column,
+                              "document_column": document_column})
 
     def to_json(self) -> bytes:
         """The UTF-8 JSON to put in ``FlightDescriptor.for_command`` (options only where not the default)."""
         doc: dict[str, Any] = {"input": self.input, "column": self.column,
                                "normalize": self.normalize, "passthrough": list(self.passthrough)}
+        if self.input == PAIRS:
+            doc = {"input": self.input, "query_column": self.column, "document_column": self.document_column,
+                   "passthrough": list(self.passthrough)}
         if self.model is not None:
             doc["model"] = self.model
         if self.prompt_name is not None:
@@ -243,10 +271,20 @@ def _from_mapping(doc: Mapping[str, Any]) -> EmbedCommand:
     if model is not None and (not isinstance(model, str) or not model):
         raise ProtocolError(f'"model" must be a non-empty string or null; got {quote(model)}')
     column = doc.get("column")
-    if column is None:
-        column = DEFAULT_COLUMNS[kind]
-    elif not isinstance(column, str) or not column:
-        raise ProtocolError(f'"column" must be a non-empty string; got {quote(column)}')
+    document_column = None
+    if kind == PAIRS:
+        if column is not None:
+            raise ProtocolError(f'"pairs" input reads two columns: name them with "query_column" and '
+                                f'"document_column" (default {DEFAULT_QUERY_COLUMN!r} and '
+                                f'{DEFAULT_DOCUMENT_COLUMN!r}), not "column"; got "column": {quote(column)}')
+        column = _column_name(doc, "query_column", DEFAULT_QUERY_COLUMN)
+        document_column = _column_name(doc, "document_column", DEFAULT_DOCUMENT_COLUMN)
+    else:
+        given = [key for key in ("query_column", "document_column") if doc.get(key) is not None]
+        if given:
+            raise ProtocolError(f'{" and ".join(repr(k) for k in given)} apply to "pairs" input (a reranker scores '
+                                f'query and document columns); got {kind!r} input, whose rows come from "column"')
+        column = _column_name(doc, "column", DEFAULT_COLUMNS[kind])
     normalize = doc.get("normalize", True)
     if not isinstance(normalize, bool):
         raise ProtocolError(f'"normalize" must be true or false; got {quote(normalize)}')
@@ -258,26 +296,30 @@ def _from_mapping(doc: Mapping[str, Any]) -> EmbedCommand:
     duplicates = sorted(p for p, n in Counter(passthrough).items() if n > 1)
     if duplicates:
         raise ProtocolError(f'"passthrough" names each column once; got duplicates {quote(duplicates)}')
-    reserved = sorted(set(passthrough) & set(RESERVED_FIELDS))
+    reserved = sorted(set(passthrough) & set(PAIRS_RESERVED_FIELDS if kind == PAIRS else RESERVED_FIELDS))
     if reserved:
         raise ProtocolError(f'"passthrough" cannot contain {reserved}: the output adds those columns; '
                             "rename them in the input")
     prompt_name = doc.get("prompt_name")
     if prompt_name is not None and (not isinstance(prompt_name, str) or not prompt_name):
         raise ProtocolError(f'"prompt_name" must be a non-empty string or null; got {quote(prompt_name)}')
-    if prompt_name is not None and kind != "text":
-        raise ProtocolError(f'"prompt_name" applies to "text" input (a prompt is text put before each text); got '
-                            f'{kind!r} input: put the prompt\'s token ids in the rows instead')
+    if prompt_name is not None and kind not in ("text", PAIRS):
+        raise ProtocolError(f'"prompt_name" applies to "text" and "pairs" input (a prompt is text put before each '
+                            f'text or query); got {kind!r} input: put the prompt\'s token ids in the rows instead')
     options = output_options(doc.get("dimensions"), doc.get("output_dtype", "float32"))
+    if kind == PAIRS and not options.is_default:
+        given = {"dimensions": doc.get("dimensions"), "output_dtype": doc.get("output_dtype", "float32")}
+        raise ProtocolError(f'"dimensions" and "output_dtype" apply to embeddings; "pairs" input returns a '
+                            f'reranker\'s scores (float32, one per label): leave them out; got {quote(given)}')
     truncate = doc.get("truncate", True)
     if not isinstance(truncate, bool):
         raise ProtocolError(f'"truncate" must be true or false; got {quote(truncate)}')
     if not truncate and kind == "image":
-        raise ProtocolError('"truncate" applies to "text" and "tokens" input (token limits); got "image" input: '
-                            "leave it out")
+        raise ProtocolError('"truncate" applies to "text", "tokens" and "pairs" input (token limits); got "image" '
+                            "input: leave it out")
     return EmbedCommand(input=kind, column=column, model=model, normalize=normalize,
                         passthrough=tuple(passthrough), prompt_name=prompt_name, dimensions=options.dimensions,
-                        output_dtype=options.output_dtype, truncate=truncate)
+                        output_dtype=options.output_dtype, truncate=truncate, document_column=document_column)
 
 
 def output_options(dimensions: Any = None, output_dtype: Any = "float32") -> Any:
@@ -297,12 +339,23 @@ def output_options(dimensions: Any = None, output_dtype: Any = "float32") -> Any
     return OutputOptions.create(dimensions, output_dtype)
 
 
+def _column_name(doc: Mapping[str, Any], key: str, default: str) -> str:
+    """The column named by ``doc[key]`` (``default`` when absent or null)."""
+    column = doc.get(key)
+    if column is None:
+        return default
+    if not isinstance(column, str) or not column:
+        raise ProtocolError(f'"{key}" must be a non-empty string; got {quote(column)}')
+    return column
+
+
 # ---- input types ---------------------------------------------------------------------
 
 ACCEPTED_TYPES: Mapping[str, str] = {
     "image": "binary, large_binary or binary_view",
     "text": "string, large_string or string_view (or a dictionary of string or large_string)",
     "tokens": "list, large_list or fixed_size_list of int32 or int64",
+    PAIRS: "string, large_string or string_view (or a dictionary of string or large_string)",
 }
 
 
@@ -315,7 +368,7 @@ def is_accepted_type(kind: str, type_: pa.DataType) -> bool:
     """Whether an input column of Arrow type ``type_`` can carry rows of ``kind``."""
     if kind == "image":
         return pa.types.is_binary(type_) or pa.types.is_large_binary(type_) or _is_view(type_, "is_binary_view")
-    if kind == "text":
+    if kind in ("text", PAIRS):
         if pa.types.is_dictionary(type_):  # e.g. a pandas categorical column; the engine decodes it
             return pa.types.is_string(type_.value_type) or pa.types.is_large_string(type_.value_type)
         return pa.types.is_string(type_) or pa.types.is_large_string(type_) or _is_view(type_, "is_string_view")
@@ -349,13 +402,22 @@ def check_input_schema(command: EmbedCommand, schema: pa.Schema) -> list[pa.Fiel
         duplicated = sorted(n for n, k in counts.items() if k > 1)
         raise ProtocolError(f"the input schema has duplicate column names {quote(duplicated)}; rename them "
                             f"so that each column name is unique (the columns that came are {quote(names)})")
-    if command.column not in counts:
+    if command.input == PAIRS:
+        missing = [f"{role} column {quote(c)}" for role, c in zip(("query", "document"), command.input_columns)
+                   if c not in counts]
+        if missing:
+            raise ProtocolError(f"\"pairs\" input needs a query and a document column; the {' and the '.join(missing)} "
+                                f"{'is' if len(missing) == 1 else 'are'} not in the batches; the columns that came are "
+                                f"{quote(names)}; name yours with \"query_column\" and \"document_column\" in the "
+                                "command")
+    elif command.column not in counts:
         raise ProtocolError(f"input column {quote(command.column)} (for {command.input!r} input) is not in "
                             f"the batches; the columns that came are {quote(names)}; set \"column\" in the command")
-    type_ = schema.field(command.column).type
-    if not is_accepted_type(command.input, type_):
-        raise ProtocolError(f"column {quote(command.column)} has type {cut_message(str(type_), QUOTE_CHARS)}; {command.input!r} "
-                            f"input needs {ACCEPTED_TYPES[command.input]}")
+    for column in command.input_columns:
+        type_ = schema.field(column).type
+        if not is_accepted_type(command.input, type_):
+            raise ProtocolError(f"column {quote(column)} has type {cut_message(str(type_), QUOTE_CHARS)}; "
+                                f"{command.input!r} input needs {ACCEPTED_TYPES[command.input]}")
     missing = [p for p in command.passthrough if p not in counts]
     if missing:
         raise ProtocolError(f"passthrough column(s) {quote(missing)} are not in the batches; the columns "
@@ -453,11 +515,50 @@ def output_schema(dim: int, passthrough_fields: Sequence[pa.Field] = (), dimensi
                       pa.field(ERROR_FIELD, pa.string(), nullable=True)])
 
 
+def score_type(labels: int) -> pa.DataType:
+    """The type of the ``score`` column: ``float32`` for a reranker's one score per pair, else
+    ``fixed_size_list<float32>[labels]``."""
+    return pa.float32() if labels == 1 else embedding_type(labels)
+
+
+def score_column(scores: Any, errors: Sequence[str | None]) -> pa.Array:
+    """The ``score`` column: (N,) float32 scores as ``float32`` ((N, L) as ``fixed_size_list<float32>[L]``), rows
+    with an error null. A C-contiguous float32 array is wrapped without a copy, as :func:`embedding_column` does."""
+    import numpy as np
+
+    scores = np.ascontiguousarray(scores, dtype=np.float32)
+    if scores.ndim == 2:
+        return embedding_column(scores, errors)
+    if scores.ndim != 1 or len(errors) != len(scores):
+        raise ValueError(f"scores must be (rows,) or (rows, labels) with one error (or None) per row; got shape "
+                         f"{scores.shape} and {len(errors)} errors")
+    failed = [e is not None for e in errors]
+    validity = None if not any(failed) else pa.array([not f for f in failed], type=pa.bool_()).buffers()[1]
+    return pa.Array.from_buffers(pa.float32(), len(scores), [validity, pa.py_buffer(scores)],
+                                 null_count=sum(failed))
+
+
+def score_schema(labels: int, passthrough_fields: Sequence[pa.Field] = ()) -> pa.Schema:
+    """The schema of the output batches of ``pairs`` input: passthrough columns, ``score``, ``error``."""
+    return pa.schema([*passthrough_fields,
+                      pa.field(SCORE_FIELD, score_type(labels), nullable=True),
+                      pa.field(ERROR_FIELD, pa.string(), nullable=True)])
+
+
+def result_schema(info: Any, passthrough_fields: Sequence[pa.Field] = ()) -> pa.Schema:
+    """The output schema of a model (``ModelInfo``, duck-typed): :func:`score_schema` for a reranker (modality
+    ``pairs``), else :func:`output_schema`."""
+    if PAIRS in tuple(getattr(info, "modalities", ())):
+        return score_schema(int(info.dim), passthrough_fields)
+    return output_schema(int(info.dim), passthrough_fields)
+
+
 def model_metadata(name: str, info: Any, default: bool = False) -> dict[str, Any]:
     """JSON-ready metadata of one served model (keys: :data:`METADATA_KEYS`).
 
     ``info`` is the engine's ``ModelInfo`` (duck-typed: architecture, kind, modalities,
-    dim, precision, device, max_tokens, prompts, default_prompt, matryoshka_dims).
+    dim, precision, device, max_tokens, prompts, default_prompt, matryoshka_dims, score_activation). A reranker has
+    the modality ``pairs``; its dimension is its scores per pair.
     """
     return {
         "name": name,
@@ -471,6 +572,7 @@ def model_metadata(name: str, info: Any, default: bool = False) -> dict[str, Any
         "prompts": dict(getattr(info, "prompts", ()) or ()),
         "default_prompt": getattr(info, "default_prompt", None),
         "matryoshka_dims": _sizes(getattr(info, "matryoshka_dims", None)),
+        "score_activation": getattr(info, "score_activation", None),
         "default": default,
     }
 

@@ -175,6 +175,8 @@ class EmbeddingServer(flight.FlightServerBase):
             tokenizer = getattr(model, "tokenizer", None)
             if hasattr(model, "warm_up"):
                 model.warm_up()
+            elif protocol.PAIRS in model.info.modalities:
+                model.score_pairs(pa.array(["warm up"]), pa.array(["warm up"]))
             elif "text" in model.info.modalities and (tokenizer is None or tokenizer.available):
                 model.embed_texts(pa.array(["warm up"]), normalize=True)
             else:
@@ -387,8 +389,17 @@ class EmbeddingServer(flight.FlightServerBase):
     def _check_modality(self, name: str, model: Any, kind: str) -> None:
         modality = protocol.KIND_MODALITY[kind]
         modalities = tuple(model.info.modalities)
+        able = [n for n, m in self._models.items() if modality in m.info.modalities]
+        if modality not in modalities and protocol.PAIRS in modalities:
+            raise protocol.ProtocolError(
+                f"model {name!r} is a reranker: it scores (query, document) pairs and embeds nothing; send "
+                f'"pairs" input (a query and a document column) to it, or {kind!r} input to a model that embeds '
+                f"{modality}: {able}")
+        if modality == protocol.PAIRS and modality not in modalities:
+            raise protocol.ProtocolError(
+                f"model {name!r} is an embedding model ({list(modalities)}): it scores no pairs; send \"pairs\" "
+                f"input to a reranker (a cross-encoder): {able}")
         if modality not in modalities:
-            able = [n for n, m in self._models.items() if modality in m.info.modalities]
             raise protocol.ProtocolError(
                 f"model {name!r} embeds {list(modalities)}, not {kind!r} input ({modality}); "
                 f"models here that take {modality}: {able}")
@@ -412,8 +423,8 @@ class EmbeddingServer(flight.FlightServerBase):
         model = self._models[name]
         meta = protocol.model_metadata(name, model.info, default=name == self._default)
         endpoints = [flight.FlightEndpoint(b"", [uri]) for uri in self.advertised_locations()]
-        schema = protocol.output_schema(int(model.info.dim))
-        if command is not None:
+        schema = protocol.result_schema(model.info)  # a reranker's: score, error
+        if command is not None and protocol.PAIRS not in model.info.modalities:
             self._check_output(name, model, command)
             schema = protocol.output_schema(int(model.info.dim), (), command.dimensions, command.output_dtype)
         return flight.FlightInfo(schema,

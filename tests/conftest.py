@@ -13,7 +13,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from checkpoints import make_clip_checkpoint, minilm_dir  # noqa: E402
+from checkpoints import make_clip_checkpoint, make_reranker_checkpoint, minilm_dir, xlmr_tokenizer  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # belt and braces: no test may reach the network
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -32,6 +32,23 @@ class _Cache:
             self.made[key] = make_clip_checkpoint(self.root / key, geometry)
         return self.made[key]
 
+    def reranker_source(self, arch: str = "bert", geometry: str = "tiny", labels: int = 1,
+                        activation: str | None = None, max_length: int | None = None) -> Path:
+        """A cross-encoder (tests/checkpoints.py ``make_reranker_checkpoint``); XLM-R ones share one tokenizer."""
+        key = "-".join(["hf-reranker", arch, geometry, str(labels), str(activation), str(max_length)])
+        if key not in self.made:
+            tokenizer = self.xlmr_tokenizer() if arch == "xlm-roberta" else None
+            self.made[key] = make_reranker_checkpoint(self.root / key, arch, geometry, labels, activation, max_length,
+                                                      tokenizer_dir=tokenizer)
+        return self.made[key]
+
+    def xlmr_tokenizer(self) -> Path:
+        """The folder of an XLM-R tokenizer trained on CPython's documentation text (tests/checkpoints.py)."""
+        if "xlmr-tokenizer" not in self.made:
+            xlmr_tokenizer(self.root / "xlmr-tokenizer")
+            self.made["xlmr-tokenizer"] = self.root / "xlmr-tokenizer"
+        return self.made["xlmr-tokenizer"]
+
     def converted(self, source: Path, name: str, dtype: str = "keep", fmt: str = "arrow") -> Path:
         from convert.pipeline import convert_checkpoint
 
@@ -44,7 +61,8 @@ class _Cache:
 
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory) -> _Cache:
-    """``checkpoints.clip_source("tiny")``, ``checkpoints.converted(src, "tiny")``."""
+    """``checkpoints.clip_source("tiny")``, ``checkpoints.reranker_source("bert")``, ``checkpoints.converted(src,
+    "tiny")``."""
     return _Cache(tmp_path_factory.mktemp("checkpoints"))
 
 

@@ -388,9 +388,10 @@ def test_hub_source_without_network(monkeypatch, tmp_path):
 
 def test_registry_lists_known_architectures():
     kinds = registry.known_kinds()
-    assert kinds[:2] == ["clip", "sentence-transformer"] and kinds[-1] == "store"
+    # rerankers are claimed before sentence-transformers (whose detector would take a lone Transformer module too)
+    assert kinds[:3] == ["clip", "reranker", "sentence-transformer"] and kinds[-1] == "store"
     assert {"siglip", "modernbert", "qwen3", "gemma3"} <= set(kinds)
-    with pytest.raises(UnsupportedArchitectureError, match="known: \\['clip', 'sentence-transformer', "):
+    with pytest.raises(UnsupportedArchitectureError, match="known: \\['clip', 'reranker', 'sentence-transformer', "):
         registry.get("gpt2")
     clip = registry.get("clip")
     assert clip.rename("text_model.embeddings.position_ids") is None

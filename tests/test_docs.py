@@ -25,6 +25,7 @@ that says what is wrong: it is then expected to fail (strict xfail), so its fix 
 """
 from __future__ import annotations
 
+import ast
 import importlib
 import json
 import os
@@ -237,6 +238,11 @@ SNIPPETS = [
             "`arrowengine embed` command that writes the dataset the snippet opens ran first, against that server"),
     Snippet(r"^from openai import OpenAI", "openai",
             "modified: the HTTP port of the server the test starts from the docs' `arrowengine serve --http-port 8080`"),
+    Snippet(r"^from engine import load_model\b", "reranker",
+            "in a folder where models/ms-marco-minilm is a tiny BERT cross-encoder (tests/checkpoints.py)"),
+    Snippet(r"^scores = client\.rerank\(", "reranker_client",
+            "after the reranker snippet above (its `docs`), with `client` an EmbeddingClient of a server the test "
+            "starts on a free port, serving that tiny cross-encoder as ms-marco"),
 ]
 
 # Unlabelled blocks: (doc, first line) -> what they are.
@@ -250,7 +256,8 @@ PLAIN = {
 KNOWN_FAILURES: dict[tuple[str, str], str] = {}
 
 # Where the docs name a model folder or a checkpoint, what the test puts there.
-MODEL_FOLDERS = {"models/clip-b32": "clip", "models/minilm": "minilm"}   # converted folders
+MODEL_FOLDERS = {"models/clip-b32": "clip", "models/minilm": "minilm",   # converted folders
+                 "models/ms-marco-minilm": "reranker"}
 SERVED_NAMES = {"minilm": "minilm", "clip": "clip", "all-MiniLM-L6-v2": "minilm"}  # --model NAME with --server
 HUB_IDS = {"openai/clip-vit-base-patch32": "clip", "sentence-transformers/all-mpnet-base-v2": "minilm"}
 LOCAL_CHECKPOINTS = {"./my-clip": "clip"}                                  # HF folders the docs convert
@@ -440,7 +447,7 @@ def link_tree(source: Path, dest: Path) -> Path:
 @dataclass
 class Materials:
     """The test's stand-ins for what the docs name."""
-    converted: dict[str, Path]     # "clip" | "minilm" -> converted model folder
+    converted: dict[str, Path]     # "clip" | "minilm" | "reranker" -> converted model folder
     checkpoints: dict[str, Path]   # "clip" | "minilm" -> HF checkpoint folder
     cache: Path                    # ARROWENGINE_CACHE of the docs' default server and in-process embeds
 
@@ -660,8 +667,10 @@ def local_servers(hosts: list[str], model_name: str, materials: Materials):
 # ---- fixtures ----------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def materials(tiny_clip_dir, tiny_clip_source, minilm_model_dir, minilm_source, tmp_path_factory) -> Materials:
-    return Materials(converted={"clip": tiny_clip_dir, "minilm": minilm_model_dir},
+def materials(tiny_clip_dir, tiny_clip_source, minilm_model_dir, minilm_source, checkpoints,
+              tmp_path_factory) -> Materials:
+    reranker = checkpoints.converted(checkpoints.reranker_source("bert"), "reranker-bert")
+    return Materials(converted={"clip": tiny_clip_dir, "minilm": minilm_model_dir, "reranker": reranker},
                      checkpoints={"clip": tiny_clip_source, "minilm": minilm_source},
                      cache=tmp_path_factory.mktemp("arrowengine-cache"))
 
@@ -964,6 +973,31 @@ def test_python_snippets(block, materials, default_server, tmp_path, request):
         assert res.errors[0] is None and res.errors[1] and not res.embeddings[1].any()
     elif rule.run == "lance_search":
         run_lance_search(block, materials, tmp_path)
+    elif rule.run == "reranker":
+        materials.model_folder("models/ms-marco-minilm", tmp_path)
+        with in_folder(tmp_path):
+            exec_snippet(block, source, namespace)
+        res, pairs = namespace["res"], namespace["pairs"]
+        assert res.scores.shape == (2,) and res.scores.dtype == np.float32 and res.errors == [None, None]
+        assert sorted(namespace["ranked"]) == sorted(namespace["docs"])
+        assert pairs.errors[0] is None and pairs.errors[1].startswith("query: null")
+    elif rule.run == "reranker_client":
+        from flight_client import EmbeddingClient
+        from flight_server.config import ServerConfig
+        from flight_server.servicer import EmbeddingServer
+
+        import engine
+
+        model = engine.load_model(materials.converted["reranker"])
+        earlier = next(b for b in BLOCKS if b.doc == block.doc and re.search(r"^from engine import load_model\b",
+                                                                                  b.text, re.MULTILINE))
+        namespace["docs"] = ast.literal_eval(re.search(r"^docs = (\[.*\])$", earlier.text, re.MULTILINE).group(1))
+        with EmbeddingServer({"ms-marco": model}, ServerConfig(port=0)) as server, \
+                EmbeddingClient(f"grpc://127.0.0.1:{server.port}") as client:
+            namespace["client"] = client
+            exec_snippet(block, source, namespace)
+        scores = namespace["scores"]
+        assert scores.shape == (2,) and scores.dtype == np.float32
     else:
         pytest.fail(f"{block.where}: no runner for {rule.run!r}")
 

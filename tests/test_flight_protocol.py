@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import re
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
@@ -47,7 +48,7 @@ def test_command_is_frozen():
     (b"{not json", "not valid JSON"),
     (b"[1, 2]", "must be a JSON object; got list"),
     (b'{"input": "text", "modle": "x"}', "unknown command key(s) ['modle']"),
-    (b'{"model": "x"}', "\"input\" must be one of ['image', 'text', 'tokens']; got None"),
+    (b'{"model": "x"}', "\"input\" must be one of ['image', 'text', 'tokens', 'pairs']; got None"),
     (b'{"input": "audio"}', "got 'audio'"),
     (b'{"input": "text", "model": 3}', '"model" must be a non-empty string or null; got 3'),
     (b'{"input": "text", "model": ""}', '"model" must be a non-empty string'),
@@ -71,6 +72,7 @@ ACCEPTED = {
     "text": [pa.string(), pa.large_string(), pa.string_view()],
     "tokens": [pa.list_(pa.int32()), pa.list_(pa.int64()), pa.large_list(pa.int32()), pa.large_list(pa.int64()),
                pa.list_(pa.int32(), 4)],
+    "pairs": [pa.string(), pa.large_string(), pa.string_view()],  # each of its two columns
 }
 OTHERS = [pa.int64(), pa.float32(), pa.list_(pa.float32()), pa.list_(pa.int16()), pa.list_(pa.int16(), 4),
           pa.binary(4), pa.list_view(pa.int32()), pa.list_(pa.string())]
@@ -80,7 +82,7 @@ OTHERS = [pa.int64(), pa.float32(), pa.list_(pa.float32()), pa.list_(pa.int16())
 def test_accepted_input_types(kind):
     for type_ in ACCEPTED[kind]:
         assert protocol.is_accepted_type(kind, type_), type_
-    rejected = OTHERS + [t for k, ts in ACCEPTED.items() if k != kind for t in ts]
+    rejected = OTHERS + [t for ts in ACCEPTED.values() for t in ts if t not in ACCEPTED[kind]]
     for type_ in rejected:
         assert not protocol.is_accepted_type(kind, type_), type_
 
@@ -159,3 +161,73 @@ def test_error_codes_round_trip():
 
 def test_actions_are_declared():
     assert set(protocol.ACTIONS) == {"health", "ready", "models", "stats", "limits"}
+
+
+# ---- pairs (rerankers) ------------------------------------------------------------------------------------
+
+def test_pairs_command_defaults_renames_and_round_trip():
+    cmd = parse_command(b'{"input": "pairs"}')
+    assert (cmd.column, cmd.document_column, cmd.input_columns) == ("query", "document", ("query", "document"))
+    assert cmd.output_fields == ("score", "error")
+    cmd = EmbedCommand.create("pairs", model="rr", query_column="q", document_column="passage", passthrough=["id"],
+                              prompt_name="web")
+    assert cmd.input_columns == ("q", "passage")
+    assert parse_command(cmd.to_json()) == cmd
+    assert json.loads(cmd.to_json()) == {"input": "pairs", "query_column": "q", "document_column": "passage",
+                                         "passthrough": ["id"], "model": "rr", "prompt_name": "web"}
+    cut = EmbedCommand.create("pairs", truncate=False)  # truncate applies to pairs: a pair over the limit fails
+    assert not cut.truncate and json.loads(cut.to_json())["truncate"] is False and parse_command(cut.to_json()) == cut
+    text = EmbedCommand.create("text", passthrough=["score"])  # only a pairs output has a score column
+    assert text.input_columns == ("text",) and text.document_column is None and text.passthrough == ("score",)
+
+
+@pytest.mark.parametrize("raw,expected", [
+    (b'{"input": "pairs", "column": "q"}', '"pairs" input reads two columns: name them with "query_column" and '
+                                           '"document_column" (default \'query\' and \'document\'), not "column"'),
+    (b'{"input": "text", "query_column": "q"}', "'query_column' apply to \"pairs\" input"),
+    (b'{"input": "image", "document_column": "d", "query_column": "q"}',
+     "'query_column' and 'document_column' apply to \"pairs\" input"),
+    (b'{"input": "pairs", "document_column": ""}', '"document_column" must be a non-empty string'),
+    (b'{"input": "pairs", "query_column": 7}', '"query_column" must be a non-empty string; got 7'),
+    (b'{"input": "pairs", "passthrough": ["score"]}', "cannot contain ['score']"),
+    (b'{"input": "tokens", "prompt_name": "q"}', '"prompt_name" applies to "text" and "pairs" input'),
+    (b'{"input": "pairs", "dimensions": 1}', '"dimensions" and "output_dtype" apply to embeddings; "pairs" input '
+                                             "returns a reranker's scores"),
+    (b'{"input": "pairs", "output_dtype": "int8"}', "leave them out; got {'dimensions': None, 'output_dtype': 'int8'}"),
+    (b'{"input": "pairs", "passthrough": ["embedding"], "output_dtype": "float32"}', None),  # defaults are fine
+])
+def test_bad_pairs_commands(raw, expected):
+    if expected is None:
+        assert parse_command(raw).input == "pairs"
+        return
+    with pytest.raises(ProtocolError) as err:
+        parse_command(raw)
+    assert expected in str(err.value)
+
+
+def test_check_input_schema_of_pairs_names_the_missing_column_and_the_bad_type():
+    cmd = EmbedCommand.create("pairs", passthrough=["id"])
+    schema = pa.schema([("query", pa.string()), ("document", pa.large_string()), ("id", pa.int64())])
+    assert [f.name for f in protocol.check_input_schema(cmd, schema)] == ["id"]
+    with pytest.raises(ProtocolError, match=r"\"pairs\" input needs a query and a document column; the document "
+                                            r"column 'document' is not in the batches; the columns that came are "
+                                            r"\['query', 'doc'\]; name yours with \"query_column\""):
+        protocol.check_input_schema(cmd, pa.schema([("query", pa.string()), ("doc", pa.string())]))
+    with pytest.raises(ProtocolError, match="the query column 'q' and the document column 'document' are not"):
+        protocol.check_input_schema(EmbedCommand.create("pairs", query_column="q"), pa.schema([("x", pa.string())]))
+    with pytest.raises(ProtocolError, match="column 'document' has type binary; 'pairs' input needs string"):
+        protocol.check_input_schema(EmbedCommand.create("pairs"),
+                                    pa.schema([("query", pa.string()), ("document", pa.binary())]))
+
+
+def test_score_column_wraps_the_scores_without_a_copy():
+    scores = np.array([0.5, -1.25, 3.0, 7.5], np.float32)
+    column = protocol.score_column(scores, [None, "bad row", None, None])
+    assert column.type == pa.float32() and column.buffers()[1].address == scores.ctypes.data  # the array's memory
+    assert column.to_pylist() == [0.5, None, 3.0, 7.5] and column.null_count == 1
+    assert protocol.score_column(scores, [None] * 4).buffers()[0] is None  # no validity bitmap when nothing failed
+    labels = np.arange(6, dtype=np.float32).reshape(3, 2)
+    column = protocol.score_column(labels, [None, None, "x"])
+    assert column.type == pa.list_(pa.float32(), 2) and column.values.buffers()[1].address == labels.ctypes.data
+    assert column.to_pylist() == [[0.0, 1.0], [2.0, 3.0], None]
+    assert protocol.score_schema(1, [pa.field("id", pa.int64())]).names == ["id", "score", "error"]

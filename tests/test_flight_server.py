@@ -169,7 +169,7 @@ TEXT = pa.record_batch({"text": ["a"], "id": [1]})
 @pytest.mark.parametrize("descriptor,batch,code,expected", [
     (flight.FlightDescriptor.for_command(b"{oops"), TEXT, "invalid_argument", "not valid JSON"),
     (cmd(input="text", colour="red"), TEXT, "invalid_argument", "unknown command key(s) ['colour']"),
-    (cmd(input="video"), TEXT, "invalid_argument", "\"input\" must be one of ['image', 'text', 'tokens']; got 'video'"),
+    (cmd(input="video"), TEXT, "invalid_argument", "\"input\" must be one of ['image', 'text', 'tokens', 'pairs']; got 'video'"),
     (cmd(input="text", model="nope"), TEXT, "not_found", "unknown model 'nope'; this server serves ['fake', 'text-only']"),
     (cmd(input="text", column="caption"), TEXT, "invalid_argument",
      "input column 'caption' (for 'text' input) is not in the batches; the columns that came are ['text', 'id']"),
@@ -391,7 +391,7 @@ def test_list_flights_and_get_flight_info(served):
     meta = json.loads(infos[1].app_metadata)
     assert meta == {"name": "text-only", "architecture": "FakeModel", "kind": "clip", "modalities": ["text"],
                     "dimension": 4, "precision": "fp32", "device": "cpu", "max_tokens": 16, "prompts": {},
-                    "default_prompt": None, "matryoshka_dims": None, "default": False}
+                    "default_prompt": None, "matryoshka_dims": None, "score_activation": None, "default": False}
     by_path = client.get_flight_info(flight.FlightDescriptor.for_path("text-only"))
     assert json.loads(by_path.app_metadata)["name"] == "text-only"
     by_cmd = client.get_flight_info(cmd(input="text"))

@@ -190,7 +190,7 @@ def test_scale_columns_are_reserved_names():
     ({"output_dtype": None}, '"output_dtype" must be one of'),
     ({"truncate": "no"}, '"truncate" must be true or false; got \'no\''),
     ({"truncate": 0}, '"truncate" must be true or false; got 0'),
-    ({"truncate": False, "input": "image"}, '"truncate" applies to "text" and "tokens" input'),
+    ({"truncate": False, "input": "image"}, '"truncate" applies to "text", "tokens" and "pairs" input'),
 ])
 def test_bad_option_values_are_request_errors(doc, message):
     with pytest.raises(protocol.ProtocolError, match=message):

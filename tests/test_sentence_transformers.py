@@ -499,7 +499,7 @@ def test_a_request_picks_a_prompt_by_name_as_sentence_transformers_encode_does(e
             client.embed_texts(["x"], prompt_name="passage")
         command = json.dumps({"input": "tokens", "prompt_name": "query"}).encode()
         writer, reader = client._client.do_exchange(flight.FlightDescriptor.for_command(command))
-        with pytest.raises(flight.FlightServerError, match='"prompt_name" applies to "text" input'):
+        with pytest.raises(flight.FlightServerError, match='"prompt_name" applies to "text" and "pairs" input'):
             writer.begin(pa.schema([("input_ids", pa.list_(pa.int64()))]))
             writer.done_writing()
             reader.read_all()
