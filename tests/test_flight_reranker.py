@@ -43,7 +43,7 @@ def exchange(client, descriptor, batches) -> list[pa.RecordBatch]:
 @pytest.fixture(scope="module")
 def models(checkpoints, tiny_clip_dir):
     """A one-label BERT reranker, a three-label one, and an embedding model (tiny CLIP), loaded in process."""
-    one = checkpoints.converted(checkpoints.reranker_source("bert", max_length=45), "reranker-bert")
+    one = checkpoints.converted(checkpoints.reranker_source("bert", max_length=45), "reranker-bert-max45")
     three = checkpoints.converted(checkpoints.reranker_source("bert", "odd", 3), "reranker-bert-odd-3")
     return {"rr": engine.load_model(one), "rr3": engine.load_model(three), "clip": engine.load_model(tiny_clip_dir)}
 
