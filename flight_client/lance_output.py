@@ -29,7 +29,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from flight_client.job_io import TEMP_PREFIX, TEMP_SUFFIX, JobInputError, JobManifest
+from flight_client.job_io import TEMP_PREFIX, TEMP_SUFFIX, JobInputError, JobManifest, ShardWriter
 from flight_server.protocol import EMBEDDING_FIELD
 
 log = logging.getLogger("arrowengine.embed")
@@ -73,7 +73,7 @@ def _open(folder: Path) -> Any | None:
     return lance.dataset(str(folder))
 
 
-class LanceWriter:
+class LanceWriter(ShardWriter):
     """Collects output batches in input order; each full shard becomes one append commit, then the manifest.
 
     The same interface as :class:`flight_client.job_io.ShardWriter`.
@@ -81,20 +81,7 @@ class LanceWriter:
 
     def __init__(self, folder: Path, manifest: JobManifest, shard_rows: int) -> None:
         self.lance = require_lance()
-        self.folder = Path(folder)
-        self.manifest = manifest
-        self.shard_rows = shard_rows
-        self._pending: list[pa.RecordBatch] = []
-        self._rows = 0
-        self._errors = 0
-
-    def add(self, batch: pa.RecordBatch, errors: int) -> None:
-        """Add the next output batch (input order); a full shard is committed at once."""
-        self._pending.append(batch)
-        self._rows += batch.num_rows
-        self._errors += errors
-        if self._rows >= self.shard_rows:
-            self.flush()
+        super().__init__(folder, manifest, shard_rows)  # collects batches; a full shard is committed at once
 
     def flush(self, schema: pa.Schema | None = None) -> None:
         """Commit the rows collected so far as the next shard and record its version in the manifest.
