@@ -8,7 +8,8 @@ that are null or start with ``b"bad"`` ("bad" for text) are row errors (zeros).
 Ordering helpers, so that no test sleeps to let something happen: ``FakeModel(gate=Event, free_calls=N)``
 blocks every call after the first N until the test opens the gate (``entered`` counts calls that started);
 ``wait_until`` polls a condition with a generous bound and a message; ``spy_cancelled`` hands the test the
-server's own "is this exchange cancelled?" check.
+server's own "is this exchange cancelled?" check. ``exchange`` is a raw do_exchange (write every batch, then read
+every result).
 """
 from __future__ import annotations
 
@@ -280,3 +281,19 @@ class _FakeReader:
             self._call.cancelled = True
             self._call.events.append(("cancel",))
             self._call._cv.notify_all()
+
+
+def exchange(client, descriptor, batches, schema=None, options=None) -> list[pa.RecordBatch]:
+    """Raw do_exchange: write every batch, then read every result batch."""
+    writer, reader = client.do_exchange(descriptor, options) if options else client.do_exchange(descriptor)
+    try:
+        writer.begin(schema or batches[0].schema)
+        for batch in batches:
+            writer.write_batch(batch)
+        writer.done_writing()
+        return [chunk.data for chunk in reader]
+    finally:
+        try:
+            writer.close()
+        except pa.ArrowException:
+            pass

@@ -12,6 +12,7 @@ import pytest
 
 import engine
 from flight_client import EmbeddingClient, ScoreRowErrors
+from flight_fakes import exchange
 from flight_server import protocol
 from flight_server.config import ServerConfig, ServerLimits
 from flight_server.servicer import EmbeddingServer
@@ -23,21 +24,6 @@ DOCUMENTS = ["berlin had a population of 3,520,031 in 2019", "an empty query", "
 
 def cmd(**doc) -> flight.FlightDescriptor:
     return flight.FlightDescriptor.for_command(json.dumps(doc).encode())
-
-
-def exchange(client, descriptor, batches) -> list[pa.RecordBatch]:
-    writer, reader = client.do_exchange(descriptor)
-    try:
-        writer.begin(batches[0].schema)
-        for batch in batches:
-            writer.write_batch(batch)
-        writer.done_writing()
-        return [chunk.data for chunk in reader]
-    finally:
-        try:
-            writer.close()
-        except pa.ArrowException:
-            pass
 
 
 @pytest.fixture(scope="module")

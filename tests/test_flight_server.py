@@ -17,7 +17,7 @@ import pyarrow.flight as flight
 import pytest
 
 from engine.limits import RowLimits
-from flight_fakes import FakeModel, expected_embedding, make_self_signed_cert, spy_cancelled, wait_until
+from flight_fakes import FakeModel, exchange, expected_embedding, make_self_signed_cert, spy_cancelled, wait_until
 from flight_server import exchange as pipeline
 from flight_server import protocol
 from flight_server.config import ServerConfig, ServerLimits
@@ -27,22 +27,6 @@ from flight_server.servicer import EmbeddingServer
 
 def cmd(**doc) -> flight.FlightDescriptor:
     return flight.FlightDescriptor.for_command(json.dumps(doc).encode())
-
-
-def exchange(client, descriptor, batches, schema=None, options=None) -> list[pa.RecordBatch]:
-    """Raw do_exchange: write every batch, then read every result batch."""
-    writer, reader = client.do_exchange(descriptor, options) if options else client.do_exchange(descriptor)
-    try:
-        writer.begin(schema or batches[0].schema)
-        for batch in batches:
-            writer.write_batch(batch)
-        writer.done_writing()
-        return [chunk.data for chunk in reader]
-    finally:
-        try:
-            writer.close()
-        except pa.ArrowException:
-            pass
 
 
 def action(client, name, options=None):
