@@ -5,16 +5,18 @@
 loop, on the Flight server's host, with its TLS files and bearer token. Endpoints:
 
 - ``POST /v1/embeddings``: OpenAI's embeddings request and response (:mod:`flight_server.openai_api`);
+- ``POST /rerank``: a query and texts -> scores, best first, in text-embeddings-inference's shape
+  (:mod:`flight_server.rerank_api`), for a reranker;
 - ``GET /v1/models``, ``GET /v1/models/{name}``: the served models, OpenAI's shape plus our metadata;
 - ``GET /health``: liveness (the Flight ``health`` action); ``GET /ready``: the Flight ``ready`` action's
   answer, status 200 when ready and 503 when not.
 
 Every endpoint needs ``Authorization: Bearer <token>`` when the server has a token (401 otherwise). An
-embeddings request takes one of the server's ``--max-concurrent`` slots, which it shares with Flight exchanges,
-before its body is read (429 when none is free), so at most that many bodies are held at once; its body may be
-at most ``--max-batch-bytes`` (413) and ``--max-batch-rows`` rows (413), and must arrive without a pause of
-``--idle-timeout`` (408). The rows go to the model's scheduler as a Flight exchange's would (the same
-``EmbedCommand``, the same ``submit``), so rows of both protocols share device batches. A client that
+embeddings or rerank request takes one of the server's ``--max-concurrent-exchanges`` slots, which it shares
+with Flight exchanges, before its body is read (429 when none is free), so at most that many bodies are held at
+once; its body may be at most ``--max-batch-bytes`` (413) and ``--max-batch-rows`` rows (413), and must arrive
+without a pause of ``--idle-timeout-s`` (408). The rows go to the model's scheduler as a Flight exchange's
+would (the same ``EmbedCommand``, the same ``submit``), so rows of both protocols share device batches. A client that
 disconnects cancels its queued rows. While the server drains, new requests get 503; one still running when the
 grace period runs out is stopped with 503. Errors are OpenAI's ``{"error": {...}}`` JSON at every status.
 """
@@ -40,7 +42,7 @@ from starlette.routing import Route
 from engine.errors import ArrowEngineError, InputError, SchedulerClosed
 from engine.output import convert
 from engine.ratelog import RateLimitedLog
-from flight_server import openai_api, protocol
+from flight_server import openai_api, protocol, rerank_api
 from flight_server.auth import TokenCheck
 from flight_server.openai_api import ApiError
 from flight_server.exchange import checked_result
@@ -87,6 +89,7 @@ class HttpFront:
                                         thread_name_prefix="http-embed")
         app = Starlette(routes=[
             Route("/v1/embeddings", self._guarded(self.embeddings), methods=["POST"]),
+            Route("/rerank", self._guarded(self.rerank), methods=["POST"]),
             Route("/v1/models", self._guarded(self.models), methods=["GET"]),
             Route("/v1/models/{name:path}", self._guarded(self.model), methods=["GET"]),
             Route("/health", self._guarded(self.health), methods=["GET"]),
@@ -179,6 +182,10 @@ class HttpFront:
         """``POST /v1/embeddings``."""
         return await self._rows_request(request, self._embed)
 
+    async def rerank(self, request: Request) -> Response:
+        """``POST /rerank``."""
+        return await self._rows_request(request, self._rerank)
+
     async def _rows_request(self, request: Request, work: Callable[[list, threading.Event, _HttpCall], bytes]
                             ) -> Response:
         """A request that runs rows on a model: check, take a slot, read the body, run ``work(body, stop, call)``
@@ -195,7 +202,7 @@ class HttpFront:
             return _error_response(ApiError(
                 429, f"server busy: {self.limits.max_concurrent_exchanges} requests already running (the limit, "
                      "shared with Flight exchanges); retry with backoff, or start the server with a higher "
-                     "--max-concurrent", "busy", type=openai_api.RATE_LIMIT), retry_after=True)
+                     "--max-concurrent-exchanges", "busy", type=openai_api.RATE_LIMIT), retry_after=True)
         server.stats.add(requests=1)
         outcome, status = "failed", 500
         try:
@@ -248,7 +255,7 @@ class HttpFront:
                 return
             except asyncio.TimeoutError:
                 raise ApiError(408, f"the request body stopped arriving for {self.limits.idle_timeout_s:g} s "
-                                    "(serve --idle-timeout); send it whole", "request_timeout") from None
+                                    "(serve --idle-timeout-s); send it whole", "request_timeout") from None
 
     async def _unless_disconnected(self, work: asyncio.Future, request: Request, stop: threading.Event) -> bytes:
         """``work``'s result; if the client disconnects first, ``stop`` is set (its queued rows are dropped)."""
@@ -291,11 +298,13 @@ class HttpFront:
             raise openai_api.row_errors(errors)
         return openai_api.embeddings_response(name, out, sum(tokens for _, _, tokens in results), encoding)
 
-    def _run_calls(self, calls: list[openai_api.EngineCall], stop: threading.Event, call: _HttpCall
+    def _run_calls(self, calls: list[openai_api.EngineCall], stop: threading.Event, call: _HttpCall,
+                   check_model: Callable[[str, Any], None] | None = None
                    ) -> tuple[str, list[tuple[np.ndarray, list, int]]]:
         """Check and run engine calls (all on one model), each as a Flight exchange's batch of the same rows with
-        the same command runs: (the model's served name, per call (embeddings, errors, tokens used)). Raises
-        ApiError, or _ClientGone when ``stop`` is set."""
+        the same command runs: (the model's served name, per call (embeddings, or scores of pairs, errors, tokens
+        used)). ``check_model(name, model)`` may refuse the model with an ApiError. Raises ApiError, or
+        _ClientGone when ``stop`` is set."""
         server = self.server
         try:
             checked = [server.check_command(c.command, call) for c in calls]
@@ -304,6 +313,8 @@ class HttpFront:
         if len(calls) > 1:
             call.input = "mixed"
         name, model = checked[0]
+        if check_model is not None:
+            check_model(name, model)
 
         def cancelled() -> bool:
             return stop.is_set() or server.aborting
@@ -313,7 +324,32 @@ class HttpFront:
         except (InputError, protocol.ProtocolError) as exc:
             raise openai_api.from_protocol_error(exc) from None
         dim = int(model.info.dim)
-        return name, [self._collect(f, len(c.index), dim, stop) for c, f in zip(calls, futures)]
+
+        def check(result: Any, n: int) -> tuple[np.ndarray, list]:
+            if calls[0].command.input != protocol.PAIRS:
+                return checked_result(result, n, dim)
+            scores, errors = result.scores, list(result.errors)
+            if not isinstance(scores, np.ndarray) or scores.shape != (n,) or len(errors) != n:
+                raise RuntimeError(f"the model returned scores {getattr(scores, 'shape', None)} and {len(errors)} "
+                                   f"errors; expected ({n},) and {n} errors")
+            return scores, errors
+
+        return name, [self._collect(f, len(c.index), check, stop) for c, f in zip(calls, futures)]
+
+    def _rerank(self, body: list[bytearray], stop: threading.Event, call: _HttpCall) -> bytes:
+        """``POST /rerank`` on a worker thread: parse, score the (query, text) pairs, rank them."""
+        request = rerank_api.parse_rerank_request(body.pop(), self.limits.max_batch_rows, self.limits.max_batch_bytes)
+        engine_call = rerank_api.engine_call(request)
+
+        def check_model(name: str, model: Any) -> None:
+            rerank_api.check_scores(request.raw_scores, model.info.score_activation, int(model.info.dim), name)
+
+        name, [(scores, errors, _)] = self._run_calls([engine_call], stop, call, check_model)
+        failed = [(i, e) for i, e in enumerate(errors) if e is not None]
+        self._rows_done(name, call, len(request.texts), len(failed))
+        if failed:
+            raise openai_api.row_errors(failed, field="texts", done="scored")
+        return rerank_api.rerank_response(request, scores)
 
     def _rows_done(self, name: str, call: _HttpCall, rows: int, row_errors: int) -> None:
         call.rows, call.row_errors = rows, row_errors
@@ -321,11 +357,13 @@ class HttpFront:
         if self.server.metrics is not None:
             self.server.metrics.batch_done(name, call.input, rows, row_errors, protocol.VIA_HTTP)
 
-    def _collect(self, future, n: int, dim: int, stop: threading.Event) -> tuple[np.ndarray, list, int]:
-        """(embeddings, errors, tokens used) of one engine call; raises what the request's answer is."""
+    def _collect(self, future, n: int, check: Callable[[Any, int], tuple[np.ndarray, list]], stop: threading.Event
+                 ) -> tuple[np.ndarray, list, int]:
+        """(embeddings or scores, errors, tokens used) of one engine call, its result passed through ``check``;
+        raises what the request's answer is."""
         try:
             result = future.result()
-            embeddings, errors = checked_result(result, n, dim)
+            embeddings, errors = check(result, n)
         except (CancelledError, SchedulerClosed):
             if stop.is_set():
                 raise _ClientGone() from None
@@ -382,7 +420,7 @@ async def _http_exception(request: Request, exc: HTTPException) -> Response:
     """Routing errors (unknown path, wrong method) in OpenAI's error shape."""
     if exc.status_code == 404:
         message = (f"no endpoint {protocol.quote(request.url.path)}; this server has POST /v1/embeddings, "
-                   "GET /v1/models, GET /health and GET /ready")
+                   "POST /rerank, GET /v1/models, GET /health and GET /ready")
     elif exc.status_code == 405:
         message = f"{request.method} is not allowed on {protocol.quote(request.url.path)}"
     else:

@@ -115,7 +115,8 @@ class EngineCall:
 
     command: protocol.EmbedCommand
     index: np.ndarray                    # (K,) int64: positions of these rows in the request's input
-    values: pa.Array                     # the K rows, in the Arrow type the Flight protocol takes for the kind
+    values: pa.Array | tuple[pa.Array, ...]  # the K rows, in the Arrow type the Flight protocol takes for the
+                                             # kind; pairs: (queries, documents)
 
 
 def parse_embeddings_request(body: bytes | bytearray, max_rows: int) -> EmbeddingsRequest:
@@ -130,7 +131,7 @@ def parse_embeddings_request(body: bytes | bytearray, max_rows: int) -> Embeddin
         raise invalid("the body nests JSON too deeply; expected an object like "
                       '{"model": "NAME", "input": ["a text"]}', param=None, code="invalid_json") from None
     if not isinstance(doc, dict):
-        raise invalid(f"the body must be a JSON object; got {_json_type(doc)}", param=None)
+        raise invalid(f"the body must be a JSON object; got {json_type(doc)}", param=None)
     unknown = sorted(set(doc) - set(REQUEST_KEYS))
     if unknown:
         raise invalid(f"unknown field(s) {protocol.quote(unknown)}; this server takes {list(REQUEST_KEYS)}",
@@ -179,7 +180,7 @@ def parse_embeddings_request(body: bytes | bytearray, max_rows: int) -> Embeddin
 _INPUT_SHAPES = "a string, a list of strings, a list of token ids or a list of lists of token ids"
 
 
-def _json_type(value: Any) -> str:
+def json_type(value: Any) -> str:
     """What a parsed JSON value was, in JSON's words."""
     if value is None:
         return "null"
@@ -198,7 +199,7 @@ def _input_rows(value: Any) -> tuple[list, bool]:
     if isinstance(value, str):
         return [value], False
     if not isinstance(value, list):
-        raise invalid(f'"input" must be {_INPUT_SHAPES}; got {_json_type(value)}')
+        raise invalid(f'"input" must be {_INPUT_SHAPES}; got {json_type(value)}')
     if not value:
         raise invalid('"input" is an empty list; give at least one row')
     first = value[0]
@@ -300,12 +301,13 @@ def _is_unicode(text: str) -> bool:
     return True
 
 
-def row_errors(errors: Sequence[tuple[int, str]]) -> ApiError:
-    """422 for the rows the engine could not embed: (input index, reason) each, in input order."""
-    listed = "; ".join(f"input[{i}]: {reason}" for i, reason in errors[:MAX_LISTED_ROWS])
+def row_errors(errors: Sequence[tuple[int, str]], field: str = "input", done: str = "embedded") -> ApiError:
+    """422 for the rows the engine could not embed (``done``): (index in the request's ``field``, reason) each, in
+    request order."""
+    listed = "; ".join(f"{field}[{i}]: {reason}" for i, reason in errors[:MAX_LISTED_ROWS])
     more = f"; and {len(errors) - MAX_LISTED_ROWS} more" if len(errors) > MAX_LISTED_ROWS else ""
-    return ApiError(422, f"{len(errors)} row(s) could not be embedded, so none was returned: {listed}{more}",
-                    "invalid_input", param="input",
+    return ApiError(422, f"{len(errors)} row(s) could not be {done}, so none was returned: {listed}{more}",
+                    "invalid_input", param=field,
                     rows=[{"index": int(i), "error": protocol.cut_message(reason, 500)} for i, reason in errors])
 
 

@@ -371,13 +371,16 @@ class EmbeddingServer(flight.FlightServerBase):
         self._check_output(name, model, command)
         return name, model
 
-    def submit_rows(self, model: Any, command: protocol.EmbedCommand, values: pa.Array,
+    def submit_rows(self, model: Any, command: protocol.EmbedCommand, values: pa.Array | tuple[pa.Array, ...],
                     cancelled: Callable[[], bool]) -> Future:
-        """Hand one column of rows to ``model`` (its scheduler) as ``command`` says: a Future of its EmbedResult
-        (see :func:`flight_server.exchange.checked_result`). Request-level faults raise here. The HTTP front's
-        engine calls."""
-        return submitter(model, command, cancelled)(protocol.engine_column(command.input, values),
-                                                     command.normalize)
+        """Hand rows to ``model`` (its scheduler) as ``command`` says: one column, a Future of its EmbedResult
+        (see :func:`flight_server.exchange.checked_result`); ``pairs`` input, (queries, documents), a Future of
+        its ScoreResult. Request-level faults raise here. The HTTP front's engine calls."""
+        if isinstance(values, tuple):
+            rows: Any = tuple(protocol.engine_column(command.input, v) for v in values)
+        else:
+            rows = protocol.engine_column(command.input, values)
+        return submitter(model, command, cancelled)(rows, command.normalize)
 
     def _resolve(self, name: str | None) -> tuple[str, Any]:
         name = name or self._default
