@@ -189,6 +189,9 @@ RULES = [
          "modified: --port 0 (any free port) instead of the fixed port, and --http-port 0 where one is given; run "
          "until ready, checked with a client (and over HTTP), then stopped with SIGTERM; with no --model, the model "
          "cache is a temporary folder (ARROWENGINE_CACHE)"),
+    Rule(r"^curl .*127\.0\.0\.1:8080/rerank", "curl_rerank",
+         "modified: against an HTTP API the test serves in process with a tiny reranker (built by the test) under "
+         "the model name the docs give, no reranker's weights being at hand offline"),
     Rule(r"^curl .*127\.0\.0\.1:8080/", "curl",
          "modified: the HTTP port of the server the test starts from the docs' `arrowengine serve --http-port 8080`"),
     Rule(r"^arrowengine convert\b", "convert",
@@ -896,6 +899,38 @@ def test_curl_commands(http_server, tmp_path):
             assert done.returncode == 0, f"{line.where}: `{part.text}`:\n{done.stdout}\n{done.stderr}"
             doc = json.loads(done.stdout)
             assert [len(d["embedding"]) for d in doc["data"]] == [384, 384], f"{line.where}: {done.stdout[:300]}"
+
+
+RERANK_LINES = lines_running("curl_rerank")
+
+
+def test_curl_rerank_commands(checkpoints, tmp_path):
+    """Each `curl .../rerank` line as the docs give it, against a tiny reranker served under the name it names."""
+    if shutil.which("curl") is None:
+        pytest.skip("no curl on PATH")
+    import engine
+    from engine.scheduler import Scheduler
+    from flight_server.config import ServerConfig
+    from flight_server.servicer import EmbeddingServer
+
+    assert RERANK_LINES
+    model = engine.load_model(checkpoints.converted(checkpoints.reranker_source("bert"), "reranker-bert"))
+    for line in RERANK_LINES:
+        for part in line.parts:
+            body = json.loads(part.argv[part.argv.index("-d") + 1])
+            scheduler = Scheduler(model)
+            server = EmbeddingServer({body["model"]: scheduler}, ServerConfig(port=0, http_port=0))
+            try:
+                argv = [a.replace(f"127.0.0.1:{DOC_HTTP_PORT}/", f"127.0.0.1:{server.http_port}/") for a in part.argv]
+                done = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
+            finally:
+                server.shutdown()
+                scheduler.close()
+            assert done.returncode == 0, f"{line.where}: `{part.text}`:\n{done.stdout}\n{done.stderr}"
+            doc = json.loads(done.stdout)
+            assert sorted(r["index"] for r in doc) == list(range(len(body["texts"]))), f"{line.where}: {doc}"
+            scores = [r["score"] for r in doc]
+            assert scores == sorted(scores, reverse=True), f"{line.where}: not best first: {doc}"
 
 
 def test_cpp_client_commands(cpp_client_binary, default_server, tmp_path):
