@@ -23,7 +23,7 @@ from torch import nn
 from engine.config import MPNET_BUCKETS, BertConfig, TowerConfig, bert_config
 from engine.config_check import CountCheck, ShapeCheck, check_config_against_weights, dense_checks
 from engine.registry import Parts, TextSide
-from engine.layers import Embedding, LayerNorm, Linear, StDense, activation, attention, project_qkv, st_pool
+from engine.layers import Embedding, LayerNorm, Linear, StDense, activation, attention, linear_act, project_qkv, st_pool
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,7 @@ class _PostNormBlock(nn.Module):
     def __init__(self, cfg: TowerConfig) -> None:
         super().__init__()
         self.heads = cfg.heads
+        self.act_name = cfg.act
         self.act = activation(cfg.act)
 
     def parts(self) -> tuple[nn.Module, ...]:
@@ -79,7 +80,7 @@ class _PostNormBlock(nn.Module):
         q, k, v = project_qkv(qkv, x)  # (B, T, C) each
         y = attention(q, k, v, self.heads, mask=mask)  # (B, T, C)
         x = ln1(x + out(y))  # (B, T, C)
-        h = self.act(fc1(x))  # (B, T, M)
+        h = linear_act(fc1, x, self.act_name, self.act)  # (B, T, M)
         return ln2(x + fc2(h))  # (B, T, C)
 
 

@@ -15,7 +15,7 @@ from torch import nn
 from engine.config import ClipConfig, ClipTextConfig, ClipVisionConfig, TowerConfig, clip_config, model_max_length
 from engine.config_check import CountCheck, ShapeCheck, check_config_against_weights
 from engine.registry import ImageSide, Parts, TextSide
-from engine.layers import (Embedding, LayerNorm, Linear, PatchLinear, activation, attention, meta_parameter,
+from engine.layers import (Embedding, LayerNorm, Linear, PatchLinear, activation, attention, linear_act, meta_parameter,
                            project_qkv)
 
 
@@ -51,12 +51,13 @@ class CLIPAttention(nn.Module):
 class CLIPMLP(nn.Module):
     def __init__(self, cfg: TowerConfig) -> None:
         super().__init__()
+        self.act_name = cfg.act
         self.act = activation(cfg.act)
         self.fc1 = Linear(cfg.width, cfg.mlp_width)
         self.fc2 = Linear(cfg.mlp_width, cfg.width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        return self.fc2(linear_act(self.fc1, x, self.act_name, self.act))
 
 
 class CLIPEncoderLayer(nn.Module):

@@ -7,6 +7,7 @@ checkpoint's keys so loading weights is a plain assignment.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import torch
@@ -140,6 +141,32 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             and x.dtype == torch.float32 == weight.dtype and x.device.type == "cpu" and not x.requires_grad):
         return _ONEDNN_LINEAR(x, weight if packed is None else packed, bias, "none", [], "")
     return F.linear(x, weight, bias)
+
+
+# oneDNN's GEMM with the activation fused as a post-op: an MLP's first layer then writes its (rows, 4C) output
+# once, where F.linear and the activation write it twice. At SigLIP B/16's MLP shape (1,960 rows, 768 -> 3,072 ->
+# 768, fp32, tanh GELU) on 2 AVX-512 Xeon cores: 66.1 -> 61.7 ms per MLP. MKL's unfused GEMM stays on CPUs without
+# AVX-512, where oneDNN's fp32 GEMM lost to it from ~128 rows on. Same maths (differences ~5e-6 on the activation).
+FUSED_ACTIVATIONS: dict[str, tuple[str, str]] = {  # HF hidden_act -> (oneDNN post-op, its algorithm)
+    "gelu": ("gelu", "none"), "gelu_new": ("gelu", "tanh"), "gelu_pytorch_tanh": ("gelu", "tanh"),
+    "gelu_fast": ("gelu", "tanh"),
+}
+
+
+@functools.cache
+def _fuse_activations_here() -> bool:
+    return _ONEDNN_LINEAR is not None and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+def linear_act(layer: nn.Module, x: torch.Tensor, act_name: str, act) -> torch.Tensor:
+    """``act(layer(x))``; for an fp32 :class:`Linear` on an AVX-512 CPU and an activation in
+    :data:`FUSED_ACTIVATIONS`, one oneDNN call with the activation fused. Other layers (int8, packed, bf16, GPU)
+    run as ``act(layer(x))``."""
+    fused = FUSED_ACTIVATIONS.get(act_name)
+    if (fused is not None and type(layer) is Linear and x.device.type == "cpu" and x.dtype == torch.float32
+            and layer.weight.dtype == torch.float32 and not x.requires_grad and _fuse_activations_here()):
+        return _ONEDNN_LINEAR(x, layer.weight, layer.bias, fused[0], [], fused[1])
+    return act(layer(x))
 
 
 class LayerNorm(nn.LayerNorm):
