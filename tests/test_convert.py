@@ -560,6 +560,7 @@ MEM_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # an interpreter measuring its peak RSS
 def test_store_mode_memory_is_bounded_by_the_largest_tensor(tmp_path):
     """4 shards x 100 MB (12.5 MB tensors): peak RSS grows far less than the checkpoint."""
     src = tmp_path / "src"

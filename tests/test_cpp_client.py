@@ -20,6 +20,7 @@ from flight_server.config import ServerConfig, ServerLimits
 from flight_server.servicer import EmbeddingServer
 
 PHOTOS = Path(__file__).parent / "data" / "photos"
+pytestmark = pytest.mark.slow  # builds the C++ client (~10 s of g++)
 BATCH = 2  # rows per batch, for both clients: the same batches give bit-identical embeddings
 
 

@@ -933,6 +933,7 @@ def test_curl_rerank_commands(checkpoints, tmp_path):
             assert scores == sorted(scores, reverse=True), f"{line.where}: not best first: {doc}"
 
 
+@pytest.mark.slow  # builds the C++ client
 def test_cpp_client_commands(cpp_client_binary, default_server, tmp_path):
     """`python flight_client/cpp/build.py` (as cpp_client_binary: with --out), then the client command as the
     docs give it, against the docs' default server."""

@@ -128,6 +128,7 @@ def _run_cli(args, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
+@pytest.mark.slow  # two interpreter starts
 def test_resume_after_sigkill_gives_every_row_once_with_the_same_embeddings(tmp_path, tiny_clip_dir):
     import engine
 

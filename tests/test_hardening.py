@@ -296,6 +296,7 @@ def _wait_for_line(lines: queue.Queue, pattern: str, timeout: float = 120) -> re
     raise AssertionError(f"the server printed no line matching {pattern!r} within {timeout} s")
 
 
+@pytest.mark.slow  # a server process
 def test_sigterm_tells_a_streaming_client_to_resend_and_exits_within_the_grace_period(minilm_model_dir):
     grace = 6.0
     cmdline = [sys.executable, "-m", "flight_server.serve", f"minilm={minilm_model_dir}", "--port", "0",

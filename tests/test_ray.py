@@ -26,7 +26,8 @@ from flight_server import protocol  # noqa: E402
 from flight_server.config import ServerConfig  # noqa: E402
 from flight_server.servicer import EmbeddingServer  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context"),
+              pytest.mark.slow]  # a Ray cluster per module: ~20 s
 
 PHOTOS = Path(__file__).parent / "data" / "photos"
 DEADLINE_S = 240
