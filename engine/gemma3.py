@@ -68,8 +68,8 @@ from engine.config import (
 )
 from engine.config_check import CountCheck, ShapeCheck, check_config_against_weights, dense_checks
 from engine.errors import ModelConfigError, PrecisionError
-from engine.layers import (CUDA_ATTENTION_BACKENDS, Embedding, Linear, StDense, activation, meta_parameter,
-                           st_pool)
+from engine.layers import (CUDA_ATTENTION_BACKENDS, Embedding, Linear, StDense, activation, linear_act,
+                           meta_parameter, st_pool)
 from engine.registry import Parts, TextSide
 
 log = logging.getLogger(__name__)
@@ -234,9 +234,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x.float()
-        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * (1.0 + self.weight.float())).type_as(x)
+        # torch's rms_norm on the fp32 values (as transformers' formula; fewer temporaries), then in place
+        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return y.mul_(1.0 + self.weight.float()).type_as(x)
 
 
 class Gemma3Attention(nn.Module):
@@ -289,10 +289,12 @@ class Gemma3MLP(nn.Module):
         self.gate_proj = Linear(cfg.width, cfg.mlp_width, bias=False)
         self.up_proj = Linear(cfg.width, cfg.mlp_width, bias=False)
         self.down_proj = Linear(cfg.mlp_width, cfg.width, bias=False)
+        self.act_name = cfg.act
         self.act = activation(cfg.act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)).mul_(self.up_proj(x)))  # (B, T, C)
+        gate = linear_act(self.gate_proj, x, self.act_name, self.act)  # (B, T, M), a fresh tensor
+        return self.down_proj(gate.mul_(self.up_proj(x)))  # (B, T, C)
 
 
 class Gemma3Layer(nn.Module):
