@@ -13,10 +13,6 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-# Idle OpenMP threads sleep instead of spinning, as every entry point of the engine sets it (engine.
-# set_thread_defaults): under pytest-xdist (-n 2) two workers share the cores. Set before anything loads torch.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 from checkpoints import make_clip_checkpoint, make_reranker_checkpoint, minilm_dir, xlmr_tokenizer  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # belt and braces: no test may reach the network

@@ -314,17 +314,18 @@ def test_mpnet_position_bias_over_long_texts_and_padded_batches(encoders, tmp_pa
 @pytest.mark.parametrize("arch,max_seq", [("mpnet", 384), ("distilbert", 512)])
 def test_full_geometry_of_all_mpnet_base_v2_and_multi_qa_distilbert(tmp_path, arch, max_seq):
     """MPNetConfig's and DistilBertConfig's defaults are all-mpnet-base-v2's and multi-qa-distilbert-cos-v1's
-    geometry (768 wide; 12 or 6 layers; 514 or 512 positions); random weights (seed 0), their max_seq_length,
-    mean pooling and Normalize as those models have."""
+    geometry (768 wide, 12 heads, MLP 3072, 514 or 512 positions), with the depth cut to 2 of their 12 or 6
+    identical layers (the suite's time and disk; layer count is checked by the tiny tests); random weights (seed
+    0), their max_seq_length, mean pooling and Normalize as those models have."""
     from sentence_transformers import SentenceTransformer
     from transformers import BertTokenizerFast, DistilBertConfig, DistilBertModel, MPNetConfig, MPNetModel
 
     if arch == "mpnet":
         tok = _mpnet_tokenizer(tmp_path / "vocab")
-        make = lambda: MPNetModel(MPNetConfig(vocab_size=len(tok)))  # noqa: E731
+        make = lambda: MPNetModel(MPNetConfig(vocab_size=len(tok), num_hidden_layers=2))  # noqa: E731
     else:
         tok = BertTokenizerFast.from_pretrained(str(minilm_dir()))
-        make = lambda: DistilBertModel(DistilBertConfig(vocab_size=len(tok)))  # noqa: E731
+        make = lambda: DistilBertModel(DistilBertConfig(vocab_size=len(tok), n_layers=2))  # noqa: E731
     torch.manual_seed(0)
     model = make()
     model.save_pretrained(str(tmp_path / "hf"))
