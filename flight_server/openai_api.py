@@ -119,23 +119,29 @@ class EngineCall:
                                              # kind; pairs: (queries, documents)
 
 
-def parse_embeddings_request(body: bytes | bytearray, max_rows: int) -> EmbeddingsRequest:
-    """Parse and check an embeddings request body; raises :class:`ApiError` (422, or 413 over ``max_rows``)."""
+def json_object(body: bytes | bytearray, keys: Sequence[str], example: str, endpoint: str) -> dict[str, Any]:
+    """A request body parsed as a JSON object of no other keys than ``keys``; raises :class:`ApiError` (422)
+    whose message shows ``example`` (a valid body) and names ``endpoint``."""
     try:
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError; also an integer of over 4,300 digits
         raise invalid(f"the body is not JSON ({protocol.cut_message(str(exc), 200)}); send a JSON object like "
-                      '{"model": "NAME", "input": ["a text"]} with Content-Type: application/json',
-                      param=None, code="invalid_json") from None
+                      f"{example} with Content-Type: application/json", param=None, code="invalid_json") from None
     except RecursionError:
-        raise invalid("the body nests JSON too deeply; expected an object like "
-                      '{"model": "NAME", "input": ["a text"]}', param=None, code="invalid_json") from None
+        raise invalid(f"the body nests JSON too deeply; expected an object like {example}", param=None,
+                      code="invalid_json") from None
     if not isinstance(doc, dict):
         raise invalid(f"the body must be a JSON object; got {json_type(doc)}", param=None)
-    unknown = sorted(set(doc) - set(REQUEST_KEYS))
+    unknown = sorted(set(doc) - set(keys))
     if unknown:
-        raise invalid(f"unknown field(s) {protocol.quote(unknown)}; this server takes {list(REQUEST_KEYS)}",
+        raise invalid(f"unknown field(s) {protocol.quote(unknown)}; {endpoint} takes {list(keys)}",
                       param=unknown[0], code="unknown_parameter")
+    return doc
+
+
+def parse_embeddings_request(body: bytes | bytearray, max_rows: int) -> EmbeddingsRequest:
+    """Parse and check an embeddings request body; raises :class:`ApiError` (422, or 413 over ``max_rows``)."""
+    doc = json_object(body, REQUEST_KEYS, '{"model": "NAME", "input": ["a text"]}', "POST /v1/embeddings")
     model = doc.get("model")
     if model is not None and (not isinstance(model, str) or not model):
         raise invalid(f'"model" must be a served model\'s name (GET /v1/models lists them); got '

@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 
 from flight_server import protocol
-from flight_server.openai_api import ApiError, EngineCall, from_protocol_error, invalid, json_type
+from flight_server.openai_api import ApiError, EngineCall, from_protocol_error, invalid, json_object
 
 REQUEST_KEYS: tuple[str, ...] = ("query", "texts", "raw_scores", "return_text", "truncate",
                                  "truncation_direction", "model", "prompt_name", "top_n")
@@ -56,18 +56,8 @@ class RerankRequest:
 def parse_rerank_request(body: bytes | bytearray, max_rows: int, max_bytes: int) -> RerankRequest:
     """Parse and check a rerank request body; raises :class:`ApiError` (422; 413 over ``max_rows`` texts, or
     when the query beside every text makes over ``max_bytes``)."""
-    try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise invalid(f"the body is not JSON ({protocol.cut_message(str(exc), 200)}); send a JSON object like "
-                      '{"query": "a question", "texts": ["a passage", "another"]} with Content-Type: '
-                      "application/json", param=None, code="invalid_json") from None
-    if not isinstance(doc, dict):
-        raise invalid(f"the body must be a JSON object; got {json_type(doc)}", param=None)
-    unknown = sorted(set(doc) - set(REQUEST_KEYS))
-    if unknown:
-        raise invalid(f"unknown field(s) {protocol.quote(unknown)}; POST /rerank takes {list(REQUEST_KEYS)}",
-                      param=unknown[0], code="unknown_parameter")
+    doc = json_object(body, REQUEST_KEYS, '{"query": "a question", "texts": ["a passage", "another"]}',
+                      "POST /rerank")
     query = doc.get("query")
     if not isinstance(query, str) or not query:
         raise invalid(f'"query" must be a non-empty string; got {protocol.quote(query)}', param="query")
