@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -21,49 +22,72 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
+def _shared_root(tmp_path_factory, name: str) -> Path:
+    """A folder every pytest-xdist worker of this run sees (the workers' common parent folder), or this process's
+    own where it runs alone."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        return tmp_path_factory.mktemp(name)
+    root = tmp_path_factory.getbasetemp().parent / name
+    root.mkdir(exist_ok=True)
+    return root
+
+
+def _built_once(root: Path, key: str, build) -> Path:
+    """``build(root / key)``'s folder, built by one process of the run: the others wait on its lock and reuse it."""
+    from filelock import FileLock
+
+    done = root / f"{key}.done"
+    with FileLock(str(root / f"{key}.lock")):
+        if not done.exists():
+            shutil.rmtree(root / key, ignore_errors=True)  # a build that failed half-way
+            done.write_text(str(build(root / key)))
+    return Path(done.read_text())
+
+
 class _Cache:
+    """Checkpoints built once per test run and shared by its pytest-xdist workers."""
+
     def __init__(self, root: Path) -> None:
         self.root = root
         self.made: dict[str, Path] = {}
 
-    def clip_source(self, geometry: str) -> Path:
-        key = f"hf-clip-{geometry}"
+    def _once(self, key: str, build) -> Path:
         if key not in self.made:
-            self.made[key] = make_clip_checkpoint(self.root / key, geometry)
+            self.made[key] = _built_once(self.root, key, build)
         return self.made[key]
+
+    def clip_source(self, geometry: str) -> Path:
+        return self._once(f"hf-clip-{geometry}", lambda path: make_clip_checkpoint(path, geometry))
 
     def reranker_source(self, arch: str = "bert", geometry: str = "tiny", labels: int = 1,
                         activation: str | None = None, max_length: int | None = None) -> Path:
         """A cross-encoder (tests/checkpoints.py ``make_reranker_checkpoint``); XLM-R ones share one tokenizer."""
         key = "-".join(["hf-reranker", arch, geometry, str(labels), str(activation), str(max_length)])
-        if key not in self.made:
-            tokenizer = self.xlmr_tokenizer() if arch == "xlm-roberta" else None
-            self.made[key] = make_reranker_checkpoint(self.root / key, arch, geometry, labels, activation, max_length,
-                                                      tokenizer_dir=tokenizer)
-        return self.made[key]
+        tokenizer = self.xlmr_tokenizer() if arch == "xlm-roberta" else None
+        return self._once(key, lambda path: make_reranker_checkpoint(path, arch, geometry, labels, activation,
+                                                                     max_length, tokenizer_dir=tokenizer))
 
     def xlmr_tokenizer(self) -> Path:
         """The folder of an XLM-R tokenizer trained on CPython's documentation text (tests/checkpoints.py)."""
-        if "xlmr-tokenizer" not in self.made:
-            xlmr_tokenizer(self.root / "xlmr-tokenizer")
-            self.made["xlmr-tokenizer"] = self.root / "xlmr-tokenizer"
-        return self.made["xlmr-tokenizer"]
+        def build(path: Path) -> Path:
+            xlmr_tokenizer(path)
+            return path
+        return self._once("xlmr-tokenizer", build)
 
     def converted(self, source: Path, name: str, dtype: str = "keep", fmt: str = "arrow") -> Path:
         from convert.pipeline import convert_checkpoint
 
-        key = f"model-{name}-{dtype}-{fmt}"
-        if key not in self.made:
-            convert_checkpoint(source, self.root / key, dtype=dtype, fmt=fmt, progress=False)
-            self.made[key] = self.root / key
-        return self.made[key]
+        def build(path: Path) -> Path:
+            convert_checkpoint(source, path, dtype=dtype, fmt=fmt, progress=False)
+            return path
+        return self._once(f"model-{name}-{dtype}-{fmt}", build)
 
 
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory) -> _Cache:
     """``checkpoints.clip_source("tiny")``, ``checkpoints.reranker_source("bert")``, ``checkpoints.converted(src,
-    "tiny")``."""
-    return _Cache(tmp_path_factory.mktemp("checkpoints"))
+    "tiny")``; built once per run, whichever worker asks first."""
+    return _Cache(_shared_root(tmp_path_factory, "checkpoints"))
 
 
 @pytest.fixture(scope="session")
@@ -101,8 +125,12 @@ def cpp_client_binary(tmp_path_factory) -> Path:
     spec.loader.exec_module(build)
     if build.find_compiler() is None:
         pytest.skip("no C++ compiler ($CXX, g++, c++ or clang++) on PATH")
-    out = tmp_path_factory.mktemp("cpp") / "arrowengine_client"
-    done = subprocess.run([sys.executable, str(CPP_DIR / "build.py"), "--out", str(out)],
-                          capture_output=True, text=True, timeout=300, check=False)
-    assert done.returncode == 0, f"build failed:\n{done.stdout}\n{done.stderr}"
-    return out
+
+    def build_into(folder: Path) -> Path:
+        folder.mkdir()
+        out = folder / "arrowengine_client"
+        done = subprocess.run([sys.executable, str(CPP_DIR / "build.py"), "--out", str(out)],
+                              capture_output=True, text=True, timeout=300, check=False)
+        assert done.returncode == 0, f"build failed:\n{done.stdout}\n{done.stderr}"
+        return out
+    return _built_once(_shared_root(tmp_path_factory, "cpp"), "client", build_into)
