@@ -166,6 +166,18 @@ def checked_result(result: Any, n: int, dim: int) -> tuple[np.ndarray, list[str 
     return embeddings, errors
 
 
+def checked_scores(result: Any, shape: tuple[int, ...]) -> tuple[np.ndarray, list[str | None]]:
+    """A reranker's ScoreResult's (scores, errors), checked to be float32 of ``shape`` ((n,) or (n, labels)) and n
+    errors, C-contiguous; RuntimeError otherwise. Both protocols' result writers take the scores through here."""
+    scores, errors = result.scores, list(result.errors)
+    if (not isinstance(scores, np.ndarray) or scores.shape != shape or scores.dtype != np.float32
+            or len(errors) != shape[0]):
+        raise RuntimeError(f"the model returned scores {getattr(scores, 'shape', None)} "
+                           f"{getattr(scores, 'dtype', None)} and {len(errors)} errors; expected {shape} float32 "
+                           f"and {shape[0]} errors")
+    return np.ascontiguousarray(scores), errors
+
+
 def submitter(model: Any, command: protocol.EmbedCommand,
               cancelled: Callable[[], bool]) -> Callable[[Any, bool], Future]:
     """``submit(values, normalize) -> Future[EmbedResult]`` (pairs: ``values`` is (queries, documents), a
@@ -346,19 +358,13 @@ class Exchange:
 
         def collect() -> tuple[pa.RecordBatch, int]:
             try:
-                result = future.result()
-                scores, errors = result.scores, list(result.errors)
-                if (not isinstance(scores, np.ndarray) or scores.shape != zeros.shape
-                        or scores.dtype != np.float32 or len(errors) != n):
-                    raise RuntimeError(f"the model returned scores {getattr(scores, 'shape', None)} "
-                                       f"{getattr(scores, 'dtype', None)} and {len(errors)} errors; expected "
-                                       f"{zeros.shape} float32 and {n} errors")
+                scores, errors = checked_scores(future.result(), zeros.shape)
             except (CancelledError, SchedulerClosed):
                 raise  # the exchange is ending (client cancel, shutdown): nothing more to write
             except Exception as exc:  # as in _embed_batch: the batch's rows come back as errors
                 reason = engine_failure(exc, n, "scoring", "scored")
                 return score_batch(passthrough, out_schema, zeros, [reason] * n), n
-            out = score_batch(passthrough, out_schema, np.ascontiguousarray(scores), errors)
+            out = score_batch(passthrough, out_schema, scores, errors)
             return out, sum(e is not None for e in errors)
         return collect
 

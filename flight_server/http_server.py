@@ -45,7 +45,7 @@ from engine.ratelog import RateLimitedLog
 from flight_server import openai_api, protocol, rerank_api
 from flight_server.auth import TokenCheck
 from flight_server.openai_api import ApiError
-from flight_server.exchange import checked_result
+from flight_server.exchange import checked_result, checked_scores
 
 log = logging.getLogger(__name__)
 
@@ -328,11 +328,7 @@ class HttpFront:
         def check(result: Any, n: int) -> tuple[np.ndarray, list]:
             if calls[0].command.input != protocol.PAIRS:
                 return checked_result(result, n, dim)
-            scores, errors = result.scores, list(result.errors)
-            if not isinstance(scores, np.ndarray) or scores.shape != (n,) or len(errors) != n:
-                raise RuntimeError(f"the model returned scores {getattr(scores, 'shape', None)} and {len(errors)} "
-                                   f"errors; expected ({n},) and {n} errors")
-            return scores, errors
+            return checked_scores(result, (n,))
 
         return name, [self._collect(f, len(c.index), check, stop) for c, f in zip(calls, futures)]
 
