@@ -21,13 +21,15 @@ What runs, as transformers does it:
   ``sliding_window // 2`` positions away on either side. (Gemma3TextConfig turns config.json's
   ``sliding_window`` S into S // 2 + 1 when attention is bidirectional, and the mask is
   ``|q - k| < S // 2 + 1``, OR-ed with the causal sliding mask it contains, AND-ed with the padding mask.) Padded
-  keys are never seen; a padded query (a row shorter than its batch) sees every key, so it stays finite and
-  changes nothing: queries do not mix, and mean pooling leaves it out;
+  keys are never seen;
 - the final ``norm``, mean pooling over the real tokens, the Dense modules, L2 normalization (engine.model).
 
-How ours differs: positions are always 0..n-1 from the first real token (rows are right-padded; transformers'
-Gemma tokenizer pads on the left, and rotary attention depends only on the distance between tokens, so the two
-agree up to rounding); masks are built once per forward pass, the rotary cos / sin once per layer type; q / k / v
+How ours differs: padding-free (engine.ragged): the embeddings, every norm, projection, rotary embedding and the
+MLP run on the real tokens only, packed as (N, C); attention alone sees the group's right-padded (B, T) layout, one
+SDPA call per layer over the group, and sliding layers on rows of 4 windows or more run in blocks of queries over
+their key band (O(T x window)). Positions are always 0..n-1 from the first real token (transformers' Gemma
+tokenizer pads on the left, and rotary attention depends only on the distance between tokens, so the two agree up
+to rounding); masks are built once per forward pass, the rotary cos / sin once per layer type; q / k / v
 may be one fused int8 GEMM (engine.quantize). ``attn_logit_softcapping`` is ignored, as transformers' Gemma 3
 ignores it (its attention never passes it on). Not supported (ModelConfigError naming config.json and the field):
 causal attention (``use_bidirectional_attention`` false: the registry leaves such a folder to store mode),
@@ -51,7 +53,6 @@ forward on the same ids): 32 texts x 154 tokens 868 vs 990 ms (1.14x), 1 x 46 to
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -59,17 +60,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import sdpa_kernel
 
 from engine.config import (
     ACTIVATIONS, MAX_LAYERS, DenseConfig, config_eps, config_size, config_value, length_cap, read_json, st_head,
 )
 from engine.config_check import CountCheck, ShapeCheck, check_config_against_weights, dense_checks
 from engine.errors import ModelConfigError, PrecisionError
-from engine.layers import (CUDA_ATTENTION_BACKENDS, Embedding, Linear, StDense, activation, linear_act,
-                           meta_parameter, st_pool)
+from engine.layers import Embedding, Linear, StDense, activation, linear_act, meta_parameter, st_pool
+from engine.ragged import RaggedRows
 from engine.registry import Parts, TextSide
 
 log = logging.getLogger(__name__)
@@ -234,9 +233,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # torch's rms_norm on the fp32 values (as transformers' formula; fewer temporaries), then in place
-        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return y.mul_(1.0 + self.weight.float()).type_as(x)
+        # mean(x^2) from torch's vector norm (one fused reduction), then two passes over x: 1.5x faster than
+        # rms_norm's composite on CPU (pow, mean, add, rsqrt, mul); same values to float32 rounding
+        xf = x.float()
+        ms = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(x.shape[-1])  # (..., 1)
+        return torch.mul(xf, ms.add_(self.eps).rsqrt_()).mul_(1.0 + self.weight.float()).type_as(x)
 
 
 class Gemma3Attention(nn.Module):
@@ -258,29 +259,28 @@ class Gemma3Attention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.eps)
         self.qkv: nn.Module | None = None
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None
-                ) -> torch.Tensor:
-        """x (B, T, C); rope: cos, sin (T, head_dim); mask: bool (B, 1, T, T), True = attend, or None."""
-        B, T, _ = x.shape
+    def forward(self, x: torch.Tensor, rows: _Rows, reach: int | None) -> torch.Tensor:
+        """x (N, C): the group's real tokens, packed; ``reach``: how far a query sees (None: its whole row)."""
+        N = x.shape[0]
         if self.qkv is not None:
             q, k, v = self.qkv(x).split(self.split, dim=-1)
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B, T, h*d), (B, T, kv*d) x2
-        q = self.q_norm(q.view(B, T, self.heads, self.head_dim).transpose(1, 2))  # (B, h, T, d)
-        k = self.k_norm(k.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2))  # (B, kv, T, d)
-        v = v.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, kv, T, d)
-        cos, sin = rope
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        with sdpa_kernel(CUDA_ATTENTION_BACKENDS) if q.is_cuda else contextlib.nullcontext():
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale,
-                                               enable_gqa=self.kv_heads != self.heads)  # (B, h, T, d)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))  # (B, T, C)
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (N, h*d), (N, kv*d) x2
+        cos, sin = rows.rope[reach]  # (N, 1, d)
+        q = _rotate(self.q_norm(q.view(N, self.heads, self.head_dim)), cos, sin)  # (N, h, d)
+        k = _rotate(self.k_norm(k.view(N, self.kv_heads, self.head_dim)), cos, sin)  # (N, kv, d)
+        y = rows.attend(q.view(N, -1), k.view(N, -1), v, self.heads, self.kv_heads, self.scale, reach)  # (N, h*d)
+        return self.o_proj(y)  # (N, C)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of x (B, h, T, d) as transformers' ``apply_rotary_pos_emb``: the two halves of d rotate."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    """Rotary embedding of x (N, h, d) as transformers' ``apply_rotary_pos_emb``, ``x cos + rotate_half(x) sin``
+    (cos, sin (N, 1, d); the two halves of sin are equal), written as one product and two half updates."""
+    half = x.shape[-1] // 2
+    out = x * cos
+    out[..., :half].addcmul_(x[..., half:], sin[..., :half], value=-1)
+    out[..., half:].addcmul_(x[..., :half], sin[..., half:])
+    return out
 
 
 class Gemma3MLP(nn.Module):
@@ -303,6 +303,7 @@ class Gemma3Layer(nn.Module):
     def __init__(self, cfg: Gemma3Config, layer_type: str) -> None:
         super().__init__()
         self.layer_type = layer_type
+        self.reach = cfg.reach if layer_type == SLIDING else None  # how far a query sees; None: its whole row
         self.self_attn = Gemma3Attention(cfg)
         self.mlp = Gemma3MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.width, cfg.eps)
@@ -310,10 +311,10 @@ class Gemma3Layer(nn.Module):
         self.pre_feedforward_layernorm = RMSNorm(cfg.width, cfg.eps)
         self.post_feedforward_layernorm = RMSNorm(cfg.width, cfg.eps)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None
-                ) -> torch.Tensor:
-        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), rope, mask))
-        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))  # (B, T, C)
+    def forward(self, x: torch.Tensor, rows: _Rows) -> torch.Tensor:
+        """x (N, C): the group's real tokens, packed."""
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), rows, self.reach))
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))  # (N, C)
 
 
 class EmbeddingGemma(nn.Module):
@@ -344,43 +345,29 @@ class EmbeddingGemma(nn.Module):
         if w.dtype == torch.float16:
             raise PrecisionError("EmbeddingGemma does not run in float16: Gemma's activations overflow it; load it "
                                  "with precision='bf16' (or 'fp32')")
-        T = ids.shape[1]
-        x = self.embed_tokens(ids) * torch.tensor(self.cfg.width ** 0.5).to(w.dtype)  # (B, T, C)
-        pos = torch.arange(T, device=ids.device)
-        keep = pos[None, :] < lengths[:, None]  # (B, T) True = real token
-        masks = self._masks(keep, pos)
-        ropes = {t: self._rope(t, pos, x.dtype) for t in self._inv_freq}
+        rows = _Rows(lengths, ids.shape[1], {layer.reach: self._inv_freq[layer.layer_type] for layer in self.layers},
+                     w.dtype)
+        x = self.embed_tokens(rows.pack(ids)) * torch.tensor(self.cfg.width ** 0.5).to(w.dtype)  # (N, C)
         for layer in self.layers:
-            x = layer(x, ropes[layer.layer_type], masks[layer.layer_type])
-        y = st_pool(self.norm(x), keep, self.cfg.pooling)  # (B, C)
+            x = layer(x, rows)
+        y = st_pool(rows.unpack(self.norm(x)), rows.keep, self.cfg.pooling)  # (B, C)
         for d in self.cfg.dense:
             y = self.st_modules[d.path](y)  # (B, D)
         return y
 
-    def _rope(self, layer_type: str, pos: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin (T, head_dim) of positions ``pos`` for ``layer_type``'s theta, in ``dtype`` (as transformers)."""
-        freqs = pos[:, None].float() * self._inv_freq[layer_type].to(pos.device)  # (T, d/2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (T, d)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
 
-    def _masks(self, keep: torch.Tensor, pos: torch.Tensor) -> dict[str, torch.Tensor | None]:
-        """Bool attention masks (B, 1, T, T) per layer type, True = attend; None where every key is seen.
+class _Rows(RaggedRows):
+    """One group of right-padded rows, packed (engine.ragged), with the rotary cos / sin (N, 1, head_dim) of its
+    tokens per layer reach (one theta per layer type), in the compute dtype as transformers has them."""
 
-        Real queries see the real keys (sliding layers: those at most ``reach`` away); a padded query sees every
-        key, so no row is empty (an empty row would give NaN, and NaN times a zero pooling weight is NaN)."""
-        T = pos.shape[0]
-        padded = not bool(keep.all())
-        pad_query = ~keep[:, None, :, None]  # (B, 1, T, 1)
-        key = keep[:, None, None, :]  # (B, 1, 1, T)
-        full = key | pad_query if padded else None
-        out: dict[str, torch.Tensor | None] = {FULL: full}
-        if SLIDING in self._inv_freq:
-            if T - 1 <= self.cfg.reach:
-                out[SLIDING] = full
-            else:
-                band = (pos[None, :] - pos[:, None]).abs() <= self.cfg.reach  # (T, T)
-                out[SLIDING] = (band & key) | pad_query if padded else band[None, None]
-        return out
+    def __init__(self, lengths: torch.Tensor, T: int, inv_freq: dict[int | None, torch.Tensor],
+                 dtype: torch.dtype) -> None:
+        super().__init__(lengths, T)
+        self.rope = {}
+        for reach, f in inv_freq.items():
+            freqs = self.positions[:, None].float() * f.to(lengths.device)  # (N, d/2)
+            emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # (N, 1, d)
+            self.rope[reach] = emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def load_parts(path: Path, shapes: Mapping[str, tuple[int, ...]], weights: str = "weights.arrow") -> Parts:

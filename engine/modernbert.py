@@ -20,14 +20,12 @@ assign directly. The maths, as transformers' SDPA / eager path on CPU computes i
 
 How ours differs (the same numbers; only where the work is done):
 
-- Padding-free: rows come right-padded in groups of similar length with their lengths (engine.model). Embeddings,
-  every LayerNorm, Wqkv, Wo and the MLP run on the real tokens only, packed as (N_tokens, C); RoPE too. Only
-  attention sees the group's (B, T) layout: q, k, v are scattered into zeroed (B, T, C) buffers and attention runs
-  over the whole group with a boolean key mask (padded keys never attend), then the real rows are gathered back.
-  Over the padded group, not per row: one batched SDPA call per layer instead of a Python loop of B calls (up to
-  256 rows); on CPU a group pads at most ~10 % (engine.model's grouping), so the padded queries attention computes
-  and drops are few. On CPU in fp32 the token states match transformers' SDPA and eager paths to ~2e-6.
-- Long rows in local layers: from ``BANDED_MIN_WINDOWS`` windows on, the queries go in blocks of
+- Padding-free (engine.ragged): rows come right-padded in groups of similar length with their lengths
+  (engine.model). Embeddings, every LayerNorm, Wqkv, Wo and the MLP run on the real tokens only, packed as
+  (N_tokens, C); RoPE too. Only attention sees the group's (B, T) layout, one batched SDPA call per layer with a
+  boolean key mask (padded keys never attend). On CPU in fp32 the token states match transformers' SDPA and eager
+  paths to ~2e-6.
+- Long rows in local layers: from ``engine.ragged.BANDED_MIN_BLOCKS`` windows on, the queries go in blocks of
   ``local_attention`` that each attend to only the keys their windows can reach (a band of 2 x local_attention
   keys), not to all T: local attention then costs O(T x window), not O(T^2). Blocks past a row's length are skipped.
 - ModernBertForMaskedLM's prediction head and decoder (``head.``, ``decoder.``) are dropped at conversion;
@@ -43,25 +41,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engine.config import (ACTIVATIONS, MAX_LAYERS, DenseConfig, config_eps, config_size, config_value, length_cap,
                            read_json, st_head)
 from engine.config_check import CountCheck, ShapeCheck, check_config_against_weights, dense_checks
 from engine.errors import ModelConfigError
-from engine.layers import Embedding, LayerNorm, Linear, StDense, activation, attention, st_pool
+from engine.layers import Embedding, LayerNorm, Linear, StDense, activation, st_pool
+from engine.ragged import RaggedRows
 from engine.registry import Parts, TextSide
 
 log = logging.getLogger(__name__)
 
 GLOBAL, LOCAL = "full_attention", "sliding_attention"  # transformers' layer_types values
 _DEFAULT_THETA = {GLOBAL: 160_000.0, LOCAL: 10_000.0}  # ModernBertConfig.default_theta
-# Local layers switch from one dense (T, T) band mask to blocks of queries over their key band once rows are this
-# many windows long. One local layer's attention at gte-modernbert-base widths (window 128) on 2 AMD EPYC cores,
-# dense / banded time: 0.64 at 256 positions, 1.06 at 384, 1.22 at 512, 1.8 at 768, 2.3 at 1,024, 5.0 at 2,048,
-# 9.1 at 4,096.
-BANDED_MIN_WINDOWS = 4
 
 
 @dataclass(frozen=True)
@@ -253,43 +246,25 @@ class ModernBertLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: _Batch) -> torch.Tensor:
         """x (N, C): the group's real tokens, packed."""
-        y = batch.attend(self.attn.Wqkv(self.attn_norm(x)), self.kind)  # (N, C)
+        y = batch.attend_qkv(self.attn.Wqkv(self.attn_norm(x)), self.kind)  # (N, C)
         x = x + self.attn.Wo(y)
         h = self.mlp.Wi(self.mlp_norm(x))  # (N, 2M)
         a, gate = h.chunk(2, dim=-1)  # (N, M) each
         return x + self.mlp.Wo(self.act(a) * gate)  # (N, C)
 
 
-class _Batch:
-    """One group of right-padded rows, packed: where each real token sits in the (B, T) layout, its RoPE angles
-    per layer kind, and the attention masks, made once per forward and shared by the layers."""
+class _Batch(RaggedRows):
+    """One group of right-padded rows, packed (engine.ragged), with its RoPE angles per layer kind, made once per
+    forward and shared by the layers."""
 
     def __init__(self, cfg: ModernBertConfig, lengths: torch.Tensor, T: int, dtype: torch.dtype,
                  inv_freq: dict[str, torch.Tensor]) -> None:
-        self.cfg, self.T = cfg, T
-        self.B = B = lengths.shape[0]
-        self.lengths = lengths
+        super().__init__(lengths, T)
+        self.cfg = cfg
         dev = lengths.device
-        self.keep = torch.arange(T, device=dev)[None, :] < lengths[:, None]  # (B, T) True = real token
-        self.padded = bool((lengths < T).any())
-        self.flat = self.keep.flatten().nonzero().squeeze(1) if self.padded else None  # (N,) into B * T
-        pos = (self.flat % T) if self.padded else torch.arange(T, device=dev).repeat(B)  # (N,) position in its row
-        self.rope = {kind: _rope_angles(pos, f.to(dev), dtype) for kind, f in inv_freq.items()}
-        self._masks: dict[str, Any] = {}
+        self.rope = {kind: _rope_angles(self.positions, f.to(dev), dtype) for kind, f in inv_freq.items()}
 
-    def pack(self, ids: torch.Tensor) -> torch.Tensor:
-        """The real entries of a (B, T, ...) tensor, (N, ...)."""
-        flat = ids.reshape(self.B * self.T, *ids.shape[2:])
-        return flat if self.flat is None else flat.index_select(0, self.flat)
-
-    def unpack(self, x: torch.Tensor) -> torch.Tensor:
-        """Packed (N, C) -> (B, T, C), zeros at padded positions."""
-        if self.flat is None:
-            return x.view(self.B, self.T, -1)
-        out = x.new_zeros(self.B * self.T, x.shape[-1])
-        return out.index_copy_(0, self.flat, x).view(self.B, self.T, -1)
-
-    def attend(self, qkv: torch.Tensor, kind: str) -> torch.Tensor:
+    def attend_qkv(self, qkv: torch.Tensor, kind: str) -> torch.Tensor:
         """Self-attention of the packed tokens: qkv (N, 3C) -> (N, C), each row attending to the keys of its own
         row that the layer's kind lets it see."""
         cfg = self.cfg
@@ -297,54 +272,8 @@ class _Batch:
         heads = qkv.view(N, 3, h, d)
         heads[:, :2] = _rotate(heads[:, :2], *self.rope[kind])  # q and k rotated in place (qkv is the Linear's output)
         q, k, v = self.unpack(qkv).view(self.B, self.T, 3, h * d).unbind(2)  # (B, T, C) each, strided views
-        if kind == LOCAL and self.T > cfg.half_window + 1:  # else the window spans every row whole
-            if self.T >= BANDED_MIN_WINDOWS * cfg.local_attention:
-                y = self._banded(q, k, v)
-            else:
-                y = attention(q, k, v, h, mask=self._mask(LOCAL))
-        else:
-            y = attention(q, k, v, h, mask=self._mask(GLOBAL))  # (B, T, C)
-        return self.pack(y)  # (N, C)
-
-    def _mask(self, kind: str) -> torch.Tensor | None:
-        """Boolean mask (True = attend): GLOBAL (B, 1, 1, T) padded keys out, None without padding; LOCAL
-        (B, 1, T, T) also keys further than half a window out."""
-        if kind not in self._masks:
-            keys = self.keep[:, None, None, :] if self.padded else None  # (B, 1, 1, T)
-            if kind == LOCAL:
-                pos = torch.arange(self.T, device=self.keep.device)
-                band = (pos[:, None] - pos[None, :]).abs() <= self.cfg.half_window  # (T, T)
-                keys = band[None, None] if keys is None else keys & band  # (B, 1, T, T)
-            self._masks[kind] = keys
-        return self._masks[kind]
-
-    def _banded(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Local attention in blocks of S = local_attention queries, each over the W = S + 2 * half keys its
-        window can reach: (B, T, C) -> (B, T, C). Blocks that start past their row's length are skipped."""
-        B, T, C = q.shape
-        half, S = self.cfg.half_window, self.cfg.local_attention
-        W, nb = S + 2 * half, -(-T // S)
-        dev = q.device
-        qb = F.pad(q, (0, 0, 0, nb * S - T)).reshape(B * nb, S, C)  # (B nb, S, C)
-        kb, vb = (F.pad(t, (0, 0, half, nb * S - T + half)).unfold(1, W, S).transpose(2, 3).reshape(B * nb, W, C)
-                  for t in (k, v))  # (B nb, W, C): block b's keys are positions b S - half ... b S + S + half - 1
-        if "banded" not in self._masks:
-            valid = torch.zeros(B, nb * S + 2 * half, dtype=torch.bool, device=dev)
-            valid[:, half:half + T] = self.keep
-            i = torch.arange(S, device=dev)[:, None]
-            j = torch.arange(W, device=dev)[None, :]
-            band = (j - i >= 0) & (j - i <= 2 * half)  # (S, W): |query - key| <= half
-            mask = band & valid.unfold(1, W, S).reshape(B * nb, 1, 1, W)  # (B nb, 1, S, W)
-            live = ((torch.arange(nb, device=dev) * S)[None, :] < self.lengths[:, None]).flatten()  # (B nb,)
-            rows = None if bool(live.all()) else live.nonzero().squeeze(1)
-            self._masks["banded"] = (mask if rows is None else mask[rows], rows)
-        mask, rows = self._masks["banded"]
-        if rows is None:
-            y = attention(qb, kb, vb, self.cfg.heads, mask=mask)  # (B nb, S, C)
-        else:
-            y = qb.new_zeros(B * nb, S, C)
-            y[rows] = attention(qb[rows], kb[rows], vb[rows], self.cfg.heads, mask=mask)
-        return y.view(B, nb * S, C)[:, :T]
+        reach = cfg.half_window if kind == LOCAL else None
+        return self.attend(q, k, v, h, h, d ** -0.5, reach=reach, block=cfg.local_attention)  # (N, C)
 
 
 def _inv_freq(theta: float, head_dim: int) -> torch.Tensor:

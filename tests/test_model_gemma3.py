@@ -16,7 +16,7 @@ import torch
 
 import engine
 from convert.pipeline import convert_checkpoint
-from engine import gemma3, registry
+from engine import gemma3, ragged, registry
 from engine.errors import ModelConfigError, PrecisionError, WeightFormatError
 
 # config_sentence_transformers.json's prompts as google/embeddinggemma-300m ships them
@@ -197,11 +197,31 @@ def test_odd_geometry_parity_and_batch_invariance(folders):
     _check_parity(src, model)
     texts = ["the quick brown fox jumps over the lazy dog " * 8, "a cat", "hello world " * 5, ""]
     rows, _ = model.prepare_texts(texts)
-    assert len(rows[0]) > 4 * cfg.reach and len(rows[1]) < cfg.reach
+    # the long row runs its sliding layers in blocks of queries (engine.ragged), the short ones densely
+    assert len(rows[0]) >= ragged.BANDED_MIN_BLOCKS * cfg.sliding_window and len(rows[1]) < cfg.reach
     assert len(model.text_groups([len(r) for r in rows])) == 1  # one padded batch
     together = model.encode_text(texts)
     alone = np.concatenate([model.encode_text([t]) for t in texts])
     assert np.abs(together - alone).max() <= 1e-5
+
+
+def test_banded_sliding_attention_equals_the_dense_band_mask(folders, monkeypatch):
+    """Long rows run sliding layers in blocks over their key band; with the switch moved, the dense (T, T) band
+    mask gives the same embeddings, padded rows and skipped blocks included."""
+    model = engine.load_model(folders["odd-converted"])
+    rows, _ = model.prepare_texts(["a cat", "hello world " * 5, "the quick brown fox jumps over the lazy dog " * 8])
+    T = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), T, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.from_numpy(r)
+    lengths = torch.tensor([len(r) for r in rows])
+    with torch.inference_mode():
+        monkeypatch.setattr(ragged, "BANDED_MIN_BLOCKS", 10**9)
+        dense = model.net(ids, lengths)
+        monkeypatch.setattr(ragged, "BANDED_MIN_BLOCKS", 1)
+        banded = model.net(ids, lengths)
+    assert dense.shape == (3, model.info.dim)
+    np.testing.assert_allclose(banded.numpy(), dense.numpy(), atol=1e-5, rtol=0)
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ import torch
 
 import engine
 from convert.pipeline import convert_checkpoint
-from engine import modernbert, registry
+from engine import modernbert, ragged, registry
 from engine.errors import ModelConfigError, WeightFormatError
 from engine.model import BatchLimits
 
@@ -328,11 +328,12 @@ def test_banded_local_attention_equals_the_dense_band_mask(sources, monkeypatch,
     rows, _ = model.prepare_texts(["a cat", TEXTS[4], _LONG[:200], _LONG])
     ids, lengths = _padded(rows)
     with torch.inference_mode():
-        monkeypatch.setattr(modernbert, "BANDED_MIN_WINDOWS", 10**9)
+        monkeypatch.setattr(ragged, "BANDED_MIN_BLOCKS", 10**9)
         dense, _ = model.net.token_states(ids, lengths)
-        monkeypatch.setattr(modernbert, "BANDED_MIN_WINDOWS", 1)
+        monkeypatch.setattr(ragged, "BANDED_MIN_BLOCKS", 1)
         banded, batch = model.net.token_states(ids, lengths)
-    assert "banded" in batch._masks and batch._masks["banded"][1] is not None  # blocks past short rows skipped
+    banded_masks = [m for key, m in batch._masks.items() if isinstance(key, tuple) and key[0] == "banded"]
+    assert banded_masks and banded_masks[0][1] is not None  # blocks past short rows skipped
     np.testing.assert_allclose(banded.numpy(), dense.numpy(), atol=1e-5, rtol=0)
 
 
@@ -465,5 +466,5 @@ def test_full_widths(tmp_path, geometry):
         assert (cfg.width, cfg.heads, cfg.head_dim, cfg.local_attention) == (480, 10, 48, 64)
         assert cfg.layer_types == ("full_attention", "sliding_attention", "full_attention")
     lengths = [len(r) for r in model.prepare_texts(texts)[0]]
-    assert max(lengths) == 800 >= modernbert.BANDED_MIN_WINDOWS * cfg.local_attention  # banded local layers
-    assert any(2 * cfg.local_attention < n < modernbert.BANDED_MIN_WINDOWS * cfg.local_attention for n in lengths)
+    assert max(lengths) == 800 >= ragged.BANDED_MIN_BLOCKS * cfg.local_attention  # banded local layers
+    assert any(2 * cfg.local_attention < n < ragged.BANDED_MIN_BLOCKS * cfg.local_attention for n in lengths)
