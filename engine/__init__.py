@@ -50,8 +50,13 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# Process-wide settings the engine runs best with; set by set_thread_defaults unless the user set them.
-THREAD_DEFAULTS: dict[str, str] = {"OMP_WAIT_POLICY": "PASSIVE"}
+# Process-wide settings the engine runs best with; set by set_thread_defaults unless the user set one of them.
+# OpenMP threads that finish a parallel op spin GOMP_SPINCOUNT times (libgomp, torch's OpenMP on Linux), then
+# sleep. Never spinning (PASSIVE alone) starves nothing, but every op of a text model then wakes sleeping threads:
+# EmbeddingGemma fp32 on 2 AMX Xeon cores ran 128 texts in 11.7-13.5 s passive, 9.1-9.6 s spinning 50,000 or
+# the default 300,000. Spinning 300,000 took the cores from the image decode threads (tiny CLIP in-process
+# 350 img/s vs 461 passive); 50,000 kept them (450 img/s; B/32 within noise of passive).
+THREAD_DEFAULTS: dict[str, str] = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "50000"}
 
 # Precisions the engine runs (engine.precision checks them per device); the CLIs offer these.
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "int8")
@@ -96,18 +101,20 @@ def require_engine(what: str, alternative: str | None = None) -> None:
 
 
 def set_thread_defaults() -> None:
-    """Apply :data:`THREAD_DEFAULTS` to this process's environment, each only if the user has not set it.
+    """Apply :data:`THREAD_DEFAULTS` to this process's environment, unless the user set one of them (then
+    none: a user's ``OMP_WAIT_POLICY=ACTIVE`` must not be cut short by our spin count).
 
     Every entry point that runs the engine calls this before torch loads (``arrowengine serve``, ``embed``
-    without ``--server``, ``convert``, ``inspect``, Ray's engine actors, the benchmarks): OpenMP reads
-    ``OMP_WAIT_POLICY`` once, when torch loads it. PASSIVE makes idle OpenMP threads sleep instead of
-    spinning, so they do not starve the image decode threads that run beside the model (``bench/serving.py``,
-    one client streaming on 2 cores: ~30 img/s spinning, ~260 img/s passive). Child processes inherit it.
+    without ``--server``, ``convert``, ``inspect``, Ray's engine actors, the benchmarks): OpenMP reads them
+    once, when torch loads. Idle OpenMP threads spin briefly, then sleep, so they neither starve the image decode
+    threads that run beside the model (``bench/serving.py``, one client streaming on 2 cores: ~30 img/s
+    spinning, ~260 img/s passive) nor sleep between the many small ops of a text model (see
+    :data:`THREAD_DEFAULTS`). Child processes inherit them.
     """
+    if any(name in os.environ for name in THREAD_DEFAULTS):
+        return
     late = "torch" in sys.modules
     for name, value in THREAD_DEFAULTS.items():
-        if name in os.environ:
-            continue
         os.environ[name] = value
         if late:  # this process's OpenMP already started; only child processes see it
             log.debug("%s=%s set after torch was imported: it applies to child processes only", name, value)

@@ -1,5 +1,5 @@
-"""Every entry point that runs the engine sets OMP_WAIT_POLICY=PASSIVE before torch loads (unless the user set
-it): ``arrowengine serve``, ``embed`` in-process, ``convert``, ``inspect``, Ray's engine actors, the benchmarks.
+"""Every entry point that runs the engine sets OMP_WAIT_POLICY=PASSIVE and GOMP_SPINCOUNT=50000 before torch loads
+(unless the user set one of them): ``arrowengine serve``, ``embed`` in-process, ``convert``, ``inspect``, Ray's engine actors, the benchmarks.
 
 One subprocess runs each entry point in turn with an import hook that stops it where torch would load and
 records the environment at that moment (torch never actually loads, so each entry point is checked from a
@@ -27,6 +27,9 @@ HARNESS = textwrap.dedent('''
 
     seen = []
 
+    def settings():
+        return "/".join(str(os.environ.get(k)) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"))
+
     class TorchLoads(BaseException):
         """Where torch would load: the entry point stops there."""
 
@@ -35,7 +38,7 @@ HARNESS = textwrap.dedent('''
             return None
 
         def exec_module(self, module):
-            seen.append(os.environ.get("OMP_WAIT_POLICY"))
+            seen.append(settings())
             raise TorchLoads()
 
     class Hook(importlib.abc.MetaPathFinder):
@@ -76,6 +79,7 @@ HARNESS = textwrap.dedent('''
     results = {}
     for name, entry in entries.items():
         os.environ.pop("OMP_WAIT_POLICY", None)
+        os.environ.pop("GOMP_SPINCOUNT", None)
         if name.endswith("the user's own value"):
             os.environ["OMP_WAIT_POLICY"] = "ACTIVE"
         seen.clear()
@@ -84,16 +88,16 @@ HARNESS = textwrap.dedent('''
         except (TorchLoads, SystemExit):
             pass
         results[name] = {"at_torch_load": seen[0] if seen else "NOT_LOADED",
-                         "after": os.environ.get("OMP_WAIT_POLICY")}
+                         "after": settings()}
     print("RESULTS " + json.dumps(results))
 ''').replace('"NOT_LOADED"', repr(NOT_LOADED))
 
 
-def test_every_entry_point_sets_passive_omp_before_torch_loads(tmp_path):
+def test_every_entry_point_sets_the_omp_defaults_before_torch_loads(tmp_path):
     (tmp_path / "model").mkdir()
     (tmp_path / "checkpoint").mkdir()
     pq.write_table(pa.table({"text": ["a"]}), tmp_path / "in.parquet")
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env = {k: v for k, v in os.environ.items() if k not in engine.THREAD_DEFAULTS}
     env.update(PYTHONPATH=str(ROOT), RAY_USAGE_STATS_ENABLED="0")
     proc = subprocess.run([sys.executable, "-c", HARNESS, str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
@@ -102,18 +106,24 @@ def test_every_entry_point_sets_passive_omp_before_torch_loads(tmp_path):
     results = json.loads(lines[-1][len("RESULTS "):])
     # these load torch on the way (the hook stops them there): the setting must be in place by then
     for name in ("serve", "embed in-process", "inspect", "ray engine actor", "bench/load.py"):
-        assert results[name]["at_torch_load"] == "PASSIVE", (name, results[name])
-    assert results["serve, the user's own value"] == {"at_torch_load": "ACTIVE", "after": "ACTIVE"}
+        assert results[name]["at_torch_load"] == "PASSIVE/50000", (name, results[name])
+    # the user's own policy: no spin count of ours cuts it short
+    assert results["serve, the user's own value"] == {"at_torch_load": "ACTIVE/None", "after": "ACTIVE/None"}
     for name, result in results.items():
         if "user's own" not in name:
-            assert result["after"] == "PASSIVE", (name, result)
-            assert result["at_torch_load"] in ("PASSIVE", NOT_LOADED), (name, result)
+            assert result["after"] == "PASSIVE/50000", (name, result)
+            assert result["at_torch_load"] in ("PASSIVE/50000", NOT_LOADED), (name, result)
 
 
 def test_set_thread_defaults_keeps_what_the_user_set(monkeypatch):
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     engine.set_thread_defaults()
-    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE" and "GOMP_SPINCOUNT" not in os.environ
     monkeypatch.delenv("OMP_WAIT_POLICY")
+    monkeypatch.setenv("GOMP_SPINCOUNT", "1000")
     engine.set_thread_defaults()
-    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert os.environ["GOMP_SPINCOUNT"] == "1000" and "OMP_WAIT_POLICY" not in os.environ
+    monkeypatch.delenv("GOMP_SPINCOUNT")
+    engine.set_thread_defaults()
+    assert (os.environ["OMP_WAIT_POLICY"], os.environ["GOMP_SPINCOUNT"]) == ("PASSIVE", "50000")
