@@ -70,7 +70,7 @@ from engine.config import (
 from engine.config_check import CountCheck, ShapeCheck, check_config_against_weights, dense_checks
 from engine.errors import ModelConfigError, PrecisionError
 from engine.layers import Embedding, Linear, StDense, activation, linear_act, meta_parameter, st_pool
-from engine.ragged import RaggedRows
+from engine.ragged import RaggedRows, rope_inv_freq
 from engine.registry import Parts, TextSide
 
 log = logging.getLogger(__name__)
@@ -334,8 +334,7 @@ class EmbeddingGemma(nn.Module):
         if cfg.dense:  # parameter names st_modules.<folder>.linear.*, as the converter stores them
             self.st_modules = nn.ModuleDict({d.path: StDense(d) for d in cfg.dense})
         # transformers' inverse frequencies, computed as it does (float32, on the CPU), per layer type
-        half = torch.arange(0, cfg.head_dim, 2, dtype=torch.float) / cfg.head_dim
-        self._inv_freq = {t: 1.0 / (cfg.theta(t) ** half) for t in set(cfg.layer_types)}
+        self._inv_freq = {t: rope_inv_freq(cfg.theta(t), cfg.head_dim) for t in set(cfg.layer_types)}
 
     def encode_text(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """ids (B, T) right-padded; lengths (B,) real token counts. Returns (B, dim): pooled, then Dense."""
@@ -365,11 +364,7 @@ class _Rows(RaggedRows):
     def __init__(self, lengths: torch.Tensor, T: int, inv_freq: dict[int | None, torch.Tensor],
                  dtype: torch.dtype) -> None:
         super().__init__(lengths, T)
-        self.rope = {}
-        for reach, f in inv_freq.items():
-            freqs = self.positions[:, None].float() * f.to(lengths.device)  # (N, d/2)
-            emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # (N, 1, d)
-            self.rope[reach] = emb.cos().to(dtype), emb.sin().to(dtype)
+        self.rope = {reach: tuple(t[:, None, :] for t in self.rotary(f, dtype)) for reach, f in inv_freq.items()}
 
 
 def load_parts(path: Path, shapes: Mapping[str, tuple[int, ...]], weights: str = "weights.arrow") -> Parts:

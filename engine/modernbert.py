@@ -48,7 +48,7 @@ from engine.config import (ACTIVATIONS, MAX_LAYERS, DenseConfig, config_eps, con
 from engine.config_check import CountCheck, ShapeCheck, check_config_against_weights, dense_checks
 from engine.errors import ModelConfigError
 from engine.layers import Embedding, LayerNorm, Linear, StDense, activation, st_pool
-from engine.ragged import RaggedRows
+from engine.ragged import RaggedRows, rope_inv_freq
 from engine.registry import Parts, TextSide
 
 log = logging.getLogger(__name__)
@@ -261,8 +261,8 @@ class _Batch(RaggedRows):
                  inv_freq: dict[str, torch.Tensor]) -> None:
         super().__init__(lengths, T)
         self.cfg = cfg
-        dev = lengths.device
-        self.rope = {kind: _rope_angles(self.positions, f.to(dev), dtype) for kind, f in inv_freq.items()}
+        # cos, sin (N, 1, 1, head_dim) per layer kind
+        self.rope = {kind: tuple(t[:, None, None, :] for t in self.rotary(f, dtype)) for kind, f in inv_freq.items()}
 
     def attend_qkv(self, qkv: torch.Tensor, kind: str) -> torch.Tensor:
         """Self-attention of the packed tokens: qkv (N, 3C) -> (N, C), each row attending to the keys of its own
@@ -274,19 +274,6 @@ class _Batch(RaggedRows):
         q, k, v = self.unpack(qkv).view(self.B, self.T, 3, h * d).unbind(2)  # (B, T, C) each, strided views
         reach = cfg.half_window if kind == LOCAL else None
         return self.attend(q, k, v, h, h, d ** -0.5, reach=reach, block=cfg.local_attention)  # (N, C)
-
-
-def _inv_freq(theta: float, head_dim: int) -> torch.Tensor:
-    """RoPE's inverse frequencies (head_dim / 2,), as transformers' ``compute_default_rope_parameters``."""
-    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
-
-
-def _rope_angles(pos: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin (N, 1, 1, head_dim) of positions ``pos`` (N,), in ``dtype`` as transformers' rotary embedding
-    gives them."""
-    freqs = pos[:, None].float() * inv_freq[None, :]  # (N, d / 2)
-    emb = torch.cat((freqs, freqs), dim=-1)[:, None, None, :]  # (N, 1, 1, d)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -310,7 +297,7 @@ class SentenceModernBert(nn.Module):
             self.st_modules = nn.ModuleDict({d.path: StDense(d) for d in cfg.dense})
         # per layer kind in use; plain tensors, not buffers (engine.precision moves parameters only)
         thetas = {GLOBAL: cfg.global_theta, LOCAL: cfg.local_theta}
-        self._inv_freq = {kind: _inv_freq(thetas[kind], cfg.head_dim) for kind in sorted(set(cfg.layer_types))}
+        self._inv_freq = {kind: rope_inv_freq(thetas[kind], cfg.head_dim) for kind in sorted(set(cfg.layer_types))}
 
     def token_states(self, ids: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, _Batch]:
         """The last hidden state of every real token, packed (N, C) in row-major order of (row, position), and

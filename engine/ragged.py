@@ -59,6 +59,13 @@ class RaggedRows:
         out = x.new_zeros(self.B * self.T, x.shape[-1])
         return out.index_copy_(0, self.flat, x).view(self.B, self.T, -1)
 
+    def rotary(self, inv_freq: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin (N, head_dim) of each packed token's position for RoPE's inverse frequencies ``inv_freq``
+        (:func:`rope_inv_freq`), computed in float32 and cast to ``dtype``, as transformers' rotary embedding."""
+        freqs = self.positions[:, None].float() * inv_freq.to(self.positions.device)[None, :]  # (N, d / 2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (N, d)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, kv_heads: int, scale: float,
                reach: int | None = None, block: int | None = None) -> torch.Tensor:
         """Bidirectional attention of packed tokens within their own rows: q (N, heads x d) or already unpacked
@@ -96,8 +103,9 @@ class RaggedRows:
         W, nb = S + 2 * reach, -(-T // S)
         dev = q.device
         qb = F.pad(q, (0, 0, 0, nb * S - T)).reshape(B * nb, S, C)  # (B nb, S, C)
+        # block b's keys: positions b S - reach ... b S + S + reach - 1
         kb, vb = (F.pad(t, (0, 0, reach, nb * S - T + reach)).unfold(1, W, S).transpose(2, 3)
-                  .reshape(B * nb, W, t.shape[-1]) for t in (k, v))  # block b's keys: b S - reach ... b S + S + reach - 1
+                  .reshape(B * nb, W, t.shape[-1]) for t in (k, v))  # (B nb, W, kv d)
         key = ("banded", reach, S)
         if key not in self._masks:
             valid = torch.zeros(B, nb * S + 2 * reach, dtype=torch.bool, device=dev)
@@ -116,6 +124,12 @@ class RaggedRows:
             y = qb.new_zeros(B * nb, S, C)
             y[rows] = _sdpa(qb[rows], kb[rows], vb[rows], heads, kv_heads, scale, mask)
         return y.view(B, nb * S, C)[:, :T]
+
+
+def rope_inv_freq(theta: float, head_dim: int) -> torch.Tensor:
+    """RoPE's inverse frequencies (head_dim / 2,), float32 on the CPU, as transformers'
+    ``compute_default_rope_parameters``."""
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, kv_heads: int, scale: float,
