@@ -4,6 +4,7 @@ in one device batch, drain and shutdown."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import threading
 import urllib.error
@@ -92,21 +93,29 @@ def models(minilm_model_dir, tiny_clip_dir):
     return {"minilm": engine.load_model(minilm_model_dir), "clip": engine.load_model(tiny_clip_dir)}
 
 
-@pytest.fixture(scope="module")
-def real_server(models):
+@contextlib.contextmanager
+def serve_models(models: dict, config: ServerConfig, warm_up: bool = False):
+    """An EmbeddingServer over one Scheduler per model; drained, shut down and its schedulers closed after."""
     from engine.scheduler import Scheduler
 
     schedulers = {name: Scheduler(model) for name, model in models.items()}
-    config = ServerConfig(port=0, http_port=0, auth_token=TOKEN, metrics_port=0)
     server = EmbeddingServer(schedulers, config)
-    server.warm_up()
     try:
+        if warm_up:
+            server.warm_up()
         yield server
     finally:
         server.drain(5)
         server.shutdown()
         for s in schedulers.values():
             s.close()
+
+
+@pytest.fixture(scope="module")
+def real_server(models):
+    config = ServerConfig(port=0, http_port=0, auth_token=TOKEN, metrics_port=0)
+    with serve_models(models, config, warm_up=True) as server:
+        yield server
 
 
 def openai_client(server, token: str = TOKEN):

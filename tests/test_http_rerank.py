@@ -13,8 +13,7 @@ pytest.importorskip("starlette")  # the server extra installs the HTTP stack; sa
 import engine  # noqa: E402
 from flight_server import rerank_api  # noqa: E402
 from flight_server.config import ServerConfig, ServerLimits  # noqa: E402
-from flight_server.servicer import EmbeddingServer  # noqa: E402
-from test_http_api import TOKEN, assert_error, post  # noqa: E402
+from test_http_api import TOKEN, assert_error, post, serve_models  # noqa: E402
 
 IDENTITY = "torch.nn.modules.linear.Identity"
 QUERY = "how many people live in berlin"
@@ -39,18 +38,9 @@ def models(checkpoints, tiny_clip_dir):
 
 @pytest.fixture(scope="module")
 def server(models):
-    from engine.scheduler import Scheduler
-
-    schedulers = {name: Scheduler(model) for name, model in models.items()}
     limits = ServerLimits(max_batch_rows=8, max_batch_bytes=4096)
-    server = EmbeddingServer(schedulers, ServerConfig(port=0, http_port=0, auth_token=TOKEN, limits=limits))
-    try:
+    with serve_models(models, ServerConfig(port=0, http_port=0, auth_token=TOKEN, limits=limits)) as server:
         yield server
-    finally:
-        server.drain(5)
-        server.shutdown()
-        for s in schedulers.values():
-            s.close()
 
 
 def test_rerank_ranks_the_engines_scores_best_first(server, models):
