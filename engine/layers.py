@@ -38,8 +38,10 @@ def activation(name: str):
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
-              mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
-    """Multi-head scaled dot-product attention: queries (B, Tq, C) over keys and values (B, T, C).
+              mask: torch.Tensor | None = None, causal: bool = False, kv_heads: int | None = None,
+              scale: float | None = None) -> torch.Tensor:
+    """Multi-head scaled dot-product attention: queries (B, Tq, heads x d) over keys and values (B, T, kv_heads x d)
+    (``kv_heads``: grouped key / value heads, default ``heads``), scores scaled by ``scale`` (default d^-1/2).
 
     ``mask`` is a boolean key mask (True = attend), (B, 1, 1, T) or (B, 1, Tq, T), an additive float mask
     broadcastable to (B, heads, Tq, T) in q's dtype (MPNet's position bias), or None.
@@ -47,12 +49,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
     B, Tq, C = q.shape
     T = k.shape[1]
     hd = C // heads
+    kv_heads = kv_heads or heads
     q = q.view(B, Tq, heads, hd).transpose(1, 2)  # (B, h, Tq, hd)
-    k = k.view(B, T, heads, hd).transpose(1, 2)  # (B, h, T, hd)
-    v = v.view(B, T, heads, hd).transpose(1, 2)  # (B, h, T, hd)
+    k = k.view(B, T, kv_heads, hd).transpose(1, 2)  # (B, kv, T, hd)
+    v = v.view(B, T, kv_heads, hd).transpose(1, 2)  # (B, kv, T, hd)
     with sdpa_kernel(CUDA_ATTENTION_BACKENDS) if q.is_cuda else contextlib.nullcontext():
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
-                                           scale=1.0 / math.sqrt(hd))  # (B, h, Tq, hd)
+                                           scale=1.0 / math.sqrt(hd) if scale is None else scale,
+                                           enable_gqa=kv_heads != heads)  # (B, h, Tq, hd)
     return y.transpose(1, 2).reshape(B, Tq, C)  # (B, Tq, C)
 
 

@@ -18,13 +18,10 @@ instead of a loop over rows). Grouped key / value heads (GQA) are passed through
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import sdpa_kernel
 
-from engine.layers import CUDA_ATTENTION_BACKENDS
+from engine.layers import attention
 
 # Sliding layers switch from one dense (T, T) band mask to blocks of queries over their key band once rows are
 # this many blocks long. One local layer's attention at gte-modernbert-base widths (window 128) on 2 AMD EPYC
@@ -80,7 +77,7 @@ class RaggedRows:
             block = block or 2 * reach
             if self.T >= BANDED_MIN_BLOCKS * block:
                 return self.pack(self._banded(q, k, v, heads, kv_heads, scale, reach, block))
-        y = _sdpa(q, k, v, heads, kv_heads, scale, self._mask(reach))  # (B, T, h d)
+        y = attention(q, k, v, heads, self._mask(reach), kv_heads=kv_heads, scale=scale)  # (B, T, h d)
         return self.pack(y)  # (N, h d)
 
     def _mask(self, reach: int | None) -> torch.Tensor | None:
@@ -119,10 +116,10 @@ class RaggedRows:
             self._masks[key] = (mask if rows is None else mask[rows], rows)
         mask, rows = self._masks[key]
         if rows is None:
-            y = _sdpa(qb, kb, vb, heads, kv_heads, scale, mask)  # (B nb, S, C)
+            y = attention(qb, kb, vb, heads, mask, kv_heads=kv_heads, scale=scale)  # (B nb, S, C)
         else:
             y = qb.new_zeros(B * nb, S, C)
-            y[rows] = _sdpa(qb[rows], kb[rows], vb[rows], heads, kv_heads, scale, mask)
+            y[rows] = attention(qb[rows], kb[rows], vb[rows], heads, mask, kv_heads=kv_heads, scale=scale)
         return y.view(B, nb * S, C)[:, :T]
 
 
@@ -130,16 +127,3 @@ def rope_inv_freq(theta: float, head_dim: int) -> torch.Tensor:
     """RoPE's inverse frequencies (head_dim / 2,), float32 on the CPU, as transformers'
     ``compute_default_rope_parameters``."""
     return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
-
-
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, kv_heads: int, scale: float,
-          mask: torch.Tensor | None) -> torch.Tensor:
-    """Scaled dot-product attention of q (B, Tq, heads x d) over k, v (B, T, kv_heads x d) -> (B, Tq, heads x d)."""
-    B, Tq, C = q.shape
-    T, d = k.shape[1], C // heads
-    q = q.view(B, Tq, heads, d).transpose(1, 2)  # (B, h, Tq, d)
-    k = k.view(B, T, kv_heads, d).transpose(1, 2)  # (B, kv, T, d)
-    v = v.view(B, T, kv_heads, d).transpose(1, 2)
-    with sdpa_kernel(CUDA_ATTENTION_BACKENDS) if q.is_cuda else contextlib.nullcontext():
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=kv_heads != heads)
-    return y.transpose(1, 2).reshape(B, Tq, C)  # (B, Tq, h d)
