@@ -86,6 +86,22 @@ def invalid(message: str, param: str | None = "input", code: str = "invalid_inpu
     return ApiError(422, message, code, param=param)
 
 
+def optional_name(doc: dict[str, Any], key: str) -> str | None:
+    """``doc[key]``: absent / null, or a non-empty string (a prompt name); else a 422 naming the key."""
+    value = doc.get(key)
+    if value is not None and (not isinstance(value, str) or not value):
+        raise invalid(f'"{key}" must be a non-empty string; got {protocol.quote(value)}', param=key)
+    return value
+
+
+def optional_positive_int(doc: dict[str, Any], key: str, meaning: str) -> int | None:
+    """``doc[key]``: absent / null, or an integer >= 1 (not a bool); else a 422 naming the key and ``meaning``."""
+    value = doc.get(key)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise invalid(f'"{key}" must be a positive integer ({meaning}); got {protocol.quote(value)}', param=key)
+    return value
+
+
 def from_protocol_error(exc: Exception) -> ApiError:
     """The ApiError of a Flight-protocol or engine input error (unknown model, wrong modality, limit)."""
     message = str(exc)
@@ -157,14 +173,9 @@ def parse_embeddings_request(body: bytes | bytearray, max_rows: int) -> Embeddin
     normalize = doc.get("normalize", True)
     if not isinstance(normalize, bool):
         raise invalid(f'"normalize" must be true or false; got {protocol.quote(normalize)}', param="normalize")
-    prompt_name = doc.get("prompt_name")
-    if prompt_name is not None and (not isinstance(prompt_name, str) or not prompt_name):
-        raise invalid(f'"prompt_name" must be a non-empty string; got {protocol.quote(prompt_name)}',
-                      param="prompt_name")
-    dimensions = doc.get("dimensions")
-    if dimensions is not None and (isinstance(dimensions, bool) or not isinstance(dimensions, int) or dimensions < 1):
-        raise invalid(f'"dimensions" must be a positive integer (how many leading components to keep, at most the '
-                      f"model's dimension); got {protocol.quote(dimensions)}", param="dimensions")
+    prompt_name = optional_name(doc, "prompt_name")
+    dimensions = optional_positive_int(doc, "dimensions", "how many leading components to keep, at most the "
+                                                          "model's dimension")
     user = doc.get("user")
     if user is not None and not isinstance(user, str):
         raise invalid(f'"user" must be a string; got {protocol.quote(user)}', param="user")

@@ -33,7 +33,8 @@ import numpy as np
 import pyarrow as pa
 
 from flight_server import protocol
-from flight_server.openai_api import ApiError, EngineCall, from_protocol_error, invalid, json_object
+from flight_server.openai_api import (ApiError, EngineCall, from_protocol_error, invalid, json_object, optional_name,
+                                      optional_positive_int)
 
 REQUEST_KEYS: tuple[str, ...] = ("query", "texts", "raw_scores", "return_text", "truncate",
                                  "truncation_direction", "model", "prompt_name", "top_n")
@@ -94,14 +95,8 @@ def parse_rerank_request(body: bytes | bytearray, max_rows: int, max_bytes: int)
     if model is not None and (not isinstance(model, str) or not model):
         raise invalid(f'"model" must be a served reranker\'s name (GET /v1/models lists them); got '
                       f"{protocol.quote(model)}", param="model")
-    prompt_name = doc.get("prompt_name")
-    if prompt_name is not None and (not isinstance(prompt_name, str) or not prompt_name):
-        raise invalid(f'"prompt_name" must be a non-empty string; got {protocol.quote(prompt_name)}',
-                      param="prompt_name")
-    top_n = doc.get("top_n")
-    if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1):
-        raise invalid(f'"top_n" must be a positive integer (how many of the best results to return); got '
-                      f"{protocol.quote(top_n)}", param="top_n")
+    prompt_name = optional_name(doc, "prompt_name")
+    top_n = optional_positive_int(doc, "top_n", "how many of the best results to return")
     return RerankRequest(query=query, texts=tuple(texts), model=model, prompt_name=prompt_name, top_n=top_n,
                          **flags)
 
