@@ -111,10 +111,15 @@ def markdown(r: dict) -> str:
     for name, m in r["models"].items():
         ref, ours = m.get("ref") or {}, m.get("ours") or {}
         if m["kind"] == "text" and "tokens" in ref and "tokens" in ours:
+            t = ours["tokens"]
+            if "spans" in t:  # padding-free: every Linear on the real tokens, attention padded in spans
+                ours_txt = (f"{t['real']:,} real through every Linear in {t['groups']} forward passes, attention over "
+                            f"{t['padded']:,} padded in {t['spans']} spans")
+            else:
+                ours_txt = f"{t['padded']:,} padded in {t.get('groups')} groups"
             notes.append(f"- {LABELS[name]}: tokens run, ST {ref['tokens']['padded']:,} padded for "
                          f"{ref['tokens']['real']:,} real (attention {ref.get('attn_implementation')}); ours "
-                         f"{ours['tokens']['padded']:,} padded in {ours['tokens'].get('groups')} groups; "
-                         f"tokens per word (no prompt) {m['tokens']['tokens_per_word_no_prompt']}.")
+                         f"{ours_txt}; tokens per word (no prompt) {m['tokens']['tokens_per_word_no_prompt']}.")
         if m["kind"] == "image" and "split_ms_per_img" in ref:
             h, o = ref["split_ms_per_img"], ours.get("split_ms_per_img", {})
             ours_txt = ", ".join(f"{p} {x['pre']:.1f} + {x['model']:.1f}" for p, x in o.items())

@@ -135,6 +135,8 @@ def _st_text(a: dict, texts: list[str], res: dict) -> None:
 
 
 def _ours_text(a: dict, texts: list[str], res: dict) -> None:
+    import torch
+
     import engine
 
     for p in a["precisions"]:
@@ -148,6 +150,12 @@ def _ours_text(a: dict, texts: list[str], res: dict) -> None:
             lengths = [len(r) for r in rows]
             groups = model.text_groups(lengths)
             res["tokens"] = {"real": sum(lengths), "padded": sum(len(g) * t for g, t in groups), "groups": len(groups)}
+            if getattr(model.net, "RAGGED_TEXT", False):  # padded only inside attention, in spans (engine.ragged)
+                from engine.ragged import RaggedRows
+
+                spans = [s for g, t in groups for s in RaggedRows(
+                    torch.tensor([lengths[i] for i in g]), t, model.text_max_padding).spans]
+                res["tokens"].update(padded=sum(s.B * s.T for s in spans), spans=len(spans))
             t0 = time.perf_counter()
             model.prepare_texts(texts, a["prompt_name"])
             res["tokenize_s"] = time.perf_counter() - t0

@@ -8,6 +8,7 @@ Every encoder runs in three stages (infinity's habit): *pre* on CPU threads
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -62,7 +63,8 @@ class BatchLimits:
     text_tokens: int = 8192  # padded tokens per forward pass (rows x longest row)
     # Text shapes. None: on CPU, lengths as they are and a new group once padding passes 10 % (padding is
     # compute there); on CUDA, lengths rounded up to a multiple of 8 and no padding cut (a GPU pays per
-    # launch and per new shape, not per padded token: few, large, repeating shapes are fastest).
+    # launch and per new shape, not per padded token: few, large, repeating shapes are fastest). A padding-free
+    # net (RAGGED_TEXT: ModernBERT, EmbeddingGemma) applies text_max_padding to its attention spans only.
     text_pad_to: int | None = None
     text_max_padding: float | None = None
     # Tower rows (images x tokens per image) per forward call. None: IMAGE_ROWS_CPU on CPU, where the activations
@@ -155,7 +157,8 @@ class Model:
         self._ahead = ahead
         self._pad_to = limits.text_pad_to if limits.text_pad_to is not None else (8 if cuda else 1)
         self._max_padding = (limits.text_max_padding if limits.text_max_padding is not None
-                             else (float("inf") if cuda else 0.1))
+                             else (math.inf if cuda else 0.1))
+        self._ragged = bool(getattr(net, "RAGGED_TEXT", False))  # pads inside attention only (engine.ragged)
         if self._pad_to < 1:
             raise InputError(f"BatchLimits.text_pad_to: expected a multiple >= 1, got {self._pad_to}")
         rows = limits.image_rows if limits.image_rows is not None else (0 if cuda else IMAGE_ROWS_CPU)
@@ -408,6 +411,12 @@ class Model:
                 out[s + batch.index] = self._image_core(torch.as_tensor(batch.pixels), normalize)
         return apply_output_options(EmbedResult(out, errors), options, normalize)
 
+    @property
+    def text_max_padding(self) -> float:
+        """How much a text group (a padding-free net: an attention span) may pad, as a fraction of its real tokens:
+        BatchLimits.text_max_padding, else the device's default."""
+        return self._max_padding
+
     def text_groups(self, lengths: Sequence[int]) -> list[tuple[np.ndarray, int]]:
         """How rows of these token lengths go to the device: (row indices, padded length) per forward pass."""
         from engine.tokenizer import length_buckets
@@ -416,7 +425,10 @@ class Model:
         if self.text.fixed_length:  # every row costs max_tokens: one group
             lengths = [cap] * len(lengths)
         padded = [min(cap, -(-n // pad) * pad) for n in lengths] if pad > 1 else list(lengths)
-        groups = length_buckets(padded, self.limits.text_rows, self.limits.text_tokens, self._max_padding)
+        # a padding-free net pads only inside attention, in spans of its own (engine.ragged): its forward groups
+        # are cut by the row and token budgets alone, so its GEMMs get as many rows as those allow
+        max_padding = math.inf if self._ragged else self._max_padding
+        groups = length_buckets(padded, self.limits.text_rows, self.limits.text_tokens, max_padding)
         return [(g, max(padded[i] for i in g)) for g in groups]
 
     # ------------------------------------------------------------------ stages
@@ -461,7 +473,9 @@ class Model:
                 ids[r, :len(rows[i])] = rows[i]
             ids_t = torch.from_numpy(ids).to(self._device)
             lens = torch.tensor([len(rows[i]) for i in idx], device=self._device)
-            out[idx] = self._post(self.net.encode_text(ids_t, lens), normalize)
+            y = (self.net.encode_text(ids_t, lens, max_padding=self._max_padding) if self._ragged
+                 else self.net.encode_text(ids_t, lens))
+            out[idx] = self._post(y, normalize)
         return EmbedResult(out, errors, tokens=token_counts(rows))
 
 

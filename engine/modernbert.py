@@ -20,9 +20,9 @@ assign directly. The maths, as transformers' SDPA / eager path on CPU computes i
 
 How ours differs (the same numbers; only where the work is done):
 
-- Padding-free (engine.ragged): rows come right-padded in groups of similar length with their lengths
-  (engine.model). Embeddings, every LayerNorm, Wqkv, Wo and the MLP run on the real tokens only, packed as
-  (N_tokens, C); RoPE too. Only attention sees the group's (B, T) layout, one batched SDPA call per layer with a
+- Padding-free (engine.ragged): rows come right-padded with their lengths (engine.model). Embeddings, every
+  LayerNorm, Wqkv, Wo and the MLP run on the real tokens only, packed as (N_tokens, C); RoPE too. Only attention
+  sees a padded layout: rows of similar length together (spans), one batched SDPA call per span and layer with a
   boolean key mask (padded keys never attend). On CPU in fp32 the token states match transformers' SDPA and eager
   paths to ~2e-6.
 - Long rows in local layers: from ``engine.ragged.BANDED_MIN_BLOCKS`` windows on, the queries go in blocks of
@@ -258,8 +258,8 @@ class _Batch(RaggedRows):
     forward and shared by the layers."""
 
     def __init__(self, cfg: ModernBertConfig, lengths: torch.Tensor, T: int, dtype: torch.dtype,
-                 inv_freq: dict[str, torch.Tensor]) -> None:
-        super().__init__(lengths, T)
+                 inv_freq: dict[str, torch.Tensor], max_padding: float) -> None:
+        super().__init__(lengths, T, max_padding)
         self.cfg = cfg
         # cos, sin (N, 1, 1, head_dim) per layer kind
         self.rope = {kind: tuple(t[:, None, None, :] for t in self.rotary(f, dtype)) for kind, f in inv_freq.items()}
@@ -271,7 +271,7 @@ class _Batch(RaggedRows):
         N, h, d = qkv.shape[0], cfg.heads, cfg.head_dim
         heads = qkv.view(N, 3, h, d)
         heads[:, :2] = _rotate(heads[:, :2], *self.rope[kind])  # q and k rotated in place (qkv is the Linear's output)
-        q, k, v = self.unpack(qkv).view(self.B, self.T, 3, h * d).unbind(2)  # (B, T, C) each, strided views
+        q, k, v = qkv.view(N, 3, h * d).unbind(1)  # (N, C) each, strided views
         reach = cfg.half_window if kind == LOCAL else None
         return self.attend(q, k, v, h, h, d ** -0.5, reach=reach, block=cfg.local_attention)  # (N, C)
 
@@ -287,6 +287,8 @@ class SentenceModernBert(nn.Module):
     """ModernBertModel + sentence-transformers pooling and Dense modules. ``encode_text`` returns (B, dim), not
     normalized."""
 
+    RAGGED_TEXT = True  # encode_text packs its rows; attention pads in spans of similar length (engine.ragged)
+
     def __init__(self, cfg: ModernBertConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -299,23 +301,26 @@ class SentenceModernBert(nn.Module):
         thetas = {GLOBAL: cfg.global_theta, LOCAL: cfg.local_theta}
         self._inv_freq = {kind: rope_inv_freq(thetas[kind], cfg.head_dim) for kind in sorted(set(cfg.layer_types))}
 
-    def token_states(self, ids: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, _Batch]:
+    def token_states(self, ids: torch.Tensor, lengths: torch.Tensor,
+                     max_padding: float = math.inf) -> tuple[torch.Tensor, _Batch]:
         """The last hidden state of every real token, packed (N, C) in row-major order of (row, position), and
-        the group's layout. ids (B, T) right-padded; lengths (B,) real token counts."""
+        the group's layout. ids (B, T) right-padded; lengths (B,) real token counts; ``max_padding``: attention's
+        spans (engine.ragged.RaggedRows)."""
         e = self.embeddings
-        batch = _Batch(self.cfg, lengths, ids.shape[1], e.tok_embeddings.weight.dtype, self._inv_freq)
+        batch = _Batch(self.cfg, lengths, ids.shape[1], e.tok_embeddings.weight.dtype, self._inv_freq, max_padding)
         x = e.norm(e.tok_embeddings(batch.pack(ids)))  # (N, C)
         for layer in self.layers:
             x = layer(x, batch)
         return self.final_norm(x), batch
 
-    def encode_text(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """ids (B, T) right-padded; lengths (B,) real token counts. Returns (B, dim): pooled, then Dense."""
-        return self(ids, lengths)
+    def encode_text(self, ids: torch.Tensor, lengths: torch.Tensor, max_padding: float = math.inf) -> torch.Tensor:
+        """ids (B, T) right-padded; lengths (B,) real token counts; ``max_padding``: how much attention's spans of
+        similar lengths may pad (engine.ragged). Returns (B, dim): pooled, then Dense."""
+        return self(ids, lengths, max_padding)
 
-    def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, lengths: torch.Tensor, max_padding: float = math.inf) -> torch.Tensor:
         """As :meth:`encode_text`."""
-        x, batch = self.token_states(ids, lengths)
+        x, batch = self.token_states(ids, lengths, max_padding)
         y = st_pool(batch.unpack(x), batch.keep, self.cfg.pooling)  # (B, C)
         for d in self.cfg.dense:
             y = self.st_modules[d.path](y)  # (B, D)

@@ -1,11 +1,12 @@
 """Ragged text batches: rows of different lengths run without padding, except inside attention.
 
-engine.model hands a text network one group of right-padded rows (B, T) with their lengths; the group pads
-little (engine.model's length grouping) but not nothing: ~10 % more tokens than the real ones on mixed-length
-texts. An encoder whose every layer is per token (embeddings, norms, Linears, MLP, rotary) runs those on the real
-tokens only, packed as (N, C); only attention needs the (B, T) layout. :class:`RaggedRows` holds where each real
-token sits in that layout, moves tensors between the two, and runs bidirectional attention over the group with
-the masks made once per forward:
+engine.model hands a padding-free text network (one whose class sets ``RAGGED_TEXT``) one forward group of
+right-padded rows (B, T) with their lengths. Every per-token layer (embeddings, norms, Linears, MLP, rotary)
+runs on the real tokens only, packed as (N, C), so the forward group need not be of similar lengths: it is cut
+only by engine.model's row and token budgets, and its GEMMs get as many rows as those allow. Attention alone needs
+a (rows, T) layout. :class:`RaggedRows` cuts the group into *spans* of rows of similar length (at most
+``max_padding`` more tokens than the real ones, engine.tokenizer.length_buckets), moves each span's tokens into
+its own right-padded layout and back, and runs bidirectional attention there, with masks made once per forward:
 
 - every key of the row (``reach=None``), or only the keys at most ``reach`` positions away (sliding-window
   layers: ModernBERT's local layers, EmbeddingGemma's sliding layers); padded keys are never seen;
@@ -13,15 +14,24 @@ the masks made once per forward:
   keys its block can reach, so a sliding layer costs O(T x window), not O(T^2); blocks past a row's end are
   skipped.
 
-Padded query positions are computed by attention and dropped when packing (one batched SDPA call per layer
-instead of a loop over rows). Grouped key / value heads (GQA) are passed through to SDPA.
+Padded slots of a span's layout hold a copy of one of its real tokens (one gather, no zero fill): as keys they are
+masked out, as queries their outputs are dropped when packing. One batched SDPA call per span and layer instead of
+a loop over rows. Grouped key / value heads (GQA) are passed through to SDPA.
+
+Why spans: EmbeddingGemma fp32 on bench/models.py's 128 texts of 18-273 tokens (2 AMX Xeon cores), forward groups
+of similar lengths (12 groups of ~750 tokens: the GEMMs' rows) 8.8-9.0 s; the same texts in 2 forward groups
+with attention in the same 12 spans 8.5-8.6 s (the GEMMs run ~5 % faster with 4x the rows).
 """
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from engine.layers import attention
+from engine.tokenizer import length_buckets
 
 # Sliding layers switch from one dense (T, T) band mask to blocks of queries over their key band once rows are
 # this many blocks long. One local layer's attention at gte-modernbert-base widths (window 128) on 2 AMD EPYC
@@ -31,9 +41,10 @@ BANDED_MIN_BLOCKS = 4
 
 
 class RaggedRows:
-    """One group of right-padded rows: ``lengths`` (B,) real token counts, ``T`` the padded length."""
+    """One forward group of right-padded rows: ``lengths`` (B,) real token counts, ``T`` the padded length;
+    attention in spans padded at most ``max_padding`` (a fraction of their real tokens; inf: one span)."""
 
-    def __init__(self, lengths: torch.Tensor, T: int) -> None:
+    def __init__(self, lengths: torch.Tensor, T: int, max_padding: float = math.inf) -> None:
         self.B, self.T = lengths.shape[0], T
         self.lengths = lengths
         dev = lengths.device
@@ -42,7 +53,8 @@ class RaggedRows:
         self.flat = self.keep.flatten().nonzero().squeeze(1) if self.padded else None  # (N,) into B * T
         # (N,) each real token's position in its row
         self.positions = (self.flat % T) if self.padded else torch.arange(T, device=dev).repeat(self.B)
-        self._masks: dict = {}
+        self.N = int(lengths.sum())
+        self.spans = _spans(lengths, T, max_padding)
 
     def pack(self, t: torch.Tensor) -> torch.Tensor:
         """The real entries of a (B, T, ...) tensor, (N, ...)."""
@@ -65,20 +77,96 @@ class RaggedRows:
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, kv_heads: int, scale: float,
                reach: int | None = None, block: int | None = None) -> torch.Tensor:
-        """Bidirectional attention of packed tokens within their own rows: q (N, heads x d) or already unpacked
-        (B, T, heads x d), k and v likewise with ``kv_heads`` -> (N, heads x d).
+        """Bidirectional attention of packed tokens within their own rows: q (N, heads x d), k and v (N, kv_heads x
+        d) (strided views are fine) -> (N, heads x d).
 
         ``reach``: a query sees only the keys at most this many positions away (None: every key of its row);
         ``block``: the query block of the banded path (default 2 x reach, the window)."""
-        q, k, v = (t if t.dim() == 3 else self.unpack(t) for t in (q, k, v))  # (B, T, h d), (B, T, kv d) x2
+        if len(self.spans) == 1:
+            span = self.spans[0]
+            return span.real_rows(span.attend(q, k, v, heads, kv_heads, scale, reach, block))
+        out = q.new_empty(self.N, q.shape[-1])
+        for span in self.spans:
+            span.put(out, span.attend(q, k, v, heads, kv_heads, scale, reach, block))
+        return out
+
+
+def _spans(lengths: torch.Tensor, T: int, max_padding: float) -> list[_Span]:
+    """The attention spans of a group: all rows in one (padded to T) when ``max_padding`` is inf or the rows pad
+    little enough, else length_buckets' groups, each padded to its longest row."""
+    dev = lengths.device
+    if math.isinf(max_padding):
+        return [_Span(lengths, T, slice(0, int(lengths.sum())))]
+    n = lengths.tolist()
+    groups = length_buckets(n, len(n), math.inf, max_padding)
+    if len(groups) == 1:
+        return [_Span(lengths, T, slice(0, sum(n)))]
+    starts = np.concatenate([[0], np.cumsum(n)])
+    spans = []
+    for g in groups:
+        lo, hi = int(g[0]), int(g[-1]) + 1
+        if hi - lo == len(g) and np.array_equal(g, np.arange(lo, hi)):  # consecutive rows: a slice of the tokens
+            tokens: slice | torch.Tensor = slice(int(starts[lo]), int(starts[hi]))
+        else:
+            tokens = torch.from_numpy(np.concatenate([np.arange(starts[i], starts[i + 1]) for i in g])).to(dev)
+        span_lengths = lengths[torch.from_numpy(g).to(dev)]
+        spans.append(_Span(span_lengths, max(n[i] for i in g), tokens))
+    return spans
+
+
+class _Span:
+    """Rows of one forward group that attend in one right-padded (B, T) layout: ``lengths`` (B,) theirs,
+    ``tokens`` which of the group's packed tokens they are (a slice when the rows are consecutive)."""
+
+    def __init__(self, lengths: torch.Tensor, T: int, tokens: slice | torch.Tensor) -> None:
+        self.B, self.T, self.lengths, self.tokens = lengths.shape[0], T, lengths, tokens
+        dev = lengths.device
+        self.keep = torch.arange(T, device=dev)[None, :] < lengths[:, None]  # (B, T)
+        self.padded = bool((lengths < T).any())
+        # (n,) the slot in B x T of each of the span's real tokens
+        self.real = self.keep.flatten().nonzero().squeeze(1) if self.padded else None
+        # (B x T,) the group token each slot reads; a padded slot reads the span's first token (finite values:
+        # masked out as a key, dropped as a query). A slice: the layout is the group's tokens as they are.
+        if self.real is None and isinstance(tokens, slice):
+            self.src: slice | torch.Tensor = tokens
+        else:
+            if self.real is None:
+                local = torch.arange(self.B * T, device=dev)
+            else:
+                local = torch.zeros(self.B * T, dtype=torch.int64, device=dev)
+                local[self.real] = torch.arange(self.real.shape[0], device=dev)
+            self.src = local + tokens.start if isinstance(tokens, slice) else tokens[local]
+        self._masks: dict = {}
+
+    def take(self, x: torch.Tensor) -> torch.Tensor:
+        """The span's tokens of a group-packed (N, C) tensor in its (B, T, C) layout."""
+        if isinstance(self.src, slice):
+            return x[self.src].reshape(self.B, self.T, -1)
+        return x.index_select(0, self.src).view(self.B, self.T, -1)
+
+    def real_rows(self, y: torch.Tensor) -> torch.Tensor:
+        """(B, T, C) -> the real tokens' rows (n, C), in the group's packed order."""
+        flat = y.reshape(self.B * self.T, -1)
+        return flat if self.real is None else flat.index_select(0, self.real)
+
+    def put(self, out: torch.Tensor, y: torch.Tensor) -> None:
+        """Write the real tokens of ``y`` (B, T, C) into their rows of the group-packed ``out`` (N, C)."""
+        if isinstance(self.tokens, slice):
+            out[self.tokens] = self.real_rows(y)
+        else:
+            out.index_copy_(0, self.tokens, self.real_rows(y))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, kv_heads: int, scale: float,
+               reach: int | None, block: int | None) -> torch.Tensor:
+        """RaggedRows.attend for this span's rows of the group-packed q, k, v -> (B, T, heads x d)."""
+        q, k, v = self.take(q), self.take(k), self.take(v)  # (B, T, h d), (B, T, kv d) x2
         if reach is not None and self.T - 1 <= reach:  # the window spans every row whole
             reach = None
         if reach is not None:
             block = block or 2 * reach
             if self.T >= BANDED_MIN_BLOCKS * block:
-                return self.pack(self._banded(q, k, v, heads, kv_heads, scale, reach, block))
-        y = attention(q, k, v, heads, self._mask(reach), kv_heads=kv_heads, scale=scale)  # (B, T, h d)
-        return self.pack(y)  # (N, h d)
+                return self._banded(q, k, v, heads, kv_heads, scale, reach, block)
+        return attention(q, k, v, heads, self._mask(reach), kv_heads=kv_heads, scale=scale)  # (B, T, h d)
 
     def _mask(self, reach: int | None) -> torch.Tensor | None:
         """Boolean mask (True = attend): every key (B, 1, 1, T) with padded keys out, None without padding; with a

@@ -319,6 +319,30 @@ def test_padding_free_linears_see_only_real_tokens_and_rows_are_batch_invariant(
     np.testing.assert_allclose(together, alone, atol=1e-5, rtol=0)
 
 
+def test_one_forward_group_with_attention_in_spans(sources, monkeypatch):
+    """Default limits, texts of very different lengths: one forward pass (every Linear called once, on all the
+    real tokens), attention in several spans of similar lengths; each row equals the row alone (<= 1e-5)."""
+    hf, st, converted = sources["tiny"]
+    model = engine.load_model(converted)
+    texts = [" ".join((_WORDS.split() * 3)[:n]) for n in (0, 1, 1, 2, 3, 3, 4, 5, 6, 8, 9, 11, 13, 16, 20, 24, 30, 38,
+                                                    45, 55, 66, 80)]
+    rows, _ = model.prepare_texts(texts)
+    assert len(model.text_groups([len(r) for r in rows])) == 1
+    spans: list[int] = []
+    make_spans = ragged._spans
+    monkeypatch.setattr(ragged, "_spans", lambda *a: spans.append(len(make_spans(*a))) or make_spans(*a))
+    seen: list[int] = []
+    layer = model.net.layers[1].attn.Wqkv
+    hook = layer.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[0]))
+    try:
+        together = model.encode_text(texts)
+    finally:
+        hook.remove()
+    assert seen == [sum(len(r) for r in rows)] and spans[0] >= 2, (seen, spans)
+    alone = np.concatenate([model.encode_text([t]) for t in texts])
+    np.testing.assert_allclose(together, alone, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("geometry", list(GEOMETRIES))
 def test_banded_local_attention_equals_the_dense_band_mask(sources, monkeypatch, geometry):
     """Long rows run local layers in blocks over their key band; with the switch moved the dense (T, T) mask gives
@@ -332,7 +356,8 @@ def test_banded_local_attention_equals_the_dense_band_mask(sources, monkeypatch,
         dense, _ = model.net.token_states(ids, lengths)
         monkeypatch.setattr(ragged, "BANDED_MIN_BLOCKS", 1)
         banded, batch = model.net.token_states(ids, lengths)
-    banded_masks = [m for key, m in batch._masks.items() if isinstance(key, tuple) and key[0] == "banded"]
+    assert len(batch.spans) == 1  # token_states' default: the whole group in one attention span
+    banded_masks = [m for key, m in batch.spans[0]._masks.items() if isinstance(key, tuple) and key[0] == "banded"]
     assert banded_masks and banded_masks[0][1] is not None  # blocks past short rows skipped
     np.testing.assert_allclose(banded.numpy(), dense.numpy(), atol=1e-5, rtol=0)
 
