@@ -27,17 +27,18 @@ What runs, as transformers does it:
 How ours differs: padding-free (engine.ragged): the embeddings, every norm, projection, rotary embedding and the
 MLP run on the real tokens only, packed as (N, C), over a whole forward group whatever its lengths; attention alone
 sees right-padded layouts, one SDPA call per layer for each span of rows of similar length, and sliding layers on
-rows of 4 windows or more run in blocks of queries over their key band (O(T x window)). Positions are always 0..n-1 from the first real token (transformers' Gemma
-tokenizer pads on the left, and rotary attention depends only on the distance between tokens, so the two agree up
-to rounding); masks are built once per forward pass, the rotary cos / sin once per layer type; q / k / v
-may be one fused int8 GEMM (engine.quantize). ``attn_logit_softcapping`` is ignored, as transformers' Gemma 3
-ignores it (its attention never passes it on). Not supported (ModelConfigError naming config.json and the field):
-causal attention (``use_bidirectional_attention`` false: the registry leaves such a folder to store mode),
-rope types other than "default" (Gemma 3 4B-27B's "linear" scaling of the global theta), layer types other than
-``sliding_attention`` / ``full_attention``. float16 is refused (PrecisionError): Gemma's activations overflow it.
+rows of 4 windows or more run in blocks of queries over their key band (O(T x window)). Positions are always
+0..n-1 from the first real token (transformers' Gemma tokenizer pads on the left, and rotary attention depends
+only on the distance between tokens, so the two agree up to rounding); masks are built once per forward pass, the
+rotary cos / sin once per layer type; q / k / v may be one fused int8 GEMM (engine.quantize).
+``attn_logit_softcapping`` is ignored, as transformers' Gemma 3 ignores it (its attention never passes it on).
+Not supported (ModelConfigError naming config.json and the field): causal attention
+(``use_bidirectional_attention`` false: the registry leaves such a folder to store mode), rope types other than
+"default" (Gemma 3 4B-27B's "linear" scaling of the global theta), layer types other than ``sliding_attention`` /
+``full_attention``. float16 is refused (PrecisionError): Gemma's activations overflow it.
 
-Precision on the CPU paths, measured at EmbeddingGemma's widths (3 layers, random weights: no real checkpoint can
-be fetched here) on 64 varied texts (empty, one character, CJK, emoji, 3 to 300 words) without a prompt and with
+Precision on the CPU paths, measured at EmbeddingGemma's widths (3 layers, random weights at a fixed
+seed) on 64 varied texts (empty, one character, CJK, emoji, 3 to 300 words) without a prompt and with
 the query and document prompts, minimum / mean cosine to fp32: bf16 0.99992 / 0.99996, int8 0.99896 / 0.99946
 (AVX-512 VNNI: 8-bit activations). With the post-norm weights drawn 8x larger (residual stream up to |x| ~150, as
 Gemma's grows): bf16 0.99989, int8 0.99880. The RMSNorms and the softmax run in float32 in every precision (as in
@@ -53,7 +54,7 @@ tokens, one process on 2 AMX Xeon cores, torch's default OpenMP spin): padded gr
 and attention ~7 %. The RMSNorm as one vector-norm reduction and two passes: 0.50 -> 0.34 ms per (1,000, 768) call
 (torch's rms_norm composite: 9 % of the time before). The post-norms fold into the residual add (one ``addcmul``).
 Forward groups cut by the token budget alone, attention in spans of similar length (engine.ragged), same texts,
-fresh processes alternating: fp32 8.4-9.6 -> 8.1-8.8 s; bf16 4.6-4.8 -> 3.7-3.9 s (AMX's bf16 GEMMs gain most
+fresh processes alternating: fp32 8.4-9.7 -> 8.1-8.8 s; bf16 4.6-4.8 -> 3.7-3.9 s (AMX's bf16 GEMMs gain most
 from 4x the rows).
 """
 from __future__ import annotations
@@ -74,7 +75,7 @@ from engine.config import (
 from engine.config_check import CountCheck, ShapeCheck, check_config_against_weights, dense_checks
 from engine.errors import ModelConfigError, PrecisionError
 from engine.layers import Embedding, Linear, StDense, activation, linear_act, meta_parameter, st_pool
-from engine.ragged import RaggedRows, rope_inv_freq
+from engine.ragged import RaggedRows, apply_rotary, rope_inv_freq
 from engine.registry import Parts, TextSide
 
 log = logging.getLogger(__name__)
@@ -282,20 +283,10 @@ class Gemma3Attention(nn.Module):
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (N, h*d), (N, kv*d) x2
         cos, sin = rows.rope[reach]  # (N, 1, d)
-        q = _rotate(self.q_norm(q.view(N, self.heads, self.head_dim)), cos, sin)  # (N, h, d)
-        k = _rotate(self.k_norm(k.view(N, self.kv_heads, self.head_dim)), cos, sin)  # (N, kv, d)
+        q = apply_rotary(self.q_norm(q.view(N, self.heads, self.head_dim)), cos, sin)  # (N, h, d)
+        k = apply_rotary(self.k_norm(k.view(N, self.kv_heads, self.head_dim)), cos, sin)  # (N, kv, d)
         y = rows.attend(q.view(N, -1), k.view(N, -1), v, self.heads, self.kv_heads, self.scale, reach)  # (N, h*d)
         return self.o_proj(y)  # (N, C)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of x (N, h, d) as transformers' ``apply_rotary_pos_emb``, ``x cos + rotate_half(x) sin``
-    (cos, sin (N, 1, d); the two halves of sin are equal), written as one product and two half updates."""
-    half = x.shape[-1] // 2
-    out = x * cos
-    out[..., :half].addcmul_(x[..., half:], sin[..., :half], value=-1)
-    out[..., half:].addcmul_(x[..., :half], sin[..., half:])
-    return out
 
 
 class Gemma3MLP(nn.Module):

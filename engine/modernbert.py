@@ -48,7 +48,7 @@ from engine.config import (ACTIVATIONS, MAX_LAYERS, DenseConfig, config_eps, con
 from engine.config_check import CountCheck, ShapeCheck, check_config_against_weights, dense_checks
 from engine.errors import ModelConfigError
 from engine.layers import Embedding, LayerNorm, Linear, StDense, activation, st_pool
-from engine.ragged import RaggedRows, rope_inv_freq
+from engine.ragged import RaggedRows, apply_rotary, rope_inv_freq
 from engine.registry import Parts, TextSide
 
 log = logging.getLogger(__name__)
@@ -249,8 +249,8 @@ class ModernBertLayer(nn.Module):
         y = batch.attend_qkv(self.attn.Wqkv(self.attn_norm(x)), self.kind)  # (N, C)
         x = x + self.attn.Wo(y)
         h = self.mlp.Wi(self.mlp_norm(x))  # (N, 2M)
-        a, gate = h.chunk(2, dim=-1)  # (N, M) each
-        return x + self.mlp.Wo(self.act(a) * gate)  # (N, C)
+        a, gate = h.chunk(2, dim=-1)  # (N, M) each, views of the fresh h: the activation may overwrite a
+        return x + self.mlp.Wo(self.act(a).mul_(gate))  # (N, C)
 
 
 class _Batch(RaggedRows):
@@ -270,17 +270,11 @@ class _Batch(RaggedRows):
         cfg = self.cfg
         N, h, d = qkv.shape[0], cfg.heads, cfg.head_dim
         heads = qkv.view(N, 3, h, d)
-        heads[:, :2] = _rotate(heads[:, :2], *self.rope[kind])  # q and k rotated in place (qkv is the Linear's output)
-        q, k, v = qkv.view(N, 3, h * d).unbind(1)  # (N, C) each, strided views
+        # q and k rotated in fp32 and cast back, as transformers' apply_rotary_pos_emb
+        qk = apply_rotary(heads[:, :2].float(), *self.rope[kind]).to(qkv.dtype)  # (N, 2, h, d)
+        q, k, v = qk[:, 0].reshape(N, h * d), qk[:, 1].reshape(N, h * d), heads[:, 2].reshape(N, h * d)  # views
         reach = cfg.half_window if kind == LOCAL else None
         return self.attend(q, k, v, h, h, d ** -0.5, reach=reach, block=cfg.local_attention)  # (N, C)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE on x (N, 2, h, d): q and k, in fp32 and back to x's dtype (transformers' ``apply_rotary_pos_emb``)."""
-    xf = x.float()
-    x1, x2 = xf.chunk(2, dim=-1)
-    return (xf * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
 
 
 class SentenceModernBert(nn.Module):

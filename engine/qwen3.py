@@ -42,6 +42,7 @@ from engine.config import (ACTIVATIONS, MAX_LAYERS, DenseConfig, config_eps, con
 from engine.config_check import CountCheck, ShapeCheck, check_config_against_weights, dense_checks
 from engine.errors import ModelConfigError
 from engine.layers import CUDA_ATTENTION_BACKENDS, Embedding, Linear, StDense, activation, meta_parameter, st_pool
+from engine.ragged import apply_rotary
 from engine.registry import Parts, TextSide
 
 log = logging.getLogger(__name__)
@@ -196,18 +197,6 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE as transformers' ``apply_rotary_pos_emb``, x * cos + rotate_half(x) * sin with x (..., hd) and
-    rotate_half(x) = (-x2, x1), computed without building rotate_half(x): the first half gets - x2 * sin, the second
-    + x1 * sin, in place (sin's two halves are equal)."""
-    half = x.shape[-1] // 2
-    x1, x2, s = x[..., :half], x[..., half:], sin[..., :half]
-    y = x * cos
-    y[..., :half].addcmul_(x2, s, value=-1)
-    y[..., half:].addcmul_(x1, s)
-    return y
-
-
 class Qwen3Attention(nn.Module):
     QKV = ("q_proj", "k_proj", "v_proj")  # engine.quantize may fuse these into one ``qkv`` (split by width below)
 
@@ -243,8 +232,8 @@ class Qwen3Attention(nn.Module):
                 q, k, v = self.q_proj(x[pick][:, None]), self.k_proj(x), self.v_proj(x)
             q_cos, q_sin = cos[rows][:, None, None], sin[rows][:, None, None]  # (B, 1, 1, hd)
         Tq = q.shape[1]
-        q = _rotate(self.q_norm(q.view(B, Tq, self.heads, hd)), q_cos, q_sin).transpose(1, 2)  # (B, H, Tq, hd)
-        k = _rotate(self.k_norm(k.view(B, T, self.kv_heads, hd)), cos[:, None], sin[:, None]).transpose(1, 2)
+        q = apply_rotary(self.q_norm(q.view(B, Tq, self.heads, hd)), q_cos, q_sin).transpose(1, 2)  # (B, H, Tq, hd)
+        k = apply_rotary(self.k_norm(k.view(B, T, self.kv_heads, hd)), cos[:, None], sin[:, None]).transpose(1, 2)
         v = v.view(B, T, self.kv_heads, hd).transpose(1, 2)  # (B, K, T, hd)
         # one row's keys are its own tokens up to the query (padding comes after every real token)
         mask = None if rows is None else (torch.arange(T, device=x.device) <= rows[:, None])[:, None, None]

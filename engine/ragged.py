@@ -211,6 +211,17 @@ class _Span:
         return y.view(B, nb * S, C)[:, :T]
 
 
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of x (..., d), a new tensor: transformers' ``x cos + rotate_half(x) sin`` written as one
+    product and two half updates (``cos`` / ``sin`` broadcast to x, their two halves equal, as
+    :meth:`RaggedRows.rotary` makes them). Computed in x's dtype."""
+    half = x.shape[-1] // 2
+    out = x * cos
+    out[..., :half].addcmul_(x[..., half:], sin[..., :half], value=-1)
+    out[..., half:].addcmul_(x[..., :half], sin[..., half:])
+    return out
+
+
 def rope_inv_freq(theta: float, head_dim: int) -> torch.Tensor:
     """RoPE's inverse frequencies (head_dim / 2,), float32 on the CPU, as transformers'
     ``compute_default_rope_parameters``."""
