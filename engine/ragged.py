@@ -19,8 +19,8 @@ masked out, as queries their outputs are dropped when packing. One batched SDPA 
 a loop over rows. Grouped key / value heads (GQA) are passed through to SDPA.
 
 Why spans: EmbeddingGemma fp32 on bench/models.py's 128 texts of 18-273 tokens (2 AMX Xeon cores), forward groups
-of similar lengths (12 groups of ~750 tokens: the GEMMs' rows) 8.8-9.0 s; the same texts in 2 forward groups
-with attention in the same 12 spans 8.5-8.6 s (the GEMMs run ~5 % faster with 4x the rows).
+of similar lengths (12 groups of ~750 tokens: the GEMMs' rows) 8.8-9.4 s; the same texts in 3 forward groups
+with attention in 12 spans 8.5-8.6 s (the GEMMs run ~5 % faster with 4x the rows; bf16 on AMX ~20 %).
 """
 from __future__ import annotations
 
@@ -47,14 +47,13 @@ class RaggedRows:
     def __init__(self, lengths: torch.Tensor, T: int, max_padding: float = math.inf) -> None:
         self.B, self.T = lengths.shape[0], T
         self.lengths = lengths
-        dev = lengths.device
-        self.keep = torch.arange(T, device=dev)[None, :] < lengths[:, None]  # (B, T) True = real token
-        self.padded = bool((lengths < T).any())
-        self.flat = self.keep.flatten().nonzero().squeeze(1) if self.padded else None  # (N,) into B * T
-        # (N,) each real token's position in its row
-        self.positions = (self.flat % T) if self.padded else torch.arange(T, device=dev).repeat(self.B)
         self.N = int(lengths.sum())
-        self.spans = _spans(lengths, T, max_padding)
+        whole = _Span(lengths, T, slice(0, self.N))  # every row in the group's layout
+        self.keep, self.padded = whole.keep, whole.padded  # (B, T) True = real token; any padding at all
+        self.flat = whole.real  # (N,) each real token's slot in B * T; None without padding
+        # (N,) each real token's position in its row
+        self.positions = (self.flat % T) if self.padded else torch.arange(T, device=lengths.device).repeat(self.B)
+        self.spans = _spans(lengths, max_padding, whole)
 
     def pack(self, t: torch.Tensor) -> torch.Tensor:
         """The real entries of a (B, T, ...) tensor, (N, ...)."""
@@ -91,16 +90,16 @@ class RaggedRows:
         return out
 
 
-def _spans(lengths: torch.Tensor, T: int, max_padding: float) -> list[_Span]:
-    """The attention spans of a group: all rows in one (padded to T) when ``max_padding`` is inf or the rows pad
-    little enough, else length_buckets' groups, each padded to its longest row."""
-    dev = lengths.device
+def _spans(lengths: torch.Tensor, max_padding: float, whole: _Span) -> list[_Span]:
+    """The attention spans of a group: ``whole`` (all rows in the group's layout) when ``max_padding`` is inf or the
+    rows pad little enough, else length_buckets' groups, each padded to its longest row."""
     if math.isinf(max_padding):
-        return [_Span(lengths, T, slice(0, int(lengths.sum())))]
+        return [whole]
+    dev = lengths.device
     n = lengths.tolist()
     groups = length_buckets(n, len(n), math.inf, max_padding)
     if len(groups) == 1:
-        return [_Span(lengths, T, slice(0, sum(n)))]
+        return [whole]
     starts = np.concatenate([[0], np.cumsum(n)])
     spans = []
     for g in groups:
