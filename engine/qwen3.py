@@ -41,7 +41,8 @@ from engine.config import (ACTIVATIONS, MAX_LAYERS, DenseConfig, config_eps, con
                            read_json, st_head)
 from engine.config_check import CountCheck, ShapeCheck, check_config_against_weights, dense_checks
 from engine.errors import ModelConfigError
-from engine.layers import CUDA_ATTENTION_BACKENDS, Embedding, Linear, StDense, activation, meta_parameter, st_pool
+from engine.layers import (CUDA_ATTENTION_BACKENDS, Embedding, Linear, StDense, activation, inverse_rms,
+                           meta_parameter, st_pool)
 from engine.ragged import apply_rotary
 from engine.registry import Parts, TextSide
 
@@ -194,7 +195,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        xf = x.float()
+        y = torch.mul(xf, inverse_rms(xf, self.eps)).to(x.dtype)  # as transformers: normalized, cast, then weighted
+        return y.mul_(self.weight) if y.dtype == self.weight.dtype else self.weight * y
 
 
 class Qwen3Attention(nn.Module):
