@@ -2,7 +2,9 @@
 
 Built once at the edge (from the model directory) and passed to
 :class:`engine.image_processor.ArrowImageProcessor`. Field meanings follow
-transformers' ``CLIPImageProcessor``; missing keys take CLIP's defaults.
+transformers' ``CLIPImageProcessor``. Keys a file leaves out take the defaults of the processor class that
+transformers would build for it (:data:`PROCESSOR_KINDS`): the one its ``image_processor_type`` names, else the
+model's own (SigLIP: a fixed (height, width) resize, no crop, mean and std 0.5), else CLIP's.
 """
 from __future__ import annotations
 
@@ -17,6 +19,27 @@ log = logging.getLogger(__name__)
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+HALF = (0.5, 0.5, 0.5)  # transformers' IMAGENET_STANDARD_MEAN / _STD: SigLIP's processor defaults
+
+# transformers' image processor classes by the name prefix a preprocessor_config.json gives them
+# (``image_processor_type``, older files ``feature_extractor_type``), and the keys each class defaults
+PROCESSOR_KINDS = {"Siglip": "siglip", "CLIP": "clip"}
+_DEFAULTS = {
+    "clip": {"size": {"shortest_edge": 224}, "crop_size": 224, "image_mean": OPENAI_CLIP_MEAN,
+             "image_std": OPENAI_CLIP_STD},
+    "siglip": {"size": {"height": 224, "width": 224}, "do_center_crop": False, "image_mean": HALF, "image_std": HALF},
+}
+
+
+def processor_kind(cfg: dict, fallback: str | None = None) -> str:
+    """The processor a preprocessor_config.json dict is for: ``"clip"`` or ``"siglip"``, from the class it names,
+    else ``fallback`` (the model's own), else ``"clip"``."""
+    named = cfg.get("image_processor_type") or cfg.get("feature_extractor_type")
+    if isinstance(named, str):
+        for prefix, kind in PROCESSOR_KINDS.items():
+            if named.startswith(prefix):
+                return kind
+    return fallback if fallback in _DEFAULTS else "clip"
 
 
 @dataclass(frozen=True)
@@ -66,8 +89,9 @@ class ImageConfig:
         return self.resize_hw
 
     @classmethod
-    def from_hf(cls, cfg: dict) -> "ImageConfig":
-        """Build from the dict of a HF ``preprocessor_config.json``; missing keys take CLIP's defaults.
+    def from_hf(cls, cfg: dict, kind: str | None = None) -> "ImageConfig":
+        """Build from the dict of a HF ``preprocessor_config.json``; missing keys take the defaults of the
+        processor it is for (:func:`processor_kind`; ``kind``: the model's own, ``"clip"`` or ``"siglip"``).
 
         Raises:
             ModelConfigError: a size, mean or std has a shape this processor does not support.
@@ -76,12 +100,14 @@ class ImageConfig:
             raise ModelConfigError(
                 f"image config: expected a dict from preprocessor_config.json, got {type(cfg).__name__}"
             )
+        kind = processor_kind(cfg, kind)
+        given, cfg = cfg, {**_DEFAULTS[kind], **cfg}
         try:
-            shortest_edge, resize_hw = _parse_size(cfg.get("size", {"shortest_edge": 224}))
+            shortest_edge, resize_hw = _parse_size(cfg["size"])
             crop_hw = _parse_hw(cfg.get("crop_size", 224), "crop_size")
-            # CLIP's processor crops by default; one with a fixed (height, width) resize and no crop settings
-            # (SigLIP's: no crop_size, no do_center_crop) does not
-            crop_default = resize_hw is None or "crop_size" in cfg
+            # CLIP's processor crops by default; SigLIP's does not (its default says so), nor one with a fixed
+            # (height, width) resize and no crop settings (SigLIP's layout in a file that names no class)
+            crop_default = resize_hw is None or "crop_size" in given
             return cls(
                 shortest_edge=shortest_edge,
                 resize_hw=resize_hw,
@@ -91,19 +117,21 @@ class ImageConfig:
                 do_rescale=bool(cfg.get("do_rescale", True)),
                 rescale_factor=float(cfg.get("rescale_factor", 1 / 255)),
                 do_normalize=bool(cfg.get("do_normalize", True)),
-                image_mean=_triple(cfg.get("image_mean", OPENAI_CLIP_MEAN), "image_mean"),
-                image_std=_triple(cfg.get("image_std", OPENAI_CLIP_STD), "image_std"),
+                image_mean=_triple(cfg["image_mean"], "image_mean"),
+                image_std=_triple(cfg["image_std"], "image_std"),
                 do_convert_rgb=bool(cfg.get("do_convert_rgb", True)),
             )
         except (TypeError, ValueError) as exc:
             raise ModelConfigError(f"image config: invalid value in preprocessor_config.json: {exc}") from exc
 
     @classmethod
-    def from_dir(cls, path: str | os.PathLike, image_size: int | None = None) -> "ImageConfig":
+    def from_dir(cls, path: str | os.PathLike, image_size: int | None = None,
+                 kind: str | None = None) -> "ImageConfig":
         """Read a model directory's image processor settings: ``preprocessor_config.json``, else the
-        ``image_processor`` of ``processor_config.json`` (what transformers 5 saves).
+        ``image_processor`` of ``processor_config.json`` (what transformers 5 saves). ``kind``: the model's own
+        processor (``"clip"``, ``"siglip"``), whose defaults fill the keys a file leaves out when it names no class.
 
-        With neither file, CLIPImageProcessor's defaults at ``image_size`` (the model's own), with a warning;
+        With neither file, that processor's defaults at ``image_size`` (the model's own), with a warning;
         without ``image_size`` that is an error.
 
         Raises:
@@ -121,15 +149,21 @@ class ImageConfig:
                 continue
             cfg = parse_json(data, root / name)
             if key is None:
-                return cls.from_hf(cfg)
+                return cls.from_hf(cfg, kind)
             if isinstance(cfg, dict) and isinstance(cfg.get(key), dict):
-                return cls.from_hf(cfg[key])
+                return cls.from_hf(cfg[key], kind)
         if image_size is None:
             raise ModelConfigError(f"{root} has no preprocessor_config.json (nor a processor_config.json with an "
                                    "image_processor): an image model directory needs one")
+        kind = processor_kind({}, kind)
+        if kind == "siglip":
+            log.warning("%s has no preprocessor_config.json: using SiglipImageProcessor's defaults at the model's "
+                        "image size %d (resize to %d x %d, no crop, mean and std 0.5)", root, image_size, image_size,
+                        image_size)
+            return cls.from_hf({"size": {"height": image_size, "width": image_size}}, kind)
         log.warning("%s has no preprocessor_config.json: using CLIPImageProcessor's defaults at the model's "
                     "image size %d (resize the short side, centre-crop, OpenAI mean/std)", root, image_size)
-        return cls.from_hf({"size": {"shortest_edge": image_size}, "crop_size": image_size})
+        return cls.from_hf({"size": {"shortest_edge": image_size}, "crop_size": image_size}, kind)
 
 
 def _parse_size(size: object) -> tuple[int | None, tuple[int, int] | None]:

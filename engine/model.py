@@ -582,7 +582,7 @@ def _image_front(path: Path, image: ImageSide | None, device: torch.device, limi
         return None
     from engine.image_processor import ArrowImageProcessor, ImageConfig
 
-    config = ImageConfig.from_dir(path, image_size=image.size)
+    config = ImageConfig.from_dir(path, image_size=image.size, kind=image.processor)
     if config.output_hw != (image.size, image.size):
         raise ModelConfigError(f"{path}: the image processor config (preprocessor_config.json) makes "
                                f"{config.output_hw} images but the vision tower expects ({image.size}, "

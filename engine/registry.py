@@ -50,6 +50,7 @@ class ImageSide:
     size: int
     channels: int = 3
     tokens: int = 0  # sequence length of the tower per image (the forward-pass split on CPU uses it); 0: unknown
+    processor: str = "clip"  # whose image processor defaults fill a processor config's gaps: "clip" / "siglip"
 
 
 @dataclass

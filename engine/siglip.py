@@ -459,7 +459,8 @@ def load_parts(path: Path, shapes: Mapping[str, tuple[int, ...]], weights: str =
         text = TextSide(max_length=cfg.text_length, max_tokens=cfg.text_length, vocab_size=cfg.text.vocab_size,
                         tokenizer_required=False, fixed_length=True)
     if cfg.vision is not None:
-        image = ImageSide(size=cfg.vision.image_size, channels=cfg.vision.channels, tokens=cfg.vision.grid ** 2)
+        image = ImageSide(size=cfg.vision.image_size, channels=cfg.vision.channels, tokens=cfg.vision.grid ** 2,
+                          processor="siglip")
     return Parts(net=build(cfg, prefixed), config=cfg, dim=cfg.dim, text=text, image=image)
 
 

@@ -470,6 +470,49 @@ def test_image_processor_matches_siglip_processor(built):
     assert _cos(model.encode_pixels(batch.pixels), model.encode_pixels(ref)).min() >= 0.995
 
 
+@pytest.mark.parametrize("processor_config", [
+    None,  # no preprocessor_config.json: SigLIP's processor defaults at the model's image size
+    {"size": {"height": 64, "width": 64}},  # a file that names no processor class: the model's (SigLIP's) defaults
+    {"image_processor_type": "SiglipImageProcessor", "size": {"height": 64, "width": 64}},
+])
+def test_processor_defaults_are_siglips_not_clips(built, tmp_path, processor_config):
+    """Keys a SigLIP folder's processor config leaves out (or the whole file) take SiglipImageProcessor's
+    defaults, as transformers builds it for the folder: resize to height x width, no crop, mean and std 0.5 (it
+    took CLIPImageProcessor's: a centre crop and OpenAI's mean/std, mean abs pixel error up to 0.64)."""
+    import shutil
+
+    from PIL import Image
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    _, out = built("tiny")
+    folder = tmp_path / "model"
+    shutil.copytree(out, folder)
+    (folder / "preprocessor_config.json").unlink()
+    if processor_config is not None:
+        (folder / "preprocessor_config.json").write_text(json.dumps(processor_config))
+    model = engine.load_model(folder)
+    hf = SiglipImageProcessorPil(size={"height": 64, "width": 64})  # every other setting: the class default
+    blobs = [p.read_bytes() for p in sorted(PHOTOS.glob("*.[pj][np]g"))]
+    ref = np.stack([hf(Image.open(io.BytesIO(b)), return_tensors="np")["pixel_values"][0] for b in blobs])
+    pixels = model.prepare_images(blobs).pixels
+    assert pixels.shape == ref.shape == (len(blobs), 3, 64, 64)
+    mad = np.abs(pixels - ref).mean(axis=(1, 2, 3))
+    assert mad.max() <= 0.03 and mad.mean() <= 0.015, mad
+
+
+def test_processor_kind_follows_the_class_a_file_names():
+    """A file's ``image_processor_type`` picks the defaults (transformers builds that class), over the model's."""
+    from engine.image_config import HALF, OPENAI_CLIP_MEAN, ImageConfig
+
+    siglip = ImageConfig.from_hf({"image_processor_type": "SiglipImageProcessorFast"}, kind="clip")
+    assert (siglip.resize_hw, siglip.do_center_crop, siglip.image_mean, siglip.image_std) == ((224, 224), False,
+                                                                                              HALF, HALF)
+    clip = ImageConfig.from_hf({"image_processor_type": "CLIPImageProcessor"}, kind="siglip")
+    assert clip == ImageConfig() and clip.image_mean == OPENAI_CLIP_MEAN
+    assert ImageConfig.from_hf({}, kind="siglip") == siglip
+    assert ImageConfig.from_hf({"feature_extractor_type": "CLIPFeatureExtractor"}, kind="siglip") == ImageConfig()
+
+
 def test_so400m_processor_config_resizes_to_384_without_a_crop(tmp_path):
     """A SigLIP processor config has no crop keys: ImageConfig must not fall back to CLIP's 224 centre crop (it
     did, and so400m's 384 px tower refused the folder); pixels against transformers' at 384 px."""
