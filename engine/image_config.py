@@ -156,14 +156,14 @@ class ImageConfig:
             raise ModelConfigError(f"{root} has no preprocessor_config.json (nor a processor_config.json with an "
                                    "image_processor): an image model directory needs one")
         kind = processor_kind({}, kind)
-        if kind == "siglip":
-            log.warning("%s has no preprocessor_config.json: using SiglipImageProcessor's defaults at the model's "
-                        "image size %d (resize to %d x %d, no crop, mean and std 0.5)", root, image_size, image_size,
-                        image_size)
-            return cls.from_hf({"size": {"height": image_size, "width": image_size}}, kind)
-        log.warning("%s has no preprocessor_config.json: using CLIPImageProcessor's defaults at the model's "
-                    "image size %d (resize the short side, centre-crop, OpenAI mean/std)", root, image_size)
-        return cls.from_hf({"size": {"shortest_edge": image_size}, "crop_size": image_size}, kind)
+        siglip = kind == "siglip"
+        log.warning("%s has no preprocessor_config.json: using %s's defaults at the model's image size %d (%s)", root,
+                    "SiglipImageProcessor" if siglip else "CLIPImageProcessor", image_size,
+                    "resize to it, no crop, mean and std 0.5" if siglip else
+                    "resize the short side, centre-crop, OpenAI mean/std")
+        at_size = ({"size": {"height": image_size, "width": image_size}} if siglip
+                   else {"size": {"shortest_edge": image_size}, "crop_size": image_size})
+        return cls.from_hf(at_size, kind)
 
 
 def _parse_size(size: object) -> tuple[int | None, tuple[int, int] | None]:
