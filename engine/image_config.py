@@ -29,6 +29,11 @@ _DEFAULTS = {
              "image_std": OPENAI_CLIP_STD},
     "siglip": {"size": {"height": 224, "width": 224}, "do_center_crop": False, "image_mean": HALF, "image_std": HALF},
 }
+# a folder without a processor config: each kind's class (for messages) and its size keys at the model's size
+_AT_SIZE = {
+    "clip": ("CLIPImageProcessor", lambda size: {"size": {"shortest_edge": size}, "crop_size": size}),
+    "siglip": ("SiglipImageProcessor", lambda size: {"size": {"height": size, "width": size}}),
+}
 
 
 def processor_kind(cfg: dict, fallback: str | None = None) -> str:
@@ -156,14 +161,12 @@ class ImageConfig:
             raise ModelConfigError(f"{root} has no preprocessor_config.json (nor a processor_config.json with an "
                                    "image_processor): an image model directory needs one")
         kind = processor_kind({}, kind)
-        siglip = kind == "siglip"
-        log.warning("%s has no preprocessor_config.json: using %s's defaults at the model's image size %d (%s)", root,
-                    "SiglipImageProcessor" if siglip else "CLIPImageProcessor", image_size,
-                    "resize to it, no crop, mean and std 0.5" if siglip else
-                    "resize the short side, centre-crop, OpenAI mean/std")
-        at_size = ({"size": {"height": image_size, "width": image_size}} if siglip
-                   else {"size": {"shortest_edge": image_size}, "crop_size": image_size})
-        return cls.from_hf(at_size, kind)
+        name, at_size = _AT_SIZE[kind]
+        config = cls.from_hf(at_size(image_size), kind)
+        log.warning("%s has no preprocessor_config.json: using %s's defaults at the model's image size %d (centre "
+                    "crop: %s, mean %s, std %s)", root, name, image_size, config.do_center_crop, config.image_mean,
+                    config.image_std)
+        return config
 
 
 def _parse_size(size: object) -> tuple[int | None, tuple[int, int] | None]:
